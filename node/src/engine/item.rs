@@ -1,0 +1,295 @@
+//! `SyncItem`, the unit of storage and replication, and the rules every item
+//! must satisfy before the engine stores it.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::error::StorageError;
+
+/// Longest object id, in bytes.
+pub const MAX_ID_BYTES: usize = 512;
+/// Longest state tag, in bytes.
+pub const MAX_STATE_BYTES: usize = 64;
+/// Longest origin (node id), in bytes.
+pub const MAX_ORIGIN_BYTES: usize = 128;
+/// Longest W3C trace parent we keep.
+pub const MAX_TRACE_BYTES: usize = 256;
+/// Versions are stored as SQL BIGINT, so they must stay below 2^63.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+pub const DEFAULT_STATE: &str = "default";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentType {
+    Json,
+    #[default]
+    Binary,
+}
+
+impl ContentType {
+    /// JSON when the content starts like a JSON object, array or string and parses.
+    pub fn detect(content: &[u8]) -> Self {
+        let first = content.iter().find(|b| !b.is_ascii_whitespace());
+        match first {
+            Some(b'{' | b'[' | b'"') if serde_json::from_slice::<serde::de::IgnoredAny>(content).is_ok() => Self::Json,
+            _ => Self::Binary,
+        }
+    }
+
+    pub(crate) fn code(self) -> i64 {
+        match self {
+            Self::Json => 1,
+            Self::Binary => 0,
+        }
+    }
+
+    pub(crate) fn from_code(c: i64) -> Self {
+        if c == 1 { Self::Json } else { Self::Binary }
+    }
+}
+
+/// One version of one object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncItem {
+    pub object_id: String,
+    /// HLC stamp; set by the engine on local writes, kept on replicated ones.
+    pub version: u64,
+    /// Id of the node that made this version.
+    pub origin: String,
+    /// Wall-clock ms when this version was made.
+    pub updated_at: i64,
+    pub content_type: ContentType,
+    pub content: Bytes,
+    /// Lowercase hex SHA-256 of `content`.
+    pub content_hash: String,
+    pub state: String,
+    /// A delete: empty content, kept so the delete replicates.
+    pub tombstone: bool,
+    pub access_count: u64,
+    pub last_accessed: u64,
+    pub trace_parent: Option<String>,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Lowercase hex SHA-256.
+pub fn content_hash(content: &[u8]) -> String {
+    hex::encode(Sha256::digest(content))
+}
+
+impl SyncItem {
+    /// A new item; the content type is detected and the hash computed.
+    pub fn new(object_id: impl Into<String>, content: impl Into<Bytes>) -> Self {
+        let content = content.into();
+        Self {
+            object_id: object_id.into(),
+            version: 0,
+            origin: String::new(),
+            updated_at: now_ms(),
+            content_type: ContentType::detect(&content),
+            content_hash: content_hash(&content),
+            content,
+            state: DEFAULT_STATE.to_string(),
+            tombstone: false,
+            access_count: 0,
+            last_accessed: 0,
+            trace_parent: None,
+        }
+    }
+
+    /// An item holding serialized JSON.
+    pub fn from_json(object_id: impl Into<String>, value: serde_json::Value) -> Self {
+        let mut item = Self::new(object_id, serde_json::to_vec(&value).expect("a Value always serializes"));
+        item.content_type = ContentType::Json;
+        item
+    }
+
+    /// A delete marker for `object_id`.
+    pub fn tombstone(object_id: impl Into<String>) -> Self {
+        let mut item = Self::new(object_id, Bytes::new());
+        item.tombstone = true;
+        item
+    }
+
+    pub fn with_state(mut self, state: impl Into<String>) -> Self {
+        self.state = state.into();
+        self
+    }
+
+    pub fn content_as_json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.content).ok()
+    }
+
+    /// Raw 32-byte content hash (zeros if the hex is malformed; validation rejects that).
+    pub fn content_hash_bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let _ = hex::decode_to_slice(&self.content_hash, &mut out);
+        out
+    }
+
+    /// Approximate bytes this item takes in memory.
+    pub fn size_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.object_id.len()
+            + self.content.len()
+            + self.origin.len()
+            + self.content_hash.len()
+            + self.state.len()
+            + self.trace_parent.as_ref().map_or(0, |t| t.len())
+    }
+
+    pub fn stamp(&self) -> syncnode_protocol::Stamp<'_> {
+        syncnode_protocol::Stamp::new(self.version, &self.origin, &self.content_hash)
+    }
+
+    pub fn digest(&self) -> syncnode_protocol::EntryDigest {
+        syncnode_protocol::EntryDigest::new(
+            &self.object_id,
+            self.version,
+            &self.origin,
+            self.tombstone,
+            &self.content_hash_bytes(),
+        )
+    }
+}
+
+/// Checks an object id against DESIGN §2: UTF-8 (guaranteed by `&str`),
+/// 1..=512 bytes, no ASCII control characters.
+pub fn validate_id(id: &str) -> Result<(), StorageError> {
+    if id.is_empty() {
+        return Err(StorageError::InvalidId("empty".into()));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(StorageError::InvalidId(format!("{} bytes, max {MAX_ID_BYTES}", id.len())));
+    }
+    if let Some(pos) = id.bytes().position(|b| b.is_ascii_control()) {
+        return Err(StorageError::InvalidId(format!("control character at byte {pos}")));
+    }
+    Ok(())
+}
+
+fn validate_tag(what: &str, value: &str, max: usize, allow_empty: bool) -> Result<(), StorageError> {
+    if value.is_empty() && !allow_empty {
+        return Err(StorageError::InvalidInput(format!("{what} is empty")));
+    }
+    if value.len() > max {
+        return Err(StorageError::InvalidInput(format!("{what} is {} bytes, max {max}", value.len())));
+    }
+    if value.bytes().any(|b| b.is_ascii_control()) {
+        return Err(StorageError::InvalidInput(format!("{what} contains a control character")));
+    }
+    Ok(())
+}
+
+pub fn validate_state(state: &str) -> Result<(), StorageError> {
+    validate_tag("state", state, MAX_STATE_BYTES, false)
+}
+
+/// Everything but the version/origin stamp, which depends on where the item came from.
+pub(crate) fn validate_item(item: &SyncItem, max_payload_bytes: usize) -> Result<(), StorageError> {
+    validate_id(&item.object_id)?;
+    if item.content.len() > max_payload_bytes {
+        return Err(StorageError::PayloadTooLarge { size: item.content.len(), max: max_payload_bytes });
+    }
+    validate_state(&item.state)?;
+    if let Some(t) = &item.trace_parent {
+        validate_tag("trace_parent", t, MAX_TRACE_BYTES, true)?;
+    }
+    if item.tombstone && !item.content.is_empty() {
+        return Err(StorageError::InvalidInput("a tombstone carries no content".into()));
+    }
+    Ok(())
+}
+
+/// Checks a replicated item: its stamp must be well formed and its hash must
+/// match its content (a peer cannot make us store bytes under a false hash).
+pub(crate) fn validate_remote(item: &SyncItem, max_payload_bytes: usize) -> Result<(), StorageError> {
+    validate_item(item, max_payload_bytes)?;
+    validate_tag("origin", &item.origin, MAX_ORIGIN_BYTES, false)?;
+    if item.version == 0 || item.version > MAX_VERSION {
+        return Err(StorageError::InvalidInput(format!("version {} out of range", item.version)));
+    }
+    let actual = content_hash(&item.content);
+    if actual != item.content_hash {
+        return Err(StorageError::Corruption { id: item.object_id.clone(), expected: item.content_hash.clone(), actual });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn content_type_detection() {
+        assert_eq!(ContentType::detect(br#" {"a":1}"#), ContentType::Json);
+        assert_eq!(ContentType::detect(b"[1,2"), ContentType::Binary);
+        assert_eq!(ContentType::detect(b"42"), ContentType::Binary);
+        assert_eq!(ContentType::detect(b"\x00\x01"), ContentType::Binary);
+        let j = SyncItem::from_json("a", serde_json::json!({"x": [1, 2]}));
+        assert_eq!(j.content_type, ContentType::Json);
+        assert_eq!(j.content_as_json().unwrap()["x"][1], 2);
+    }
+
+    #[test]
+    fn id_rules() {
+        assert!(validate_id("user.1").is_ok());
+        assert!(validate_id("ünï:cødé/…").is_ok());
+        assert!(validate_id(&"x".repeat(512)).is_ok());
+        assert!(matches!(validate_id(""), Err(StorageError::InvalidId(_))));
+        assert!(matches!(validate_id(&"x".repeat(513)), Err(StorageError::InvalidId(_))));
+        assert!(matches!(validate_id("a\nb"), Err(StorageError::InvalidId(_))));
+        assert!(matches!(validate_id("a\x7fb"), Err(StorageError::InvalidId(_))));
+    }
+
+    #[test]
+    fn remote_items_must_carry_their_true_hash() {
+        let mut it = SyncItem::new("a", &b"hello"[..]);
+        it.version = 5;
+        it.origin = "n1".into();
+        assert!(validate_remote(&it, 1024).is_ok());
+        it.content = Bytes::from_static(b"tampered");
+        assert!(matches!(validate_remote(&it, 1024), Err(StorageError::Corruption { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn validation_never_panics_and_accepts_exactly_the_rules(id in any::<String>(), content in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let ok = !id.is_empty() && id.len() <= MAX_ID_BYTES && !id.bytes().any(|b| b.is_ascii_control());
+            prop_assert_eq!(validate_id(&id).is_ok(), ok);
+            let item = SyncItem::new(id, content.clone());
+            prop_assert_eq!(item.content_hash.len(), 64);
+            let _ = item.content_as_json();
+            prop_assert_eq!(validate_item(&item, 32).is_ok(), ok && content.len() <= 32);
+        }
+
+        #[test]
+        fn json_round_trips(v in proptest_json()) {
+            let item = SyncItem::from_json("j", v.clone());
+            prop_assert_eq!(item.content_as_json(), Some(v));
+        }
+    }
+
+    fn proptest_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            ".{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+}

@@ -1,0 +1,14 @@
+//! The parts of syncnode that every node must agree on bit for bit, kept free of
+//! I/O so the node, the simulator and the tests all drive the same code:
+//!
+//! - [`hlc`]: the hybrid logical clock that stamps versions;
+//! - [`version`]: the last-writer-wins order over `(version, origin, content_hash)`;
+//! - [`merkle`]: the hash-prefix Merkle tree with homomorphic node sums.
+
+pub mod hlc;
+pub mod merkle;
+pub mod version;
+
+pub use hlc::{ClockSkew, Hlc};
+pub use merkle::{EntryDigest, MerkleError, MerkleTree, NodeSum};
+pub use version::Stamp;
