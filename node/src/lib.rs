@@ -1,1 +1,13 @@
-pub mod engine {}
+//! syncnode: a peer-to-peer anti-entropy replication node.
+//!
+//! [`engine`] is the three-tier storage engine (L1 memory, L3 SQL ground truth
+//! with a durable commit log, a Merkle tree and an existence filter) that every
+//! node runs and that applications can embed as a library.
+
+pub mod demo;
+pub mod engine;
+
+pub use engine::{
+    AckMode, BackpressureLevel, BatchResult, CacheTtl, ContentType, EngineState, FilterTrust, HealthCheck, ItemStatus,
+    MerkleDiff, MerkleNode, StorageError, SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, WriteReceipt,
+};

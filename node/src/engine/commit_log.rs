@@ -1,0 +1,138 @@
+//! The commit log: a local SQLite file that holds every write until a remote
+//! L3 (MySQL/MariaDB) confirms it.
+//!
+//! A write is acknowledged once its batch is fsynced here (group commit), so an
+//! acknowledged write survives `kill -9` and MySQL outages alike. The drainer
+//! moves entries to MySQL in log order and deletes them once MySQL has
+//! committed them. The log is bounded by items and bytes; past the bound the
+//! engine refuses writes with a backpressure error rather than grow without end.
+//! With SQLite as L3 there is no separate log: the L3 transaction is the commit.
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::error::StorageError;
+use super::item::SyncItem;
+use super::l3::{SQLITE_PRAGMAS, placeholders};
+
+pub struct CommitLog {
+    pool: AnyPool,
+    items: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// One logged write.
+pub struct LogEntry {
+    pub seq: i64,
+    pub item: SyncItem,
+}
+
+fn encode(item: &SyncItem) -> Result<Vec<u8>, StorageError> {
+    postcard::to_stdvec(item).map_err(|e| StorageError::backend("encode commit log entry", e))
+}
+
+impl CommitLog {
+    pub async fn open(path: &Path) -> Result<Self, StorageError> {
+        sqlx::any::install_default_drivers();
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let pool = AnyPoolOptions::new()
+            .max_connections(2)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    for s in SQLITE_PRAGMAS {
+                        sqlx::query(*s).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| StorageError::sql("open commit log", e))?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS commit_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, item BLOB NOT NULL)")
+            .execute(&pool)
+            .await
+            .map_err(|e| StorageError::sql("create commit log", e))?;
+        let row = sqlx::query("SELECT COUNT(*), COALESCE(SUM(LENGTH(item)), 0) FROM commit_log")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| StorageError::sql("size commit log", e))?;
+        let items: i64 = row.try_get(0).map_err(|e| StorageError::backend("commit log count", e))?;
+        let bytes: i64 = row.try_get(1).map_err(|e| StorageError::backend("commit log bytes", e))?;
+        Ok(Self { pool, items: AtomicU64::new(items as u64), bytes: AtomicU64::new(bytes as u64) })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.items.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Appends a batch in one fsynced transaction.
+    pub async fn append(&self, items: &[SyncItem]) -> Result<(), StorageError> {
+        let encoded: Vec<Vec<u8>> = items.iter().map(encode).collect::<Result<_, _>>()?;
+        let mut tx = self.pool.begin().await.map_err(|e| StorageError::sql("commit log begin", e))?;
+        for chunk in encoded.chunks(500) {
+            let sql = format!("INSERT INTO commit_log (item) VALUES {}", placeholders(chunk.len(), 1));
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for e in chunk {
+                q = q.bind(&e[..]);
+            }
+            q.execute(&mut *tx).await.map_err(|e| StorageError::sql("commit log append", e))?;
+        }
+        tx.commit().await.map_err(|e| StorageError::sql("commit log fsync", e))?;
+        self.items.fetch_add(items.len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(encoded.iter().map(|e| e.len() as u64).sum(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The oldest `limit` entries, in log order.
+    pub async fn read(&self, limit: usize) -> Result<Vec<LogEntry>, StorageError> {
+        let rows = sqlx::query("SELECT seq, item FROM commit_log ORDER BY seq LIMIT ?")
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| StorageError::sql("commit log read", e))?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.try_get(0).map_err(|e| StorageError::backend("commit log seq", e))?;
+                let raw: Vec<u8> = r.try_get(1).map_err(|e| StorageError::backend("commit log item", e))?;
+                let item = postcard::from_bytes(&raw)
+                    .map_err(|e| StorageError::Backend(format!("commit log entry {seq} is unreadable: {e}")))?;
+                Ok(LogEntry { seq, item })
+            })
+            .collect()
+    }
+
+    /// Forgets entries up to and including `seq` (L3 has them).
+    pub async fn truncate_through(&self, seq: i64) -> Result<(), StorageError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(item)), 0) FROM commit_log WHERE seq <= ?",
+        )
+        .bind(seq)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StorageError::sql("commit log size", e))?;
+        let n: i64 = row.try_get(0).map_err(|e| StorageError::backend("commit log count", e))?;
+        let b: i64 = row.try_get(1).map_err(|e| StorageError::backend("commit log bytes", e))?;
+        sqlx::query("DELETE FROM commit_log WHERE seq <= ?")
+            .bind(seq)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StorageError::sql("commit log truncate", e))?;
+        self.items.fetch_sub(n as u64, Ordering::Relaxed);
+        self.bytes.fetch_sub(b as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,608 @@
+//! L3: the SQL ground truth, on SQLite (embedded) or MySQL/MariaDB.
+//!
+//! One store over sqlx's `Any` driver; the two backends differ only in DDL,
+//! upsert syntax and connection settings (`Dialect`), so every query is written
+//! once. Ids, origins, states and hashes are stored as bytes (`BLOB` /
+//! `VARBINARY`), which makes ordering and equality byte-exact on both backends
+//! (MySQL's `_bin` collations pad trailing spaces). `u64` versions are stored as
+//! `BIGINT`; they stay below 2^63 (checked on input).
+//!
+//! Every batch bumps a `generation` counter in the same transaction; the
+//! Merkle/filter snapshot records the generation it was taken at, which is how
+//! the engine knows on start whether the snapshot still describes the table.
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use super::error::StorageError;
+use super::item::{ContentType, SyncItem};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    MySql,
+}
+
+/// The columns of `sync_items`, in the order every query uses.
+/// `hkey` is the first 32 bits of SHA-256(id): it places a row in the Merkle
+/// tree, so the entries under any tree node are one index range.
+const COLUMNS: &str = "id, version, origin, updated_at, content_type, content, content_hash, state, tombstone, access_count, last_accessed, trace_parent, hkey";
+const N_COLUMNS: usize = 13;
+/// Rows per multi-row statement.
+const CHUNK_ROWS: usize = 500;
+/// Bytes of content per multi-row statement (well under MySQL's packet limit).
+const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// What the Merkle tree and the LWW rule need of a stored version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryMeta {
+    pub id: String,
+    pub version: u64,
+    pub origin: String,
+    pub tombstone: bool,
+    /// Lowercase hex.
+    pub content_hash: String,
+}
+
+impl EntryMeta {
+    pub fn of(item: &SyncItem) -> Self {
+        Self {
+            id: item.object_id.clone(),
+            version: item.version,
+            origin: item.origin.clone(),
+            tombstone: item.tombstone,
+            content_hash: item.content_hash.clone(),
+        }
+    }
+
+    pub fn stamp(&self) -> syncnode_protocol::Stamp<'_> {
+        syncnode_protocol::Stamp::new(self.version, &self.origin, &self.content_hash)
+    }
+
+    pub fn digest(&self) -> syncnode_protocol::EntryDigest {
+        let mut h = [0u8; 32];
+        let _ = hex::decode_to_slice(&self.content_hash, &mut h);
+        syncnode_protocol::EntryDigest::new(&self.id, self.version, &self.origin, self.tombstone, &h)
+    }
+}
+
+/// The outcome of one batch.
+#[derive(Debug)]
+pub struct Applied {
+    /// The generation the batch committed as.
+    pub generation: u64,
+    /// For each written item: its index in the batch and the entry it replaced.
+    pub written: Vec<(usize, Option<EntryMeta>)>,
+}
+
+/// DDL of the items table, shared with the benchmark baseline so both write
+/// the same rows into the same schema.
+pub fn items_table_ddl(dialect: Dialect) -> &'static [&'static str] {
+    match dialect {
+        Dialect::Sqlite => &[
+            "CREATE TABLE IF NOT EXISTS sync_items (
+                id BLOB PRIMARY KEY NOT NULL, version INTEGER NOT NULL, origin BLOB NOT NULL,
+                updated_at INTEGER NOT NULL, content_type INTEGER NOT NULL, content BLOB NOT NULL,
+                content_hash BLOB NOT NULL, state BLOB NOT NULL, tombstone INTEGER NOT NULL,
+                access_count INTEGER NOT NULL, last_accessed INTEGER NOT NULL, trace_parent BLOB,
+                hkey INTEGER NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS sync_items_state ON sync_items(state, tombstone)",
+            "CREATE INDEX IF NOT EXISTS sync_items_hkey ON sync_items(hkey)",
+        ],
+        Dialect::MySql => &[
+            "CREATE TABLE IF NOT EXISTS sync_items (
+                id VARBINARY(512) NOT NULL PRIMARY KEY, version BIGINT NOT NULL, origin VARBINARY(128) NOT NULL,
+                updated_at BIGINT NOT NULL, content_type BIGINT NOT NULL, content LONGBLOB NOT NULL,
+                content_hash BINARY(32) NOT NULL, state VARBINARY(64) NOT NULL, tombstone BIGINT NOT NULL,
+                access_count BIGINT NOT NULL, last_accessed BIGINT NOT NULL, trace_parent VARBINARY(256) NULL,
+                hkey BIGINT NOT NULL, KEY sync_items_state (state, tombstone), KEY sync_items_hkey (hkey)) ENGINE=InnoDB",
+        ],
+    }
+}
+
+fn meta_table_ddl(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Sqlite => "CREATE TABLE IF NOT EXISTS syncnode_meta (name BLOB PRIMARY KEY NOT NULL, ival INTEGER NOT NULL, bval BLOB)",
+        Dialect::MySql => "CREATE TABLE IF NOT EXISTS syncnode_meta (name VARBINARY(64) NOT NULL PRIMARY KEY, ival BIGINT NOT NULL, bval LONGBLOB NULL) ENGINE=InnoDB",
+    }
+}
+
+/// SQLite settings for durable group commit: WAL, fsync on every commit.
+pub const SQLITE_PRAGMAS: &[&str] = &[
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA busy_timeout = 5000",
+];
+
+/// `(placeholders for n rows of k columns)`, e.g. `(?,?),(?,?)`.
+pub fn placeholders(rows: usize, cols: usize) -> String {
+    let row = format!("({})", vec!["?"; cols].join(","));
+    vec![row; rows].join(",")
+}
+
+/// The upsert statement for `rows` rows.
+pub fn upsert_sql(dialect: Dialect, rows: usize) -> String {
+    let sets: Vec<String> = COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|c| match dialect {
+            Dialect::Sqlite => format!("{c}=excluded.{c}"),
+            Dialect::MySql => format!("{c}=VALUES({c})"),
+        })
+        .collect();
+    let conflict = match dialect {
+        Dialect::Sqlite => "ON CONFLICT(id) DO UPDATE SET",
+        Dialect::MySql => "ON DUPLICATE KEY UPDATE",
+    };
+    format!(
+        "INSERT INTO sync_items ({COLUMNS}) VALUES {} {conflict} {}",
+        placeholders(rows, N_COLUMNS),
+        sets.join(", ")
+    )
+}
+
+/// Binds one item's columns in `COLUMNS` order.
+pub fn bind_item<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    it: &'q SyncItem,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    q.bind(it.object_id.as_bytes())
+        .bind(it.version as i64)
+        .bind(it.origin.as_bytes())
+        .bind(it.updated_at)
+        .bind(it.content_type.code())
+        .bind(&it.content[..])
+        .bind(hex_to_raw(&it.content_hash))
+        .bind(it.state.as_bytes())
+        .bind(it.tombstone as i64)
+        .bind(it.access_count.min(i64::MAX as u64) as i64)
+        .bind(it.last_accessed.min(i64::MAX as u64) as i64)
+        .bind(it.trace_parent.as_deref().map(str::as_bytes))
+        .bind(hkey(&it.object_id))
+}
+
+/// The first 32 bits of SHA-256(id).
+pub fn hkey(id: &str) -> i64 {
+    let k = syncnode_protocol::merkle::key_of(id);
+    u32::from_be_bytes([k[0], k[1], k[2], k[3]]) as i64
+}
+
+fn hex_to_raw(h: &str) -> Vec<u8> {
+    hex::decode(h).unwrap_or_default()
+}
+
+fn text(row: &AnyRow, i: usize, what: &str) -> Result<String, StorageError> {
+    let raw: Vec<u8> = row.try_get(i).map_err(|e| StorageError::backend(what, e))?;
+    String::from_utf8(raw).map_err(|_| StorageError::Backend(format!("{what}: stored value is not UTF-8")))
+}
+
+fn int(row: &AnyRow, i: usize, what: &str) -> Result<i64, StorageError> {
+    row.try_get::<i64, _>(i).map_err(|e| StorageError::backend(what, e))
+}
+
+fn item_from_row(row: &AnyRow) -> Result<SyncItem, StorageError> {
+    let content: Vec<u8> = row.try_get(5).map_err(|e| StorageError::backend("content", e))?;
+    let hash: Vec<u8> = row.try_get(6).map_err(|e| StorageError::backend("content_hash", e))?;
+    let trace: Option<Vec<u8>> = row.try_get(11).map_err(|e| StorageError::backend("trace_parent", e))?;
+    Ok(SyncItem {
+        object_id: text(row, 0, "id")?,
+        version: int(row, 1, "version")? as u64,
+        origin: text(row, 2, "origin")?,
+        updated_at: int(row, 3, "updated_at")?,
+        content_type: ContentType::from_code(int(row, 4, "content_type")?),
+        content: content.into(),
+        content_hash: hex::encode(hash),
+        state: text(row, 7, "state")?,
+        tombstone: int(row, 8, "tombstone")? != 0,
+        access_count: int(row, 9, "access_count")?.max(0) as u64,
+        last_accessed: int(row, 10, "last_accessed")?.max(0) as u64,
+        trace_parent: trace.map(|t| String::from_utf8_lossy(&t).into_owned()),
+    })
+}
+
+fn meta_from_row(row: &AnyRow) -> Result<EntryMeta, StorageError> {
+    let hash: Vec<u8> = row.try_get(4).map_err(|e| StorageError::backend("content_hash", e))?;
+    Ok(EntryMeta {
+        id: text(row, 0, "id")?,
+        version: int(row, 1, "version")? as u64,
+        origin: text(row, 2, "origin")?,
+        tombstone: int(row, 3, "tombstone")? != 0,
+        content_hash: hex::encode(hash),
+    })
+}
+
+/// The smallest byte string greater than every string starting with `prefix`
+/// (`None` when there is none), for index range scans instead of `LIKE`.
+pub fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut up = prefix.to_vec();
+    while let Some(last) = up.pop() {
+        if last < 0xff {
+            up.push(last + 1);
+            return Some(up);
+        }
+    }
+    None
+}
+
+/// Splits items into chunks that fit one statement.
+fn chunks<'a>(items: &'a [&'a SyncItem]) -> Vec<&'a [&'a SyncItem]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, it) in items.iter().enumerate() {
+        if i > start && (i - start >= CHUNK_ROWS || bytes + it.content.len() > CHUNK_BYTES) {
+            out.push(&items[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += it.content.len();
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
+/// Which rows a query over items returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    Live,
+    WithTombstones,
+}
+
+impl Rows {
+    fn clause(self) -> &'static str {
+        match self {
+            Rows::Live => " AND tombstone = 0",
+            Rows::WithTombstones => "",
+        }
+    }
+}
+
+pub struct L3Store {
+    pool: AnyPool,
+    dialect: Dialect,
+    timeout: Duration,
+}
+
+impl L3Store {
+    pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, StorageError> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            Dialect::MySql
+        } else if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            return Err(StorageError::InvalidInput(format!("sql_url must start with sqlite: or mysql:, got {url:?}")));
+        };
+        let url = match dialect {
+            Dialect::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+            _ => url.replacen("mariadb:", "mysql:", 1),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(timeout)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    let setup: &[&str] = match dialect {
+                        Dialect::Sqlite => SQLITE_PRAGMAS,
+                        Dialect::MySql => &["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"],
+                    };
+                    for s in setup {
+                        sqlx::query(*s).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| StorageError::sql("connect to L3", e))?;
+        let store = Self { pool, dialect, timeout };
+        store.init_schema().await?;
+        Ok(store)
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Runs an L3 call under the timeout, so an outage is an error, not a hang.
+    async fn timed<T>(&self, what: &str, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StorageError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(|e| StorageError::sql(what, e)),
+            Err(_) => Err(StorageError::Connection(format!("{what}: timed out after {:?}", self.timeout))),
+        }
+    }
+
+    async fn init_schema(&self) -> Result<(), StorageError> {
+        for ddl in items_table_ddl(self.dialect).iter().copied().chain([meta_table_ddl(self.dialect)]) {
+            self.timed("create schema", sqlx::query(ddl).execute(&self.pool)).await?;
+        }
+        let seed = match self.dialect {
+            Dialect::Sqlite => "INSERT OR IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
+            Dialect::MySql => "INSERT IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
+        };
+        for name in ["generation", "max_version"] {
+            self.timed("seed meta", sqlx::query(seed).bind(name.as_bytes()).execute(&self.pool)).await?;
+        }
+        Ok(())
+    }
+
+    /// `SELECT 1`; returns the round-trip time.
+    pub async fn ping(&self) -> Result<Duration, StorageError> {
+        let start = Instant::now();
+        self.timed("ping", sqlx::query("SELECT 1").execute(&self.pool)).await?;
+        Ok(start.elapsed())
+    }
+
+    /// The stored version of `id`, tombstones included.
+    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {
+        let sql = format!("SELECT {COLUMNS} FROM sync_items WHERE id = ?");
+        let row = self
+            .timed("get", sqlx::query(AssertSqlSafe(sql)).bind(id.as_bytes()).fetch_optional(&self.pool))
+            .await?;
+        row.as_ref().map(item_from_row).transpose()
+    }
+
+    /// Stored versions of `ids` (tombstones included), in no particular order.
+    pub async fn get_many(&self, ids: &[&str]) -> Result<Vec<SyncItem>, StorageError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(CHUNK_ROWS) {
+            let sql = format!("SELECT {COLUMNS} FROM sync_items WHERE id IN ({})", vec!["?"; chunk.len()].join(","));
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.as_bytes());
+            }
+            let rows = self.timed("get_many", q.fetch_all(&self.pool)).await?;
+            for r in &rows {
+                out.push(item_from_row(r)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn meta_in<'e, E>(&self, exec: E, ids: &[&str]) -> Result<HashMap<String, EntryMeta>, StorageError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        let sql = format!(
+            "SELECT id, version, origin, tombstone, content_hash FROM sync_items WHERE id IN ({})",
+            vec!["?"; ids.len()].join(",")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in ids {
+            q = q.bind(id.as_bytes());
+        }
+        let rows = self.timed("read entry versions", q.fetch_all(exec)).await?;
+        rows.iter().map(|r| meta_from_row(r).map(|m| (m.id.clone(), m))).collect()
+    }
+
+    /// Versions of `ids` as stored.
+    pub async fn meta_of(&self, ids: &[&str]) -> Result<HashMap<String, EntryMeta>, StorageError> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(CHUNK_ROWS) {
+            out.extend(self.meta_in(&self.pool, chunk).await?);
+        }
+        Ok(out)
+    }
+
+    /// Writes the items that win over what is stored (last-writer-wins), in one
+    /// transaction with a generation bump. `items` hold at most one version per id.
+    pub async fn apply_batch(&self, items: &[SyncItem]) -> Result<Applied, StorageError> {
+        let mut tx = self.timed("begin", self.pool.begin()).await?;
+        let mut existing = HashMap::new();
+        let ids: Vec<&str> = items.iter().map(|i| i.object_id.as_str()).collect();
+        for chunk in ids.chunks(CHUNK_ROWS) {
+            existing.extend(self.meta_in(&mut *tx, chunk).await?);
+        }
+        let mut applied = Vec::with_capacity(items.len());
+        for (i, it) in items.iter().enumerate() {
+            let old = existing.remove(&it.object_id);
+            if old.as_ref().is_none_or(|o| it.stamp().wins_over(&o.stamp())) {
+                applied.push((i, old));
+            }
+        }
+        let rows: Vec<&SyncItem> = applied.iter().map(|(i, _)| &items[*i]).collect();
+        for chunk in chunks(&rows) {
+            let sql = upsert_sql(self.dialect, chunk.len());
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for it in chunk {
+                q = bind_item(q, it);
+            }
+            self.timed("upsert items", q.execute(&mut *tx)).await?;
+        }
+        let max_version = rows.iter().map(|r| r.version).max().unwrap_or(0) as i64;
+        self.timed(
+            "bump generation",
+            sqlx::query("UPDATE syncnode_meta SET ival = ival + 1 WHERE name = ?").bind(&b"generation"[..]).execute(&mut *tx),
+        )
+        .await?;
+        let generation = self
+            .timed(
+                "read generation",
+                sqlx::query("SELECT ival FROM syncnode_meta WHERE name = ?").bind(&b"generation"[..]).fetch_one(&mut *tx),
+            )
+            .await?;
+        let generation = int(&generation, 0, "generation")? as u64;
+        self.timed(
+            "record max version",
+            sqlx::query("UPDATE syncnode_meta SET ival = CASE WHEN ival < ? THEN ? ELSE ival END WHERE name = ?")
+                .bind(max_version)
+                .bind(max_version)
+                .bind(&b"max_version"[..])
+                .execute(&mut *tx),
+        )
+        .await?;
+        self.timed("commit", tx.commit()).await?;
+        Ok(Applied { generation, written: applied })
+    }
+
+    /// Items whose id starts with `prefix`, in id order.
+    pub async fn scan_prefix(&self, prefix: &str, limit: usize, rows: Rows) -> Result<Vec<SyncItem>, StorageError> {
+        let upper = prefix_upper_bound(prefix.as_bytes());
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sync_items WHERE id >= ?{}{} ORDER BY id LIMIT ?",
+            if upper.is_some() { " AND id < ?" } else { "" },
+            rows.clause()
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
+        if let Some(u) = upper {
+            q = q.bind(u);
+        }
+        let rows = self.timed("scan_prefix", q.bind(limit.min(i64::MAX as usize) as i64).fetch_all(&self.pool)).await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
+    pub async fn count_prefix(&self, prefix: &str, rows: Rows) -> Result<u64, StorageError> {
+        let upper = prefix_upper_bound(prefix.as_bytes());
+        let sql = format!(
+            "SELECT COUNT(*) FROM sync_items WHERE id >= ?{}{}",
+            if upper.is_some() { " AND id < ?" } else { "" },
+            rows.clause()
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
+        if let Some(u) = upper {
+            q = q.bind(u);
+        }
+        let row = self.timed("count_prefix", q.fetch_one(&self.pool)).await?;
+        Ok(int(&row, 0, "count")? as u64)
+    }
+
+    /// Live ids under `prefix` (for prefix deletes).
+    pub async fn ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StorageError> {
+        let upper = prefix_upper_bound(prefix.as_bytes());
+        let sql = format!(
+            "SELECT id FROM sync_items WHERE id >= ?{} AND tombstone = 0 ORDER BY id LIMIT ?",
+            if upper.is_some() { " AND id < ?" } else { "" }
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
+        if let Some(u) = upper {
+            q = q.bind(u);
+        }
+        let rows = self.timed("ids_with_prefix", q.bind(limit as i64).fetch_all(&self.pool)).await?;
+        rows.iter().map(|r| text(r, 0, "id")).collect()
+    }
+
+    pub async fn by_state(&self, state: &str, limit: usize) -> Result<Vec<SyncItem>, StorageError> {
+        let sql = format!("SELECT {COLUMNS} FROM sync_items WHERE state = ? AND tombstone = 0 ORDER BY id LIMIT ?");
+        let q = sqlx::query(AssertSqlSafe(sql)).bind(state.as_bytes()).bind(limit as i64);
+        let rows = self.timed("get_by_state", q.fetch_all(&self.pool)).await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
+    pub async fn count_by_state(&self, state: &str) -> Result<u64, StorageError> {
+        let q = sqlx::query("SELECT COUNT(*) FROM sync_items WHERE state = ? AND tombstone = 0").bind(state.as_bytes());
+        let row = self.timed("count_by_state", q.fetch_one(&self.pool)).await?;
+        Ok(int(&row, 0, "count")? as u64)
+    }
+
+    pub async fn state_ids(&self, state: &str, limit: usize) -> Result<Vec<String>, StorageError> {
+        let q = sqlx::query("SELECT id FROM sync_items WHERE state = ? AND tombstone = 0 ORDER BY id LIMIT ?")
+            .bind(state.as_bytes())
+            .bind(limit as i64);
+        let rows = self.timed("list_state_ids", q.fetch_all(&self.pool)).await?;
+        rows.iter().map(|r| text(r, 0, "id")).collect()
+    }
+
+    /// One page of entry versions in id order, after `after` (for rebuilds).
+    pub async fn scan_entries(&self, after: Option<&str>, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
+        let sql = format!(
+            "SELECT id, version, origin, tombstone, content_hash FROM sync_items{} ORDER BY id LIMIT ?",
+            if after.is_some() { " WHERE id > ?" } else { "" }
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        if let Some(a) = after {
+            q = q.bind(a.as_bytes());
+        }
+        let rows = self.timed("scan entries", q.bind(limit as i64).fetch_all(&self.pool)).await?;
+        rows.iter().map(meta_from_row).collect()
+    }
+
+    /// Entry versions under the Merkle node `path` (a valid hex path of at most 8 nibbles).
+    pub async fn entries_under(&self, path: &str, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
+        let bits = 4 * path.len() as u32;
+        let prefix = if path.is_empty() { 0 } else { u64::from_str_radix(path, 16).map_err(|_| StorageError::InvalidInput(format!("bad merkle path {path:?}")))? };
+        let lo = (prefix << (32 - bits)) as i64;
+        let hi = ((prefix + 1) << (32 - bits)) as i64;
+        let q = sqlx::query("SELECT id, version, origin, tombstone, content_hash FROM sync_items WHERE hkey >= ? AND hkey < ? ORDER BY id LIMIT ?")
+            .bind(lo)
+            .bind(hi)
+            .bind(limit as i64);
+        let rows = self.timed("entries under path", q.fetch_all(&self.pool)).await?;
+        rows.iter().map(meta_from_row).collect()
+    }
+
+    /// `(generation, greatest version stored)`.
+    pub async fn generation(&self) -> Result<(u64, u64), StorageError> {
+        let rows = self
+            .timed(
+                "read generation",
+                sqlx::query("SELECT name, ival FROM syncnode_meta WHERE name IN (?, ?)")
+                    .bind(&b"generation"[..])
+                    .bind(&b"max_version"[..])
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+        let (mut generation, mut max_version) = (0, 0);
+        for r in &rows {
+            let v = int(r, 1, "ival")? as u64;
+            match text(r, 0, "name")?.as_str() {
+                "generation" => generation = v,
+                _ => max_version = v,
+            }
+        }
+        Ok((generation, max_version))
+    }
+
+    /// A named blob with its integer tag (snapshots).
+    pub async fn load_blob(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let row = self
+            .timed(
+                "load snapshot",
+                sqlx::query("SELECT ival, bval FROM syncnode_meta WHERE name = ?").bind(name.as_bytes()).fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let blob: Option<Vec<u8>> = row.try_get(1).map_err(|e| StorageError::backend("snapshot", e))?;
+        Ok(blob.map(|b| (int(&row, 0, "ival").unwrap_or(0) as u64, b)))
+    }
+
+    pub async fn save_blob(&self, name: &str, tag: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        let sql = match self.dialect {
+            Dialect::Sqlite => "INSERT INTO syncnode_meta (name, ival, bval) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET ival = excluded.ival, bval = excluded.bval",
+            Dialect::MySql => "INSERT INTO syncnode_meta (name, ival, bval) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE ival = VALUES(ival), bval = VALUES(bval)",
+        };
+        let q = sqlx::query(sql).bind(name.as_bytes()).bind(tag as i64).bind(bytes);
+        self.timed("save snapshot", q.execute(&self.pool)).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_bounds() {
+        assert_eq!(prefix_upper_bound(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_upper_bound(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_upper_bound(b"\xff\xff"), None);
+        assert_eq!(prefix_upper_bound(b""), None);
+    }
+
+    #[test]
+    fn statements_are_chunked_by_rows_and_bytes() {
+        let small: Vec<SyncItem> = (0..1200).map(|i| SyncItem::new(format!("{i}"), vec![0u8; 10])).collect();
+        let refs: Vec<&SyncItem> = small.iter().collect();
+        assert_eq!(chunks(&refs).iter().map(|c| c.len()).collect::<Vec<_>>(), vec![500, 500, 200]);
+        let big: Vec<SyncItem> = (0..3).map(|i| SyncItem::new(format!("{i}"), vec![0u8; 3 << 20])).collect();
+        let refs: Vec<&SyncItem> = big.iter().collect();
+        assert_eq!(chunks(&refs).len(), 3);
+    }
+}

@@ -1,0 +1,966 @@
+//! The three-tier storage engine (DESIGN §3): `SyncEngine` and its parts, one
+//! file per part.
+//!
+//! - `item`, `options`, `config`, `status`, `error`: the public types;
+//! - `l1`: pending writes and the read cache; `l3`: the SQL store;
+//! - `commit_log`: the durable buffer in front of a remote L3;
+//! - `writer`: group commit and the single L3 applier;
+//! - `filter`: the existence filter; `merkle`: the tree API;
+//! - `backpressure`: the one rule for refusing writes.
+//!
+//! Reads go pending → L1 cache → filter → L3. Writes are validated, stamped
+//! with the HLC, made pending in L1 and queued for the writer, which commits
+//! them in batches (see `writer`).
+
+pub mod backpressure;
+pub mod commit_log;
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod item;
+pub mod l1;
+pub mod l3;
+pub mod merkle;
+pub mod options;
+pub mod status;
+pub mod writer;
+
+pub use backpressure::BackpressureLevel;
+pub use config::SyncEngineConfig;
+pub use error::StorageError;
+pub use filter::{FilterManager, FilterTrust};
+pub use item::{ContentType, SyncItem, content_hash, validate_id};
+pub use merkle::{MerkleDiff, MerkleNode};
+pub use options::{AckMode, CacheTtl, SubmitOptions};
+pub use status::{BatchResult, EngineState, HealthCheck, ItemStatus, WriteReceipt};
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+use syncnode_protocol::{Hlc, MerkleTree};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use commit_log::CommitLog;
+use item::{now_ms, validate_item, validate_remote, validate_state};
+use l1::L1;
+use l3::{EntryMeta, L3Store, Rows};
+use writer::WriterCmd;
+
+/// Counters and gauges of the engine; exported by the node's `/metrics`.
+#[derive(Debug, Default)]
+pub struct EngineMetrics {
+    pub writes_accepted: AtomicU64,
+    pub writes_refused: AtomicU64,
+    pub l3_items_written: AtomicU64,
+    pub l3_errors: AtomicU64,
+    pub reads_l1: AtomicU64,
+    pub reads_l3: AtomicU64,
+    pub reads_missing: AtomicU64,
+    pub filter_negatives: AtomicU64,
+    pub remote_applied: AtomicU64,
+    pub remote_stale: AtomicU64,
+    pub clock_deferrals: AtomicU64,
+    pub corruption_detected: AtomicU64,
+    pub log_drained: AtomicU64,
+    pub merkle_rebuilds: AtomicU64,
+    pub l1_items: AtomicU64,
+    pub l1_bytes: AtomicU64,
+    pub pending_items: AtomicU64,
+    pub pending_bytes: AtomicU64,
+}
+
+/// The tree and the L3 generation it describes, changed together.
+pub(crate) struct TreeState {
+    pub tree: MerkleTree,
+    pub generation: u64,
+}
+
+/// What `start` opens.
+pub(crate) struct Backends {
+    pub l3: Arc<L3Store>,
+    pub log: Option<Arc<CommitLog>>,
+    pub writer: mpsc::UnboundedSender<WriterCmd>,
+    pub drain_kick: Arc<Notify>,
+    pub drain_lock: tokio::sync::Mutex<()>,
+    pub sql_up: AtomicBool,
+}
+
+/// State shared by the engine handle and its background tasks.
+pub(crate) struct Core {
+    config: RwLock<SyncEngineConfig>,
+    state: watch::Sender<EngineState>,
+    hlc: Mutex<Hlc>,
+    pub(crate) l1: L1,
+    pub(crate) filter: Arc<FilterManager>,
+    pub(crate) merkle: RwLock<TreeState>,
+    backends: OnceLock<Backends>,
+    pub(crate) metrics: EngineMetrics,
+    pub(crate) stopping: AtomicBool,
+    /// Held while L3 is written or the tree rebuilt, so the two never interleave.
+    pub(crate) apply_lock: tokio::sync::Mutex<()>,
+    snapshot_generation: AtomicU64,
+    last_snapshot: Mutex<Instant>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Core {
+    pub(crate) fn config(&self) -> SyncEngineConfig {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn max_payload(&self) -> usize {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).max_payload_bytes
+    }
+
+    pub(crate) fn backends(&self) -> Result<&Backends, StorageError> {
+        self.backends.get().ok_or_else(|| StorageError::NotReady("not started".into()))
+    }
+
+    fn set_state(&self, s: EngineState) {
+        self.state.send_replace(s);
+    }
+
+    fn l1_max_bytes(&self) -> usize {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).l1_max_bytes.max(1)
+    }
+
+    fn memory_pressure(&self) -> f64 {
+        (self.l1.pending_bytes() + self.l1.cache_bytes()) as f64 / self.l1_max_bytes() as f64
+    }
+
+    /// Saves the tree and filter when they changed (or when `force`), tagged with
+    /// the generation they describe.
+    async fn save_snapshot(&self, force: bool) -> Result<(), StorageError> {
+        let b = self.backends()?;
+        let (generation, tree, filter) = {
+            let t = self.merkle.read().unwrap_or_else(|p| p.into_inner());
+            if !force && t.generation == self.snapshot_generation.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            (t.generation, t.tree.to_snapshot(), self.filter.export()?)
+        };
+        b.l3.save_blob("merkle_tree", generation, &tree).await?;
+        b.l3.save_blob("existence_filter", generation, &filter).await?;
+        self.snapshot_generation.store(generation, Ordering::Relaxed);
+        *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        Ok(())
+    }
+
+    /// Periodic upkeep: snapshots and gauges.
+    async fn maintain(&self) {
+        let interval = Duration::from_secs(self.config().snapshot_interval_secs.max(1));
+        let due = self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= interval;
+        if due && let Err(e) = self.save_snapshot(false).await {
+            tracing::warn!(error = %e, "snapshot failed");
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        self.l1.sync_counts();
+        let m = &self.metrics;
+        m.l1_items.store(self.l1.cache_items(), Ordering::Relaxed);
+        m.l1_bytes.store(self.l1.cache_bytes(), Ordering::Relaxed);
+        m.pending_items.store(self.l1.pending_items(), Ordering::Relaxed);
+        m.pending_bytes.store(self.l1.pending_bytes(), Ordering::Relaxed);
+    }
+
+    /// Rebuilds tree and filter from a full L3 scan. Caller holds `apply_lock`.
+    async fn rebuild_from_l3(&self) -> Result<(), StorageError> {
+        let b = self.backends()?;
+        let depth = self.config().merkle_depth;
+        let (generation, _) = b.l3.generation().await?;
+        let mut tree = MerkleTree::new(depth).map_err(|e| StorageError::InvalidInput(e.to_string()))?;
+        let mut ids = 0usize;
+        let mut fresh = FilterManager::empty_filter(1024);
+        let mut after: Option<String> = None;
+        loop {
+            let page = b.l3.scan_entries(after.as_deref(), 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for e in &page {
+                tree.insert(&e.digest());
+                fresh.insert(e.id.as_str());
+            }
+            ids += page.len();
+        }
+        self.filter.replace(fresh);
+        self.filter.mark_trusted();
+        *self.merkle.write().unwrap_or_else(|p| p.into_inner()) = TreeState { tree, generation };
+        self.metrics.merkle_rebuilds.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(ids, generation, "rebuilt merkle tree and existence filter from L3");
+        Ok(())
+    }
+
+    /// Loads the snapshot if it describes L3's current generation, else rebuilds.
+    async fn load_tree(&self) -> Result<(), StorageError> {
+        let b = self.backends()?;
+        let depth = self.config().merkle_depth;
+        let (generation, _) = b.l3.generation().await?;
+        let tree = b.l3.load_blob("merkle_tree").await?.filter(|(tag, _)| *tag == generation);
+        let tree = tree.and_then(|(_, bytes)| MerkleTree::from_snapshot(&bytes).ok()).filter(|t| t.depth() == depth);
+        let filter = b.l3.load_blob("existence_filter").await?.filter(|(tag, _)| *tag == generation);
+        let filter = filter.and_then(|(_, bytes)| FilterManager::import(&bytes).ok());
+        let _guard = self.apply_lock.lock().await;
+        match (tree, filter) {
+            (Some(tree), Some(filter)) => {
+                self.filter.replace(filter);
+                self.filter.mark_trusted();
+                *self.merkle.write().unwrap_or_else(|p| p.into_inner()) = TreeState { tree, generation };
+                self.snapshot_generation.store(generation, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => self.rebuild_from_l3().await,
+        }
+    }
+}
+
+/// The engine handle. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct SyncEngine {
+    core: Arc<Core>,
+    config_rx: Mutex<watch::Receiver<SyncEngineConfig>>,
+}
+
+impl SyncEngine {
+    /// Creates an engine in state `Created`; nothing is opened until `start`.
+    /// New configs sent on `config_rx` are taken in by `tick` (payload limit,
+    /// clock skew, memory budget, snapshot interval).
+    pub fn new(config: SyncEngineConfig, config_rx: watch::Receiver<SyncEngineConfig>) -> Self {
+        let depth = if (1..=syncnode_protocol::merkle::MAX_DEPTH).contains(&config.merkle_depth) {
+            config.merkle_depth
+        } else {
+            syncnode_protocol::merkle::DEFAULT_DEPTH
+        };
+        let (state, _) = watch::channel(EngineState::Created);
+        let core = Core {
+            l1: L1::new((config.l1_max_bytes / 2) as u64),
+            config: RwLock::new(config),
+            state,
+            hlc: Mutex::new(Hlc::default()),
+            filter: Arc::new(FilterManager::new(100_000)),
+            merkle: RwLock::new(TreeState { tree: MerkleTree::new(depth).expect("depth checked"), generation: 0 }),
+            backends: OnceLock::new(),
+            metrics: EngineMetrics::default(),
+            stopping: AtomicBool::new(false),
+            apply_lock: tokio::sync::Mutex::new(()),
+            snapshot_generation: AtomicU64::new(u64::MAX),
+            last_snapshot: Mutex::new(Instant::now()),
+            tasks: Mutex::new(Vec::new()),
+        };
+        Self { core: Arc::new(core), config_rx: Mutex::new(config_rx) }
+    }
+
+    /// An engine whose config never changes.
+    pub fn with_config(config: SyncEngineConfig) -> Self {
+        let (_tx, rx) = watch::channel(config.clone());
+        Self::new(config, rx)
+    }
+
+    /// Opens the commit log and L3, drains the log, loads or rebuilds the Merkle
+    /// tree and filter, starts the writer, and moves to `Ready`.
+    pub async fn start(&self) -> Result<(), StorageError> {
+        if self.state() != EngineState::Created {
+            return Err(StorageError::NotReady(format!("already started ({:?})", self.state())));
+        }
+        let core = &self.core;
+        let cfg = core.config();
+        if !(1..=syncnode_protocol::merkle::MAX_DEPTH).contains(&cfg.merkle_depth) {
+            return Err(StorageError::InvalidInput(format!("merkle_depth {} out of range 1..=5", cfg.merkle_depth)));
+        }
+        core.set_state(EngineState::Connecting);
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| StorageError::backend(&format!("create data dir {}", cfg.data_dir.display()), e))?;
+
+        // The commit log first: it may hold acknowledged writes L3 has not seen.
+        let mut floor = 0u64;
+        let log = if cfg.uses_mysql() {
+            let log = CommitLog::open(&cfg.data_dir.join("commit_log.sqlite")).await?;
+            for e in log.read(usize::MAX >> 1).await? {
+                floor = floor.max(e.item.version);
+                core.l1.add_pending(e.item);
+            }
+            Some(Arc::new(log))
+        } else {
+            None
+        };
+        let l3 = connect_l3(&cfg).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let backends = Backends {
+            l3: Arc::new(l3),
+            log,
+            writer: tx,
+            drain_kick: Arc::new(Notify::new()),
+            drain_lock: tokio::sync::Mutex::new(()),
+            sql_up: AtomicBool::new(true),
+        };
+        if core.backends.set(backends).is_err() {
+            return Err(StorageError::NotReady("already started".into()));
+        }
+        let b = core.backends()?;
+        if b.log.as_ref().is_some_and(|l| !l.is_empty()) {
+            core.set_state(EngineState::DrainingWal);
+            // Trees are loaded after the drain, so the drain need not update them.
+            let n = writer::drain_log(core).await?;
+            tracing::info!(entries = n, "drained commit log into L3");
+        }
+        core.load_tree().await?;
+        let (_, max_version) = b.l3.generation().await?;
+        *core.hlc.lock().unwrap_or_else(|p| p.into_inner()) = Hlc::new(floor.max(max_version));
+
+        let mut tasks = core.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.push(tokio::spawn(writer::run_writer(core.clone(), rx)));
+        if b.log.is_some() {
+            tasks.push(tokio::spawn(writer::run_drainer(core.clone())));
+        }
+        let weak = Arc::downgrade(core);
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                let Some(core) = weak.upgrade() else { return };
+                if core.stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                core.maintain().await;
+            }
+        }));
+        drop(tasks);
+        core.set_state(EngineState::Ready);
+        Ok(())
+    }
+
+    /// Warms L1 with up to `warm_up_items` items from L3 and makes sure the
+    /// filter is trusted.
+    pub async fn warm_up(&self) -> Result<(), StorageError> {
+        let b = self.core.backends()?;
+        self.core.set_state(EngineState::WarmingUp);
+        let result = async {
+            if !self.core.filter.is_trusted() {
+                let _guard = self.core.apply_lock.lock().await;
+                self.core.rebuild_from_l3().await?;
+            }
+            for item in b.l3.scan_prefix("", self.core.config().warm_up_items, Rows::WithTombstones).await? {
+                if !self.core.l1.is_pending(&item.object_id) {
+                    self.core.l1.cache_insert(item);
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.core.set_state(EngineState::Ready);
+        result
+    }
+
+    /// Runs maintenance until `shutdown` (the background task does the same;
+    /// this is for callers that drive the engine themselves).
+    pub async fn run(&self) {
+        self.core.set_state(EngineState::Running);
+        while !self.core.stopping.load(Ordering::Relaxed) {
+            self.tick().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// One round of maintenance: take in a new config, snapshot if due, kick the
+    /// commit-log drainer, refresh gauges.
+    pub async fn tick(&self) {
+        let new_cfg = {
+            let mut rx = self.config_rx.lock().unwrap_or_else(|p| p.into_inner());
+            rx.has_changed().unwrap_or(false).then(|| rx.borrow_and_update().clone())
+        };
+        if let Some(new_cfg) = new_cfg {
+            let mut cfg = self.core.config.write().unwrap_or_else(|p| p.into_inner());
+            cfg.max_payload_bytes = new_cfg.max_payload_bytes;
+            cfg.max_clock_skew_ms = new_cfg.max_clock_skew_ms;
+            cfg.l1_max_bytes = new_cfg.l1_max_bytes;
+            cfg.snapshot_interval_secs = new_cfg.snapshot_interval_secs;
+        }
+        if let Ok(b) = self.core.backends() {
+            b.drain_kick.notify_one();
+        }
+        self.core.maintain().await;
+    }
+
+    /// Waits until everything submitted so far is committed (to L3, or to the
+    /// commit log and then to L3 if it is reachable).
+    pub async fn force_flush(&self) {
+        let Ok(b) = self.core.backends() else { return };
+        let (tx, rx) = oneshot::channel();
+        if b.writer.send(WriterCmd::Barrier(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        if b.log.is_some()
+            && let Err(e) = writer::drain_log(&self.core).await
+        {
+            tracing::debug!(error = %e, "flush could not drain the commit log yet");
+        }
+    }
+
+    /// Stops accepting writes, commits what is queued, saves the snapshot and
+    /// closes the backends.
+    pub async fn shutdown(&self) {
+        if self.core.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.core.set_state(EngineState::ShuttingDown);
+        self.force_flush().await;
+        if let Err(e) = self.core.save_snapshot(true).await {
+            tracing::warn!(error = %e, "final snapshot failed; the tree will be rebuilt on start");
+        }
+        for t in self.core.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            t.abort();
+        }
+        if let Ok(b) = self.core.backends() {
+            if let Some(log) = &b.log {
+                log.close().await;
+            }
+            b.l3.close().await;
+        }
+    }
+
+    // ----- state -----
+
+    pub fn state(&self) -> EngineState {
+        *self.core.state.borrow()
+    }
+
+    pub fn state_receiver(&self) -> watch::Receiver<EngineState> {
+        self.core.state.subscribe()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state().is_ready()
+    }
+
+    pub fn node_id(&self) -> String {
+        self.core.config().node_id
+    }
+
+    pub fn config(&self) -> SyncEngineConfig {
+        self.core.config()
+    }
+
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.core.metrics
+    }
+
+    /// `(pending bytes + L1 cache bytes) / l1_max_bytes`.
+    pub fn memory_pressure(&self) -> f64 {
+        self.core.memory_pressure()
+    }
+
+    pub fn pressure(&self) -> BackpressureLevel {
+        BackpressureLevel::from_pressure(self.memory_pressure())
+    }
+
+    pub fn should_accept_writes(&self) -> bool {
+        self.write_refusal().is_none()
+    }
+
+    /// Why a write would be refused now, if it would.
+    fn write_refusal(&self) -> Option<StorageError> {
+        let state = self.state();
+        if self.core.stopping.load(Ordering::Relaxed) || !state.is_ready() {
+            return Some(StorageError::NotReady(format!("{state:?}").to_lowercase()));
+        }
+        let level = self.pressure();
+        if !level.should_accept_writes() {
+            return Some(StorageError::Backpressure {
+                level,
+                reason: "memory pressure".into(),
+                retry_after_secs: level.retry_after_secs(),
+            });
+        }
+        let cfg = self.core.config.read().unwrap_or_else(|p| p.into_inner());
+        if let Ok(Some(log)) = self.core.backends().map(|b| b.log.as_ref())
+            && (log.len() >= cfg.commit_log_max_items || log.bytes() >= cfg.commit_log_max_bytes)
+        {
+            return Some(StorageError::Backpressure {
+                level: BackpressureLevel::Critical,
+                reason: format!("commit log full ({} items, {} bytes) while L3 is unreachable", log.len(), log.bytes()),
+                retry_after_secs: 5,
+            });
+        }
+        None
+    }
+
+    fn check_writable(&self) -> Result<(), StorageError> {
+        match self.write_refusal() {
+            Some(e) => {
+                self.core.metrics.writes_refused.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    // ----- writes -----
+
+    /// Stores `item` with default options (durable acknowledgement).
+    pub async fn submit(&self, item: SyncItem) -> Result<WriteReceipt, StorageError> {
+        self.submit_with(item, SubmitOptions::default()).await
+    }
+
+    /// Stores `item` as a new local version.
+    pub async fn submit_with(&self, item: SyncItem, options: SubmitOptions) -> Result<WriteReceipt, StorageError> {
+        let mut receipts = self.submit_batch(vec![item], &options).await?;
+        receipts.pop().expect("one receipt per item")
+    }
+
+    /// Stores many items as one batch (one transaction when they fit one).
+    /// Invalid items are counted as failed and stored nowhere.
+    pub async fn submit_many(&self, items: Vec<SyncItem>) -> Result<BatchResult, StorageError> {
+        let total = items.len();
+        let receipts = self.submit_batch(items, &SubmitOptions::default()).await?;
+        let succeeded = receipts.iter().filter(|r| r.is_ok()).count();
+        Ok(BatchResult { total, succeeded, failed: total - succeeded })
+    }
+
+    /// Validates, stamps and commits; one result per item.
+    async fn submit_batch(
+        &self,
+        items: Vec<SyncItem>,
+        options: &SubmitOptions,
+    ) -> Result<Vec<Result<WriteReceipt, StorageError>>, StorageError> {
+        self.check_writable()?;
+        if !options.sql {
+            return Err(StorageError::InvalidInput(
+                "cache-only writes (sql = false) need the Redis tier, which is not configured".into(),
+            ));
+        }
+        if let Some(s) = &options.state {
+            validate_state(s)?;
+        }
+        let max_payload = self.core.max_payload();
+        let node = self.node_id();
+        let now = now_ms();
+        let mut results = Vec::with_capacity(items.len());
+        let mut stamped = Vec::with_capacity(items.len());
+        {
+            let mut hlc = self.core.hlc.lock().unwrap_or_else(|p| p.into_inner());
+            for mut item in items {
+                if let Some(s) = &options.state {
+                    item.state = s.clone();
+                }
+                if let Err(e) = validate_item(&item, max_payload) {
+                    results.push(Err(e));
+                    continue;
+                }
+                item.content_hash = content_hash(&item.content);
+                item.version = hlc.now(now as u64);
+                item.origin = node.clone();
+                item.updated_at = now;
+                results.push(Ok(WriteReceipt {
+                    id: item.object_id.clone(),
+                    version: item.version,
+                    origin: item.origin.clone(),
+                    content_hash: item.content_hash.clone(),
+                }));
+                stamped.push(item);
+            }
+        }
+        if stamped.is_empty() {
+            return Ok(results);
+        }
+        if let Err(e) = self.commit_stamped(stamped, options.ack).await {
+            return Ok(results.into_iter().map(|r| r.and(Err(e.clone()))).collect());
+        }
+        Ok(results)
+    }
+
+    /// Makes stamped items pending and hands them to the writer.
+    async fn commit_stamped(&self, items: Vec<SyncItem>, ack: AckMode) -> Result<(), StorageError> {
+        let b = self.core.backends()?;
+        let n = items.len() as u64;
+        for it in &items {
+            self.core.l1.add_pending(it.clone());
+        }
+        let (tx, rx) = oneshot::channel();
+        let ack_tx = (ack == AckMode::Durable).then_some(tx);
+        if b.writer.send(WriterCmd::Write { items, ack: ack_tx }).is_err() {
+            return Err(StorageError::NotReady("writer stopped".into()));
+        }
+        if ack == AckMode::Durable {
+            rx.await.map_err(|_| StorageError::NotReady("writer stopped".into()))??;
+        }
+        self.core.metrics.writes_accepted.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Applies a version made elsewhere, keeping its version and origin. Applies
+    /// only if it wins over what we hold (LWW); returns whether it did. A
+    /// version too far ahead of our clock is deferred (`ClockSkew`).
+    pub async fn apply_remote(&self, mut item: SyncItem) -> Result<bool, StorageError> {
+        self.check_writable()?;
+        validate_remote(&item, self.core.max_payload())?;
+        {
+            let skew = self.core.config().max_clock_skew_ms;
+            let mut hlc = self.core.hlc.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = hlc.observe(item.version, now_ms() as u64, skew) {
+                self.core.metrics.clock_deferrals.fetch_add(1, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        }
+        if let Some(current) = self.current_entry(&item.object_id).await?
+            && !item.stamp().wins_over(&current.stamp())
+        {
+            self.core.metrics.remote_stale.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        item.access_count = 0;
+        item.last_accessed = 0;
+        self.commit_stamped(vec![item], AckMode::Durable).await?;
+        self.core.metrics.remote_applied.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// The version we hold of `id` (tombstones included), without its content
+    /// when it comes from L3.
+    pub async fn current_entry(&self, id: &str) -> Result<Option<EntryMeta>, StorageError> {
+        validate_id(id)?;
+        if let Some(it) = self.core.l1.get(id) {
+            return Ok(Some(EntryMeta::of(&it)));
+        }
+        if self.core.filter.might_exist(id) == Some(false) {
+            return Ok(None);
+        }
+        Ok(self.core.backends()?.l3.meta_of(&[id]).await?.remove(id))
+    }
+
+    /// Deletes `id` by writing a tombstone. Returns whether a live item existed.
+    pub async fn delete(&self, id: &str) -> Result<bool, StorageError> {
+        Ok(self.delete_many(&[id]).await?.succeeded == 1)
+    }
+
+    /// Deletes many ids in one batch; `succeeded` counts those that existed.
+    pub async fn delete_many(&self, ids: &[&str]) -> Result<BatchResult, StorageError> {
+        self.check_writable()?;
+        for id in ids {
+            validate_id(id)?;
+        }
+        let mut live = Vec::new();
+        for chunk in ids.chunks(500) {
+            for item in self.get_many(chunk).await?.into_iter().flatten() {
+                live.push(item);
+            }
+        }
+        let tombstones: Vec<SyncItem> =
+            live.iter().map(|it| SyncItem::tombstone(it.object_id.clone()).with_state(it.state.clone())).collect();
+        let found = tombstones.len();
+        let results = self.submit_batch(tombstones, &SubmitOptions::default()).await?;
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+            return Err(e);
+        }
+        Ok(BatchResult { total: ids.len(), succeeded: found, failed: 0 })
+    }
+
+    /// Deletes every live item whose id starts with `prefix`. Returns how many.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<u64, StorageError> {
+        validate_prefix(prefix)?;
+        let b = self.core.backends()?;
+        let mut ids = b.l3.ids_with_prefix(prefix, usize::MAX >> 1).await?;
+        ids.extend(self.core.l1.pending_ids_with_prefix(prefix));
+        ids.sort();
+        ids.dedup();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        Ok(self.delete_many(&refs).await?.succeeded as u64)
+    }
+
+    /// Deletes every live item in `state`. Returns how many.
+    pub async fn delete_by_state(&self, state: &str) -> Result<u64, StorageError> {
+        validate_state(state)?;
+        let ids = self.core.backends()?.l3.state_ids(state, usize::MAX >> 1).await?;
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        Ok(self.delete_many(&refs).await?.succeeded as u64)
+    }
+
+    /// Moves a live item to `new_state` (a new version, so it replicates).
+    /// Returns whether the item existed.
+    pub async fn set_state(&self, id: &str, new_state: &str) -> Result<bool, StorageError> {
+        validate_state(new_state)?;
+        let Some(item) = self.get(id).await? else { return Ok(false) };
+        self.submit(item.with_state(new_state)).await?;
+        Ok(true)
+    }
+
+    // ----- reads -----
+
+    /// The live item, from L1, else L3 (promoted to L1). `None` when absent or deleted.
+    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {
+        Ok(self.lookup(id).await?.filter(|it| !it.tombstone))
+    }
+
+    /// The stored version including tombstones.
+    async fn lookup(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {
+        validate_id(id)?;
+        let m = &self.core.metrics;
+        if let Some(it) = self.core.l1.get(id) {
+            m.reads_l1.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(it));
+        }
+        if self.core.filter.might_exist(id) == Some(false) {
+            m.filter_negatives.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let found = self.core.backends()?.l3.get(id).await?;
+        match &found {
+            Some(it) => {
+                m.reads_l3.fetch_add(1, Ordering::Relaxed);
+                self.core.l1.cache_insert(it.clone());
+            }
+            None => {
+                m.reads_missing.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Like `get`, but reads L3 (not the cache) and checks the content against
+    /// its hash: `Corruption` if they differ.
+    pub async fn get_verified(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {
+        validate_id(id)?;
+        let item = match self.core.l1.get_pending(id) {
+            Some(p) => Some(p),
+            None => self.core.backends()?.l3.get(id).await?,
+        };
+        let Some(item) = item else { return Ok(None) };
+        let actual = content_hash(&item.content);
+        if actual != item.content_hash {
+            self.core.metrics.corruption_detected.fetch_add(1, Ordering::Relaxed);
+            self.core.l1.invalidate(id);
+            return Err(StorageError::Corruption { id: id.to_string(), expected: item.content_hash, actual });
+        }
+        Ok((!item.tombstone).then_some(item))
+    }
+
+    /// Many items in input order (`None` where absent or deleted): L1 first,
+    /// then one L3 query for the rest.
+    pub async fn get_many(&self, ids: &[&str]) -> Result<Vec<Option<SyncItem>>, StorageError> {
+        let mut out: Vec<Option<SyncItem>> = Vec::with_capacity(ids.len());
+        let mut misses = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            validate_id(id)?;
+            match self.core.l1.get(id) {
+                Some(it) => out.push(Some(it)),
+                None => {
+                    if self.core.filter.might_exist(id) != Some(false) {
+                        misses.push(i);
+                    }
+                    out.push(None);
+                }
+            }
+        }
+        if !misses.is_empty() {
+            let want: Vec<&str> = misses.iter().map(|&i| ids[i]).collect();
+            let found = self.core.backends()?.l3.get_many(&want).await?;
+            let mut by_id: std::collections::HashMap<String, SyncItem> =
+                found.into_iter().map(|it| (it.object_id.clone(), it)).collect();
+            for i in misses {
+                if let Some(it) = by_id.remove(ids[i]) {
+                    self.core.l1.cache_insert(it.clone());
+                    out[i] = Some(it);
+                }
+            }
+        }
+        Ok(out.into_iter().map(|o| o.filter(|it| !it.tombstone)).collect())
+    }
+
+    /// Returns the item, or stores and returns what `factory` makes.
+    pub async fn get_or_insert_with<F, Fut>(&self, id: &str, factory: F) -> Result<SyncItem, StorageError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = SyncItem>,
+    {
+        if let Some(it) = self.get(id).await? {
+            return Ok(it);
+        }
+        let mut item = factory().await;
+        if item.object_id != id {
+            return Err(StorageError::InvalidInput(format!(
+                "factory made an item for {:?}, not {id:?}",
+                item.object_id
+            )));
+        }
+        let r = self.submit(item.clone()).await?;
+        item.version = r.version;
+        item.origin = r.origin;
+        item.content_hash = r.content_hash;
+        Ok(item)
+    }
+
+    /// Whether a live item exists (authoritative; reads L3 when needed).
+    pub async fn contains(&self, id: &str) -> Result<bool, StorageError> {
+        Ok(self.lookup(id).await?.is_some_and(|it| !it.tombstone))
+    }
+
+    /// True unless the id is surely absent (L1 or filter; no I/O).
+    pub fn might_exist(&self, id: &str) -> bool {
+        !self.definitely_missing(id)
+    }
+
+    /// True only when the id is in neither L1 nor L3 (trusted filter; no I/O).
+    pub fn definitely_missing(&self, id: &str) -> bool {
+        self.core.l1.get_pending(id).is_none()
+            && !self.core.l1.in_cache(id)
+            && self.core.filter.might_exist(id) == Some(false)
+    }
+
+    /// Whether we hold `id` (live or tombstone) with exactly this content hash.
+    pub async fn is_current(&self, id: &str, content_hash: &str) -> Result<bool, StorageError> {
+        Ok(self.current_entry(id).await?.is_some_and(|e| e.content_hash == content_hash))
+    }
+
+    /// Where `id` is: pending, synced (and in which tiers), deleted, or missing.
+    pub async fn status(&self, id: &str) -> Result<ItemStatus, StorageError> {
+        validate_id(id)?;
+        if self.core.l1.is_pending(id) {
+            return Ok(ItemStatus::Pending);
+        }
+        let in_l1 = self.core.l1.in_cache(id);
+        let stored = if self.core.filter.might_exist(id) == Some(false) {
+            None
+        } else {
+            self.core.backends()?.l3.meta_of(&[id]).await?.remove(id)
+        };
+        Ok(match stored {
+            Some(e) if e.tombstone => ItemStatus::Deleted { version: e.version, origin: e.origin },
+            Some(_) => ItemStatus::Synced { in_l1, in_l2: false, in_l3: true },
+            None => ItemStatus::Missing,
+        })
+    }
+
+    pub async fn get_by_state(&self, state: &str, limit: usize) -> Result<Vec<SyncItem>, StorageError> {
+        validate_state(state)?;
+        self.core.backends()?.l3.by_state(state, limit).await
+    }
+
+    pub async fn count_by_state(&self, state: &str) -> Result<u64, StorageError> {
+        validate_state(state)?;
+        self.core.backends()?.l3.count_by_state(state).await
+    }
+
+    pub async fn list_state_ids(&self, state: &str, limit: usize) -> Result<Vec<String>, StorageError> {
+        validate_state(state)?;
+        self.core.backends()?.l3.state_ids(state, limit).await
+    }
+
+    /// Live items under `prefix`, in id order, from L3.
+    pub async fn scan_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<SyncItem>, StorageError> {
+        validate_prefix(prefix)?;
+        self.core.backends()?.l3.scan_prefix(prefix, limit, Rows::Live).await
+    }
+
+    pub async fn count_prefix(&self, prefix: &str) -> Result<u64, StorageError> {
+        validate_prefix(prefix)?;
+        self.core.backends()?.l3.count_prefix(prefix, Rows::Live).await
+    }
+
+    // ----- health -----
+
+    /// Live probes plus cached figures.
+    pub async fn health_check(&self) -> HealthCheck {
+        let core = &self.core;
+        core.update_gauges();
+        let (sql_connected, sql_latency_ms, wal) = match core.backends() {
+            Ok(b) => {
+                let probe = b.l3.ping().await;
+                b.sql_up.store(probe.is_ok(), Ordering::Relaxed);
+                (Some(probe.is_ok()), probe.ok().map(|d| d.as_millis() as u64), b.log.as_ref().map(|l| l.len()))
+            }
+            Err(_) => (None, None, None),
+        };
+        let state = self.state();
+        let level = self.pressure();
+        let (filter_items, _, filter_trust) = core.filter.stats();
+        let (merkle_items, merkle_root) = {
+            let t = core.merkle.read().unwrap_or_else(|p| p.into_inner());
+            (t.tree.count(), t.tree.root_hash().map(hex::encode))
+        };
+        HealthCheck {
+            state,
+            ready: state.is_ready(),
+            memory_pressure: self.memory_pressure(),
+            backpressure_level: level,
+            accepting_writes: self.should_accept_writes(),
+            l1_items: core.l1.cache_items(),
+            l1_bytes: core.l1.cache_bytes(),
+            pending_items: core.l1.pending_items(),
+            pending_bytes: core.l1.pending_bytes(),
+            filter_items: filter_items as u64,
+            filter_trust,
+            redis_connected: None,
+            redis_latency_ms: None,
+            sql_connected,
+            sql_latency_ms,
+            wal_pending_items: wal,
+            merkle_items,
+            merkle_root,
+            peer_lag_ms: BTreeMap::new(),
+            healthy: state.is_ready() && sql_connected == Some(true) && level < BackpressureLevel::Emergency,
+        }
+    }
+
+    /// `(entries, capacity, trust)` of the existence filter.
+    pub fn l3_filter_stats(&self) -> (usize, usize, FilterTrust) {
+        self.core.filter.stats()
+    }
+
+    pub fn l3_filter(&self) -> &Arc<FilterManager> {
+        &self.core.filter
+    }
+
+    /// Makes sure the filter is trusted, rebuilding it from L3 if it is not.
+    pub async fn verify_filter(&self) -> bool {
+        if self.core.filter.is_trusted() {
+            return true;
+        }
+        let _guard = self.core.apply_lock.lock().await;
+        self.core.rebuild_from_l3().await.is_ok()
+    }
+
+    /// Rebuilds the Merkle tree and filter from a full L3 scan; returns how long it took.
+    pub async fn rebuild_merkle(&self) -> Result<Duration, StorageError> {
+        let start = Instant::now();
+        let _guard = self.core.apply_lock.lock().await;
+        self.core.rebuild_from_l3().await?;
+        Ok(start.elapsed())
+    }
+
+    /// Bytes the Merkle tree takes in memory.
+    pub fn merkle_memory_bytes(&self) -> usize {
+        self.core.merkle.read().unwrap_or_else(|p| p.into_inner()).tree.memory_bytes()
+    }
+
+    pub fn update_gauge_metrics(&self) {
+        self.core.update_gauges();
+    }
+}
+
+fn validate_prefix(prefix: &str) -> Result<(), StorageError> {
+    if prefix.len() > item::MAX_ID_BYTES || prefix.bytes().any(|b| b.is_ascii_control()) {
+        return Err(StorageError::InvalidId(format!("prefix {:?} is not a valid id prefix", prefix.chars().take(40).collect::<String>())));
+    }
+    Ok(())
+}
+
+/// Connects to L3, retrying for a while: a MySQL server may still be starting.
+async fn connect_l3(cfg: &SyncEngineConfig) -> Result<L3Store, StorageError> {
+    let url = cfg.effective_sql_url();
+    let timeout = Duration::from_millis(cfg.sql_timeout_ms.max(100));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match L3Store::connect(&url, cfg.sql_max_connections, timeout).await {
+            Ok(s) => return Ok(s),
+            Err(e @ StorageError::Connection(_)) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "L3 not reachable yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

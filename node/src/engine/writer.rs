@@ -1,0 +1,243 @@
+//! The write path behind `submit`: group commit and the L3 applier.
+//!
+//! All writes funnel through one writer task. It takes whatever is queued (up to
+//! `batch_flush_count` items / `batch_flush_bytes`) as one batch, so concurrent
+//! callers share one fsync. With SQLite as L3 the batch's L3 transaction is the
+//! commit; with MySQL the batch is appended to the commit log, acknowledged, and
+//! the drainer task moves it to MySQL in log order. Either way one function,
+//! [`Core::apply_to_l3`], writes to L3 and then updates the existence filter,
+//! the Merkle tree and L1, in that order, so an item is never absent from all of
+//! pending, filter and L3 at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Core;
+use super::error::StorageError;
+use super::item::SyncItem;
+
+pub(crate) type Ack = oneshot::Sender<Result<(), StorageError>>;
+
+pub(crate) enum WriterCmd {
+    /// Items to commit; `ack` answers once they are durable (Durable mode).
+    Write { items: Vec<SyncItem>, ack: Option<Ack> },
+    /// Answers once everything queued before it is committed.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Keeps one version per id: the one that wins under LWW.
+pub(crate) fn dedup_winners(items: Vec<SyncItem>) -> Vec<SyncItem> {
+    let mut pos: HashMap<String, usize> = HashMap::with_capacity(items.len());
+    let mut out: Vec<SyncItem> = Vec::with_capacity(items.len());
+    for it in items {
+        match pos.get(&it.object_id) {
+            Some(&i) => {
+                if it.stamp().wins_over(&out[i].stamp()) {
+                    out[i] = it;
+                }
+            }
+            None => {
+                pos.insert(it.object_id.clone(), out.len());
+                out.push(it);
+            }
+        }
+    }
+    out
+}
+
+impl Core {
+    /// Writes a batch to L3 (LWW against what is stored), then updates filter,
+    /// Merkle tree and L1. The only code that changes L3 items.
+    pub(crate) async fn apply_to_l3(&self, items: Vec<SyncItem>) -> Result<(), StorageError> {
+        let items = dedup_winners(items);
+        let b = self.backends()?;
+        let applied = match b.l3.apply_batch(&items).await {
+            Ok(a) => {
+                b.sql_up.store(true, Ordering::Relaxed);
+                a
+            }
+            Err(e) => {
+                if matches!(e, StorageError::Connection(_)) {
+                    b.sql_up.store(false, Ordering::Relaxed);
+                }
+                self.metrics.l3_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let mut written = vec![false; items.len()];
+        {
+            let mut tree = self.merkle.write().unwrap_or_else(|p| p.into_inner());
+            for (i, old) in &applied.written {
+                let it = &items[*i];
+                if old.is_none() {
+                    self.filter.insert(&it.object_id);
+                }
+                tree.tree.replace(old.as_ref().map(|o| o.digest()).as_ref(), &it.digest());
+                written[*i] = true;
+            }
+            tree.generation = applied.generation;
+        }
+        for (it, w) in items.iter().zip(written) {
+            if w {
+                self.l1.settle(it);
+            } else {
+                // A newer version is already stored: drop ours, and let reads go to L3.
+                self.l1.forget_pending(it);
+                self.l1.invalidate(&it.object_id);
+            }
+        }
+        self.metrics.l3_items_written.fetch_add(applied.written.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The group-commit loop.
+pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<WriterCmd>) {
+    let (max_items, max_bytes) = {
+        let c = core.config();
+        (c.batch_flush_count.max(1), c.batch_flush_bytes.max(1))
+    };
+    // Buffered writes whose commit failed, retried first next time.
+    let mut carry: Vec<SyncItem> = Vec::new();
+    loop {
+        let first = if carry.is_empty() {
+            match rx.recv().await {
+                Some(c) => Some(c),
+                None => break,
+            }
+        } else {
+            // Wait a little before retrying, but take new commands meanwhile.
+            tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.unwrap_or(None)
+        };
+        let mut items = std::mem::take(&mut carry);
+        let mut acks: Vec<(Ack, Vec<SyncItem>)> = Vec::new();
+        let mut barriers = Vec::new();
+        let mut bytes: usize = items.iter().map(|i| i.content.len()).sum();
+        let mut next = first;
+        loop {
+            match next.take() {
+                Some(WriterCmd::Write { items: batch, ack }) => {
+                    bytes += batch.iter().map(|i| i.content.len()).sum::<usize>();
+                    if let Some(a) = ack {
+                        acks.push((a, batch.clone()));
+                    }
+                    items.extend(batch);
+                }
+                Some(WriterCmd::Barrier(tx)) => barriers.push(tx),
+                None => {}
+            }
+            if items.len() >= max_items || bytes >= max_bytes {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(c) => next = Some(c),
+                Err(_) => break,
+            }
+        }
+        if !items.is_empty() {
+            let acked: std::collections::HashSet<(String, u64)> =
+                acks.iter().flat_map(|(_, b)| b.iter().map(|i| (i.object_id.clone(), i.version))).collect();
+            let result = commit(&core, items.clone()).await;
+            match &result {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, items = items.len(), "commit failed");
+                    // Durable callers hear the error and their writes are withdrawn;
+                    // buffered writes were already acknowledged, so keep retrying them.
+                    for it in items {
+                        if acked.contains(&(it.object_id.clone(), it.version)) {
+                            core.l1.forget_pending(&it);
+                        } else {
+                            carry.push(it);
+                        }
+                    }
+                }
+            }
+            for (a, _) in acks {
+                let _ = a.send(result.clone());
+            }
+        }
+        for b in barriers {
+            let _ = b.send(());
+        }
+    }
+    // Channel closed (shutdown): last attempt for anything still carried.
+    if !carry.is_empty() {
+        let _ = commit(&core, carry).await;
+    }
+}
+
+/// Makes a batch durable: into the commit log (MySQL) or straight into L3 (SQLite).
+async fn commit(core: &Arc<Core>, items: Vec<SyncItem>) -> Result<(), StorageError> {
+    let b = core.backends()?;
+    match &b.log {
+        Some(log) => {
+            log.append(&items).await?;
+            b.drain_kick.notify_one();
+            Ok(())
+        }
+        None => core.apply_to_l3(items).await,
+    }
+}
+
+/// Moves the commit log into L3, oldest first. Returns entries drained.
+pub(crate) async fn drain_log(core: &Core) -> Result<u64, StorageError> {
+    let b = core.backends()?;
+    let Some(log) = &b.log else { return Ok(0) };
+    let _guard = b.drain_lock.lock().await;
+    let batch = core.config().commit_log_drain_batch.max(1);
+    let mut drained = 0;
+    loop {
+        let entries = log.read(batch).await?;
+        let Some(last) = entries.last().map(|e| e.seq) else { return Ok(drained) };
+        let n = entries.len() as u64;
+        core.apply_to_l3(entries.into_iter().map(|e| e.item).collect()).await?;
+        log.truncate_through(last).await?;
+        drained += n;
+        core.metrics.log_drained.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Drains whenever kicked, and retries with backoff while L3 is down.
+pub(crate) async fn run_drainer(core: Arc<Core>) {
+    let Ok(b) = core.backends() else { return };
+    let kick = b.drain_kick.clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            _ = kick.notified() => {}
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        if core.stopping.load(Ordering::Relaxed) && b.log.as_ref().is_none_or(|l| l.is_empty()) {
+            return;
+        }
+        match drain_log(&core).await {
+            Ok(_) => backoff = Duration::from_secs(1),
+            Err(e) => {
+                tracing::warn!(error = %e, pending = b.log.as_ref().map_or(0, |l| l.len()), "commit log drain failed; will retry");
+                backoff = (backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_keeps_the_lww_winner_per_id() {
+        let mk = |id: &str, v: u64, o: &str| {
+            let mut i = SyncItem::new(id, &b"x"[..]);
+            i.version = v;
+            i.origin = o.into();
+            i
+        };
+        let out = dedup_winners(vec![mk("a", 1, "n"), mk("b", 1, "n"), mk("a", 3, "n"), mk("a", 2, "z")]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].version, 3);
+    }
+}
