@@ -59,6 +59,11 @@ impl SyncEngine {
         self.with_tree(|t| (t.root_hash(), t.count(), t.depth()))
     }
 
+    /// The bucket (deepest node) an id falls in.
+    pub fn merkle_bucket_of(&self, id: &str) -> String {
+        self.with_tree(|t| t.bucket_path(id))
+    }
+
     /// The hash of the node at `path`; `None` when nothing lies below it.
     pub async fn get_merkle_hash(&self, path: &str) -> Result<Option<[u8; 32]>, StorageError> {
         self.with_tree(|t| t.node(path).map(|n| (!n.is_empty()).then(|| n.hash())).map_err(bad_path))

@@ -3,8 +3,10 @@
 //! All writes funnel through one writer task. It takes whatever is queued (up to
 //! `batch_flush_count` items / `batch_flush_bytes`) as one batch, so concurrent
 //! callers share one fsync. With SQLite as L3 the batch's L3 transaction is the
-//! commit; with MySQL the batch is appended to the commit log, acknowledged, and
-//! the drainer task moves it to MySQL in log order. Either way one function,
+//! commit; with MySQL the batch is appended to the commit log (fsynced) and then
+//! moved to MySQL in log order before the ack; while MySQL is down the ack
+//! stands on the log alone and the drainer task moves the backlog once MySQL
+//! is back. Either way one function,
 //! [`Core::apply_to_l3`], writes to L3 and then updates the existence filter,
 //! the Merkle tree and L1, in that order, so an item is never absent from all of
 //! pending, filter and L3 at once.
@@ -176,7 +178,15 @@ async fn commit(core: &Arc<Core>, items: Vec<SyncItem>) -> Result<(), StorageErr
     match &b.log {
         Some(log) => {
             log.append(&items).await?;
-            b.drain_kick.notify_one();
+            // While L3 is up, move the batch on at once, so an acknowledged write
+            // is in L3 (read-your-writes); when it is down the ack stands on the
+            // log alone and the drainer catches up later.
+            if b.sql_up.load(Ordering::Relaxed)
+                && let Err(e) = drain_log(core).await
+            {
+                tracing::warn!(error = %e, "L3 unreachable; writes stay in the commit log");
+                b.drain_kick.notify_one();
+            }
             Ok(())
         }
         None => core.apply_to_l3(items).await,

@@ -1,0 +1,75 @@
+//! Test backends: every engine test runs on embedded SQLite and on the
+//! MariaDB that `scripts/test` starts (`MYSQL_URL`).
+
+#![allow(dead_code)]
+
+use sqlx::Connection;
+use std::sync::atomic::{AtomicU32, Ordering};
+use syncnode::{SyncEngine, SyncEngineConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    MariaDb,
+}
+
+pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::MariaDb];
+
+pub fn mysql_url() -> String {
+    std::env::var("MYSQL_URL").unwrap_or_else(|_| {
+        panic!("MYSQL_URL is not set: run the tests through ./scripts/test, which starts MariaDB and exports it")
+    })
+}
+
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh, empty MariaDB database; returns its URL.
+pub async fn fresh_mysql_db() -> String {
+    let base = mysql_url();
+    let name = format!("t_{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+    let mut conn = sqlx::mysql::MySqlConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach MariaDB at MYSQL_URL ({e}); run ./scripts/test"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    let (prefix, _) = base.rsplit_once('/').expect("MYSQL_URL ends in /database");
+    format!("{prefix}/{name}")
+}
+
+/// A test node: its data dir and config on the chosen backend.
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub config: SyncEngineConfig,
+}
+
+impl TestNode {
+    pub async fn new(backend: Backend, node_id: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = SyncEngineConfig::for_dir(dir.path(), node_id);
+        config.sql_timeout_ms = 3000;
+        if backend == Backend::MariaDb {
+            config.sql_url = Some(fresh_mysql_db().await);
+        }
+        Self { dir, config }
+    }
+
+    pub async fn start(&self) -> SyncEngine {
+        let e = SyncEngine::with_config(self.config.clone());
+        e.start().await.expect("engine starts");
+        e
+    }
+
+    /// Runs a statement directly against this node's L3 (to corrupt rows etc.).
+    pub async fn l3_exec(&self, sql: &str, arg: &[u8]) {
+        let url = self.config.effective_sql_url();
+        if url.starts_with("mysql:") {
+            let mut c = sqlx::mysql::MySqlConnection::connect(&url).await.expect("connect");
+            sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).bind(arg).execute(&mut c).await.expect("exec");
+        } else {
+            let mut c = sqlx::sqlite::SqliteConnection::connect(&url).await.expect("connect");
+            sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).bind(arg).execute(&mut c).await.expect("exec");
+        }
+    }
+}
