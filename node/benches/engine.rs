@@ -1,1 +1,242 @@
-fn main() {}
+//! Engine benchmarks (`cargo bench -p syncnode --bench engine`). Prints one
+//! `bench=engine metric=<m> value=<v> unit=<u>` line per figure; durable write
+//! throughput also prints a same-run baseline (plain sqlx batched INSERTs of the
+//! same rows into the same table with the same pragmas) and the ratio.
+//!
+//! `BENCH_ITEMS` (default 100000) sets the write sizes, `BENCH_MERKLE_ITEMS`
+//! (default 1000000) the size of the Merkle rebuild.
+
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Instant;
+use syncnode::engine::l3::{Dialect, SQLITE_PRAGMAS, items_table_ddl, upsert_sql};
+use syncnode::{SyncEngine, SyncEngineConfig, SyncItem};
+
+const PAYLOAD: usize = 1024;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn line(metric: &str, value: f64, unit: &str) {
+    println!("bench=engine metric={metric} value={value:.1} unit={unit}");
+}
+
+fn items(prefix: &str, n: usize) -> Vec<SyncItem> {
+    (0..n)
+        .map(|i| {
+            let mut content = vec![0u8; PAYLOAD];
+            content[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            SyncItem::new(format!("{prefix}.{i:09}"), content)
+        })
+        .collect()
+}
+
+fn engine_in(dir: &std::path::Path) -> SyncEngine {
+    let mut cfg = SyncEngineConfig::for_dir(dir, "bench");
+    cfg.l1_max_bytes = 1 << 30;
+    SyncEngine::with_config(cfg)
+}
+
+/// Plain sqlx: the same rows, the same table and pragmas, batches of 1000 rows
+/// per transaction, 500 rows per INSERT.
+async fn baseline(dir: &std::path::Path, rows: &[SyncItem]) -> f64 {
+    let mut opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", dir.join("baseline.sqlite").display()))
+        .unwrap()
+        .create_if_missing(true);
+    for p in SQLITE_PRAGMAS {
+        let (k, v) = p.trim_start_matches("PRAGMA ").split_once(" = ").unwrap();
+        opts = opts.pragma(k.to_string(), v.to_string());
+    }
+    let opts = opts.disable_statement_logging();
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await
+        .unwrap();
+    for ddl in items_table_ddl(Dialect::Sqlite) {
+        sqlx::query(*ddl).execute(&pool).await.unwrap();
+    }
+    let start = Instant::now();
+    for batch in rows.chunks(1000) {
+        let mut tx = pool.begin().await.unwrap();
+        for chunk in batch.chunks(500) {
+            let mut q = sqlx::query(AssertSqlSafe(upsert_sql(Dialect::Sqlite, chunk.len())));
+            for it in chunk {
+                q = q
+                    .bind(it.object_id.as_bytes())
+                    .bind(1i64)
+                    .bind(&b"bench"[..])
+                    .bind(it.updated_at)
+                    .bind(0i64)
+                    .bind(&it.content[..])
+                    .bind(hex::decode(&it.content_hash).unwrap())
+                    .bind(it.state.as_bytes())
+                    .bind(0i64)
+                    .bind(0i64)
+                    .bind(0i64)
+                    .bind(None::<Vec<u8>>)
+                    .bind(syncnode::engine::l3::hkey(&it.object_id));
+            }
+            q.execute(&mut *tx).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let rate = rows.len() as f64 / start.elapsed().as_secs_f64();
+    pool.close().await;
+    rate
+}
+
+async fn durable_writes(n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = baseline(dir.path(), &items("b", n)).await;
+
+    let e = engine_in(dir.path());
+    e.start().await.unwrap();
+    let all = items("m", n);
+    let start = Instant::now();
+    for batch in all.chunks(1000) {
+        let r = e.submit_many(batch.to_vec()).await.unwrap();
+        assert_eq!(r.failed, 0);
+    }
+    let many = n as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "bench=engine metric=submit_many_durable value={many:.0} unit=items/s baseline={base:.0} ratio={:.2}",
+        many / base
+    );
+
+    let e = Arc::new(e);
+    let commits_before = e.metrics().group_commits.load(std::sync::atomic::Ordering::Relaxed);
+    let callers = 64;
+    let per = n / callers;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        let e = e.clone();
+        let mine = items(&format!("c{c}"), per);
+        tasks.push(tokio::spawn(async move {
+            for it in mine {
+                e.submit(it).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let conc = (per * callers) as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "bench=engine metric=submit_64_callers_durable value={conc:.0} unit=items/s baseline={base:.0} ratio={:.2}",
+        conc / base
+    );
+    let commits = e.metrics().group_commits.load(std::sync::atomic::Ordering::Relaxed) - commits_before;
+    line(
+        "submit_64_callers_items_per_commit",
+        (per * callers) as f64 / commits.max(1) as f64,
+        "items",
+    );
+
+    // L1 hits: 2 tasks on 2 worker threads over ids already in L1.
+    let ids: Arc<Vec<String>> = Arc::new(all.iter().take(10_000).map(|i| i.object_id.clone()).collect());
+    for id in ids.iter() {
+        e.get(id).await.unwrap().unwrap();
+    }
+    let rounds = 1_000_000;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..2 {
+        let (e, ids) = (e.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            for k in 0..rounds {
+                let id = &ids[(k * 7 + t) % ids.len()];
+                std::hint::black_box(e.get(id).await.unwrap());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    line(
+        "l1_get_hits_2_threads",
+        (2 * rounds) as f64 / start.elapsed().as_secs_f64(),
+        "ops/s",
+    );
+    e.shutdown().await;
+
+    // Cold gets: a fresh engine (empty L1), random ids, 2 tasks.
+    let e = Arc::new(engine_in(dir.path()));
+    e.start().await.unwrap();
+    let cold = 20_000;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..2u64 {
+        let e = e.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ t;
+            for _ in 0..cold / 2 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let id = format!("m.{:09}", x % n as u64);
+                std::hint::black_box(e.get(&id).await.unwrap().expect("stored"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    line("l3_cold_get", cold as f64 / start.elapsed().as_secs_f64(), "ops/s");
+    e.shutdown().await;
+}
+
+async fn merkle_rebuild(n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine_in(dir.path());
+    e.start().await.unwrap();
+    let start = Instant::now();
+    for base in (0..n).step_by(10_000) {
+        let batch: Vec<SyncItem> = (base..(base + 10_000).min(n))
+            .map(|i| {
+                let mut content = vec![0u8; PAYLOAD];
+                content[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                SyncItem::new(format!("r.{i:09}"), content)
+            })
+            .collect();
+        e.submit_many(batch).await.unwrap();
+    }
+    let load = start.elapsed().as_secs_f64();
+    line("load_for_rebuild", n as f64 / load, "items/s");
+    let root = e.get_merkle_root().await.unwrap();
+    let took = e.rebuild_merkle().await.unwrap();
+    assert_eq!(
+        e.get_merkle_root().await.unwrap(),
+        root,
+        "rebuild gives the incremental root"
+    );
+    println!(
+        "bench=engine metric=merkle_rebuild_{n} value={:.2} unit=s",
+        took.as_secs_f64()
+    );
+    line("merkle_tree_memory", e.merkle_memory_bytes() as f64 / 1024.0, "KiB");
+    let (entries, _, _) = e.l3_filter_stats();
+    line(
+        "filter_memory",
+        e.l3_filter().memory_usage_bytes() as f64 / 1024.0,
+        "KiB",
+    );
+    line("filter_entries", entries as f64, "ids");
+    e.shutdown().await;
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        durable_writes(env_usize("BENCH_ITEMS", 100_000)).await;
+        merkle_rebuild(env_usize("BENCH_MERKLE_ITEMS", 1_000_000)).await;
+    });
+}

@@ -20,7 +20,12 @@ pub async fn run(items: usize) -> anyhow::Result<()> {
 
     let t = Instant::now();
     let batch: Vec<SyncItem> = (0..items)
-        .map(|i| SyncItem::from_json(format!("user.{i}"), serde_json::json!({"name": format!("user {i}"), "age": i % 90})))
+        .map(|i| {
+            SyncItem::from_json(
+                format!("user.{i}"),
+                serde_json::json!({"name": format!("user {i}"), "age": i % 90}),
+            )
+        })
         .collect();
     let r = engine.submit_many(batch).await?;
     let secs = t.elapsed().as_secs_f64();
@@ -34,15 +39,27 @@ pub async fn run(items: usize) -> anyhow::Result<()> {
 
     let over = items / 10;
     for i in 0..over {
-        engine.submit(SyncItem::from_json(format!("user.{i}"), serde_json::json!({"name": "renamed", "age": 1}))).await?;
+        engine
+            .submit(SyncItem::from_json(
+                format!("user.{i}"),
+                serde_json::json!({"name": "renamed", "age": 1}),
+            ))
+            .await?;
     }
-    println!("overwrote {over} items                               root {}", short(engine.get_merkle_root().await?));
+    println!(
+        "overwrote {over} items                               root {}",
+        short(engine.get_merkle_root().await?)
+    );
 
     let del: Vec<String> = (over..over * 2).map(|i| format!("user.{i}")).collect();
     let refs: Vec<&str> = del.iter().map(String::as_str).collect();
     let d = engine.delete_many(&refs).await?;
     let root_before = engine.get_merkle_root().await?;
-    println!("deleted  {} items (tombstones kept)                 root {}", d.succeeded, short(root_before));
+    println!(
+        "deleted  {} items (tombstones kept)                 root {}",
+        d.succeeded,
+        short(root_before)
+    );
     let (_, count, depth) = engine.merkle_summary();
     println!(
         "live items {}, tree entries {count} (depth {depth}), tree memory {} KiB",
@@ -63,9 +80,17 @@ pub async fn run(items: usize) -> anyhow::Result<()> {
     );
     let renamed = engine.get("user.0").await?.and_then(|i| i.content_as_json());
     let deleted = engine.get(&format!("user.{over}")).await?;
-    println!("user.0 = {}, user.{over} = {:?}, status {:?}", renamed.unwrap_or_default(), deleted, engine.status(&format!("user.{over}")).await?);
+    println!(
+        "user.0 = {}, user.{over} = {:?}, status {:?}",
+        renamed.unwrap_or_default(),
+        deleted,
+        engine.status(&format!("user.{over}")).await?
+    );
     let h = engine.health_check().await;
-    println!("health: state {:?}, healthy {}, filter {:?} ({} ids)", h.state, h.healthy, h.filter_trust, h.filter_items);
+    println!(
+        "health: state {:?}, healthy {}, filter {:?} ({} ids)",
+        h.state, h.healthy, h.filter_trust, h.filter_items
+    );
     engine.shutdown().await;
     anyhow::ensure!(root_after == root_before, "the Merkle root changed across a restart");
     Ok(())

@@ -141,7 +141,10 @@ impl EntryDigest {
         h.update(origin.as_bytes());
         h.update([tombstone as u8]);
         h.update(content_hash);
-        Self { key, hash: h.finalize().into() }
+        Self {
+            key,
+            hash: h.finalize().into(),
+        }
     }
 }
 
@@ -193,7 +196,9 @@ impl MerkleTree {
         if depth == 0 || depth > MAX_DEPTH {
             return Err(MerkleError::Depth(depth));
         }
-        let levels = (0..=depth).map(|l| vec![NodeSum::default(); FANOUT.pow(l as u32)]).collect();
+        let levels = (0..=depth)
+            .map(|l| vec![NodeSum::default(); FANOUT.pow(l as u32)])
+            .collect();
         Ok(Self { depth, levels })
     }
 
@@ -208,7 +213,10 @@ impl MerkleTree {
 
     /// Bytes the node arrays take in memory.
     pub fn memory_bytes(&self) -> usize {
-        self.levels.iter().map(|l| l.len() * std::mem::size_of::<NodeSum>()).sum()
+        self.levels
+            .iter()
+            .map(|l| l.len() * std::mem::size_of::<NodeSum>())
+            .sum()
     }
 
     /// Number of buckets (leaf nodes).
@@ -252,7 +260,10 @@ impl MerkleTree {
 
     /// Parses a node path into `(level, index)`.
     pub fn parse_path(&self, path: &str) -> Result<(u8, usize), MerkleError> {
-        let bad = || MerkleError::Path { path: path.chars().take(64).collect(), depth: self.depth };
+        let bad = || MerkleError::Path {
+            path: path.chars().take(64).collect(),
+            depth: self.depth,
+        };
         if path.len() > self.depth as usize {
             return Err(bad());
         }

@@ -32,7 +32,11 @@ impl PartialOrd for Stamp<'_> {
 
 impl<'a> Stamp<'a> {
     pub fn new(version: u64, origin: &'a str, content_hash: &'a str) -> Self {
-        Self { version, origin, content_hash }
+        Self {
+            version,
+            origin,
+            content_hash,
+        }
     }
 
     /// True when `self` should replace `current`.

@@ -34,7 +34,12 @@ fn run_and_kill(data_dir: &std::path::Path, sql_url: Option<&str>, kill_after: D
     std::thread::sleep(kill_after);
     child.kill().expect("SIGKILL the writer"); // Child::kill sends SIGKILL on Unix.
     let status = child.wait().expect("wait");
-    assert!(!status.success(), "the writer was killed, not finished");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the writer ran until SIGKILL (it exits 2 if a write fails): {status:?}"
+    );
     reader.join().expect("reader thread")
 }
 
@@ -54,7 +59,11 @@ async fn acknowledged_writes_survive_sigkill() {
             let acks = tokio::task::spawn_blocking(move || run_and_kill(&dir_path, url.as_deref(), kill_after))
                 .await
                 .unwrap();
-            assert!(acks.len() > 20, "{backend:?} round {round}: the writer acknowledged only {} writes", acks.len());
+            assert!(
+                acks.len() > 20,
+                "{backend:?} round {round}: the writer acknowledged only {} writes",
+                acks.len()
+            );
 
             let mut config = SyncEngineConfig::for_dir(dir.path(), "writer");
             config.sql_url = sql_url;
@@ -67,14 +76,25 @@ async fn acknowledged_writes_survive_sigkill() {
                 for (id, item) in refs.iter().zip(got) {
                     let i: u64 = id.trim_start_matches("dur.").parse().unwrap();
                     let item = item.unwrap_or_else(|| panic!("{backend:?} round {round}: acknowledged {id} lost"));
-                    assert_eq!(&item.content[..], &syncnode_tests::value(i)[..], "{backend:?}: content of {id}");
+                    assert_eq!(
+                        &item.content[..],
+                        &syncnode_tests::value(i)[..],
+                        "{backend:?}: content of {id}"
+                    );
                 }
             }
             // The tree after the unclean stop describes exactly what is stored.
             let stored = engine.count_prefix("dur.").await.unwrap();
             assert!(stored >= acks.len() as u64);
-            assert_eq!(engine.merkle_summary().1, stored, "{backend:?}: tree rebuilt to match L3");
-            eprintln!("{backend:?} round {round}: killed after {kill_after:?}, {} acks, {stored} stored", acks.len());
+            assert_eq!(
+                engine.merkle_summary().1,
+                stored,
+                "{backend:?}: tree rebuilt to match L3"
+            );
+            eprintln!(
+                "{backend:?} round {round}: killed after {kill_after:?}, {} acks, {stored} stored",
+                acks.len()
+            );
             engine.shutdown().await;
         }
     }

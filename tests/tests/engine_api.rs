@@ -16,7 +16,10 @@ fn remote(id: &str, content: &str, version: u64, origin: &str) -> SyncItem {
 
 /// A version stamped "now" by the HLC rules (wall-clock ms in the top bits).
 fn now_version(offset_ms: i64) -> u64 {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     ((ms + offset_ms) as u64) << 16
 }
 
@@ -29,10 +32,15 @@ async fn writes_overwrites_and_deletes_survive_a_restart() {
         let r2 = e.submit(SyncItem::new("user.1", &b"uno"[..])).await.unwrap();
         assert!(r2.version > r1.version, "{backend:?}: versions grow");
         assert_eq!(r2.origin, "n1");
-        e.submit(SyncItem::from_json("user.2", serde_json::json!({"a": 1}))).await.unwrap();
+        e.submit(SyncItem::from_json("user.2", serde_json::json!({"a": 1})))
+            .await
+            .unwrap();
         assert_eq!(&e.get("user.1").await.unwrap().unwrap().content[..], b"uno");
         assert!(e.delete("user.2").await.unwrap());
-        assert!(!e.delete("user.2").await.unwrap(), "{backend:?}: second delete finds nothing");
+        assert!(
+            !e.delete("user.2").await.unwrap(),
+            "{backend:?}: second delete finds nothing"
+        );
         assert!(!e.delete("never.was").await.unwrap());
         assert_eq!(e.get("user.2").await.unwrap(), None);
         assert!(!e.contains("user.2").await.unwrap());
@@ -44,10 +52,17 @@ async fn writes_overwrites_and_deletes_survive_a_restart() {
         e.shutdown().await;
 
         let e = node.start().await;
-        assert_eq!(e.get_merkle_root().await.unwrap(), root, "{backend:?}: root after restart");
+        assert_eq!(
+            e.get_merkle_root().await.unwrap(),
+            root,
+            "{backend:?}: root after restart"
+        );
         assert_eq!(&e.get("user.1").await.unwrap().unwrap().content[..], b"uno");
         assert_eq!(e.get("user.2").await.unwrap(), None);
-        assert!(matches!(e.status("user.1").await.unwrap(), ItemStatus::Synced { in_l3: true, .. }));
+        assert!(matches!(
+            e.status("user.1").await.unwrap(),
+            ItemStatus::Synced { in_l3: true, .. }
+        ));
         assert_eq!(e.status("nope").await.unwrap(), ItemStatus::Missing);
         // New writes after a restart still get greater versions.
         let r3 = e.submit(SyncItem::new("user.1", &b"eins"[..])).await.unwrap();
@@ -66,7 +81,13 @@ async fn bad_input_is_refused_with_typed_errors_and_stores_nothing() {
         e.start().await.unwrap();
         let long = "x".repeat(513);
         for id in ["", long.as_str(), "a\0b", "tab\there", "nl\n"] {
-            assert!(matches!(e.submit(SyncItem::new(id, &b"v"[..])).await, Err(StorageError::InvalidId(_))), "{backend:?} {id:?}");
+            assert!(
+                matches!(
+                    e.submit(SyncItem::new(id, &b"v"[..])).await,
+                    Err(StorageError::InvalidId(_))
+                ),
+                "{backend:?} {id:?}"
+            );
             assert!(matches!(e.get(id).await, Err(StorageError::InvalidId(_))));
             assert!(matches!(e.delete(id).await, Err(StorageError::InvalidId(_))));
         }
@@ -74,12 +95,28 @@ async fn bad_input_is_refused_with_typed_errors_and_stores_nothing() {
             e.submit(SyncItem::new("big", vec![0u8; 1025])).await,
             Err(StorageError::PayloadTooLarge { size: 1025, max: 1024 })
         ));
-        assert!(matches!(e.submit(SyncItem::new("s", &b"v"[..]).with_state("x".repeat(65))).await, Err(StorageError::InvalidInput(_))));
+        assert!(matches!(
+            e.submit(SyncItem::new("s", &b"v"[..]).with_state("x".repeat(65))).await,
+            Err(StorageError::InvalidInput(_))
+        ));
         assert!(matches!(e.set_state("s", "").await, Err(StorageError::InvalidInput(_))));
-        assert!(matches!(e.get_merkle_node("xyz").await, Err(StorageError::InvalidInput(_))));
-        assert!(matches!(e.get_merkle_children("0123456").await, Err(StorageError::InvalidInput(_))));
+        assert!(matches!(
+            e.get_merkle_node("xyz").await,
+            Err(StorageError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            e.get_merkle_children("0123456").await,
+            Err(StorageError::InvalidInput(_))
+        ));
         // A batch keeps the good items and counts the bad ones.
-        let r = e.submit_many(vec![SyncItem::new("ok.1", &b"v"[..]), SyncItem::new("", &b"v"[..]), SyncItem::new("big", vec![1u8; 2000])]).await.unwrap();
+        let r = e
+            .submit_many(vec![
+                SyncItem::new("ok.1", &b"v"[..]),
+                SyncItem::new("", &b"v"[..]),
+                SyncItem::new("big", vec![1u8; 2000]),
+            ])
+            .await
+            .unwrap();
         assert_eq!((r.total, r.succeeded, r.failed), (3, 1, 2));
         assert_eq!(e.merkle_summary().1, 1, "{backend:?}: only the valid item is stored");
         assert_eq!(e.count_prefix("").await.unwrap(), 1);
@@ -104,7 +141,12 @@ async fn get_verified_reports_a_corrupted_row() {
             }
             other => panic!("{backend:?}: expected corruption, got {other:?}"),
         }
-        assert_eq!(e.metrics().corruption_detected.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            e.metrics()
+                .corruption_detected
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         e.shutdown().await;
     }
 }
@@ -116,9 +158,16 @@ async fn state_and_prefix_queries() {
         let e = node.start().await;
         for i in 0..10 {
             let state = if i % 2 == 0 { "even" } else { "odd" };
-            e.submit_with(SyncItem::new(format!("delta:obj:{i}"), vec![i as u8]), SubmitOptions::default().with_state(state)).await.unwrap();
+            e.submit_with(
+                SyncItem::new(format!("delta:obj:{i}"), vec![i as u8]),
+                SubmitOptions::default().with_state(state),
+            )
+            .await
+            .unwrap();
         }
-        e.submit(SyncItem::new("delta:obj", &b"not under the colon prefix"[..])).await.unwrap();
+        e.submit(SyncItem::new("delta:obj", &b"not under the colon prefix"[..]))
+            .await
+            .unwrap();
         e.submit(SyncItem::new("delta:obk:1", &b"neighbour"[..])).await.unwrap();
         assert_eq!(e.count_by_state("even").await.unwrap(), 5);
         assert_eq!(e.list_state_ids("odd", 100).await.unwrap().len(), 5);
@@ -134,7 +183,11 @@ async fn state_and_prefix_queries() {
         assert_eq!(e.count_by_state("odd").await.unwrap(), 0);
         assert_eq!(e.delete_prefix("delta:obj:").await.unwrap(), 4);
         assert_eq!(e.count_prefix("delta:obj:").await.unwrap(), 0);
-        assert_eq!(e.count_prefix("delta:").await.unwrap(), 2, "{backend:?}: neighbours untouched");
+        assert_eq!(
+            e.count_prefix("delta:").await.unwrap(),
+            2,
+            "{backend:?}: neighbours untouched"
+        );
         // Case and bytes matter: ids differing only by case or trailing space are distinct.
         e.submit(SyncItem::new("Key", &b"upper"[..])).await.unwrap();
         e.submit(SyncItem::new("key", &b"lower"[..])).await.unwrap();
@@ -143,7 +196,11 @@ async fn state_and_prefix_queries() {
         assert_eq!(&e.get("key ").await.unwrap().unwrap().content[..], b"space");
         e.shutdown().await;
         let fresh = node.start().await;
-        assert_eq!(&fresh.get("key").await.unwrap().unwrap().content[..], b"lower", "{backend:?}: from L3");
+        assert_eq!(
+            &fresh.get("key").await.unwrap().unwrap().content[..],
+            b"lower",
+            "{backend:?}: from L3"
+        );
         assert_eq!(&fresh.get("Key").await.unwrap().unwrap().content[..], b"upper");
         fresh.shutdown().await;
     }
@@ -158,13 +215,23 @@ async fn get_many_and_get_or_insert_with() {
         e.submit(SyncItem::new("b", &b"B"[..])).await.unwrap();
         e.delete("b").await.unwrap();
         let got = e.get_many(&["a", "b", "c"]).await.unwrap();
-        assert_eq!(got.iter().map(|g| g.is_some()).collect::<Vec<_>>(), vec![true, false, false]);
-        let made = e.get_or_insert_with("c", || async { SyncItem::new("c", &b"made"[..]) }).await.unwrap();
+        assert_eq!(
+            got.iter().map(|g| g.is_some()).collect::<Vec<_>>(),
+            vec![true, false, false]
+        );
+        let made = e
+            .get_or_insert_with("c", || async { SyncItem::new("c", &b"made"[..]) })
+            .await
+            .unwrap();
         assert_eq!(made.origin, "n1");
-        let again = e.get_or_insert_with("c", || async { panic!("factory must not run twice") }).await.unwrap();
+        let again = e
+            .get_or_insert_with("c", || async { panic!("factory must not run twice") })
+            .await
+            .unwrap();
         assert_eq!(&again.content[..], b"made");
         assert!(matches!(
-            e.get_or_insert_with("d", || async { SyncItem::new("e", &b"x"[..]) }).await,
+            e.get_or_insert_with("d", || async { SyncItem::new("e", &b"x"[..]) })
+                .await,
             Err(StorageError::InvalidInput(_))
         ));
         e.shutdown().await;
@@ -199,12 +266,21 @@ async fn replicated_items_follow_last_writer_wins_and_keep_their_stamp() {
         let far = remote("r.2", "future", now_version(60_000), "n2");
         assert!(matches!(e.apply_remote(far).await, Err(StorageError::ClockSkew { .. })));
         assert!(e.get("r.2").await.unwrap().is_none());
-        assert_eq!(e.metrics().clock_deferrals.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            e.metrics().clock_deferrals.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
         // A hash that does not match the content is corruption.
         let mut bad = remote("r.3", "x", now_version(0), "n2");
         bad.content_hash = content_hash(b"y");
-        assert!(matches!(e.apply_remote(bad).await, Err(StorageError::Corruption { .. })));
-        assert!(!e.apply_remote(remote("r.4", "v", 0, "n2")).await.is_ok());
+        assert!(matches!(
+            e.apply_remote(bad).await,
+            Err(StorageError::Corruption { .. })
+        ));
+        assert!(matches!(
+            e.apply_remote(remote("r.4", "v", 0, "n2")).await,
+            Err(StorageError::InvalidInput(_))
+        ));
         e.shutdown().await;
     }
 }
@@ -224,7 +300,10 @@ async fn is_current_and_definitely_missing() {
         e.shutdown().await;
         // After a restart (empty L1) the trusted filter still knows "x".
         let e = node.start().await;
-        assert!(!e.definitely_missing("x"), "{backend:?}: no false negative after restart");
+        assert!(
+            !e.definitely_missing("x"),
+            "{backend:?}: no false negative after restart"
+        );
         assert!(e.definitely_missing("y"));
         assert_eq!(e.l3_filter_stats().2, syncnode::FilterTrust::Trusted);
         e.shutdown().await;
@@ -239,15 +318,26 @@ async fn merkle_trees_agree_and_locate_differences() {
         let a_node = TestNode::new(backend, "a").await;
         let b_node = TestNode::new(backend, "b").await;
         let (a, b) = (a_node.start().await, b_node.start().await);
-        let items: Vec<SyncItem> = (0..300).map(|i| SyncItem::new(format!("m.{i}"), vec![i as u8; 10])).collect();
+        let items: Vec<SyncItem> = (0..300)
+            .map(|i| SyncItem::new(format!("m.{i}"), vec![i as u8; 10]))
+            .collect();
         a.submit_many(items).await.unwrap();
         // Copy a's items to b, in reverse order, as replication would.
         let all = a.scan_prefix("m.", 1000).await.unwrap();
         for it in all.into_iter().rev() {
             assert!(b.apply_remote(it).await.unwrap());
         }
-        assert_eq!(a.get_merkle_root().await.unwrap(), b.get_merkle_root().await.unwrap(), "{backend:?}");
-        assert!(a.find_divergent_paths(&[(String::new(), b.get_merkle_root().await.unwrap().unwrap())]).await.unwrap().is_empty());
+        assert_eq!(
+            a.get_merkle_root().await.unwrap(),
+            b.get_merkle_root().await.unwrap(),
+            "{backend:?}"
+        );
+        assert!(
+            a.find_divergent_paths(&[(String::new(), b.get_merkle_root().await.unwrap().unwrap())])
+                .await
+                .unwrap()
+                .is_empty()
+        );
 
         b.submit(SyncItem::new("m.7", &b"changed on b"[..])).await.unwrap();
         let bucket = a.merkle_bucket_of("m.7");
@@ -261,7 +351,13 @@ async fn merkle_trees_agree_and_locate_differences() {
         let diff = a.find_divergent_paths(&remote_top).await.unwrap();
         assert_eq!(diff.divergent_paths, vec![bucket[..1].to_string()]);
         assert!(diff.local_only.is_empty() && diff.remote_only.is_empty());
-        let listed: BTreeMap<String, u64> = a.merkle_entries(&bucket, 100).await.unwrap().into_iter().map(|m| (m.id, m.version)).collect();
+        let listed: BTreeMap<String, u64> = a
+            .merkle_entries(&bucket, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.id, m.version))
+            .collect();
         assert!(listed.contains_key("m.7"));
         let node = a.get_merkle_node(&bucket).await.unwrap().unwrap();
         assert!(node.is_leaf && node.count as usize == listed.len());
@@ -282,7 +378,13 @@ async fn writes_past_the_backpressure_limit_are_refused_and_not_stored() {
         // submits, so pending bytes grow until the engine refuses.
         let mut refused = None;
         for i in 0..1000 {
-            match e.submit_with(SyncItem::new(format!("p.{i}"), vec![7u8; 1024]), SubmitOptions::default().buffered()).await {
+            match e
+                .submit_with(
+                    SyncItem::new(format!("p.{i}"), vec![7u8; 1024]),
+                    SubmitOptions::default().buffered(),
+                )
+                .await
+            {
                 Ok(_) => {}
                 Err(err) => {
                     refused = Some((i, err));
@@ -291,12 +393,28 @@ async fn writes_past_the_backpressure_limit_are_refused_and_not_stored() {
             }
         }
         let (i, err) = refused.expect("writes are refused before 1000 KiB pend on a 64 KiB budget");
-        assert!(matches!(err, StorageError::Backpressure { retry_after_secs: 5.., .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                StorageError::Backpressure {
+                    retry_after_secs: 5..,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(!e.should_accept_writes());
         e.force_flush().await;
         assert!(e.should_accept_writes(), "pressure falls once the writer commits");
-        assert!(e.get(&format!("p.{i}")).await.unwrap().is_none(), "the refused write is not stored");
-        assert_eq!(e.count_prefix("p.").await.unwrap(), i as u64, "every accepted buffered write is stored");
+        assert!(
+            e.get(&format!("p.{i}")).await.unwrap().is_none(),
+            "the refused write is not stored"
+        );
+        assert_eq!(
+            e.count_prefix("p.").await.unwrap(),
+            i as u64,
+            "every accepted buffered write is stored"
+        );
         e.shutdown().await;
     }
 }

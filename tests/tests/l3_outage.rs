@@ -20,12 +20,21 @@ fn env(name: &str) -> String {
 
 fn mysql_pid() -> i32 {
     let f = env("SYNCNODE_TEST_MYSQL_PIDFILE");
-    std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("read {f}: {e}")).trim().parse().expect("pid")
+    std::fs::read_to_string(&f)
+        .unwrap_or_else(|e| panic!("read {f}: {e}"))
+        .trim()
+        .parse()
+        .expect("pid")
 }
 
 fn stop_mysql() {
     let pid = mysql_pid();
-    let ok = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap().success();
+    let ok = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "could not signal MariaDB pid {pid}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -71,7 +80,9 @@ async fn mariadb_outage_fails_no_write_and_drains_in_order() {
     // Items that will be in L3 only (a fresh engine has an empty L1).
     let seed = SyncEngine::with_config(config.clone());
     seed.start().await.unwrap();
-    seed.submit_many((0..100).map(|i| item("old", i)).collect()).await.unwrap();
+    seed.submit_many((0..100).map(|i| item("old", i)).collect())
+        .await
+        .unwrap();
     seed.shutdown().await;
 
     let engine = Arc::new(SyncEngine::with_config(config.clone()));
@@ -88,7 +99,10 @@ async fn mariadb_outage_fails_no_write_and_drains_in_order() {
                 let r = engine.submit(item("load", i)).await;
                 assert!(r.is_ok(), "write {i} failed during the outage: {r:?}");
                 // A hot key rewritten over and over: the drain must leave the last value.
-                engine.submit(SyncItem::new("hot", format!("{i}").into_bytes())).await.expect("hot write");
+                engine
+                    .submit(SyncItem::new("hot", format!("{i}").into_bytes()))
+                    .await
+                    .expect("hot write");
                 acked.push(i);
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -103,14 +117,22 @@ async fn mariadb_outage_fails_no_write_and_drains_in_order() {
     let h = engine.health_check().await;
     assert_eq!(h.sql_connected, Some(false), "health shows L3 down: {h:?}");
     assert!(!h.healthy);
-    assert!(h.wal_pending_items.unwrap() > 0, "writes are buffered in the commit log");
+    assert!(
+        h.wal_pending_items.unwrap() > 0,
+        "writes are buffered in the commit log"
+    );
 
     // Readable: what is in L1/the log. Typed error, not a hang: what is only in L3.
     let latest = engine.get("hot").await.expect("hot key is in L1");
     assert!(latest.is_some());
     let t = Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(20), engine.get("old.000007")).await.expect("no hang");
-    assert!(matches!(r, Err(StorageError::Connection(_) | StorageError::Backend(_))), "got {r:?}");
+    let r = tokio::time::timeout(Duration::from_secs(20), engine.get("old.000007"))
+        .await
+        .expect("no hang");
+    assert!(
+        matches!(r, Err(StorageError::Connection(_) | StorageError::Backend(_))),
+        "got {r:?}"
+    );
     eprintln!("L3-only read failed after {:?}: {r:?}", t.elapsed());
 
     stop.store(true, Ordering::Relaxed);
@@ -144,9 +166,16 @@ async fn mariadb_outage_fails_no_write_and_drains_in_order() {
     engine.shutdown().await;
     let fresh = SyncEngine::with_config(config);
     fresh.start().await.unwrap();
-    assert_eq!(&fresh.get("hot").await.unwrap().unwrap().content[..], format!("{last}").as_bytes());
+    assert_eq!(
+        &fresh.get("hot").await.unwrap().unwrap().content[..],
+        format!("{last}").as_bytes()
+    );
     for i in [0, acked.len() / 2, acked.len() - 1] {
-        let it = fresh.get(&format!("load.{i:06}")).await.unwrap().expect("acked write in L3");
+        let it = fresh
+            .get(&format!("load.{i:06}"))
+            .await
+            .unwrap()
+            .expect("acked write in L3");
         assert_eq!(&it.content[..], format!("load-{i}").as_bytes());
     }
     assert!(fresh.get("old.000007").await.unwrap().is_some());

@@ -50,17 +50,27 @@ impl CommitLog {
             .connect(&url)
             .await
             .map_err(|e| StorageError::sql("open commit log", e))?;
-        sqlx::query("CREATE TABLE IF NOT EXISTS commit_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, item BLOB NOT NULL)")
-            .execute(&pool)
-            .await
-            .map_err(|e| StorageError::sql("create commit log", e))?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS commit_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, item BLOB NOT NULL)",
+        )
+        .execute(&pool)
+        .await
+        .map_err(|e| StorageError::sql("create commit log", e))?;
         let row = sqlx::query("SELECT COUNT(*), COALESCE(SUM(LENGTH(item)), 0) FROM commit_log")
             .fetch_one(&pool)
             .await
             .map_err(|e| StorageError::sql("size commit log", e))?;
-        let items: i64 = row.try_get(0).map_err(|e| StorageError::backend("commit log count", e))?;
-        let bytes: i64 = row.try_get(1).map_err(|e| StorageError::backend("commit log bytes", e))?;
-        Ok(Self { pool, items: AtomicU64::new(items as u64), bytes: AtomicU64::new(bytes as u64) })
+        let items: i64 = row
+            .try_get(0)
+            .map_err(|e| StorageError::backend("commit log count", e))?;
+        let bytes: i64 = row
+            .try_get(1)
+            .map_err(|e| StorageError::backend("commit log bytes", e))?;
+        Ok(Self {
+            pool,
+            items: AtomicU64::new(items as u64),
+            bytes: AtomicU64::new(bytes as u64),
+        })
     }
 
     pub fn len(&self) -> u64 {
@@ -78,18 +88,27 @@ impl CommitLog {
     /// Appends a batch in one fsynced transaction.
     pub async fn append(&self, items: &[SyncItem]) -> Result<(), StorageError> {
         let encoded: Vec<Vec<u8>> = items.iter().map(encode).collect::<Result<_, _>>()?;
-        let mut tx = self.pool.begin().await.map_err(|e| StorageError::sql("commit log begin", e))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| StorageError::sql("commit log begin", e))?;
         for chunk in encoded.chunks(500) {
             let sql = format!("INSERT INTO commit_log (item) VALUES {}", placeholders(chunk.len(), 1));
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for e in chunk {
                 q = q.bind(&e[..]);
             }
-            q.execute(&mut *tx).await.map_err(|e| StorageError::sql("commit log append", e))?;
+            q.execute(&mut *tx)
+                .await
+                .map_err(|e| StorageError::sql("commit log append", e))?;
         }
-        tx.commit().await.map_err(|e| StorageError::sql("commit log fsync", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| StorageError::sql("commit log fsync", e))?;
         self.items.fetch_add(items.len() as u64, Ordering::Relaxed);
-        self.bytes.fetch_add(encoded.iter().map(|e| e.len() as u64).sum(), Ordering::Relaxed);
+        self.bytes
+            .fetch_add(encoded.iter().map(|e| e.len() as u64).sum(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -113,15 +132,17 @@ impl CommitLog {
 
     /// Forgets entries up to and including `seq` (L3 has them).
     pub async fn truncate_through(&self, seq: i64) -> Result<(), StorageError> {
-        let row = sqlx::query(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(item)), 0) FROM commit_log WHERE seq <= ?",
-        )
-        .bind(seq)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| StorageError::sql("commit log size", e))?;
-        let n: i64 = row.try_get(0).map_err(|e| StorageError::backend("commit log count", e))?;
-        let b: i64 = row.try_get(1).map_err(|e| StorageError::backend("commit log bytes", e))?;
+        let row = sqlx::query("SELECT COUNT(*), COALESCE(SUM(LENGTH(item)), 0) FROM commit_log WHERE seq <= ?")
+            .bind(seq)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| StorageError::sql("commit log size", e))?;
+        let n: i64 = row
+            .try_get(0)
+            .map_err(|e| StorageError::backend("commit log count", e))?;
+        let b: i64 = row
+            .try_get(1)
+            .map_err(|e| StorageError::backend("commit log bytes", e))?;
         sqlx::query("DELETE FROM commit_log WHERE seq <= ?")
             .bind(seq)
             .execute(&self.pool)

@@ -71,7 +71,11 @@ impl Default for SyncEngineConfig {
 impl SyncEngineConfig {
     /// A config for a node with its files in `data_dir`.
     pub fn for_dir(data_dir: impl Into<PathBuf>, node_id: impl Into<String>) -> Self {
-        Self { data_dir: data_dir.into(), node_id: node_id.into(), ..Self::default() }
+        Self {
+            data_dir: data_dir.into(),
+            node_id: node_id.into(),
+            ..Self::default()
+        }
     }
 
     /// The L3 URL actually used.

@@ -32,7 +32,11 @@ pub enum StorageError {
     #[error("connection error: {0}")]
     Connection(String),
     #[error("corruption in {id}: expected content hash {expected}, found {actual}")]
-    Corruption { id: String, expected: String, actual: String },
+    Corruption {
+        id: String,
+        expected: String,
+        actual: String,
+    },
 }
 
 impl StorageError {
@@ -59,6 +63,9 @@ impl StorageError {
 
 impl From<syncnode_protocol::ClockSkew> for StorageError {
     fn from(e: syncnode_protocol::ClockSkew) -> Self {
-        StorageError::ClockSkew { ahead_ms: e.ahead_ms, max_skew_ms: e.max_skew_ms }
+        StorageError::ClockSkew {
+            ahead_ms: e.ahead_ms,
+            max_skew_ms: e.max_skew_ms,
+        }
     }
 }

@@ -59,7 +59,10 @@ pub struct FilterManager {
 
 impl std::fmt::Debug for FilterManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FilterManager").field("len", &self.len()).field("trust", &self.trust_state()).finish()
+        f.debug_struct("FilterManager")
+            .field("len", &self.len())
+            .field("trust", &self.trust_state())
+            .finish()
     }
 }
 
@@ -72,7 +75,11 @@ impl FilterManager {
     }
 
     pub fn trust_state(&self) -> FilterTrust {
-        if self.trusted.load(Ordering::Acquire) { FilterTrust::Trusted } else { FilterTrust::Untrusted }
+        if self.trusted.load(Ordering::Acquire) {
+            FilterTrust::Trusted
+        } else {
+            FilterTrust::Untrusted
+        }
     }
 
     pub fn is_trusted(&self) -> bool {
@@ -173,7 +180,11 @@ mod tests {
         }
         for i in 0..20_000 {
             if i % 3 != 0 {
-                assert_eq!(f.might_exist(&format!("id-{i}")), Some(true), "false negative for id-{i}");
+                assert_eq!(
+                    f.might_exist(&format!("id-{i}")),
+                    Some(true),
+                    "false negative for id-{i}"
+                );
             }
         }
     }

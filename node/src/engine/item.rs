@@ -105,7 +105,10 @@ impl SyncItem {
 
     /// An item holding serialized JSON.
     pub fn from_json(object_id: impl Into<String>, value: serde_json::Value) -> Self {
-        let mut item = Self::new(object_id, serde_json::to_vec(&value).expect("a Value always serializes"));
+        let mut item = Self::new(
+            object_id,
+            serde_json::to_vec(&value).expect("a Value always serializes"),
+        );
         item.content_type = ContentType::Json;
         item
     }
@@ -166,7 +169,10 @@ pub fn validate_id(id: &str) -> Result<(), StorageError> {
         return Err(StorageError::InvalidId("empty".into()));
     }
     if id.len() > MAX_ID_BYTES {
-        return Err(StorageError::InvalidId(format!("{} bytes, max {MAX_ID_BYTES}", id.len())));
+        return Err(StorageError::InvalidId(format!(
+            "{} bytes, max {MAX_ID_BYTES}",
+            id.len()
+        )));
     }
     if let Some(pos) = id.bytes().position(|b| b.is_ascii_control()) {
         return Err(StorageError::InvalidId(format!("control character at byte {pos}")));
@@ -179,10 +185,15 @@ fn validate_tag(what: &str, value: &str, max: usize, allow_empty: bool) -> Resul
         return Err(StorageError::InvalidInput(format!("{what} is empty")));
     }
     if value.len() > max {
-        return Err(StorageError::InvalidInput(format!("{what} is {} bytes, max {max}", value.len())));
+        return Err(StorageError::InvalidInput(format!(
+            "{what} is {} bytes, max {max}",
+            value.len()
+        )));
     }
     if value.bytes().any(|b| b.is_ascii_control()) {
-        return Err(StorageError::InvalidInput(format!("{what} contains a control character")));
+        return Err(StorageError::InvalidInput(format!(
+            "{what} contains a control character"
+        )));
     }
     Ok(())
 }
@@ -195,7 +206,10 @@ pub fn validate_state(state: &str) -> Result<(), StorageError> {
 pub(crate) fn validate_item(item: &SyncItem, max_payload_bytes: usize) -> Result<(), StorageError> {
     validate_id(&item.object_id)?;
     if item.content.len() > max_payload_bytes {
-        return Err(StorageError::PayloadTooLarge { size: item.content.len(), max: max_payload_bytes });
+        return Err(StorageError::PayloadTooLarge {
+            size: item.content.len(),
+            max: max_payload_bytes,
+        });
     }
     validate_state(&item.state)?;
     if let Some(t) = &item.trace_parent {
@@ -213,11 +227,18 @@ pub(crate) fn validate_remote(item: &SyncItem, max_payload_bytes: usize) -> Resu
     validate_item(item, max_payload_bytes)?;
     validate_tag("origin", &item.origin, MAX_ORIGIN_BYTES, false)?;
     if item.version == 0 || item.version > MAX_VERSION {
-        return Err(StorageError::InvalidInput(format!("version {} out of range", item.version)));
+        return Err(StorageError::InvalidInput(format!(
+            "version {} out of range",
+            item.version
+        )));
     }
     let actual = content_hash(&item.content);
     if actual != item.content_hash {
-        return Err(StorageError::Corruption { id: item.object_id.clone(), expected: item.content_hash.clone(), actual });
+        return Err(StorageError::Corruption {
+            id: item.object_id.clone(),
+            expected: item.content_hash.clone(),
+            actual,
+        });
     }
     Ok(())
 }
@@ -256,7 +277,10 @@ mod tests {
         it.origin = "n1".into();
         assert!(validate_remote(&it, 1024).is_ok());
         it.content = Bytes::from_static(b"tampered");
-        assert!(matches!(validate_remote(&it, 1024), Err(StorageError::Corruption { .. })));
+        assert!(matches!(
+            validate_remote(&it, 1024),
+            Err(StorageError::Corruption { .. })
+        ));
     }
 
     proptest! {

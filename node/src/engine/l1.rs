@@ -29,11 +29,13 @@ impl L1 {
     pub fn new(cache_bytes: u64) -> Self {
         let cache = Cache::builder()
             .max_capacity(cache_bytes)
-            .weigher(|k: &String, v: &Arc<CachedItem>| {
-                (k.len() + v.item.size_bytes()).min(u32::MAX as usize) as u32
-            })
+            .weigher(|k: &String, v: &Arc<CachedItem>| (k.len() + v.item.size_bytes()).min(u32::MAX as usize) as u32)
             .build();
-        Self { cache, pending: DashMap::new(), pending_bytes: AtomicU64::new(0) }
+        Self {
+            cache,
+            pending: DashMap::new(),
+            pending_bytes: AtomicU64::new(0),
+        }
     }
 
     /// The newest version this node holds in memory: pending first, then cache.
@@ -89,9 +91,9 @@ impl L1 {
     /// Called once `item` is confirmed in L3 (or lost to a newer version there):
     /// drops the pending copy if it is this version and caches the item.
     pub fn settle(&self, item: &SyncItem) {
-        let removed = self
-            .pending
-            .remove_if(&item.object_id, |_, p| p.version == item.version && p.origin == item.origin);
+        let removed = self.pending.remove_if(&item.object_id, |_, p| {
+            p.version == item.version && p.origin == item.origin
+        });
         if let Some((_, p)) = removed {
             self.pending_bytes.fetch_sub(p.size_bytes() as u64, Ordering::Relaxed);
         }
@@ -102,9 +104,9 @@ impl L1 {
 
     /// Drops a pending write that was refused (e.g. its durable ack failed).
     pub fn forget_pending(&self, item: &SyncItem) {
-        let removed = self
-            .pending
-            .remove_if(&item.object_id, |_, p| p.version == item.version && p.origin == item.origin);
+        let removed = self.pending.remove_if(&item.object_id, |_, p| {
+            p.version == item.version && p.origin == item.origin
+        });
         if let Some((_, p)) = removed {
             self.pending_bytes.fetch_sub(p.size_bytes() as u64, Ordering::Relaxed);
         }
@@ -126,7 +128,11 @@ impl L1 {
 
     /// Ids of pending writes starting with `prefix`.
     pub fn pending_ids_with_prefix(&self, prefix: &str) -> Vec<String> {
-        self.pending.iter().filter(|e| e.key().starts_with(prefix)).map(|e| e.key().clone()).collect()
+        self.pending
+            .iter()
+            .filter(|e| e.key().starts_with(prefix))
+            .map(|e| e.key().clone())
+            .collect()
     }
 
     pub fn pending_items(&self) -> u64 {

@@ -105,8 +105,12 @@ pub fn items_table_ddl(dialect: Dialect) -> &'static [&'static str] {
 
 fn meta_table_ddl(dialect: Dialect) -> &'static str {
     match dialect {
-        Dialect::Sqlite => "CREATE TABLE IF NOT EXISTS syncnode_meta (name BLOB PRIMARY KEY NOT NULL, ival INTEGER NOT NULL, bval BLOB)",
-        Dialect::MySql => "CREATE TABLE IF NOT EXISTS syncnode_meta (name VARBINARY(64) NOT NULL PRIMARY KEY, ival BIGINT NOT NULL, bval LONGBLOB NULL) ENGINE=InnoDB",
+        Dialect::Sqlite => {
+            "CREATE TABLE IF NOT EXISTS syncnode_meta (name BLOB PRIMARY KEY NOT NULL, ival INTEGER NOT NULL, bval BLOB)"
+        }
+        Dialect::MySql => {
+            "CREATE TABLE IF NOT EXISTS syncnode_meta (name VARBINARY(64) NOT NULL PRIMARY KEY, ival BIGINT NOT NULL, bval LONGBLOB NULL) ENGINE=InnoDB"
+        }
     }
 }
 
@@ -275,7 +279,9 @@ impl L3Store {
         } else if url.starts_with("sqlite:") {
             Dialect::Sqlite
         } else {
-            return Err(StorageError::InvalidInput(format!("sql_url must start with sqlite: or mysql:, got {url:?}")));
+            return Err(StorageError::InvalidInput(format!(
+                "sql_url must start with sqlite: or mysql:, got {url:?}"
+            )));
         };
         let url = match dialect {
             Dialect::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
@@ -312,20 +318,29 @@ impl L3Store {
     async fn timed<T>(&self, what: &str, f: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, StorageError> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(|e| StorageError::sql(what, e)),
-            Err(_) => Err(StorageError::Connection(format!("{what}: timed out after {:?}", self.timeout))),
+            Err(_) => Err(StorageError::Connection(format!(
+                "{what}: timed out after {:?}",
+                self.timeout
+            ))),
         }
     }
 
     async fn init_schema(&self) -> Result<(), StorageError> {
-        for ddl in items_table_ddl(self.dialect).iter().copied().chain([meta_table_ddl(self.dialect)]) {
-            self.timed("create schema", sqlx::query(ddl).execute(&self.pool)).await?;
+        for ddl in items_table_ddl(self.dialect)
+            .iter()
+            .copied()
+            .chain([meta_table_ddl(self.dialect)])
+        {
+            self.timed("create schema", sqlx::query(ddl).execute(&self.pool))
+                .await?;
         }
         let seed = match self.dialect {
             Dialect::Sqlite => "INSERT OR IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
             Dialect::MySql => "INSERT IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
         };
         for name in ["generation", "max_version"] {
-            self.timed("seed meta", sqlx::query(seed).bind(name.as_bytes()).execute(&self.pool)).await?;
+            self.timed("seed meta", sqlx::query(seed).bind(name.as_bytes()).execute(&self.pool))
+                .await?;
         }
         Ok(())
     }
@@ -341,7 +356,12 @@ impl L3Store {
     pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {
         let sql = format!("SELECT {COLUMNS} FROM sync_items WHERE id = ?");
         let row = self
-            .timed("get", sqlx::query(AssertSqlSafe(sql)).bind(id.as_bytes()).fetch_optional(&self.pool))
+            .timed(
+                "get",
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(id.as_bytes())
+                    .fetch_optional(&self.pool),
+            )
             .await?;
         row.as_ref().map(item_from_row).transpose()
     }
@@ -350,7 +370,10 @@ impl L3Store {
     pub async fn get_many(&self, ids: &[&str]) -> Result<Vec<SyncItem>, StorageError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK_ROWS) {
-            let sql = format!("SELECT {COLUMNS} FROM sync_items WHERE id IN ({})", vec!["?"; chunk.len()].join(","));
+            let sql = format!(
+                "SELECT {COLUMNS} FROM sync_items WHERE id IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for id in chunk {
                 q = q.bind(id.as_bytes());
@@ -376,7 +399,9 @@ impl L3Store {
             q = q.bind(id.as_bytes());
         }
         let rows = self.timed("read entry versions", q.fetch_all(exec)).await?;
-        rows.iter().map(|r| meta_from_row(r).map(|m| (m.id.clone(), m))).collect()
+        rows.iter()
+            .map(|r| meta_from_row(r).map(|m| (m.id.clone(), m)))
+            .collect()
     }
 
     /// Versions of `ids` as stored.
@@ -416,13 +441,17 @@ impl L3Store {
         let max_version = rows.iter().map(|r| r.version).max().unwrap_or(0) as i64;
         self.timed(
             "bump generation",
-            sqlx::query("UPDATE syncnode_meta SET ival = ival + 1 WHERE name = ?").bind(&b"generation"[..]).execute(&mut *tx),
+            sqlx::query("UPDATE syncnode_meta SET ival = ival + 1 WHERE name = ?")
+                .bind(&b"generation"[..])
+                .execute(&mut *tx),
         )
         .await?;
         let generation = self
             .timed(
                 "read generation",
-                sqlx::query("SELECT ival FROM syncnode_meta WHERE name = ?").bind(&b"generation"[..]).fetch_one(&mut *tx),
+                sqlx::query("SELECT ival FROM syncnode_meta WHERE name = ?")
+                    .bind(&b"generation"[..])
+                    .fetch_one(&mut *tx),
             )
             .await?;
         let generation = int(&generation, 0, "generation")? as u64;
@@ -436,7 +465,10 @@ impl L3Store {
         )
         .await?;
         self.timed("commit", tx.commit()).await?;
-        Ok(Applied { generation, written: applied })
+        Ok(Applied {
+            generation,
+            written: applied,
+        })
     }
 
     /// Items whose id starts with `prefix`, in id order.
@@ -451,7 +483,12 @@ impl L3Store {
         if let Some(u) = upper {
             q = q.bind(u);
         }
-        let rows = self.timed("scan_prefix", q.bind(limit.min(i64::MAX as usize) as i64).fetch_all(&self.pool)).await?;
+        let rows = self
+            .timed(
+                "scan_prefix",
+                q.bind(limit.min(i64::MAX as usize) as i64).fetch_all(&self.pool),
+            )
+            .await?;
         rows.iter().map(item_from_row).collect()
     }
 
@@ -481,13 +518,17 @@ impl L3Store {
         if let Some(u) = upper {
             q = q.bind(u);
         }
-        let rows = self.timed("ids_with_prefix", q.bind(limit as i64).fetch_all(&self.pool)).await?;
+        let rows = self
+            .timed("ids_with_prefix", q.bind(limit as i64).fetch_all(&self.pool))
+            .await?;
         rows.iter().map(|r| text(r, 0, "id")).collect()
     }
 
     pub async fn by_state(&self, state: &str, limit: usize) -> Result<Vec<SyncItem>, StorageError> {
         let sql = format!("SELECT {COLUMNS} FROM sync_items WHERE state = ? AND tombstone = 0 ORDER BY id LIMIT ?");
-        let q = sqlx::query(AssertSqlSafe(sql)).bind(state.as_bytes()).bind(limit as i64);
+        let q = sqlx::query(AssertSqlSafe(sql))
+            .bind(state.as_bytes())
+            .bind(limit as i64);
         let rows = self.timed("get_by_state", q.fetch_all(&self.pool)).await?;
         rows.iter().map(item_from_row).collect()
     }
@@ -516,14 +557,21 @@ impl L3Store {
         if let Some(a) = after {
             q = q.bind(a.as_bytes());
         }
-        let rows = self.timed("scan entries", q.bind(limit as i64).fetch_all(&self.pool)).await?;
+        let rows = self
+            .timed("scan entries", q.bind(limit as i64).fetch_all(&self.pool))
+            .await?;
         rows.iter().map(meta_from_row).collect()
     }
 
     /// Entry versions under the Merkle node `path` (a valid hex path of at most 8 nibbles).
     pub async fn entries_under(&self, path: &str, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
         let bits = 4 * path.len() as u32;
-        let prefix = if path.is_empty() { 0 } else { u64::from_str_radix(path, 16).map_err(|_| StorageError::InvalidInput(format!("bad merkle path {path:?}")))? };
+        let prefix = if path.is_empty() {
+            0
+        } else {
+            u64::from_str_radix(path, 16)
+                .map_err(|_| StorageError::InvalidInput(format!("bad merkle path {path:?}")))?
+        };
         let lo = (prefix << (32 - bits)) as i64;
         let hi = ((prefix + 1) << (32 - bits)) as i64;
         let q = sqlx::query("SELECT id, version, origin, tombstone, content_hash FROM sync_items WHERE hkey >= ? AND hkey < ? ORDER BY id LIMIT ?")
@@ -561,7 +609,9 @@ impl L3Store {
         let row = self
             .timed(
                 "load snapshot",
-                sqlx::query("SELECT ival, bval FROM syncnode_meta WHERE name = ?").bind(name.as_bytes()).fetch_optional(&self.pool),
+                sqlx::query("SELECT ival, bval FROM syncnode_meta WHERE name = ?")
+                    .bind(name.as_bytes())
+                    .fetch_optional(&self.pool),
             )
             .await?;
         let Some(row) = row else { return Ok(None) };
@@ -571,8 +621,12 @@ impl L3Store {
 
     pub async fn save_blob(&self, name: &str, tag: u64, bytes: &[u8]) -> Result<(), StorageError> {
         let sql = match self.dialect {
-            Dialect::Sqlite => "INSERT INTO syncnode_meta (name, ival, bval) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET ival = excluded.ival, bval = excluded.bval",
-            Dialect::MySql => "INSERT INTO syncnode_meta (name, ival, bval) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE ival = VALUES(ival), bval = VALUES(bval)",
+            Dialect::Sqlite => {
+                "INSERT INTO syncnode_meta (name, ival, bval) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET ival = excluded.ival, bval = excluded.bval"
+            }
+            Dialect::MySql => {
+                "INSERT INTO syncnode_meta (name, ival, bval) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE ival = VALUES(ival), bval = VALUES(bval)"
+            }
         };
         let q = sqlx::query(sql).bind(name.as_bytes()).bind(tag as i64).bind(bytes);
         self.timed("save snapshot", q.execute(&self.pool)).await?;
@@ -598,10 +652,17 @@ mod tests {
 
     #[test]
     fn statements_are_chunked_by_rows_and_bytes() {
-        let small: Vec<SyncItem> = (0..1200).map(|i| SyncItem::new(format!("{i}"), vec![0u8; 10])).collect();
+        let small: Vec<SyncItem> = (0..1200)
+            .map(|i| SyncItem::new(format!("{i}"), vec![0u8; 10]))
+            .collect();
         let refs: Vec<&SyncItem> = small.iter().collect();
-        assert_eq!(chunks(&refs).iter().map(|c| c.len()).collect::<Vec<_>>(), vec![500, 500, 200]);
-        let big: Vec<SyncItem> = (0..3).map(|i| SyncItem::new(format!("{i}"), vec![0u8; 3 << 20])).collect();
+        assert_eq!(
+            chunks(&refs).iter().map(|c| c.len()).collect::<Vec<_>>(),
+            vec![500, 500, 200]
+        );
+        let big: Vec<SyncItem> = (0..3)
+            .map(|i| SyncItem::new(format!("{i}"), vec![0u8; 3 << 20]))
+            .collect();
         let refs: Vec<&SyncItem> = big.iter().collect();
         assert_eq!(chunks(&refs).len(), 3);
     }

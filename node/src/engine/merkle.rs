@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use syncnode_protocol::MerkleTree;
 
+use super::SyncEngine;
 use super::error::StorageError;
 use super::l3::EntryMeta;
-use super::SyncEngine;
 
 /// One tree node: its hash, its non-empty children and how many entries lie below.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +66,11 @@ impl SyncEngine {
 
     /// The hash of the node at `path`; `None` when nothing lies below it.
     pub async fn get_merkle_hash(&self, path: &str) -> Result<Option<[u8; 32]>, StorageError> {
-        self.with_tree(|t| t.node(path).map(|n| (!n.is_empty()).then(|| n.hash())).map_err(bad_path))
+        self.with_tree(|t| {
+            t.node(path)
+                .map(|n| (!n.is_empty()).then(|| n.hash()))
+                .map_err(bad_path)
+        })
     }
 
     pub async fn get_merkle_node(&self, path: &str) -> Result<Option<MerkleNode>, StorageError> {
@@ -75,7 +79,12 @@ impl SyncEngine {
             if node.is_empty() {
                 return Ok(None);
             }
-            let children = t.children(path).map_err(bad_path)?.into_iter().map(|(p, n)| (p, n.hash())).collect();
+            let children = t
+                .children(path)
+                .map_err(bad_path)?
+                .into_iter()
+                .map(|(p, n)| (p, n.hash()))
+                .collect();
             Ok(Some(MerkleNode {
                 path: path.to_string(),
                 hash: node.hash(),
@@ -88,7 +97,13 @@ impl SyncEngine {
 
     /// Hashes of the non-empty children of `path`.
     pub async fn get_merkle_children(&self, path: &str) -> Result<BTreeMap<String, [u8; 32]>, StorageError> {
-        self.with_tree(|t| Ok(t.children(path).map_err(bad_path)?.into_iter().map(|(p, n)| (p, n.hash())).collect()))
+        self.with_tree(|t| {
+            Ok(t.children(path)
+                .map_err(bad_path)?
+                .into_iter()
+                .map(|(p, n)| (p, n.hash()))
+                .collect())
+        })
     }
 
     /// Compares remote `(path, hash)` pairs with our nodes. A path we have no
@@ -125,7 +140,11 @@ impl SyncEngine {
     /// Descends from `start_path` through every child whose hash differs from
     /// the remote's (`remote_children(path)` gives the remote's children) and
     /// returns the differing buckets.
-    pub async fn drill_down_divergence<F, Fut>(&self, start_path: &str, remote_children: F) -> Result<Vec<String>, StorageError>
+    pub async fn drill_down_divergence<F, Fut>(
+        &self,
+        start_path: &str,
+        remote_children: F,
+    ) -> Result<Vec<String>, StorageError>
     where
         F: Fn(String) -> Fut,
         Fut: Future<Output = Result<BTreeMap<String, [u8; 32]>, StorageError>>,

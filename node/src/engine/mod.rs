@@ -53,6 +53,8 @@ use writer::WriterCmd;
 #[derive(Debug, Default)]
 pub struct EngineMetrics {
     pub writes_accepted: AtomicU64,
+    /// Group commits made by the writer (items per commit = accepted / this).
+    pub group_commits: AtomicU64,
     pub writes_refused: AtomicU64,
     pub l3_items_written: AtomicU64,
     pub l3_errors: AtomicU64,
@@ -116,7 +118,9 @@ impl Core {
     }
 
     pub(crate) fn backends(&self) -> Result<&Backends, StorageError> {
-        self.backends.get().ok_or_else(|| StorageError::NotReady("not started".into()))
+        self.backends
+            .get()
+            .ok_or_else(|| StorageError::NotReady("not started".into()))
     }
 
     fn set_state(&self, s: EngineState) {
@@ -124,7 +128,11 @@ impl Core {
     }
 
     fn l1_max_bytes(&self) -> usize {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).l1_max_bytes.max(1)
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .l1_max_bytes
+            .max(1)
     }
 
     fn memory_pressure(&self) -> f64 {
@@ -200,9 +208,17 @@ impl Core {
         let b = self.backends()?;
         let depth = self.config().merkle_depth;
         let (generation, _) = b.l3.generation().await?;
-        let tree = b.l3.load_blob("merkle_tree").await?.filter(|(tag, _)| *tag == generation);
-        let tree = tree.and_then(|(_, bytes)| MerkleTree::from_snapshot(&bytes).ok()).filter(|t| t.depth() == depth);
-        let filter = b.l3.load_blob("existence_filter").await?.filter(|(tag, _)| *tag == generation);
+        let tree =
+            b.l3.load_blob("merkle_tree")
+                .await?
+                .filter(|(tag, _)| *tag == generation);
+        let tree = tree
+            .and_then(|(_, bytes)| MerkleTree::from_snapshot(&bytes).ok())
+            .filter(|t| t.depth() == depth);
+        let filter =
+            b.l3.load_blob("existence_filter")
+                .await?
+                .filter(|(tag, _)| *tag == generation);
         let filter = filter.and_then(|(_, bytes)| FilterManager::import(&bytes).ok());
         let _guard = self.apply_lock.lock().await;
         match (tree, filter) {
@@ -241,7 +257,10 @@ impl SyncEngine {
             state,
             hlc: Mutex::new(Hlc::default()),
             filter: Arc::new(FilterManager::new(100_000)),
-            merkle: RwLock::new(TreeState { tree: MerkleTree::new(depth).expect("depth checked"), generation: 0 }),
+            merkle: RwLock::new(TreeState {
+                tree: MerkleTree::new(depth).expect("depth checked"),
+                generation: 0,
+            }),
             backends: OnceLock::new(),
             metrics: EngineMetrics::default(),
             stopping: AtomicBool::new(false),
@@ -250,7 +269,10 @@ impl SyncEngine {
             last_snapshot: Mutex::new(Instant::now()),
             tasks: Mutex::new(Vec::new()),
         };
-        Self { core: Arc::new(core), config_rx: Mutex::new(config_rx) }
+        Self {
+            core: Arc::new(core),
+            config_rx: Mutex::new(config_rx),
+        }
     }
 
     /// An engine whose config never changes.
@@ -268,7 +290,10 @@ impl SyncEngine {
         let core = &self.core;
         let cfg = core.config();
         if !(1..=syncnode_protocol::merkle::MAX_DEPTH).contains(&cfg.merkle_depth) {
-            return Err(StorageError::InvalidInput(format!("merkle_depth {} out of range 1..=5", cfg.merkle_depth)));
+            return Err(StorageError::InvalidInput(format!(
+                "merkle_depth {} out of range 1..=5",
+                cfg.merkle_depth
+            )));
         }
         core.set_state(EngineState::Connecting);
         std::fs::create_dir_all(&cfg.data_dir)
@@ -342,7 +367,10 @@ impl SyncEngine {
                 let _guard = self.core.apply_lock.lock().await;
                 self.core.rebuild_from_l3().await?;
             }
-            for item in b.l3.scan_prefix("", self.core.config().warm_up_items, Rows::WithTombstones).await? {
+            for item in
+                b.l3.scan_prefix("", self.core.config().warm_up_items, Rows::WithTombstones)
+                    .await?
+            {
                 if !self.core.l1.is_pending(&item.object_id) {
                     self.core.l1.cache_insert(item);
                 }
@@ -369,7 +397,9 @@ impl SyncEngine {
     pub async fn tick(&self) {
         let new_cfg = {
             let mut rx = self.config_rx.lock().unwrap_or_else(|p| p.into_inner());
-            rx.has_changed().unwrap_or(false).then(|| rx.borrow_and_update().clone())
+            rx.has_changed()
+                .unwrap_or(false)
+                .then(|| rx.borrow_and_update().clone())
         };
         if let Some(new_cfg) = new_cfg {
             let mut cfg = self.core.config.write().unwrap_or_else(|p| p.into_inner());
@@ -480,7 +510,11 @@ impl SyncEngine {
         {
             return Some(StorageError::Backpressure {
                 level: BackpressureLevel::Critical,
-                reason: format!("commit log full ({} items, {} bytes) while L3 is unreachable", log.len(), log.bytes()),
+                reason: format!(
+                    "commit log full ({} items, {} bytes) while L3 is unreachable",
+                    log.len(),
+                    log.bytes()
+                ),
                 retry_after_secs: 5,
             });
         }
@@ -516,7 +550,11 @@ impl SyncEngine {
         let total = items.len();
         let receipts = self.submit_batch(items, &SubmitOptions::default()).await?;
         let succeeded = receipts.iter().filter(|r| r.is_ok()).count();
-        Ok(BatchResult { total, succeeded, failed: total - succeeded })
+        Ok(BatchResult {
+            total,
+            succeeded,
+            failed: total - succeeded,
+        })
     }
 
     /// Validates, stamps and commits; one result per item.
@@ -584,7 +622,8 @@ impl SyncEngine {
             return Err(StorageError::NotReady("writer stopped".into()));
         }
         if ack == AckMode::Durable {
-            rx.await.map_err(|_| StorageError::NotReady("writer stopped".into()))??;
+            rx.await
+                .map_err(|_| StorageError::NotReady("writer stopped".into()))??;
         }
         self.core.metrics.writes_accepted.fetch_add(n, Ordering::Relaxed);
         Ok(())
@@ -647,14 +686,20 @@ impl SyncEngine {
                 live.push(item);
             }
         }
-        let tombstones: Vec<SyncItem> =
-            live.iter().map(|it| SyncItem::tombstone(it.object_id.clone()).with_state(it.state.clone())).collect();
+        let tombstones: Vec<SyncItem> = live
+            .iter()
+            .map(|it| SyncItem::tombstone(it.object_id.clone()).with_state(it.state.clone()))
+            .collect();
         let found = tombstones.len();
         let results = self.submit_batch(tombstones, &SubmitOptions::default()).await?;
         if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
             return Err(e);
         }
-        Ok(BatchResult { total: ids.len(), succeeded: found, failed: 0 })
+        Ok(BatchResult {
+            total: ids.len(),
+            succeeded: found,
+            failed: 0,
+        })
     }
 
     /// Deletes every live item whose id starts with `prefix`. Returns how many.
@@ -681,7 +726,9 @@ impl SyncEngine {
     /// Returns whether the item existed.
     pub async fn set_state(&self, id: &str, new_state: &str) -> Result<bool, StorageError> {
         validate_state(new_state)?;
-        let Some(item) = self.get(id).await? else { return Ok(false) };
+        let Some(item) = self.get(id).await? else {
+            return Ok(false);
+        };
         self.submit(item.with_state(new_state)).await?;
         Ok(true)
     }
@@ -731,7 +778,11 @@ impl SyncEngine {
         if actual != item.content_hash {
             self.core.metrics.corruption_detected.fetch_add(1, Ordering::Relaxed);
             self.core.l1.invalidate(id);
-            return Err(StorageError::Corruption { id: id.to_string(), expected: item.content_hash, actual });
+            return Err(StorageError::Corruption {
+                id: id.to_string(),
+                expected: item.content_hash,
+                actual,
+            });
         }
         Ok((!item.tombstone).then_some(item))
     }
@@ -810,7 +861,10 @@ impl SyncEngine {
 
     /// Whether we hold `id` (live or tombstone) with exactly this content hash.
     pub async fn is_current(&self, id: &str, content_hash: &str) -> Result<bool, StorageError> {
-        Ok(self.current_entry(id).await?.is_some_and(|e| e.content_hash == content_hash))
+        Ok(self
+            .current_entry(id)
+            .await?
+            .is_some_and(|e| e.content_hash == content_hash))
     }
 
     /// Where `id` is: pending, synced (and in which tiers), deleted, or missing.
@@ -826,8 +880,15 @@ impl SyncEngine {
             self.core.backends()?.l3.meta_of(&[id]).await?.remove(id)
         };
         Ok(match stored {
-            Some(e) if e.tombstone => ItemStatus::Deleted { version: e.version, origin: e.origin },
-            Some(_) => ItemStatus::Synced { in_l1, in_l2: false, in_l3: true },
+            Some(e) if e.tombstone => ItemStatus::Deleted {
+                version: e.version,
+                origin: e.origin,
+            },
+            Some(_) => ItemStatus::Synced {
+                in_l1,
+                in_l2: false,
+                in_l3: true,
+            },
             None => ItemStatus::Missing,
         })
     }
@@ -868,7 +929,11 @@ impl SyncEngine {
             Ok(b) => {
                 let probe = b.l3.ping().await;
                 b.sql_up.store(probe.is_ok(), Ordering::Relaxed);
-                (Some(probe.is_ok()), probe.ok().map(|d| d.as_millis() as u64), b.log.as_ref().map(|l| l.len()))
+                (
+                    Some(probe.is_ok()),
+                    probe.ok().map(|d| d.as_millis() as u64),
+                    b.log.as_ref().map(|l| l.len()),
+                )
             }
             Err(_) => (None, None, None),
         };
@@ -931,7 +996,12 @@ impl SyncEngine {
 
     /// Bytes the Merkle tree takes in memory.
     pub fn merkle_memory_bytes(&self) -> usize {
-        self.core.merkle.read().unwrap_or_else(|p| p.into_inner()).tree.memory_bytes()
+        self.core
+            .merkle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .tree
+            .memory_bytes()
     }
 
     pub fn update_gauge_metrics(&self) {
@@ -941,7 +1011,10 @@ impl SyncEngine {
 
 fn validate_prefix(prefix: &str) -> Result<(), StorageError> {
     if prefix.len() > item::MAX_ID_BYTES || prefix.bytes().any(|b| b.is_ascii_control()) {
-        return Err(StorageError::InvalidId(format!("prefix {:?} is not a valid id prefix", prefix.chars().take(40).collect::<String>())));
+        return Err(StorageError::InvalidId(format!(
+            "prefix {:?} is not a valid id prefix",
+            prefix.chars().take(40).collect::<String>()
+        )));
     }
     Ok(())
 }

@@ -80,19 +80,34 @@ pub struct SubmitOptions {
 
 impl Default for SubmitOptions {
     fn default() -> Self {
-        Self { redis: true, redis_ttl: None, sql: true, state: None, ack: AckMode::Durable }
+        Self {
+            redis: true,
+            redis_ttl: None,
+            sql: true,
+            state: None,
+            ack: AckMode::Durable,
+        }
     }
 }
 
 impl SubmitOptions {
     /// Redis only, with a TTL: not durable, not in the Merkle tree.
     pub fn cache(ttl: CacheTtl) -> Self {
-        Self { redis: true, redis_ttl: Some(ttl), sql: false, ..Self::default() }
+        Self {
+            redis: true,
+            redis_ttl: Some(ttl),
+            sql: false,
+            ..Self::default()
+        }
     }
 
     /// SQL only.
     pub fn durable() -> Self {
-        Self { redis: false, sql: true, ..Self::default() }
+        Self {
+            redis: false,
+            sql: true,
+            ..Self::default()
+        }
     }
 
     pub fn with_state(mut self, state: impl Into<String>) -> Self {
@@ -118,7 +133,10 @@ mod tests {
     fn durations_snap_to_variants() {
         assert_eq!(CacheTtl::from(Duration::from_secs(30)), CacheTtl::Minute);
         assert_eq!(CacheTtl::from(Duration::from_secs(3600)), CacheTtl::Hour);
-        assert_eq!(CacheTtl::from(Duration::from_secs(2_000_000)), CacheTtl::Custom(2_000_000));
+        assert_eq!(
+            CacheTtl::from(Duration::from_secs(2_000_000)),
+            CacheTtl::Custom(2_000_000)
+        );
         assert_eq!(CacheTtl::Week.as_secs(), 604_800);
     }
 

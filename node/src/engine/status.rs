@@ -30,11 +30,18 @@ impl EngineState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ItemStatus {
-    Synced { in_l1: bool, in_l2: bool, in_l3: bool },
+    Synced {
+        in_l1: bool,
+        in_l2: bool,
+        in_l3: bool,
+    },
     /// Accepted, not yet in L3.
     Pending,
     /// Deleted: a tombstone is kept so the delete replicates.
-    Deleted { version: u64, origin: String },
+    Deleted {
+        version: u64,
+        origin: String,
+    },
     Missing,
 }
 

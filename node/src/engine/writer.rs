@@ -77,7 +77,8 @@ impl Core {
                 if old.is_none() {
                     self.filter.insert(&it.object_id);
                 }
-                tree.tree.replace(old.as_ref().map(|o| o.digest()).as_ref(), &it.digest());
+                tree.tree
+                    .replace(old.as_ref().map(|o| o.digest()).as_ref(), &it.digest());
                 written[*i] = true;
             }
             tree.generation = applied.generation;
@@ -91,7 +92,9 @@ impl Core {
                 self.l1.invalidate(&it.object_id);
             }
         }
-        self.metrics.l3_items_written.fetch_add(applied.written.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .l3_items_written
+            .fetch_add(applied.written.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -112,10 +115,13 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
             }
         } else {
             // Wait a little before retrying, but take new commands meanwhile.
-            tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.unwrap_or(None)
+            tokio::time::timeout(Duration::from_millis(200), rx.recv())
+                .await
+                .unwrap_or(None)
         };
         let mut items = std::mem::take(&mut carry);
-        let mut acks: Vec<(Ack, Vec<SyncItem>)> = Vec::new();
+        // Each durable caller's ack and the range of `items` it covers.
+        let mut acks: Vec<(Ack, std::ops::Range<usize>)> = Vec::new();
         let mut barriers = Vec::new();
         let mut bytes: usize = items.iter().map(|i| i.content.len()).sum();
         let mut next = first;
@@ -124,7 +130,7 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
                 Some(WriterCmd::Write { items: batch, ack }) => {
                     bytes += batch.iter().map(|i| i.content.len()).sum::<usize>();
                     if let Some(a) = ack {
-                        acks.push((a, batch.clone()));
+                        acks.push((a, items.len()..items.len() + batch.len()));
                     }
                     items.extend(batch);
                 }
@@ -140,17 +146,20 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
             }
         }
         if !items.is_empty() {
-            let acked: std::collections::HashSet<(String, u64)> =
-                acks.iter().flat_map(|(_, b)| b.iter().map(|i| (i.object_id.clone(), i.version))).collect();
             let result = commit(&core, items.clone()).await;
+            core.metrics.group_commits.fetch_add(1, Ordering::Relaxed);
             match &result {
                 Ok(()) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, items = items.len(), "commit failed");
                     // Durable callers hear the error and their writes are withdrawn;
                     // buffered writes were already acknowledged, so keep retrying them.
-                    for it in items {
-                        if acked.contains(&(it.object_id.clone(), it.version)) {
+                    let mut durable = vec![false; items.len()];
+                    for (_, range) in &acks {
+                        durable[range.clone()].iter_mut().for_each(|d| *d = true);
+                    }
+                    for (it, durable) in items.into_iter().zip(durable) {
+                        if durable {
                             core.l1.forget_pending(&it);
                         } else {
                             carry.push(it);
@@ -202,7 +211,9 @@ pub(crate) async fn drain_log(core: &Core) -> Result<u64, StorageError> {
     let mut drained = 0;
     loop {
         let entries = log.read(batch).await?;
-        let Some(last) = entries.last().map(|e| e.seq) else { return Ok(drained) };
+        let Some(last) = entries.last().map(|e| e.seq) else {
+            return Ok(drained);
+        };
         let n = entries.len() as u64;
         core.apply_to_l3(entries.into_iter().map(|e| e.item).collect()).await?;
         log.truncate_through(last).await?;

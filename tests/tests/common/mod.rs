@@ -30,10 +30,12 @@ pub async fn fresh_mysql_db() -> String {
     let mut conn = sqlx::mysql::MySqlConnection::connect(&base)
         .await
         .unwrap_or_else(|e| panic!("cannot reach MariaDB at MYSQL_URL ({e}); run ./scripts/test"));
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .expect("create database");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("create database");
     let (prefix, _) = base.rsplit_once('/').expect("MYSQL_URL ends in /database");
     format!("{prefix}/{name}")
 }
@@ -66,10 +68,18 @@ impl TestNode {
         let url = self.config.effective_sql_url();
         if url.starts_with("mysql:") {
             let mut c = sqlx::mysql::MySqlConnection::connect(&url).await.expect("connect");
-            sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).bind(arg).execute(&mut c).await.expect("exec");
+            sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                .bind(arg)
+                .execute(&mut c)
+                .await
+                .expect("exec");
         } else {
             let mut c = sqlx::sqlite::SqliteConnection::connect(&url).await.expect("connect");
-            sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).bind(arg).execute(&mut c).await.expect("exec");
+            sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                .bind(arg)
+                .execute(&mut c)
+                .await
+                .expect("exec");
         }
     }
 }
