@@ -1,10 +1,12 @@
 //! The existence filter over L3 ids (tombstones included).
 //!
-//! A scalable cuckoo filter: it grows instead of failing when full, and every
-//! insert adds an entry, so removing one id never hides another (no false
-//! negatives). The engine inserts an id exactly once, when it first reaches L3,
-//! and removes it only when its row is purged. While `Untrusted` (after a crash,
-//! before a rebuild) the filter answers nothing.
+//! A scalable cuckoo filter: it grows instead of failing when full. The engine
+//! inserts an id exactly once, when it first reaches L3, and never removes one:
+//! `scalable_cuckoo_filter` 0.5's `remove` can take another id's fingerprint
+//! from an older, smaller sub-filter once the filter has grown, which is a false
+//! negative (found by the test below when it removed ids). A purged row leaves
+//! its id behind as a false positive until the next rebuild from L3. While
+//! `Untrusted` (after a crash, before a rebuild) the filter answers nothing.
 
 use scalable_cuckoo_filter::{ScalableCuckooFilter, ScalableCuckooFilterBuilder};
 use serde::{Deserialize, Serialize};
@@ -107,11 +109,6 @@ impl FilterManager {
         self.write().insert(id);
     }
 
-    /// Removes an id whose L3 row was purged.
-    pub fn remove(&self, id: &str) -> bool {
-        self.write().remove(id)
-    }
-
     pub fn len(&self) -> usize {
         self.read().len()
     }
@@ -171,22 +168,21 @@ mod tests {
         f.insert("a");
         assert_eq!(f.might_exist("a"), None);
         f.mark_trusted();
-        for i in 0..20_000 {
+        // Well past the initial capacity, so the filter grows several times.
+        for i in 0..200_000 {
             f.insert(&format!("id-{i}"));
         }
-        // Removing some ids never hides the others.
-        for i in (0..20_000).step_by(3) {
-            f.remove(&format!("id-{i}"));
+        for i in 0..200_000 {
+            assert_eq!(
+                f.might_exist(&format!("id-{i}")),
+                Some(true),
+                "false negative for id-{i}"
+            );
         }
-        for i in 0..20_000 {
-            if i % 3 != 0 {
-                assert_eq!(
-                    f.might_exist(&format!("id-{i}")),
-                    Some(true),
-                    "false negative for id-{i}"
-                );
-            }
-        }
+        let false_positives = (0..100_000)
+            .filter(|i| f.might_exist(&format!("other-{i}")) == Some(true))
+            .count();
+        assert!(false_positives < 1000, "{false_positives} false positives in 100k");
     }
 
     #[test]
