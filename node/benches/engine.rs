@@ -111,11 +111,11 @@ async fn durable_writes(n: usize) {
     let commits_before = e.metrics().group_commits.load(std::sync::atomic::Ordering::Relaxed);
     let callers = 64;
     let per = n / callers;
+    let work: Vec<Vec<SyncItem>> = (0..callers).map(|c| items(&format!("c{c}"), per)).collect();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..callers {
+    for mine in work {
         let e = e.clone();
-        let mine = items(&format!("c{c}"), per);
         tasks.push(tokio::spawn(async move {
             for it in mine {
                 e.submit(it).await.unwrap();

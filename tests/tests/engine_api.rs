@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{BACKENDS, Backend, TestNode};
+use common::{BACKENDS, TestNode};
 use std::collections::BTreeMap;
 use syncnode::engine::item::content_hash;
 use syncnode::{ItemStatus, StorageError, SubmitOptions, SyncEngine, SyncItem};
@@ -368,7 +368,7 @@ async fn merkle_trees_agree_and_locate_differences() {
 
 #[tokio::test]
 async fn writes_past_the_backpressure_limit_are_refused_and_not_stored() {
-    for backend in [Backend::Sqlite] {
+    for backend in BACKENDS {
         let node = TestNode::new(backend, "n1").await;
         let mut cfg = node.config.clone();
         cfg.l1_max_bytes = 64 * 1024;

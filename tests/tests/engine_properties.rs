@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Backend, TestNode};
+use common::{BACKENDS, TestNode};
 use proptest::prelude::*;
 use syncnode::{StorageError, SyncItem};
 
@@ -49,18 +49,18 @@ fn valid_id(id: &str) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
     #[test]
     fn random_writes_round_trip_or_fail_typed(writes in proptest::collection::vec(write(), 1..40)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            let node = TestNode::new(Backend::Sqlite, "p").await;
+        for backend in BACKENDS { rt.block_on(async {
+            let node = TestNode::new(backend, "p").await;
             let mut cfg = node.config.clone();
             cfg.max_payload_bytes = 200;
             let e = syncnode::SyncEngine::with_config(cfg);
             e.start().await.unwrap();
             let mut model: std::collections::BTreeMap<String, Option<Vec<u8>>> = Default::default();
-            for w in writes {
+            for w in writes.clone() {
                 match w {
                     Write::Bytes(id, bytes) => {
                         let r = e.submit(SyncItem::new(id.clone(), bytes.clone())).await;
@@ -106,8 +106,8 @@ proptest! {
                 let got = e.get(id).await.unwrap().map(|i| i.content.to_vec());
                 assert_eq!(&got, v, "id {id:?}");
             }
-            assert_eq!(e.merkle_summary().1, model.len() as u64);
+            assert_eq!(e.merkle_summary().1, model.len() as u64, "{backend:?}");
             e.shutdown().await;
-        });
+        }); }
     }
 }

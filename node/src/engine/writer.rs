@@ -119,6 +119,9 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
                 .await
                 .unwrap_or(None)
         };
+        // Let callers woken by the previous commit queue their next writes, so
+        // they join this commit instead of each paying for one.
+        tokio::task::yield_now().await;
         let mut items = std::mem::take(&mut carry);
         // Each durable caller's ack and the range of `items` it covers.
         let mut acks: Vec<(Ack, std::ops::Range<usize>)> = Vec::new();
