@@ -8,14 +8,14 @@
 //! engine refuses writes with a backpressure error rather than grow without end.
 //! With SQLite as L3 there is no separate log: the L3 transaction is the commit.
 
-use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use super::error::StorageError;
 use super::item::SyncItem;
-use super::l3::{SQLITE_PRAGMAS, placeholders};
+use super::l3::{Dialect, open_pool, placeholders};
 
 pub struct CommitLog {
     pool: AnyPool,
@@ -35,21 +35,8 @@ fn encode(item: &SyncItem) -> Result<Vec<u8>, StorageError> {
 
 impl CommitLog {
     pub async fn open(path: &Path) -> Result<Self, StorageError> {
-        sqlx::any::install_default_drivers();
-        let url = format!("sqlite://{}?mode=rwc", path.display());
-        let pool = AnyPoolOptions::new()
-            .max_connections(2)
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    for s in SQLITE_PRAGMAS {
-                        sqlx::query(*s).execute(&mut *conn).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&url)
-            .await
-            .map_err(|e| StorageError::sql("open commit log", e))?;
+        let url = format!("sqlite://{}", path.display());
+        let pool = open_pool(&url, Dialect::Sqlite, 2, Duration::from_secs(30)).await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS commit_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, item BLOB NOT NULL)",
         )

@@ -121,6 +121,39 @@ pub const SQLITE_PRAGMAS: &[&str] = &[
     "PRAGMA busy_timeout = 5000",
 ];
 
+/// A connection pool with the dialect's session settings (SQLite: WAL and
+/// fsync on commit; MySQL: READ COMMITTED). Shared by L3 and the commit log.
+pub(crate) async fn open_pool(
+    url: &str,
+    dialect: Dialect,
+    max_connections: u32,
+    timeout: Duration,
+) -> Result<AnyPool, StorageError> {
+    sqlx::any::install_default_drivers();
+    let url = match dialect {
+        Dialect::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+        _ => url.replacen("mariadb:", "mysql:", 1),
+    };
+    AnyPoolOptions::new()
+        .max_connections(max_connections.max(2))
+        .acquire_timeout(timeout)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                let setup: &[&str] = match dialect {
+                    Dialect::Sqlite => SQLITE_PRAGMAS,
+                    Dialect::MySql => &["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"],
+                };
+                for s in setup {
+                    sqlx::query(*s).execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .map_err(|e| StorageError::sql(&format!("connect to {}", url.split('@').next_back().unwrap_or("")), e))
+}
+
 /// `(placeholders for n rows of k columns)`, e.g. `(?,?),(?,?)`.
 pub fn placeholders(rows: usize, cols: usize) -> String {
     let row = format!("({})", vec!["?"; cols].join(","));
@@ -231,6 +264,25 @@ pub fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// `{select} FROM sync_items WHERE <id in the prefix's byte range>{tail}`, with
+/// the range bound; an index range scan instead of `LIKE` (no escaping, exact bytes).
+fn prefix_query<'q>(
+    select: &str,
+    prefix: &'q str,
+    tail: &str,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let upper = prefix_upper_bound(prefix.as_bytes());
+    let sql = format!(
+        "{select} FROM sync_items WHERE id >= ?{}{tail}",
+        if upper.is_some() { " AND id < ?" } else { "" }
+    );
+    let q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
+    match upper {
+        Some(u) => q.bind(u),
+        None => q,
+    }
+}
+
 /// Splits items into chunks that fit one statement.
 fn chunks<'a>(items: &'a [&'a SyncItem]) -> Vec<&'a [&'a SyncItem]> {
     let mut out = Vec::new();
@@ -273,7 +325,6 @@ pub struct L3Store {
 
 impl L3Store {
     pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<Self, StorageError> {
-        sqlx::any::install_default_drivers();
         let dialect = if url.starts_with("mysql:") || url.starts_with("mariadb:") {
             Dialect::MySql
         } else if url.starts_with("sqlite:") {
@@ -283,28 +334,7 @@ impl L3Store {
                 "sql_url must start with sqlite: or mysql:, got {url:?}"
             )));
         };
-        let url = match dialect {
-            Dialect::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
-            _ => url.replacen("mariadb:", "mysql:", 1),
-        };
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections.max(2))
-            .acquire_timeout(timeout)
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    let setup: &[&str] = match dialect {
-                        Dialect::Sqlite => SQLITE_PRAGMAS,
-                        Dialect::MySql => &["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"],
-                    };
-                    for s in setup {
-                        sqlx::query(*s).execute(&mut *conn).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&url)
-            .await
-            .map_err(|e| StorageError::sql("connect to L3", e))?;
+        let pool = open_pool(url, dialect, max_connections, timeout).await?;
         let store = Self { pool, dialect, timeout };
         store.init_schema().await?;
         Ok(store)
@@ -473,16 +503,11 @@ impl L3Store {
 
     /// Items whose id starts with `prefix`, in id order.
     pub async fn scan_prefix(&self, prefix: &str, limit: usize, rows: Rows) -> Result<Vec<SyncItem>, StorageError> {
-        let upper = prefix_upper_bound(prefix.as_bytes());
-        let sql = format!(
-            "SELECT {COLUMNS} FROM sync_items WHERE id >= ?{}{} ORDER BY id LIMIT ?",
-            if upper.is_some() { " AND id < ?" } else { "" },
-            rows.clause()
+        let q = prefix_query(
+            &format!("SELECT {COLUMNS}"),
+            prefix,
+            &format!("{} ORDER BY id LIMIT ?", rows.clause()),
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
-        if let Some(u) = upper {
-            q = q.bind(u);
-        }
         let rows = self
             .timed(
                 "scan_prefix",
@@ -493,33 +518,19 @@ impl L3Store {
     }
 
     pub async fn count_prefix(&self, prefix: &str, rows: Rows) -> Result<u64, StorageError> {
-        let upper = prefix_upper_bound(prefix.as_bytes());
-        let sql = format!(
-            "SELECT COUNT(*) FROM sync_items WHERE id >= ?{}{}",
-            if upper.is_some() { " AND id < ?" } else { "" },
-            rows.clause()
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
-        if let Some(u) = upper {
-            q = q.bind(u);
-        }
+        let q = prefix_query("SELECT COUNT(*)", prefix, rows.clause());
         let row = self.timed("count_prefix", q.fetch_one(&self.pool)).await?;
         Ok(int(&row, 0, "count")? as u64)
     }
 
     /// Live ids under `prefix` (for prefix deletes).
     pub async fn ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StorageError> {
-        let upper = prefix_upper_bound(prefix.as_bytes());
-        let sql = format!(
-            "SELECT id FROM sync_items WHERE id >= ?{} AND tombstone = 0 ORDER BY id LIMIT ?",
-            if upper.is_some() { " AND id < ?" } else { "" }
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
-        if let Some(u) = upper {
-            q = q.bind(u);
-        }
+        let q = prefix_query("SELECT id", prefix, " AND tombstone = 0 ORDER BY id LIMIT ?");
         let rows = self
-            .timed("ids_with_prefix", q.bind(limit as i64).fetch_all(&self.pool))
+            .timed(
+                "ids_with_prefix",
+                q.bind(limit.min(i64::MAX as usize) as i64).fetch_all(&self.pool),
+            )
             .await?;
         rows.iter().map(|r| text(r, 0, "id")).collect()
     }
