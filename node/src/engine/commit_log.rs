@@ -33,6 +33,22 @@ fn encode(item: &SyncItem) -> Result<Vec<u8>, StorageError> {
     postcard::to_stdvec(item).map_err(|e| StorageError::backend("encode commit log entry", e))
 }
 
+/// `(entries, bytes)` of the log up to and including `seq`.
+async fn size_through(pool: &AnyPool, seq: i64) -> Result<(u64, u64), StorageError> {
+    let row = sqlx::query("SELECT COUNT(*), COALESCE(SUM(LENGTH(item)), 0) FROM commit_log WHERE seq <= ?")
+        .bind(seq)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| StorageError::sql("size commit log", e))?;
+    let n: i64 = row
+        .try_get(0)
+        .map_err(|e| StorageError::backend("commit log count", e))?;
+    let b: i64 = row
+        .try_get(1)
+        .map_err(|e| StorageError::backend("commit log bytes", e))?;
+    Ok((n as u64, b as u64))
+}
+
 impl CommitLog {
     pub async fn open(path: &Path) -> Result<Self, StorageError> {
         let url = format!("sqlite://{}", path.display());
@@ -43,20 +59,11 @@ impl CommitLog {
         .execute(&pool)
         .await
         .map_err(|e| StorageError::sql("create commit log", e))?;
-        let row = sqlx::query("SELECT COUNT(*), COALESCE(SUM(LENGTH(item)), 0) FROM commit_log")
-            .fetch_one(&pool)
-            .await
-            .map_err(|e| StorageError::sql("size commit log", e))?;
-        let items: i64 = row
-            .try_get(0)
-            .map_err(|e| StorageError::backend("commit log count", e))?;
-        let bytes: i64 = row
-            .try_get(1)
-            .map_err(|e| StorageError::backend("commit log bytes", e))?;
+        let (items, bytes) = size_through(&pool, i64::MAX).await?;
         Ok(Self {
             pool,
-            items: AtomicU64::new(items as u64),
-            bytes: AtomicU64::new(bytes as u64),
+            items: AtomicU64::new(items),
+            bytes: AtomicU64::new(bytes),
         })
     }
 
@@ -119,24 +126,14 @@ impl CommitLog {
 
     /// Forgets entries up to and including `seq` (L3 has them).
     pub async fn truncate_through(&self, seq: i64) -> Result<(), StorageError> {
-        let row = sqlx::query("SELECT COUNT(*), COALESCE(SUM(LENGTH(item)), 0) FROM commit_log WHERE seq <= ?")
-            .bind(seq)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| StorageError::sql("commit log size", e))?;
-        let n: i64 = row
-            .try_get(0)
-            .map_err(|e| StorageError::backend("commit log count", e))?;
-        let b: i64 = row
-            .try_get(1)
-            .map_err(|e| StorageError::backend("commit log bytes", e))?;
+        let (n, b) = size_through(&self.pool, seq).await?;
         sqlx::query("DELETE FROM commit_log WHERE seq <= ?")
             .bind(seq)
             .execute(&self.pool)
             .await
             .map_err(|e| StorageError::sql("commit log truncate", e))?;
-        self.items.fetch_sub(n as u64, Ordering::Relaxed);
-        self.bytes.fetch_sub(b as u64, Ordering::Relaxed);
+        self.items.fetch_sub(n, Ordering::Relaxed);
+        self.bytes.fetch_sub(b, Ordering::Relaxed);
         Ok(())
     }
 

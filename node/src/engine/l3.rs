@@ -283,6 +283,16 @@ fn prefix_query<'q>(
     }
 }
 
+/// `{select} FROM sync_items WHERE id IN (<ids>)`, with the ids bound.
+fn ids_query<'q>(select: &str, ids: &[&'q str]) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let sql = format!(
+        "{select} FROM sync_items WHERE id IN ({})",
+        vec!["?"; ids.len()].join(",")
+    );
+    ids.iter()
+        .fold(sqlx::query(AssertSqlSafe(sql)), |q, id| q.bind(id.as_bytes()))
+}
+
 /// Splits items into chunks that fit one statement.
 fn chunks<'a>(items: &'a [&'a SyncItem]) -> Vec<&'a [&'a SyncItem]> {
     let mut out = Vec::new();
@@ -400,14 +410,7 @@ impl L3Store {
     pub async fn get_many(&self, ids: &[&str]) -> Result<Vec<SyncItem>, StorageError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK_ROWS) {
-            let sql = format!(
-                "SELECT {COLUMNS} FROM sync_items WHERE id IN ({})",
-                vec!["?"; chunk.len()].join(",")
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for id in chunk {
-                q = q.bind(id.as_bytes());
-            }
+            let q = ids_query(&format!("SELECT {COLUMNS}"), chunk);
             let rows = self.timed("get_many", q.fetch_all(&self.pool)).await?;
             for r in &rows {
                 out.push(item_from_row(r)?);
@@ -420,14 +423,7 @@ impl L3Store {
     where
         E: sqlx::Executor<'e, Database = sqlx::Any>,
     {
-        let sql = format!(
-            "SELECT id, version, origin, tombstone, content_hash FROM sync_items WHERE id IN ({})",
-            vec!["?"; ids.len()].join(",")
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for id in ids {
-            q = q.bind(id.as_bytes());
-        }
+        let q = ids_query("SELECT id, version, origin, tombstone, content_hash", ids);
         let rows = self.timed("read entry versions", q.fetch_all(exec)).await?;
         rows.iter()
             .map(|r| meta_from_row(r).map(|m| (m.id.clone(), m)))
