@@ -15,6 +15,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::error::StorageError;
@@ -31,8 +32,8 @@ pub enum Dialect {
 /// tree, so the entries under any tree node are one index range.
 const COLUMNS: &str = "id, version, origin, updated_at, content_type, content, content_hash, state, tombstone, access_count, last_accessed, trace_parent, hkey";
 const N_COLUMNS: usize = 13;
-/// Rows per multi-row statement.
-const CHUNK_ROWS: usize = 500;
+/// Rows per multi-row statement (a power of two; see `pow2_chunks`).
+const CHUNK_ROWS: usize = 256;
 /// Bytes of content per multi-row statement (well under MySQL's packet limit).
 const CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
@@ -135,7 +136,7 @@ pub(crate) async fn open_pool(
         _ => url.replacen("mariadb:", "mysql:", 1),
     };
     AnyPoolOptions::new()
-        .max_connections(max_connections.max(2))
+        .max_connections(max_connections.max(1))
         .acquire_timeout(timeout)
         .after_connect(move |conn, _| {
             Box::pin(async move {
@@ -293,22 +294,40 @@ fn ids_query<'q>(select: &str, ids: &[&'q str]) -> sqlx::query::Query<'q, sqlx::
         .fold(sqlx::query(AssertSqlSafe(sql)), |q, id| q.bind(id.as_bytes()))
 }
 
-/// Splits items into chunks that fit one statement.
-fn chunks<'a>(items: &'a [&'a SyncItem]) -> Vec<&'a [&'a SyncItem]> {
+/// Splits a slice into statements of at most `CHUNK_ROWS` rows, each paired
+/// with its statement size: the row count rounded up to a power of two, the gap
+/// filled by repeating the last row (a repeated id in an `IN` list or a repeated
+/// upsert of the same row changes nothing). So the writer runs a handful of
+/// statement shapes that stay prepared, with one statement per chunk.
+fn padded_chunks<T>(items: &[T]) -> Vec<(&[T], usize)> {
+    items
+        .chunks(CHUNK_ROWS)
+        .map(|c| (c, c.len().next_power_of_two()))
+        .collect()
+}
+
+/// Splits items into statements under `CHUNK_BYTES` of content each.
+fn chunks<'a>(items: &'a [&'a SyncItem]) -> Vec<(&'a [&'a SyncItem], usize)> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, it) in items.iter().enumerate() {
-        if i > start && (i - start >= CHUNK_ROWS || bytes + it.content.len() > CHUNK_BYTES) {
-            out.push(&items[start..i]);
+        if i > start && bytes + it.content.len() > CHUNK_BYTES {
+            out.extend(padded_chunks(&items[start..i]));
             start = i;
             bytes = 0;
         }
         bytes += it.content.len();
     }
-    if start < items.len() {
-        out.push(&items[start..]);
-    }
+    out.extend(padded_chunks(&items[start..]));
     out
+}
+
+/// The chunk followed by copies of its last element up to `size`.
+fn padded<T>(chunk: &[T], size: usize) -> impl Iterator<Item = &T> {
+    let last = chunk.last();
+    chunk
+        .iter()
+        .chain(std::iter::repeat_n(last, size - chunk.len()).flatten())
 }
 
 /// Which rows a query over items returns.
@@ -328,7 +347,13 @@ impl Rows {
 }
 
 pub struct L3Store {
+    /// Reads.
     pool: AnyPool,
+    /// The single writer's own connection: one transaction at a time, and its
+    /// prepared statements stay warm.
+    write_pool: AnyPool,
+    /// L3's generation as of the last commit (read at connect).
+    generation: AtomicU64,
     dialect: Dialect,
     timeout: Duration,
 }
@@ -345,8 +370,17 @@ impl L3Store {
             )));
         };
         let pool = open_pool(url, dialect, max_connections, timeout).await?;
-        let store = Self { pool, dialect, timeout };
+        let write_pool = open_pool(url, dialect, 1, timeout).await?;
+        let store = Self {
+            pool,
+            write_pool,
+            generation: AtomicU64::new(0),
+            dialect,
+            timeout,
+        };
         store.init_schema().await?;
+        let (generation, _) = store.generation().await?;
+        store.generation.store(generation, Ordering::Release);
         Ok(store)
     }
 
@@ -442,7 +476,7 @@ impl L3Store {
     /// Writes the items that win over what is stored (last-writer-wins), in one
     /// transaction with a generation bump. `items` hold at most one version per id.
     pub async fn apply_batch(&self, items: &[SyncItem]) -> Result<Applied, StorageError> {
-        let mut tx = self.timed("begin", self.pool.begin()).await?;
+        let mut tx = self.timed("begin", self.write_pool.begin()).await?;
         let mut existing = HashMap::new();
         let ids: Vec<&str> = items.iter().map(|i| i.object_id.as_str()).collect();
         for chunk in ids.chunks(CHUNK_ROWS) {
@@ -456,41 +490,34 @@ impl L3Store {
             }
         }
         let rows: Vec<&SyncItem> = applied.iter().map(|(i, _)| &items[*i]).collect();
-        for chunk in chunks(&rows) {
-            let sql = upsert_sql(self.dialect, chunk.len());
+        for (chunk, size) in chunks(&rows) {
+            let sql = upsert_sql(self.dialect, size);
             let mut q = sqlx::query(AssertSqlSafe(sql));
-            for it in chunk {
+            for it in padded(chunk, size) {
                 q = bind_item(q, it);
             }
             self.timed("upsert items", q.execute(&mut *tx)).await?;
         }
         let max_version = rows.iter().map(|r| r.version).max().unwrap_or(0) as i64;
+        // The applier is L3's only writer, so it knows the next generation.
+        let generation = self.generation.load(Ordering::Acquire) + 1;
         self.timed(
             "bump generation",
-            sqlx::query("UPDATE syncnode_meta SET ival = ival + 1 WHERE name = ?")
-                .bind(&b"generation"[..])
-                .execute(&mut *tx),
-        )
-        .await?;
-        let generation = self
-            .timed(
-                "read generation",
-                sqlx::query("SELECT ival FROM syncnode_meta WHERE name = ?")
-                    .bind(&b"generation"[..])
-                    .fetch_one(&mut *tx),
+            sqlx::query(
+                "UPDATE syncnode_meta SET ival = CASE WHEN name = ? THEN ? WHEN ival < ? THEN ? ELSE ival END \
+                 WHERE name IN (?, ?)",
             )
-            .await?;
-        let generation = int(&generation, 0, "generation")? as u64;
-        self.timed(
-            "record max version",
-            sqlx::query("UPDATE syncnode_meta SET ival = CASE WHEN ival < ? THEN ? ELSE ival END WHERE name = ?")
-                .bind(max_version)
-                .bind(max_version)
-                .bind(&b"max_version"[..])
-                .execute(&mut *tx),
+            .bind(&b"generation"[..])
+            .bind(generation as i64)
+            .bind(max_version)
+            .bind(max_version)
+            .bind(&b"generation"[..])
+            .bind(&b"max_version"[..])
+            .execute(&mut *tx),
         )
         .await?;
         self.timed("commit", tx.commit()).await?;
+        self.generation.store(generation, Ordering::Release);
         Ok(Applied {
             generation,
             written: applied,
@@ -636,12 +663,13 @@ impl L3Store {
             }
         };
         let q = sqlx::query(sql).bind(name.as_bytes()).bind(tag as i64).bind(bytes);
-        self.timed("save snapshot", q.execute(&self.pool)).await?;
+        self.timed("save snapshot", q.execute(&self.write_pool)).await?;
         Ok(())
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
+        self.write_pool.close().await;
     }
 }
 
@@ -663,10 +691,11 @@ mod tests {
             .map(|i| SyncItem::new(format!("{i}"), vec![0u8; 10]))
             .collect();
         let refs: Vec<&SyncItem> = small.iter().collect();
-        assert_eq!(
-            chunks(&refs).iter().map(|c| c.len()).collect::<Vec<_>>(),
-            vec![500, 500, 200]
-        );
+        let shapes: Vec<(usize, usize)> = chunks(&refs).iter().map(|(c, s)| (c.len(), *s)).collect();
+        assert_eq!(shapes, vec![(256, 256), (256, 256), (256, 256), (256, 256), (176, 256)]);
+        let padded_ids: Vec<&u8> = padded(&[1u8, 2, 3], 4).collect();
+        assert_eq!(padded_ids, vec![&1, &2, &3, &3]);
+        assert!(padded_chunks::<u8>(&[]).is_empty());
         let big: Vec<SyncItem> = (0..3)
             .map(|i| SyncItem::new(format!("{i}"), vec![0u8; 3 << 20]))
             .collect();
