@@ -16,6 +16,7 @@ use std::time::Duration;
 use super::error::StorageError;
 use super::item::SyncItem;
 use super::l3::{Dialect, open_pool, placeholders};
+use super::options::L2Route;
 
 pub struct CommitLog {
     pool: AnyPool,
@@ -29,8 +30,9 @@ pub struct LogEntry {
     pub item: SyncItem,
 }
 
+/// A log record: the item and its L2 route (which `SyncItem`'s serde skips).
 fn encode(item: &SyncItem) -> Result<Vec<u8>, StorageError> {
-    postcard::to_stdvec(item).map_err(|e| StorageError::backend("encode commit log entry", e))
+    postcard::to_stdvec(&(item, item.route)).map_err(|e| StorageError::backend("encode commit log entry", e))
 }
 
 /// `(entries, bytes)` of the log up to and including `seq`.
@@ -117,8 +119,9 @@ impl CommitLog {
             .map(|r| {
                 let seq: i64 = r.try_get(0).map_err(|e| StorageError::backend("commit log seq", e))?;
                 let raw: Vec<u8> = r.try_get(1).map_err(|e| StorageError::backend("commit log item", e))?;
-                let item = postcard::from_bytes(&raw)
+                let (mut item, route): (SyncItem, L2Route) = postcard::from_bytes(&raw)
                     .map_err(|e| StorageError::Backend(format!("commit log entry {seq} is unreadable: {e}")))?;
+                item.route = route;
                 Ok(LogEntry { seq, item })
             })
             .collect()

@@ -7,6 +7,8 @@ use super::backpressure::BackpressureLevel;
 pub enum StorageError {
     #[error("not found")]
     NotFound,
+    #[error("no search index named {0:?}")]
+    UnknownIndex(String),
     /// The object id breaks the rules of DESIGN §2.
     #[error("invalid object id: {0}")]
     InvalidId(String),

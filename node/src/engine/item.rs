@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::error::StorageError;
+use super::options::L2Route;
 
 /// Longest object id, in bytes.
 pub const MAX_ID_BYTES: usize = 512;
@@ -69,6 +70,10 @@ pub struct SyncItem {
     pub access_count: u64,
     pub last_accessed: u64,
     pub trace_parent: Option<String>,
+    /// How L2 holds this version (set by the engine from the submit options;
+    /// travels with the item through the commit log, stored in L3).
+    #[serde(skip)]
+    pub(crate) route: L2Route,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -100,6 +105,7 @@ impl SyncItem {
             access_count: 0,
             last_accessed: 0,
             trace_parent: None,
+            route: L2Route::Mirror,
         }
     }
 
@@ -118,6 +124,11 @@ impl SyncItem {
         let mut item = Self::new(object_id, Bytes::new());
         item.tombstone = true;
         item
+    }
+
+    /// How L2 holds this version.
+    pub fn l2_route(&self) -> L2Route {
+        self.route
     }
 
     pub fn with_state(mut self, state: impl Into<String>) -> Self {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::error::StorageError;
 use super::item::{ContentType, SyncItem};
+use super::options::L2Route;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -30,8 +31,11 @@ pub enum Dialect {
 /// The columns of `sync_items`, in the order every query uses.
 /// `hkey` is the first 32 bits of SHA-256(id): it places a row in the Merkle
 /// tree, so the entries under any tree node are one index range.
-const COLUMNS: &str = "id, version, origin, updated_at, content_type, content, content_hash, state, tombstone, access_count, last_accessed, trace_parent, hkey";
-const N_COLUMNS: usize = 13;
+/// `l2` is 1 when the row is mirrored in Redis (`L2Route::Mirror`).
+const COLUMNS: &str = "id, version, origin, updated_at, content_type, content, content_hash, state, tombstone, access_count, last_accessed, trace_parent, hkey, l2";
+const N_COLUMNS: usize = 14;
+/// The columns of an `EntryMeta`.
+const META_COLUMNS: &str = "SELECT id, version, origin, tombstone, content_hash, state, l2";
 /// Rows per multi-row statement (a power of two; see `pow2_chunks`).
 const CHUNK_ROWS: usize = 256;
 /// Bytes of content per multi-row statement (well under MySQL's packet limit).
@@ -46,6 +50,9 @@ pub struct EntryMeta {
     pub tombstone: bool,
     /// Lowercase hex.
     pub content_hash: String,
+    pub state: String,
+    /// Mirrored in Redis (`L2Route::Mirror`).
+    pub l2: bool,
 }
 
 impl EntryMeta {
@@ -56,6 +63,8 @@ impl EntryMeta {
             origin: item.origin.clone(),
             tombstone: item.tombstone,
             content_hash: item.content_hash.clone(),
+            state: item.state.clone(),
+            l2: item.route == L2Route::Mirror,
         }
     }
 
@@ -89,7 +98,7 @@ pub fn items_table_ddl(dialect: Dialect) -> &'static [&'static str] {
                 updated_at INTEGER NOT NULL, content_type INTEGER NOT NULL, content BLOB NOT NULL,
                 content_hash BLOB NOT NULL, state BLOB NOT NULL, tombstone INTEGER NOT NULL,
                 access_count INTEGER NOT NULL, last_accessed INTEGER NOT NULL, trace_parent BLOB,
-                hkey INTEGER NOT NULL)",
+                hkey INTEGER NOT NULL, l2 INTEGER NOT NULL)",
             "CREATE INDEX IF NOT EXISTS sync_items_state ON sync_items(state, tombstone)",
             "CREATE INDEX IF NOT EXISTS sync_items_hkey ON sync_items(hkey)",
         ],
@@ -99,7 +108,7 @@ pub fn items_table_ddl(dialect: Dialect) -> &'static [&'static str] {
                 updated_at BIGINT NOT NULL, content_type BIGINT NOT NULL, content LONGBLOB NOT NULL,
                 content_hash BINARY(32) NOT NULL, state VARBINARY(64) NOT NULL, tombstone BIGINT NOT NULL,
                 access_count BIGINT NOT NULL, last_accessed BIGINT NOT NULL, trace_parent VARBINARY(256) NULL,
-                hkey BIGINT NOT NULL, KEY sync_items_state (state, tombstone), KEY sync_items_hkey (hkey)) ENGINE=InnoDB",
+                hkey BIGINT NOT NULL, l2 BIGINT NOT NULL, KEY sync_items_state (state, tombstone), KEY sync_items_hkey (hkey)) ENGINE=InnoDB",
         ],
     }
 }
@@ -200,6 +209,7 @@ pub fn bind_item<'q>(
         .bind(it.last_accessed.min(i64::MAX as u64) as i64)
         .bind(it.trace_parent.as_deref().map(str::as_bytes))
         .bind(hkey(&it.object_id))
+        .bind((it.route == L2Route::Mirror) as i64)
 }
 
 /// The first 32 bits of SHA-256(id).
@@ -238,6 +248,11 @@ fn item_from_row(row: &AnyRow) -> Result<SyncItem, StorageError> {
         access_count: int(row, 9, "access_count")?.max(0) as u64,
         last_accessed: int(row, 10, "last_accessed")?.max(0) as u64,
         trace_parent: trace.map(|t| String::from_utf8_lossy(&t).into_owned()),
+        route: if int(row, 13, "l2")? != 0 {
+            L2Route::Mirror
+        } else {
+            L2Route::Skip
+        },
     })
 }
 
@@ -249,6 +264,8 @@ fn meta_from_row(row: &AnyRow) -> Result<EntryMeta, StorageError> {
         origin: text(row, 2, "origin")?,
         tombstone: int(row, 3, "tombstone")? != 0,
         content_hash: hex::encode(hash),
+        state: text(row, 5, "state")?,
+        l2: int(row, 6, "l2")? != 0,
     })
 }
 
@@ -457,7 +474,7 @@ impl L3Store {
     where
         E: sqlx::Executor<'e, Database = sqlx::Any>,
     {
-        let q = ids_query("SELECT id, version, origin, tombstone, content_hash", ids);
+        let q = ids_query(META_COLUMNS, ids);
         let rows = self.timed("read entry versions", q.fetch_all(exec)).await?;
         rows.iter()
             .map(|r| meta_from_row(r).map(|m| (m.id.clone(), m)))
@@ -584,7 +601,7 @@ impl L3Store {
     /// One page of entry versions in id order, after `after` (for rebuilds).
     pub async fn scan_entries(&self, after: Option<&str>, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
         let sql = format!(
-            "SELECT id, version, origin, tombstone, content_hash FROM sync_items{} ORDER BY id LIMIT ?",
+            "{META_COLUMNS} FROM sync_items{} ORDER BY id LIMIT ?",
             if after.is_some() { " WHERE id > ?" } else { "" }
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -608,10 +625,12 @@ impl L3Store {
         };
         let lo = (prefix << (32 - bits)) as i64;
         let hi = ((prefix + 1) << (32 - bits)) as i64;
-        let q = sqlx::query("SELECT id, version, origin, tombstone, content_hash FROM sync_items WHERE hkey >= ? AND hkey < ? ORDER BY id LIMIT ?")
-            .bind(lo)
-            .bind(hi)
-            .bind(limit as i64);
+        let q = sqlx::query(AssertSqlSafe(format!(
+            "{META_COLUMNS} FROM sync_items WHERE hkey >= ? AND hkey < ? ORDER BY id LIMIT ?"
+        )))
+        .bind(lo)
+        .bind(hi)
+        .bind(limit as i64);
         let rows = self.timed("entries under path", q.fetch_all(&self.pool)).await?;
         rows.iter().map(meta_from_row).collect()
     }
@@ -665,6 +684,69 @@ impl L3Store {
         let q = sqlx::query(sql).bind(name.as_bytes()).bind(tag as i64).bind(bytes);
         self.timed("save snapshot", q.execute(&self.write_pool)).await?;
         Ok(())
+    }
+
+    /// Named blobs whose name starts with `prefix`.
+    pub async fn load_blobs_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let upper = prefix_upper_bound(prefix.as_bytes()).unwrap_or_else(|| vec![0xff; 65]);
+        let q = sqlx::query("SELECT name, bval FROM syncnode_meta WHERE name >= ? AND name < ? AND bval IS NOT NULL")
+            .bind(prefix.as_bytes())
+            .bind(upper);
+        let rows = self.timed("load blobs", q.fetch_all(&self.pool)).await?;
+        rows.iter()
+            .map(|r| {
+                let b: Vec<u8> = r.try_get(1).map_err(|e| StorageError::backend("blob", e))?;
+                Ok((text(r, 0, "name")?, b))
+            })
+            .collect()
+    }
+
+    pub async fn delete_blob(&self, name: &str) -> Result<(), StorageError> {
+        let q = sqlx::query("DELETE FROM syncnode_meta WHERE name = ?").bind(name.as_bytes());
+        self.timed("delete blob", q.execute(&self.write_pool)).await?;
+        Ok(())
+    }
+
+    /// Live items under `prefix` after `after` (inclusive when `!exclusive`), in id order.
+    pub async fn scan_from(
+        &self,
+        prefix: &str,
+        after: &str,
+        exclusive: bool,
+        limit: usize,
+    ) -> Result<Vec<SyncItem>, StorageError> {
+        let upper = prefix_upper_bound(prefix.as_bytes());
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sync_items WHERE id {} ?{} AND tombstone = 0 ORDER BY id LIMIT ?",
+            if exclusive { ">" } else { ">=" },
+            if upper.is_some() { " AND id < ?" } else { "" }
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(after.as_bytes());
+        if let Some(u) = upper {
+            q = q.bind(u);
+        }
+        let rows = self.timed("scan", q.bind(limit as i64).fetch_all(&self.pool)).await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
+    /// Ids of live JSON items under `prefix` matching the search condition, in id order.
+    pub async fn search_ids(
+        &self,
+        prefix: &str,
+        cond: &str,
+        args: &[super::search::SqlArg],
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        let tail = format!(" AND tombstone = 0 AND content_type = 1 AND ({cond}) ORDER BY id LIMIT ?");
+        let mut q = prefix_query("SELECT id", prefix, &tail);
+        for a in args {
+            q = match a {
+                super::search::SqlArg::Text(t) => q.bind(t.clone()),
+                super::search::SqlArg::Num(n) => q.bind(*n),
+            };
+        }
+        let rows = self.timed("search", q.bind(limit as i64).fetch_all(&self.pool)).await?;
+        rows.iter().map(|r| text(r, 0, "id")).collect()
     }
 
     pub async fn close(&self) {

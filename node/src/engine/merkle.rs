@@ -177,14 +177,26 @@ impl SyncEngine {
         self.core.backends()?.l3.entries_under(path, limit).await
     }
 
-    /// Whether the L2 Merkle mirror equals L3's tree; trivially true with no L2.
+    /// Whether the Redis Merkle mirror equals L3's mirrored view (always true
+    /// without Redis).
     pub async fn is_merkle_synced(&self) -> Result<bool, StorageError> {
+        if self.core.backends()?.l2.is_none() {
+            return Ok(true);
+        }
         let (l2, l3) = self.merkle_roots().await;
-        Ok(l2.is_none() || l2 == l3)
+        Ok(l2 == l3)
     }
 
-    /// `(L2 root, L3 root)` as hex; L2 is `None` while no Redis tier is configured.
+    /// `(L2 root, L3 root)` as hex: the Redis mirror's root, and the root of the
+    /// L3 entries Redis should mirror (items written `durable()` or with a TTL
+    /// are in L3's full tree but not in Redis). L2 is `None` without Redis.
     pub async fn merkle_roots(&self) -> (Option<String>, Option<String>) {
-        (None, self.with_tree(|t| t.root_hash().map(hex::encode)))
+        self.core.l2_roots().await
+    }
+
+    /// Repairs Redis from L3 now (the engine also does this on start and when
+    /// Redis returns); returns how many keys were rewritten or removed.
+    pub async fn resync_redis(&self) -> Result<u64, StorageError> {
+        self.core.resync_l2().await
     }
 }

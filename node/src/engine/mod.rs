@@ -19,9 +19,13 @@ pub mod error;
 pub mod filter;
 pub mod item;
 pub mod l1;
+pub mod l2;
+pub mod l2_mirror;
 pub mod l3;
 pub mod merkle;
 pub mod options;
+pub mod search;
+pub mod search_cache;
 pub mod status;
 pub mod writer;
 
@@ -31,7 +35,9 @@ pub use error::StorageError;
 pub use filter::{FilterManager, FilterTrust};
 pub use item::{ContentType, SyncItem, content_hash, validate_id};
 pub use merkle::{MerkleDiff, MerkleNode};
-pub use options::{AckMode, CacheTtl, SubmitOptions};
+pub use options::{AckMode, CacheTtl, L2Route, SubmitOptions};
+pub use search::{FieldType, Query, SearchIndex, SearchResult, SearchSource, SearchTier};
+pub use search_cache::SearchCacheStats;
 pub use status::{BatchResult, EngineState, HealthCheck, ItemStatus, WriteReceipt};
 
 use std::collections::BTreeMap;
@@ -46,7 +52,10 @@ use tokio::task::JoinHandle;
 use commit_log::CommitLog;
 use item::{now_ms, validate_item, validate_remote, validate_state};
 use l1::L1;
+use l2::RedisStore;
+use l2_mirror::{L2Read, L2State};
 use l3::{EntryMeta, L3Store, Rows};
+use search::SearchRegistry;
 use writer::WriterCmd;
 
 /// Counters and gauges of the engine; exported by the node's `/metrics`.
@@ -59,6 +68,7 @@ pub struct EngineMetrics {
     pub l3_items_written: AtomicU64,
     pub l3_errors: AtomicU64,
     pub reads_l1: AtomicU64,
+    pub reads_l2: AtomicU64,
     pub reads_l3: AtomicU64,
     pub reads_missing: AtomicU64,
     pub filter_negatives: AtomicU64,
@@ -76,13 +86,19 @@ pub struct EngineMetrics {
 
 /// The tree and the L3 generation it describes, changed together.
 pub(crate) struct TreeState {
+    /// Every L3 entry.
     pub tree: MerkleTree,
+    /// The L3 entries that Redis mirrors (`L2Route::Mirror`): what the Redis
+    /// Merkle mirror must equal when L2 is in sync.
+    pub l2view: MerkleTree,
     pub generation: u64,
 }
 
 /// What `start` opens.
 pub(crate) struct Backends {
     pub l3: Arc<L3Store>,
+    /// Redis, when `redis_url` is set.
+    pub l2: Option<Arc<RedisStore>>,
     pub log: Option<Arc<CommitLog>>,
     pub writer: mpsc::UnboundedSender<WriterCmd>,
     pub drain_kick: Arc<Notify>,
@@ -100,6 +116,8 @@ pub(crate) struct Core {
     pub(crate) merkle: RwLock<TreeState>,
     backends: OnceLock<Backends>,
     pub(crate) metrics: EngineMetrics,
+    pub(crate) l2_state: L2State,
+    pub(crate) search: SearchRegistry,
     pub(crate) stopping: AtomicBool,
     /// Held while L3 is written or the tree rebuilt, so the two never interleave.
     pub(crate) apply_lock: tokio::sync::Mutex<()>,
@@ -143,14 +161,20 @@ impl Core {
     /// the generation they describe.
     async fn save_snapshot(&self, force: bool) -> Result<(), StorageError> {
         let b = self.backends()?;
-        let (generation, tree, filter) = {
+        let (generation, tree, l2view, filter) = {
             let t = self.merkle.read().unwrap_or_else(|p| p.into_inner());
             if !force && t.generation == self.snapshot_generation.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            (t.generation, t.tree.to_snapshot(), self.filter.export()?)
+            (
+                t.generation,
+                t.tree.to_snapshot(),
+                t.l2view.to_snapshot(),
+                self.filter.export()?,
+            )
         };
         b.l3.save_blob("merkle_tree", generation, &tree).await?;
+        b.l3.save_blob("merkle_l2view", generation, &l2view).await?;
         b.l3.save_blob("existence_filter", generation, &filter).await?;
         self.snapshot_generation.store(generation, Ordering::Relaxed);
         *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
@@ -159,6 +183,7 @@ impl Core {
 
     /// Periodic upkeep: snapshots and gauges.
     async fn maintain(&self) {
+        self.watch_l2().await;
         let interval = Duration::from_secs(self.config().snapshot_interval_secs.max(1));
         let due = self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= interval;
         if due && let Err(e) = self.save_snapshot(false).await {
@@ -182,6 +207,7 @@ impl Core {
         let depth = self.config().merkle_depth;
         let (generation, _) = b.l3.generation().await?;
         let mut tree = MerkleTree::new(depth).map_err(|e| StorageError::InvalidInput(e.to_string()))?;
+        let mut l2view = tree.clone();
         let mut ids = 0usize;
         let mut fresh = FilterManager::empty_filter(1024);
         let mut after: Option<String> = None;
@@ -190,14 +216,22 @@ impl Core {
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for e in &page {
-                tree.insert(&e.digest());
+                let d = e.digest();
+                tree.insert(&d);
+                if e.l2 {
+                    l2view.insert(&d);
+                }
                 fresh.insert(e.id.as_str());
             }
             ids += page.len();
         }
         self.filter.replace(fresh);
         self.filter.mark_trusted();
-        *self.merkle.write().unwrap_or_else(|p| p.into_inner()) = TreeState { tree, generation };
+        *self.merkle.write().unwrap_or_else(|p| p.into_inner()) = TreeState {
+            tree,
+            l2view,
+            generation,
+        };
         self.metrics.merkle_rebuilds.fetch_add(1, Ordering::Relaxed);
         tracing::info!(ids, generation, "rebuilt merkle tree and existence filter from L3");
         Ok(())
@@ -220,12 +254,23 @@ impl Core {
                 .await?
                 .filter(|(tag, _)| *tag == generation);
         let filter = filter.and_then(|(_, bytes)| FilterManager::import(&bytes).ok());
+        let l2view =
+            b.l3.load_blob("merkle_l2view")
+                .await?
+                .filter(|(tag, _)| *tag == generation);
+        let l2view = l2view
+            .and_then(|(_, bytes)| MerkleTree::from_snapshot(&bytes).ok())
+            .filter(|t| t.depth() == depth);
         let _guard = self.apply_lock.lock().await;
-        match (tree, filter) {
-            (Some(tree), Some(filter)) => {
+        match (tree, l2view, filter) {
+            (Some(tree), Some(l2view), Some(filter)) => {
                 self.filter.replace(filter);
                 self.filter.mark_trusted();
-                *self.merkle.write().unwrap_or_else(|p| p.into_inner()) = TreeState { tree, generation };
+                *self.merkle.write().unwrap_or_else(|p| p.into_inner()) = TreeState {
+                    tree,
+                    l2view,
+                    generation,
+                };
                 self.snapshot_generation.store(generation, Ordering::Relaxed);
                 Ok(())
             }
@@ -259,10 +304,13 @@ impl SyncEngine {
             filter: Arc::new(FilterManager::new(100_000)),
             merkle: RwLock::new(TreeState {
                 tree: MerkleTree::new(depth).expect("depth checked"),
+                l2view: MerkleTree::new(depth).expect("depth checked"),
                 generation: 0,
             }),
             backends: OnceLock::new(),
             metrics: EngineMetrics::default(),
+            l2_state: L2State::new(depth),
+            search: SearchRegistry::default(),
             stopping: AtomicBool::new(false),
             apply_lock: tokio::sync::Mutex::new(()),
             snapshot_generation: AtomicU64::new(u64::MAX),
@@ -312,9 +360,17 @@ impl SyncEngine {
             None
         };
         let l3 = connect_l3(&cfg).await?;
+        let l2 = match &cfg.redis_url {
+            Some(url) => Some(Arc::new(RedisStore::connect(
+                url,
+                cfg.redis_prefix.as_deref().unwrap_or(""),
+            )?)),
+            None => None,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let backends = Backends {
             l3: Arc::new(l3),
+            l2,
             log,
             writer: tx,
             drain_kick: Arc::new(Notify::new()),
@@ -332,6 +388,12 @@ impl SyncEngine {
             tracing::info!(entries = n, "drained commit log into L3");
         }
         core.load_tree().await?;
+        core.search.load(&b.l3).await?;
+        if b.l2.is_some() {
+            // Redis is a cache: if it is down, start anyway and resync when it returns.
+            core.set_state(EngineState::SyncingRedis);
+            core.watch_l2().await;
+        }
         let (_, max_version) = b.l3.generation().await?;
         *core.hlc.lock().unwrap_or_else(|p| p.into_inner()) = Hlc::new(floor.max(max_version));
 
@@ -564,11 +626,14 @@ impl SyncEngine {
         options: &SubmitOptions,
     ) -> Result<Vec<Result<WriteReceipt, StorageError>>, StorageError> {
         self.check_writable()?;
-        if !options.sql {
-            return Err(StorageError::InvalidInput(
-                "cache-only writes (sql = false) need the Redis tier, which is not configured".into(),
-            ));
-        }
+        let cache_only =
+            match (options.sql, options.redis) {
+                (true, _) => None,
+                (false, true) => Some(self.core.backends()?.l2.clone().ok_or_else(|| {
+                    StorageError::InvalidInput("cache-only writes (sql = false) need redis_url".into())
+                })?),
+                (false, false) => return Err(StorageError::InvalidInput("options store the item nowhere".into())),
+            };
         if let Some(s) = &options.state {
             validate_state(s)?;
         }
@@ -591,6 +656,11 @@ impl SyncEngine {
                 item.version = hlc.now(now as u64);
                 item.origin = node.clone();
                 item.updated_at = now;
+                item.route = match (cache_only.is_some(), options.l2_route()) {
+                    (true, L2Route::Expiring(s)) => L2Route::Expiring(s),
+                    (true, _) => L2Route::Skip,
+                    (false, r) => r,
+                };
                 results.push(Ok(WriteReceipt {
                     id: item.object_id.clone(),
                     version: item.version,
@@ -601,6 +671,16 @@ impl SyncEngine {
             }
         }
         if stamped.is_empty() {
+            return Ok(results);
+        }
+        if let Some(l2) = cache_only {
+            if let Err(e) = self.core.put_cache_only(&l2, &stamped).await {
+                return Ok(results.into_iter().map(|r| r.and(Err(e.clone()))).collect());
+            }
+            for it in stamped {
+                self.core.search.note_write(&it.object_id);
+                self.core.l1.cache_insert(it);
+            }
             return Ok(results);
         }
         if let Err(e) = self.commit_stamped(stamped, options.ack).await {
@@ -748,15 +828,31 @@ impl SyncEngine {
             m.reads_l1.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(it));
         }
+        let b = self.core.backends()?;
+        let mut repair = false;
+        if let Some(l2) = &b.l2 {
+            match self.core.l2_get(l2, id).await {
+                L2Read::Hit(it) => {
+                    m.reads_l2.fetch_add(1, Ordering::Relaxed);
+                    self.core.l1.cache_insert((*it).clone());
+                    return Ok(Some(*it));
+                }
+                L2Read::Miss => repair = true,
+                L2Read::Unusable { repair: r } => repair = r,
+            }
+        }
         if self.core.filter.might_exist(id) == Some(false) {
             m.filter_negatives.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        let found = self.core.backends()?.l3.get(id).await?;
+        let found = b.l3.get(id).await?;
         match &found {
             Some(it) => {
                 m.reads_l3.fetch_add(1, Ordering::Relaxed);
                 self.core.l1.cache_insert(it.clone());
+                if repair && let Some(l2) = &b.l2 {
+                    self.core.l2_write_back(l2, it).await;
+                }
             }
             None => {
                 m.reads_missing.fetch_add(1, Ordering::Relaxed);
@@ -874,10 +970,17 @@ impl SyncEngine {
             return Ok(ItemStatus::Pending);
         }
         let in_l1 = self.core.l1.in_cache(id);
+        let b = self.core.backends()?;
+        let in_l2 = match &b.l2 {
+            Some(l2) if self.core.l2_state.up.load(Ordering::Relaxed) => {
+                l2.exists(id).await.ok().flatten().unwrap_or(false)
+            }
+            _ => false,
+        };
         let stored = if self.core.filter.might_exist(id) == Some(false) {
             None
         } else {
-            self.core.backends()?.l3.meta_of(&[id]).await?.remove(id)
+            b.l3.meta_of(&[id]).await?.remove(id)
         };
         Ok(match stored {
             Some(e) if e.tombstone => ItemStatus::Deleted {
@@ -886,8 +989,13 @@ impl SyncEngine {
             },
             Some(_) => ItemStatus::Synced {
                 in_l1,
-                in_l2: false,
+                in_l2,
                 in_l3: true,
+            },
+            None if in_l2 => ItemStatus::Synced {
+                in_l1,
+                in_l2,
+                in_l3: false,
             },
             None => ItemStatus::Missing,
         })
@@ -925,6 +1033,19 @@ impl SyncEngine {
     pub async fn health_check(&self) -> HealthCheck {
         let core = &self.core;
         core.update_gauges();
+        let (redis_connected, redis_latency_ms) = match core.backends().ok().and_then(|b| b.l2.clone()) {
+            Some(l2) => {
+                let probe = tokio::time::timeout(Duration::from_secs(1), l2.ping()).await;
+                match probe {
+                    Ok(Ok(d)) => (Some(true), Some(d.as_millis() as u64)),
+                    _ => {
+                        core.l2_state.up.store(false, Ordering::Relaxed);
+                        (Some(false), None)
+                    }
+                }
+            }
+            None => (None, None),
+        };
         let (sql_connected, sql_latency_ms, wal) = match core.backends() {
             Ok(b) => {
                 let probe = b.l3.ping().await;
@@ -956,15 +1077,18 @@ impl SyncEngine {
             pending_bytes: core.l1.pending_bytes(),
             filter_items: filter_items as u64,
             filter_trust,
-            redis_connected: None,
-            redis_latency_ms: None,
+            redis_connected,
+            redis_latency_ms,
             sql_connected,
             sql_latency_ms,
             wal_pending_items: wal,
             merkle_items,
             merkle_root,
             peer_lag_ms: BTreeMap::new(),
-            healthy: state.is_ready() && sql_connected == Some(true) && level < BackpressureLevel::Emergency,
+            healthy: state.is_ready()
+                && sql_connected == Some(true)
+                && redis_connected != Some(false)
+                && level < BackpressureLevel::Emergency,
         }
     }
 

@@ -52,6 +52,18 @@ impl From<Duration> for CacheTtl {
     }
 }
 
+/// What a committed (L3) item means for L2, derived from its `SubmitOptions`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum L2Route {
+    /// Kept in Redis with no expiry; part of the Redis Merkle mirror.
+    #[default]
+    Mirror,
+    /// Kept in Redis until it expires (seconds); not in the mirror.
+    Expiring(u64),
+    /// SQL only: any Redis copy is removed.
+    Skip,
+}
+
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -118,6 +130,15 @@ impl SubmitOptions {
     pub fn buffered(mut self) -> Self {
         self.ack = AckMode::Buffered;
         self
+    }
+
+    /// The L2 treatment of an item that also goes to L3.
+    pub fn l2_route(&self) -> L2Route {
+        match (self.redis, self.redis_ttl) {
+            (false, _) => L2Route::Skip,
+            (true, None) => L2Route::Mirror,
+            (true, Some(ttl)) => L2Route::Expiring(ttl.as_secs().max(1)),
+        }
     }
 
     pub fn stores_anywhere(&self) -> bool {

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::Core;
 use super::error::StorageError;
 use super::item::SyncItem;
+use super::options::L2Route;
 
 pub(crate) type Ack = oneshot::Sender<Result<(), StorageError>>;
 
@@ -56,6 +57,7 @@ impl Core {
     pub(crate) async fn apply_to_l3(&self, items: Vec<SyncItem>) -> Result<(), StorageError> {
         let items = dedup_winners(items);
         let b = self.backends()?;
+        let _guard = self.apply_lock.lock().await;
         let applied = match b.l3.apply_batch(&items).await {
             Ok(a) => {
                 b.sql_up.store(true, Ordering::Relaxed);
@@ -77,8 +79,15 @@ impl Core {
                 if old.is_none() {
                     self.filter.insert(&it.object_id);
                 }
-                tree.tree
-                    .replace(old.as_ref().map(|o| o.digest()).as_ref(), &it.digest());
+                let old_digest = old.as_ref().map(|o| o.digest());
+                let new_digest = it.digest();
+                tree.tree.replace(old_digest.as_ref(), &new_digest);
+                if let Some(o) = old.as_ref().filter(|o| o.l2) {
+                    tree.l2view.remove(&o.digest());
+                }
+                if it.route == L2Route::Mirror {
+                    tree.l2view.insert(&new_digest);
+                }
                 written[*i] = true;
             }
             tree.generation = applied.generation;
@@ -91,6 +100,12 @@ impl Core {
                 self.l1.forget_pending(it);
                 self.l1.invalidate(&it.object_id);
             }
+        }
+        for (i, _) in &applied.written {
+            self.search.note_write(&items[*i].object_id);
+        }
+        if let Some(l2) = &b.l2 {
+            self.mirror_to_l2(l2, &items, &applied.written).await;
         }
         self.metrics
             .l3_items_written

@@ -1,0 +1,312 @@
+//! Keeping L2 (Redis) in step with L3.
+//!
+//! After every L3 batch the applier writes the same versions to Redis in one
+//! pipeline, together with the state sets and the Merkle mirror of the entries
+//! Redis holds (`L2Route::Mirror` ones). The engine keeps that tree in memory;
+//! when a pipeline fails, or Redis was unreachable, L2 is marked stale and the
+//! next resync repairs it: scan what Redis really holds, compare its tree with
+//! L3's mirrored view, and rewrite only the buckets that differ. Resync runs at
+//! start (`EngineState::SyncingRedis`) and whenever Redis answers again after
+//! an outage. Reads verify what Redis returns against its hash and fall back to
+//! L3 (and repair the key) when it does not match.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use syncnode_protocol::MerkleTree;
+
+use super::Core;
+use super::error::StorageError;
+use super::item::SyncItem;
+use super::l2::{RedisStore, StateMove, all_mirror_nodes, mirror_nodes};
+use super::l3::EntryMeta;
+use super::options::L2Route;
+
+/// Reads from Redis give up after this, so a hung Redis cannot stall a read.
+const L2_READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What the engine knows about L2.
+pub(crate) struct L2State {
+    /// Redis answered the last call.
+    pub up: AtomicBool,
+    /// Redis may hold something else than the mirror tree says: resync needed.
+    pub stale: AtomicBool,
+    /// The tree of mirrored entries as Redis holds them.
+    pub tree: Mutex<MerkleTree>,
+    pub repaired: AtomicU64,
+}
+
+impl L2State {
+    pub fn new(depth: u8) -> Self {
+        Self {
+            up: AtomicBool::new(false),
+            stale: AtomicBool::new(true),
+            tree: Mutex::new(MerkleTree::new(depth).expect("depth checked")),
+            repaired: AtomicU64::new(0),
+        }
+    }
+
+    fn usable(&self) -> bool {
+        self.up.load(Ordering::Relaxed) && !self.stale.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, e: &StorageError) {
+        if matches!(e, StorageError::Connection(_)) {
+            self.up.store(false, Ordering::Relaxed);
+        }
+        self.stale.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The outcome of a Redis read.
+pub(crate) enum L2Read {
+    Hit(Box<SyncItem>),
+    Miss,
+    /// Redis is down or the key is corrupt: read L3 (and repair, if corrupt).
+    Unusable {
+        repair: bool,
+    },
+}
+
+/// The state-set change for writing `it` over `old`.
+fn state_move(old: Option<&EntryMeta>, it: &SyncItem) -> StateMove {
+    StateMove {
+        from: old.filter(|o| !o.tombstone).map(|o| o.state.clone()),
+        to: (!it.tombstone && it.route != L2Route::Skip).then(|| it.state.clone()),
+    }
+}
+
+impl Core {
+    fn l2_tree(&self) -> std::sync::MutexGuard<'_, MerkleTree> {
+        self.l2_state.tree.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes what an L3 batch wrote to Redis, with state sets, search
+    /// documents and mirror nodes. Caller holds `apply_lock`.
+    pub(crate) async fn mirror_to_l2(
+        &self,
+        l2: &RedisStore,
+        items: &[SyncItem],
+        written: &[(usize, Option<EntryMeta>)],
+    ) {
+        if !self.l2_state.usable() {
+            self.l2_state.stale.store(true, Ordering::Relaxed);
+            return;
+        }
+        let mut pipe = redis::pipe();
+        let nodes = {
+            let mut tree = self.l2_tree();
+            let mut buckets = BTreeSet::new();
+            for (i, old) in written {
+                let it = &items[*i];
+                l2.queue_put(&mut pipe, it, it.route, false);
+                l2.queue_state(&mut pipe, &it.object_id, &state_move(old.as_ref(), it));
+                self.search.queue_docs(l2, &mut pipe, it);
+                if let Some(o) = old.as_ref().filter(|o| o.l2) {
+                    tree.remove(&o.digest());
+                }
+                if it.route == L2Route::Mirror {
+                    tree.insert(&it.digest());
+                }
+                buckets.insert(tree.bucket_path(&it.object_id));
+            }
+            mirror_nodes(&tree, &buckets)
+        };
+        l2.queue_mirror(&mut pipe, &nodes);
+        if let Err(e) = l2.run(&pipe, "mirror batch").await {
+            tracing::warn!(error = %e, "redis write failed; L2 will be resynced from L3");
+            self.l2_state.failed(&e);
+        }
+    }
+
+    /// Stores a cache-only item (not in L3) in Redis.
+    pub(crate) async fn put_cache_only(&self, l2: &RedisStore, items: &[SyncItem]) -> Result<(), StorageError> {
+        let mut pipe = redis::pipe();
+        for it in items {
+            l2.queue_put(&mut pipe, it, it.route, true);
+            l2.queue_state(
+                &mut pipe,
+                &it.object_id,
+                &StateMove {
+                    from: None,
+                    to: Some(it.state.clone()),
+                },
+            );
+            self.search.queue_docs(l2, &mut pipe, it);
+        }
+        l2.run(&pipe, "cache-only write")
+            .await
+            .inspect_err(|e| self.l2_state.failed(e))
+    }
+
+    /// Reads `id` from Redis when it is usable.
+    pub(crate) async fn l2_get(&self, l2: &RedisStore, id: &str) -> L2Read {
+        if !self.l2_state.up.load(Ordering::Relaxed) {
+            return L2Read::Unusable { repair: false };
+        }
+        match tokio::time::timeout(L2_READ_TIMEOUT, l2.get(id)).await {
+            Ok(Ok(Some(it))) => L2Read::Hit(Box::new(it)),
+            Ok(Ok(None)) => L2Read::Miss,
+            Ok(Err(StorageError::Corruption { id, expected, actual })) => {
+                tracing::warn!(%id, %expected, %actual, "corrupt redis entry; reading L3 and repairing");
+                self.metrics.corruption_detected.fetch_add(1, Ordering::Relaxed);
+                L2Read::Unusable { repair: true }
+            }
+            Ok(Err(e)) => {
+                self.l2_state.failed(&e);
+                L2Read::Unusable { repair: false }
+            }
+            Err(_) => {
+                self.l2_state
+                    .failed(&StorageError::Connection("redis read timed out".into()));
+                L2Read::Unusable { repair: false }
+            }
+        }
+    }
+
+    /// Puts an L3 version back into Redis (after a miss or a corrupt entry).
+    pub(crate) async fn l2_write_back(&self, l2: &RedisStore, item: &SyncItem) {
+        if item.route != L2Route::Mirror || !self.l2_state.usable() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        l2.queue_put(&mut pipe, item, item.route, false);
+        l2.queue_state(&mut pipe, &item.object_id, &state_move(None, item));
+        if let Err(e) = l2.run(&pipe, "write back").await {
+            self.l2_state.failed(&e);
+        }
+    }
+
+    /// Makes Redis hold exactly L3's mirrored entries: scans Redis, compares
+    /// trees, rewrites the differing buckets from L3, rewrites the mirror.
+    /// Returns how many keys were rewritten or removed.
+    pub(crate) async fn resync_l2(&self) -> Result<u64, StorageError> {
+        let b = self.backends()?;
+        let Some(l2) = &b.l2 else { return Ok(0) };
+        let _guard = self.apply_lock.lock().await;
+        let result = self.resync_l2_locked(l2).await;
+        match &result {
+            Ok(n) => {
+                self.l2_state.up.store(true, Ordering::Relaxed);
+                self.l2_state.stale.store(false, Ordering::Relaxed);
+                self.l2_state.repaired.fetch_add(*n, Ordering::Relaxed);
+                if *n > 0 {
+                    tracing::info!(repaired = n, "redis resynced from L3");
+                }
+            }
+            Err(e) => self.l2_state.failed(e),
+        }
+        result
+    }
+
+    async fn resync_l2_locked(&self, l2: &RedisStore) -> Result<u64, StorageError> {
+        let b = self.backends()?;
+        self.search.ensure_indexes(self, l2).await?;
+        let view = self.merkle.read().unwrap_or_else(|p| p.into_inner()).l2view.clone();
+        let (entries, bad) = l2.scan_entries().await?;
+        let mut actual = MerkleTree::new(view.depth()).expect("same depth");
+        let mut held: HashMap<String, HashMap<String, EntryMeta>> = HashMap::new();
+        for e in entries {
+            actual.insert(&e.digest());
+            held.entry(actual.bucket_path(&e.id))
+                .or_default()
+                .insert(e.id.clone(), e);
+        }
+        let mut repaired = bad.len() as u64;
+        let mut pipe = redis::pipe();
+        for id in &bad {
+            pipe.del(l2.item_key(id)).ignore();
+        }
+        for bucket in view.diff(&actual) {
+            let expected: Vec<EntryMeta> =
+                b.l3.entries_under(&bucket, usize::MAX >> 1)
+                    .await?
+                    .into_iter()
+                    .filter(|m| m.l2)
+                    .collect();
+            let have = held.remove(&bucket).unwrap_or_default();
+            let wanted: HashSet<&str> = expected.iter().map(|m| m.id.as_str()).collect();
+            for (id, h) in &have {
+                if !wanted.contains(id.as_str()) {
+                    pipe.del(l2.item_key(id)).ignore();
+                    if !h.tombstone {
+                        pipe.srem(l2.state_key(&h.state), id).ignore();
+                    }
+                    repaired += 1;
+                }
+            }
+            let stale: Vec<&str> = expected
+                .iter()
+                .filter(|m| have.get(&m.id) != Some(*m))
+                .map(|m| m.id.as_str())
+                .collect();
+            for chunk in stale.chunks(500) {
+                for it in b.l3.get_many(chunk).await? {
+                    l2.queue_put(&mut pipe, &it, L2Route::Mirror, false);
+                    let from = have
+                        .get(&it.object_id)
+                        .filter(|h| !h.tombstone)
+                        .map(|h| h.state.clone());
+                    l2.queue_state(
+                        &mut pipe,
+                        &it.object_id,
+                        &StateMove {
+                            from,
+                            to: (!it.tombstone).then(|| it.state.clone()),
+                        },
+                    );
+                    self.search.queue_docs(l2, &mut pipe, &it);
+                    repaired += 1;
+                }
+                l2.run(&pipe, "resync").await?;
+                pipe = redis::pipe();
+            }
+        }
+        l2.queue_mirror_reset(&mut pipe);
+        for chunk in all_mirror_nodes(&view).chunks(4096) {
+            l2.queue_mirror(&mut pipe, chunk);
+        }
+        l2.run(&pipe, "resync mirror").await?;
+        *self.l2_tree() = view;
+        Ok(repaired)
+    }
+
+    /// Called every second: when Redis is down or stale and answers again,
+    /// resync it.
+    pub(crate) async fn watch_l2(&self) {
+        let Ok(b) = self.backends() else { return };
+        let Some(l2) = &b.l2 else { return };
+        if self.l2_state.usable() {
+            return;
+        }
+        if l2.ping().await.is_err() {
+            self.l2_state.up.store(false, Ordering::Relaxed);
+            return;
+        }
+        self.l2_state.up.store(true, Ordering::Relaxed);
+        if let Err(e) = self.resync_l2().await {
+            tracing::warn!(error = %e, "redis resync failed; will retry");
+        }
+    }
+
+    /// `(mirror root in Redis, root of L3's mirrored view)` as hex.
+    pub(crate) async fn l2_roots(&self) -> (Option<String>, Option<String>) {
+        let view = self
+            .merkle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .l2view
+            .root_hash()
+            .map(hex::encode);
+        let redis = match self.backends().ok().and_then(|b| b.l2.clone()) {
+            Some(l2) => tokio::time::timeout(L2_READ_TIMEOUT, l2.mirror_root())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten(),
+            None => None,
+        };
+        (redis, view)
+    }
+}
