@@ -209,8 +209,9 @@ impl RedisStore {
     }
 
     /// Every mirrored entry in Redis, by scanning item keys; keys that are not
-    /// well-formed item hashes are returned in the second list (to be deleted).
-    pub async fn scan_entries(&self) -> Result<(Vec<EntryMeta>, Vec<String>), StorageError> {
+    /// well-formed item hashes (or, with `verify_content`, whose content does
+    /// not match their hash) are returned in the second list, to be deleted.
+    pub async fn scan_entries(&self, verify_content: bool) -> Result<(Vec<EntryMeta>, Vec<String>), StorageError> {
         let mut conn = self.conn();
         let key_prefix = format!("{}item:", self.prefix);
         let pattern = format!("{}*", glob_escape(&key_prefix));
@@ -230,15 +231,32 @@ impl RedisStore {
                 let mut pipe = redis::pipe();
                 pipe.ignore_errors();
                 for k in &keys {
-                    pipe.cmd("HMGET").arg(k).arg(&["v", "o", "b", "h", "s", "n"]);
+                    let fields: &[&str] = &["v", "o", "b", "h", "s", "n", "c"];
+                    pipe.cmd("HMGET")
+                        .arg(k)
+                        .arg(&fields[..if verify_content { 7 } else { 6 }]);
                 }
-                let rows: Vec<redis::RedisResult<Vec<Option<String>>>> = pipe
+                let rows: Vec<redis::RedisResult<Vec<Option<Vec<u8>>>>> = pipe
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| redis_err("scan fields", e))?;
                 for (k, row) in keys.iter().zip(rows) {
                     let id = k[key_prefix.len()..].to_string();
-                    match row.ok().and_then(|f| meta_from_fields(&id, &f)) {
+                    let parsed = row.ok().and_then(|mut f| {
+                        let content = if verify_content { Some(f.pop()?) } else { None };
+                        let text: Vec<Option<String>> = f
+                            .into_iter()
+                            .map(|v| v.and_then(|b| String::from_utf8(b).ok()))
+                            .collect();
+                        let meta = meta_from_fields(&id, &text)?;
+                        match (&meta, content) {
+                            (Some(m), Some(c)) if content_hash(c.as_deref().unwrap_or_default()) != m.content_hash => {
+                                None
+                            }
+                            _ => Some(meta),
+                        }
+                    });
+                    match parsed {
                         Some(Some(meta)) => entries.push(meta),
                         Some(None) => {}
                         None => bad.push(id),

@@ -181,11 +181,12 @@ impl Core {
     /// Makes Redis hold exactly L3's mirrored entries: scans Redis, compares
     /// trees, rewrites the differing buckets from L3, rewrites the mirror.
     /// Returns how many keys were rewritten or removed.
-    pub(crate) async fn resync_l2(&self) -> Result<u64, StorageError> {
+    /// `verify_content` also hashes every stored content (done at start).
+    pub(crate) async fn resync_l2(&self, verify_content: bool) -> Result<u64, StorageError> {
         let b = self.backends()?;
         let Some(l2) = &b.l2 else { return Ok(0) };
         let _guard = self.apply_lock.lock().await;
-        let result = self.resync_l2_locked(l2).await;
+        let result = self.resync_l2_locked(l2, verify_content).await;
         match &result {
             Ok(n) => {
                 self.l2_state.up.store(true, Ordering::Relaxed);
@@ -200,11 +201,11 @@ impl Core {
         result
     }
 
-    async fn resync_l2_locked(&self, l2: &RedisStore) -> Result<u64, StorageError> {
+    async fn resync_l2_locked(&self, l2: &RedisStore, verify_content: bool) -> Result<u64, StorageError> {
         let b = self.backends()?;
         self.search.ensure_indexes(self, l2).await?;
         let view = self.merkle.read().unwrap_or_else(|p| p.into_inner()).l2view.clone();
-        let (entries, bad) = l2.scan_entries().await?;
+        let (entries, bad) = l2.scan_entries(verify_content).await?;
         let mut actual = MerkleTree::new(view.depth()).expect("same depth");
         let mut held: HashMap<String, HashMap<String, EntryMeta>> = HashMap::new();
         for e in entries {
@@ -272,9 +273,9 @@ impl Core {
         Ok(repaired)
     }
 
-    /// Called every second: when Redis is down or stale and answers again,
-    /// resync it.
-    pub(crate) async fn watch_l2(&self) {
+    /// Called every second (and at start, with `verify_content`): when Redis
+    /// is down or stale and answers, resync it.
+    pub(crate) async fn watch_l2(&self, verify_content: bool) {
         let Ok(b) = self.backends() else { return };
         let Some(l2) = &b.l2 else { return };
         if self.l2_state.usable() {
@@ -285,7 +286,7 @@ impl Core {
             return;
         }
         self.l2_state.up.store(true, Ordering::Relaxed);
-        if let Err(e) = self.resync_l2().await {
+        if let Err(e) = self.resync_l2(verify_content).await {
             tracing::warn!(error = %e, "redis resync failed; will retry");
         }
     }

@@ -194,9 +194,10 @@ impl SyncEngine {
         self.core.l2_roots().await
     }
 
-    /// Repairs Redis from L3 now (the engine also does this on start and when
-    /// Redis returns); returns how many keys were rewritten or removed.
+    /// Repairs Redis from L3 now, checking every stored content against its
+    /// hash (the engine also does this on start, and without the content check
+    /// when Redis returns); returns how many keys were rewritten or removed.
     pub async fn resync_redis(&self) -> Result<u64, StorageError> {
-        self.core.resync_l2().await
+        self.core.resync_l2(true).await
     }
 }

@@ -183,7 +183,7 @@ impl Core {
 
     /// Periodic upkeep: snapshots and gauges.
     async fn maintain(&self) {
-        self.watch_l2().await;
+        self.watch_l2(false).await;
         let interval = Duration::from_secs(self.config().snapshot_interval_secs.max(1));
         let due = self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= interval;
         if due && let Err(e) = self.save_snapshot(false).await {
@@ -392,7 +392,7 @@ impl SyncEngine {
         if b.l2.is_some() {
             // Redis is a cache: if it is down, start anyway and resync when it returns.
             core.set_state(EngineState::SyncingRedis);
-            core.watch_l2().await;
+            core.watch_l2(true).await;
         }
         let (_, max_version) = b.l3.generation().await?;
         *core.hlc.lock().unwrap_or_else(|p| p.into_inner()) = Hlc::new(floor.max(max_version));

@@ -21,6 +21,21 @@ pub fn mysql_url() -> String {
     })
 }
 
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| {
+        panic!("REDIS_URL is not set: run the tests through ./scripts/test, which starts Redis with RediSearch and exports it")
+    })
+}
+
+/// A raw Redis connection for looking behind the engine's back.
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach Redis at REDIS_URL ({e}); run ./scripts/test"))
+}
+
 static NEXT_DB: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh, empty MariaDB database; returns its URL.
@@ -47,6 +62,23 @@ pub struct TestNode {
 }
 
 impl TestNode {
+    /// A node with Redis as L2, under a key prefix of its own.
+    pub async fn with_redis(backend: Backend, node_id: &str) -> Self {
+        let mut n = Self::new(backend, node_id).await;
+        n.config.redis_url = Some(redis_url());
+        n.config.redis_prefix = Some(format!(
+            "t{}_{}_{}:",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::Relaxed),
+            node_id
+        ));
+        n
+    }
+
+    pub fn redis_prefix(&self) -> String {
+        self.config.redis_prefix.clone().unwrap_or_default()
+    }
+
     pub async fn new(backend: Backend, node_id: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = SyncEngineConfig::for_dir(dir.path(), node_id);

@@ -1,0 +1,192 @@
+//! The L2 Redis tier against the real Redis of `scripts/test`, on both L3
+//! backends: routing, TTLs, state sets, promotion, the Merkle mirror, and the
+//! startup resync that repairs Redis after it was changed behind our back.
+
+mod common;
+
+use common::{BACKENDS, TestNode, redis_conn};
+use redis::AsyncCommands;
+use std::sync::atomic::Ordering;
+use syncnode::{CacheTtl, ItemStatus, SubmitOptions, SyncEngine, SyncItem};
+
+#[tokio::test]
+async fn routing_ttl_state_sets_and_promotion() {
+    for backend in BACKENDS {
+        let node = TestNode::with_redis(backend, "a").await;
+        let p = node.redis_prefix();
+        let mut r = redis_conn().await;
+        let e = node.start().await;
+
+        // Default: both tiers, no expiry, in the mirror.
+        e.submit(SyncItem::new("both", &b"B"[..]).with_state("s1"))
+            .await
+            .unwrap();
+        let content: Vec<u8> = r.hget(format!("{p}item:both"), "c").await.unwrap();
+        assert_eq!(content, b"B", "{backend:?}");
+        assert_eq!(r.ttl::<_, i64>(format!("{p}item:both")).await.unwrap(), -1);
+        assert!(matches!(
+            e.status("both").await.unwrap(),
+            ItemStatus::Synced {
+                in_l2: true,
+                in_l3: true,
+                ..
+            }
+        ));
+
+        // Cache only: Redis with a TTL, not L3, not the tree.
+        let before = e.merkle_summary().1;
+        e.submit_with(
+            SyncItem::new("cache", &b"C"[..]),
+            SubmitOptions::cache(CacheTtl::Minute),
+        )
+        .await
+        .unwrap();
+        let ttl: i64 = r.ttl(format!("{p}item:cache")).await.unwrap();
+        assert!((1..=60).contains(&ttl), "ttl {ttl}");
+        assert_eq!(e.merkle_summary().1, before);
+        assert_eq!(e.count_prefix("cache").await.unwrap(), 0);
+        assert_eq!(&e.get("cache").await.unwrap().unwrap().content[..], b"C");
+        assert!(matches!(
+            e.status("cache").await.unwrap(),
+            ItemStatus::Synced {
+                in_l2: true,
+                in_l3: false,
+                ..
+            }
+        ));
+
+        // Durable only: L3, never Redis (an older Redis copy is removed).
+        e.submit(SyncItem::new("dur", &b"old"[..])).await.unwrap();
+        e.submit_with(SyncItem::new("dur", &b"D"[..]), SubmitOptions::durable())
+            .await
+            .unwrap();
+        assert!(!r.exists::<_, bool>(format!("{p}item:dur")).await.unwrap());
+        assert_eq!(&e.get("dur").await.unwrap().unwrap().content[..], b"D");
+
+        // State sets follow set_state and delete.
+        let members: Vec<String> = r.smembers(format!("{p}state:s1")).await.unwrap();
+        assert_eq!(members, vec!["both".to_string()]);
+        assert!(e.set_state("both", "s2").await.unwrap());
+        assert!(!r.sismember::<_, _, bool>(format!("{p}state:s1"), "both").await.unwrap());
+        assert!(r.sismember::<_, _, bool>(format!("{p}state:s2"), "both").await.unwrap());
+        e.delete("both").await.unwrap();
+        assert!(!r.sismember::<_, _, bool>(format!("{p}state:s2"), "both").await.unwrap());
+        assert_eq!(e.get("both").await.unwrap(), None);
+        assert!(!e.contains("both").await.unwrap());
+
+        // The mirror agrees with L3 (items written durable() are not in it).
+        assert!(
+            e.is_merkle_synced().await.unwrap(),
+            "{backend:?}: {:?}",
+            e.merkle_roots().await
+        );
+        let (l2_root, _) = e.merkle_roots().await;
+        assert!(l2_root.is_some());
+        e.submit(SyncItem::new("promo", &b"P"[..])).await.unwrap();
+        e.shutdown().await;
+
+        // A fresh engine (empty L1) serves from Redis and promotes to L1.
+        let e = node.start().await;
+        let l2_reads = e.metrics().reads_l2.load(Ordering::Relaxed);
+        assert_eq!(&e.get("promo").await.unwrap().unwrap().content[..], b"P");
+        assert_eq!(e.metrics().reads_l2.load(Ordering::Relaxed), l2_reads + 1);
+        e.get("promo").await.unwrap();
+        assert_eq!(
+            e.metrics().reads_l2.load(Ordering::Relaxed),
+            l2_reads + 1,
+            "second read is an L1 hit"
+        );
+        let h = e.health_check().await;
+        assert_eq!(h.redis_connected, Some(true));
+        assert!(h.healthy);
+        e.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn startup_resync_repairs_redis_changed_behind_our_back() {
+    for backend in BACKENDS {
+        let node = TestNode::with_redis(backend, "a").await;
+        let p = node.redis_prefix();
+        let mut r = redis_conn().await;
+        let e = node.start().await;
+        let items: Vec<SyncItem> = (0..300)
+            .map(|i| SyncItem::new(format!("k.{i:03}"), format!("v{i}").into_bytes()))
+            .collect();
+        e.submit_many(items).await.unwrap();
+        e.delete("k.299").await.unwrap();
+        assert!(e.is_merkle_synced().await.unwrap());
+        e.shutdown().await;
+
+        // Behind the node's back: deleted keys, corrupted content, stale
+        // versions, wrong types, a stray key, and a damaged mirror.
+        for i in 0..10 {
+            let _: () = r.del(format!("{p}item:k.{i:03}")).await.unwrap();
+        }
+        for i in 10..15 {
+            let _: () = r.hset(format!("{p}item:k.{i:03}"), "c", "garbage").await.unwrap();
+        }
+        for i in 15..18 {
+            let _: () = r.hset(format!("{p}item:k.{i:03}"), "v", "1").await.unwrap();
+        }
+        for i in 18..20 {
+            let _: () = r.del(format!("{p}item:k.{i:03}")).await.unwrap();
+            let _: () = r.set(format!("{p}item:k.{i:03}"), "not a hash").await.unwrap();
+        }
+        let _: () = r.del(format!("{p}item:k.299")).await.unwrap();
+        let _: () = r
+            .hset_multiple(
+                format!("{p}item:stray"),
+                &[("v", "5"), ("o", "x"), ("b", "0"), ("h", "00"), ("s", "default")],
+            )
+            .await
+            .unwrap();
+        let _: () = r.del(format!("{p}merkle:node")).await.unwrap();
+
+        let e = node.start().await;
+        assert!(
+            e.is_merkle_synced().await.unwrap(),
+            "{backend:?}: mirror repaired: {:?}",
+            e.merkle_roots().await
+        );
+        for i in 0..299 {
+            let c: Vec<u8> = r.hget(format!("{p}item:k.{i:03}"), "c").await.unwrap();
+            assert_eq!(c, format!("v{i}").into_bytes(), "{backend:?}: k.{i:03} repaired");
+            let v: String = r.hget(format!("{p}item:k.{i:03}"), "v").await.unwrap();
+            assert_ne!(v, "1");
+        }
+        let tomb: String = r.hget(format!("{p}item:k.299"), "b").await.unwrap();
+        assert_eq!(tomb, "1", "the tombstone is back in Redis");
+        assert!(
+            !r.exists::<_, bool>(format!("{p}item:stray")).await.unwrap(),
+            "malformed stray key removed"
+        );
+        e.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_redis_entry_is_read_from_l3_and_repaired() {
+    for backend in BACKENDS {
+        let node = TestNode::with_redis(backend, "a").await;
+        let p = node.redis_prefix();
+        let mut r = redis_conn().await;
+        e_scenario(&node, &p, &mut r, backend).await;
+    }
+}
+
+async fn e_scenario(node: &TestNode, p: &str, r: &mut redis::aio::MultiplexedConnection, backend: common::Backend) {
+    let e = node.start().await;
+    e.submit(SyncItem::new("x", &b"good"[..])).await.unwrap();
+    e.shutdown().await;
+    // A fresh engine (empty L1); the key goes bad while it runs.
+    let e = SyncEngine::with_config(node.config.clone());
+    e.start().await.unwrap();
+    let _: () = r.hset(format!("{p}item:x"), "c", "evil").await.unwrap();
+    let got = e.get("x").await.unwrap().unwrap();
+    assert_eq!(&got.content[..], b"good", "{backend:?}");
+    assert_eq!(e.metrics().corruption_detected.load(Ordering::Relaxed), 1);
+    let c: Vec<u8> = r.hget(format!("{p}item:x"), "c").await.unwrap();
+    assert_eq!(c, b"good", "{backend:?}: repaired in Redis");
+    e.shutdown().await;
+}
