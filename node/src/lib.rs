@@ -9,5 +9,6 @@ pub mod engine;
 
 pub use engine::{
     AckMode, BackpressureLevel, BatchResult, CacheTtl, ContentType, EngineState, FilterTrust, HealthCheck, ItemStatus,
-    MerkleDiff, MerkleNode, StorageError, SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, WriteReceipt,
+    L2Route, MerkleDiff, MerkleNode, Query, SearchCacheStats, SearchIndex, SearchResult, SearchSource, SearchTier,
+    StorageError, SubmitOptions, SyncEngine, SyncEngineConfig, SyncItem, WriteReceipt,
 };
