@@ -105,7 +105,7 @@ async fn mariadb_outage_fails_no_write_and_drains_in_order() {
                     .expect("hot write");
                 acked.push(i);
                 i += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             acked
         })

@@ -513,12 +513,16 @@ pub fn to_redisearch(q: &Query, index: &SearchIndex) -> Result<String, StorageEr
             if qs.is_empty() {
                 return Err(StorageError::InvalidInput("and/or need at least one query".into()));
             }
-            let parts: Vec<String> = qs.iter().map(|q| to_redisearch(q, index)).collect::<Result<_, _>>()?;
+            // Every operand in parentheses: RediSearch 1.x cannot parse `{tag} | @f`.
+            let parts: Vec<String> = qs
+                .iter()
+                .map(|q| to_redisearch(q, index).map(|p| wrap(&p)))
+                .collect::<Result<_, _>>()?;
             let sep = if matches!(q, Query::And(_)) { " " } else { " | " };
             format!("({})", parts.join(sep))
         }
-        // `*` minus the inner set, so a lone negation and nested ones mean the same.
-        Query::Not(inner) => format!("(* -{})", wrap(&to_redisearch(inner, index)?)),
+        // A negation means "every document but these", alone or nested.
+        Query::Not(inner) => format!("(-{})", wrap(&to_redisearch(inner, index)?)),
     })
 }
 
@@ -681,7 +685,7 @@ impl Sql {
                 format!(
                     "EXISTS (SELECT 1 FROM JSON_TABLE(CASE JSON_TYPE({x}) WHEN 'ARRAY' THEN {x} \
                      WHEN 'STRING' THEN JSON_ARRAY(JSON_UNQUOTE({x})) ELSE JSON_ARRAY() END, \
-                     '$[*]' COLUMNS (v LONGTEXT PATH '$')) j WHERE INSTR(j.v, ',') = 0 \
+                     '$[*]' COLUMNS (v LONGTEXT CHARACTER SET utf8mb4 PATH '$')) j WHERE INSTR(j.v, ',') = 0 \
                      AND LOWER(TRIM(j.v)) COLLATE utf8mb4_bin IN ({marks}))"
                 )
             }
@@ -1287,7 +1291,7 @@ mod tests {
             Query::prefix("name", "Al").and(Query::fuzzy("name", "smyth").or(Query::field_eq("age", 3i64)).negate());
         assert_eq!(
             to_redisearch(&q, &i).unwrap(),
-            "(@name:al* (* -(@name:%smyth% | @age:[3 3])))"
+            "((@name:al*) (-((@name:%smyth%) | (@age:[3 3]))))"
         );
         for bad in [
             Query::prefix("name", "a"),
