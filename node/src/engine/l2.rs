@@ -1,10 +1,9 @@
 //! L2: Redis as a cache in front of L3.
 //!
 //! Layout (`{p}` = `redis_prefix`):
-//! - `{p}item:{id}`: a hash per item: `v` version, `o` origin, `h` content hash,
-//!   `s` state, `t` content type, `b` tombstone, `u` updated_at, `c` content,
-//!   `p` trace parent, and `n` = 1 when the item is not part of the mirror
-//!   (cache-only or expiring items);
+//! - `{p}item:{id}`: a hash per item with two fields: `c` the content and `m`
+//!   the metadata packed in one line-separated string (see `Meta`), so a write
+//!   is one `HSET` that replaces the whole item;
 //! - `{p}state:{state}`: the set of live ids in a state;
 //! - `{p}merkle:node`: the Merkle mirror, a hash from node path (`r` + hex path)
 //!   to the hex node hash of the tree of mirrored items as Redis holds them.
@@ -15,7 +14,6 @@
 
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::error::StorageError;
@@ -102,32 +100,21 @@ impl RedisStore {
     }
 
     /// Adds the commands that store `item` (or remove it, for `Skip`) to `pipe`.
+    /// A key without a TTL of its own loses any expiry an earlier version had.
     pub fn queue_put(&self, pipe: &mut redis::Pipeline, item: &SyncItem, route: L2Route, cache_only: bool) {
         let key = self.item_key(&item.object_id);
-        pipe.del(&key).ignore();
         if route == L2Route::Skip && !cache_only {
+            pipe.del(&key).ignore();
             return;
         }
-        let mut fields: Vec<(&str, Vec<u8>)> = vec![
-            ("v", item.version.to_string().into_bytes()),
-            ("o", item.origin.clone().into_bytes()),
-            ("h", item.content_hash.clone().into_bytes()),
-            ("s", item.state.clone().into_bytes()),
-            ("t", item.content_type.code().to_string().into_bytes()),
-            ("b", (if item.tombstone { "1" } else { "0" }).into()),
-            ("u", item.updated_at.to_string().into_bytes()),
-            ("c", item.content.to_vec()),
-        ];
-        if let Some(tp) = &item.trace_parent {
-            fields.push(("p", tp.clone().into_bytes()));
-        }
-        if cache_only || route != L2Route::Mirror {
-            fields.push(("n", b"1".to_vec()));
-        }
+        let mirrored = !cache_only && route == L2Route::Mirror;
+        let meta = Meta::pack(item, mirrored);
+        let fields: [(&str, &[u8]); 2] = [("m", meta.as_bytes()), ("c", &item.content[..])];
         pipe.hset_multiple(&key, &fields).ignore();
-        if let L2Route::Expiring(secs) = route {
-            pipe.expire(&key, secs as i64).ignore();
-        }
+        match route {
+            L2Route::Expiring(secs) => pipe.expire(&key, secs as i64).ignore(),
+            _ => pipe.persist(&key).ignore(),
+        };
     }
 
     /// Adds the state-set changes for `id`.
@@ -181,31 +168,51 @@ impl RedisStore {
     /// The item under `id`, checked against its hash. `Ok(None)` when absent;
     /// `Corruption` when the stored content does not match or the key is not ours.
     pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {
-        let map: HashMap<String, Vec<u8>> = match self.conn().hgetall(self.item_key(id)).await {
-            Ok(m) => m,
-            Err(e) if e.code() == Some("WRONGTYPE") => {
-                return Err(StorageError::Corruption {
-                    id: id.into(),
-                    expected: "a hash".into(),
-                    actual: "another type".into(),
-                });
-            }
+        let corrupt = |what: &str| StorageError::Corruption {
+            id: id.into(),
+            expected: what.into(),
+            actual: "something else".into(),
+        };
+        let fields: Vec<Option<Vec<u8>>> = match redis::cmd("HMGET")
+            .arg(self.item_key(id))
+            .arg("m")
+            .arg("c")
+            .query_async(&mut self.conn())
+            .await
+        {
+            Ok(f) => f,
+            Err(e) if e.code() == Some("WRONGTYPE") => return Err(corrupt("a hash")),
             Err(e) => return Err(redis_err("get", e)),
         };
-        if map.is_empty() {
-            return Ok(None);
+        let [m, c] = <[Option<Vec<u8>>; 2]>::try_from(fields).map_err(|_| corrupt("two fields"))?;
+        let (m, c) = match (m, c) {
+            (None, None) => return Ok(None),
+            (Some(m), Some(c)) => (m, c),
+            _ => return Err(corrupt("fields m and c")),
+        };
+        let meta = std::str::from_utf8(&m)
+            .ok()
+            .and_then(Meta::unpack)
+            .ok_or_else(|| corrupt("well-formed metadata"))?;
+        let actual = content_hash(&c);
+        if actual != meta.hash {
+            return Err(StorageError::Corruption {
+                id: id.into(),
+                expected: meta.hash,
+                actual,
+            });
         }
-        parse_item(id, &map).map(Some)
+        Ok(Some(meta.into_item(id, c)))
     }
 
     /// `Some(live)` when Redis holds the id (live or tombstone), `None` when not.
     pub async fn exists(&self, id: &str) -> Result<Option<bool>, StorageError> {
-        let tomb: Option<String> = self
+        let m: Option<String> = self
             .conn()
-            .hget(self.item_key(id), "b")
+            .hget(self.item_key(id), "m")
             .await
             .map_err(|e| redis_err("exists", e))?;
-        Ok(tomb.map(|t| t != "1"))
+        Ok(m.and_then(|m| Meta::unpack(&m)).map(|m| !m.tombstone))
     }
 
     /// Every mirrored entry in Redis, by scanning item keys; keys that are not
@@ -231,10 +238,10 @@ impl RedisStore {
                 let mut pipe = redis::pipe();
                 pipe.ignore_errors();
                 for k in &keys {
-                    let fields: &[&str] = &["v", "o", "b", "h", "s", "n", "c"];
+                    let fields: &[&str] = &["m", "c"];
                     pipe.cmd("HMGET")
                         .arg(k)
-                        .arg(&fields[..if verify_content { 7 } else { 6 }]);
+                        .arg(&fields[..if verify_content { 2 } else { 1 }]);
                 }
                 let rows: Vec<redis::RedisResult<Vec<Option<Vec<u8>>>>> = pipe
                     .query_async(&mut conn)
@@ -242,19 +249,24 @@ impl RedisStore {
                     .map_err(|e| redis_err("scan fields", e))?;
                 for (k, row) in keys.iter().zip(rows) {
                     let id = k[key_prefix.len()..].to_string();
-                    let parsed = row.ok().and_then(|mut f| {
-                        let content = if verify_content { Some(f.pop()?) } else { None };
-                        let text: Vec<Option<String>> = f
-                            .into_iter()
-                            .map(|v| v.and_then(|b| String::from_utf8(b).ok()))
-                            .collect();
-                        let meta = meta_from_fields(&id, &text)?;
-                        match (&meta, content) {
-                            (Some(m), Some(c)) if content_hash(c.as_deref().unwrap_or_default()) != m.content_hash => {
-                                None
-                            }
-                            _ => Some(meta),
+                    let parsed = row.ok().and_then(|f| {
+                        let meta = f
+                            .first()?
+                            .as_deref()
+                            .and_then(|m| std::str::from_utf8(m).ok())
+                            .and_then(Meta::unpack)?;
+                        if verify_content && content_hash(f.get(1)?.as_deref()?) != meta.hash {
+                            return None;
                         }
+                        Some(meta.mirrored.then(|| EntryMeta {
+                            id: id.clone(),
+                            version: meta.version,
+                            origin: meta.origin,
+                            tombstone: meta.tombstone,
+                            content_hash: meta.hash,
+                            state: meta.state,
+                            l2: true,
+                        }))
                     });
                     match parsed {
                         Some(Some(meta)) => entries.push(meta),
@@ -271,67 +283,79 @@ impl RedisStore {
     }
 }
 
-/// `Some(Some(meta))` for a mirrored entry, `Some(None)` for a well-formed
-/// non-mirrored one (cache-only, expiring), `None` when malformed.
-fn meta_from_fields(id: &str, f: &[Option<String>]) -> Option<Option<EntryMeta>> {
-    let [v, o, b, h, s, n] = f else { return None };
-    let version = v.as_ref()?.parse().ok()?;
-    let hash = h
-        .as_ref()
-        .filter(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit()))?;
-    let meta = EntryMeta {
-        id: id.to_string(),
-        version,
-        origin: o.clone()?,
-        tombstone: b.as_deref()? == "1",
-        content_hash: hash.clone(),
-        state: s.clone()?,
-        l2: true,
-    };
-    Some((n.as_deref() != Some("1")).then_some(meta))
+/// An item's metadata as stored in the `m` field: version, origin, tombstone,
+/// content type, updated_at, state, content hash, trace parent and whether the
+/// item is in the Merkle mirror, one per line. None of them can hold a line
+/// break: the engine refuses control characters in origins, states and traces.
+struct Meta {
+    version: u64,
+    origin: String,
+    tombstone: bool,
+    content_type: ContentType,
+    updated_at: i64,
+    state: String,
+    hash: String,
+    trace_parent: Option<String>,
+    mirrored: bool,
 }
 
-fn parse_item(id: &str, map: &HashMap<String, Vec<u8>>) -> Result<SyncItem, StorageError> {
-    let bad = |what: &str| StorageError::Corruption {
-        id: id.into(),
-        expected: format!("field {what}"),
-        actual: "missing or malformed".into(),
-    };
-    let text = |k: &str| {
-        map.get(k)
-            .and_then(|v| String::from_utf8(v.clone()).ok())
-            .ok_or_else(|| bad(k))
-    };
-    let content = map.get("c").cloned().ok_or_else(|| bad("c"))?;
-    let expected = text("h")?;
-    let actual = content_hash(&content);
-    if actual != expected {
-        return Err(StorageError::Corruption {
-            id: id.into(),
-            expected,
-            actual,
-        });
+impl Meta {
+    fn pack(it: &SyncItem, mirrored: bool) -> String {
+        format!(
+            "{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            it.version,
+            it.origin,
+            u8::from(it.tombstone),
+            it.content_type.code(),
+            it.updated_at,
+            it.state,
+            it.content_hash,
+            it.trace_parent.as_deref().unwrap_or(""),
+            u8::from(mirrored)
+        )
     }
-    let route = if map.get("n").is_some_and(|n| n == b"1") {
-        L2Route::Skip
-    } else {
-        L2Route::Mirror
-    };
-    Ok(SyncItem {
-        object_id: id.to_string(),
-        version: text("v")?.parse().map_err(|_| bad("v"))?,
-        origin: text("o")?,
-        updated_at: text("u")?.parse().map_err(|_| bad("u"))?,
-        content_type: ContentType::from_code(text("t")?.parse().map_err(|_| bad("t"))?),
-        content: content.into(),
-        content_hash: expected,
-        state: text("s")?,
-        tombstone: text("b")? == "1",
-        access_count: 0,
-        last_accessed: 0,
-        trace_parent: map.get("p").map(|p| String::from_utf8_lossy(p).into_owned()),
-        route,
-    })
+
+    fn unpack(s: &str) -> Option<Self> {
+        let f: Vec<&str> = s.split('\n').collect();
+        let [v, o, b, t, u, st, h, p, m] = f.as_slice() else {
+            return None;
+        };
+        let flag = |x: &str| match x {
+            "0" => Some(false),
+            "1" => Some(true),
+            _ => None,
+        };
+        (h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit())).then_some(())?;
+        Some(Self {
+            version: v.parse().ok()?,
+            origin: o.to_string(),
+            tombstone: flag(b)?,
+            content_type: ContentType::from_code(t.parse().ok()?),
+            updated_at: u.parse().ok()?,
+            state: st.to_string(),
+            hash: h.to_string(),
+            trace_parent: (!p.is_empty()).then(|| p.to_string()),
+            mirrored: flag(m)?,
+        })
+    }
+
+    fn into_item(self, id: &str, content: Vec<u8>) -> SyncItem {
+        SyncItem {
+            object_id: id.to_string(),
+            version: self.version,
+            origin: self.origin,
+            updated_at: self.updated_at,
+            content_type: self.content_type,
+            content: content.into(),
+            content_hash: self.hash,
+            state: self.state,
+            tombstone: self.tombstone,
+            access_count: 0,
+            last_accessed: 0,
+            trace_parent: self.trace_parent,
+            route: if self.mirrored { L2Route::Mirror } else { L2Route::Skip },
+        }
+    }
 }
 
 /// The `(path, hash)` pairs to write for the mirror after changes to `buckets`.

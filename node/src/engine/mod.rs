@@ -609,8 +609,17 @@ impl SyncEngine {
     /// Stores many items as one batch (one transaction when they fit one).
     /// Invalid items are counted as failed and stored nowhere.
     pub async fn submit_many(&self, items: Vec<SyncItem>) -> Result<BatchResult, StorageError> {
+        self.submit_many_with(items, SubmitOptions::default()).await
+    }
+
+    /// `submit_many` with routing options for the whole batch.
+    pub async fn submit_many_with(
+        &self,
+        items: Vec<SyncItem>,
+        options: SubmitOptions,
+    ) -> Result<BatchResult, StorageError> {
         let total = items.len();
-        let receipts = self.submit_batch(items, &SubmitOptions::default()).await?;
+        let receipts = self.submit_batch(items, &options).await?;
         let succeeded = receipts.iter().filter(|r| r.is_ok()).count();
         Ok(BatchResult {
             total,
