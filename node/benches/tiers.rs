@@ -159,7 +159,10 @@ async fn l2(url: &str, n: usize) {
     let secs = start.elapsed().as_secs_f64();
     let l2_reads = e.metrics().reads_l2.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(l2_reads as usize, n, "every read was an L2 hit");
-    println!("bench=tiers metric=l2_get_hits_16_readers value={:.0} unit=ops/s", n as f64 / secs);
+    println!(
+        "bench=tiers metric=l2_get_hits_16_readers value={:.0} unit=ops/s",
+        n as f64 / secs
+    );
     e.shutdown().await;
     let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
 }

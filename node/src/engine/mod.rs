@@ -686,9 +686,10 @@ impl SyncEngine {
             if let Err(e) = self.core.put_cache_only(&l2, &stamped).await {
                 return Ok(results.into_iter().map(|r| r.and(Err(e.clone()))).collect());
             }
-            for it in stamped {
+            for it in &stamped {
                 self.core.search.note_write(&it.object_id);
-                self.core.l1.cache_insert(it);
+                // L1 may hold an older version; the next read promotes this one.
+                self.core.l1.invalidate(&it.object_id);
             }
             return Ok(results);
         }
