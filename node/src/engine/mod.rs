@@ -242,25 +242,24 @@ impl Core {
         let b = self.backends()?;
         let depth = self.config().merkle_depth;
         let (generation, _) = b.l3.generation().await?;
-        let tree =
-            b.l3.load_blob("merkle_tree")
+        // A snapshot counts only if it was taken at L3's current generation.
+        let snapshot = async |name: &str| -> Result<Option<Vec<u8>>, StorageError> {
+            Ok(b.l3
+                .load_blob(name)
                 .await?
-                .filter(|(tag, _)| *tag == generation);
-        let tree = tree
-            .and_then(|(_, bytes)| MerkleTree::from_snapshot(&bytes).ok())
-            .filter(|t| t.depth() == depth);
-        let filter =
-            b.l3.load_blob("existence_filter")
-                .await?
-                .filter(|(tag, _)| *tag == generation);
-        let filter = filter.and_then(|(_, bytes)| FilterManager::import(&bytes).ok());
-        let l2view =
-            b.l3.load_blob("merkle_l2view")
-                .await?
-                .filter(|(tag, _)| *tag == generation);
-        let l2view = l2view
-            .and_then(|(_, bytes)| MerkleTree::from_snapshot(&bytes).ok())
-            .filter(|t| t.depth() == depth);
+                .filter(|(tag, _)| *tag == generation)
+                .map(|(_, bytes)| bytes))
+        };
+        let tree_of = |bytes: Option<Vec<u8>>| {
+            bytes
+                .and_then(|b| MerkleTree::from_snapshot(&b).ok())
+                .filter(|t| t.depth() == depth)
+        };
+        let tree = tree_of(snapshot("merkle_tree").await?);
+        let l2view = tree_of(snapshot("merkle_l2view").await?);
+        let filter = snapshot("existence_filter")
+            .await?
+            .and_then(|bytes| FilterManager::import(&bytes).ok());
         let _guard = self.apply_lock.lock().await;
         match (tree, l2view, filter) {
             (Some(tree), Some(l2view), Some(filter)) => {

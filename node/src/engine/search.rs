@@ -448,89 +448,113 @@ fn num(n: f64) -> String {
     }
 }
 
-/// The RediSearch query for `q` over `index`.
-pub fn to_redisearch(q: &Query, index: &SearchIndex) -> Result<String, StorageError> {
+/// A query checked against an index: field types fit the operators, values
+/// are tokenized or normalized. Both tiers are written from this one form.
+#[derive(Debug, Clone, PartialEq)]
+enum Cond {
+    All,
+    /// Consecutive tokens (text `eq`).
+    Phrase(String, Vec<String>),
+    /// Every token, anywhere (text `contains`).
+    Words(String, Vec<String>),
+    Prefix(String, String),
+    Fuzzy(String, String),
+    Range(String, Option<f64>, Option<f64>),
+    /// Any of these tags (normalized).
+    Tags(String, Vec<String>),
+    And(Vec<Cond>),
+    Or(Vec<Cond>),
+    Not(Box<Cond>),
+}
+
+fn check(q: &Query, index: &SearchIndex) -> Result<Cond, StorageError> {
     let wrong = |f: &str, t: FieldType, op: &str| {
         Err(StorageError::InvalidInput(format!(
             "{op} does not apply to {t:?} field {f:?}"
         )))
     };
+    let f = |field: &String| field.clone();
     Ok(match q {
-        Query::All => "*".into(),
+        Query::All => Cond::All,
         Query::Eq { field, value } => match (index.field_type(field)?, value) {
-            (FieldType::Text, QueryValue::Text(v)) => {
-                let t = some_tokens(v)?;
-                if t.len() == 1 {
-                    format!("@{field}:{}", t[0])
-                } else {
-                    format!("@{field}:\"{}\"", t.join(" "))
-                }
-            }
-            (FieldType::Numeric, QueryValue::Number(n)) => {
-                let n = num(finite(*n)?);
-                format!("@{field}:[{n} {n}]")
-            }
-            (FieldType::Tag, QueryValue::Text(v)) => {
-                return to_redisearch(&Query::tags(field.clone(), vec![v.clone()]), index);
-            }
+            (FieldType::Text, QueryValue::Text(v)) => Cond::Phrase(f(field), some_tokens(v)?),
+            (FieldType::Numeric, QueryValue::Number(n)) => Cond::Range(f(field), Some(finite(*n)?), Some(*n)),
+            (FieldType::Tag, QueryValue::Text(v)) => return check(&Query::tags(field.clone(), vec![v.clone()]), index),
             (t, _) => return wrong(field, t, "eq with this value type"),
         },
         Query::Range { field, min, max } => match index.field_type(field)? {
-            FieldType::Numeric => {
-                let lo = min.map(finite).transpose()?.map_or("-inf".to_string(), num);
-                let hi = max.map(finite).transpose()?.map_or("+inf".to_string(), num);
-                format!("@{field}:[{lo} {hi}]")
-            }
+            FieldType::Numeric => Cond::Range(f(field), min.map(finite).transpose()?, max.map(finite).transpose()?),
             t => return wrong(field, t, "range"),
         },
         Query::Tags { field, values } => match index.field_type(field)? {
             FieldType::Tag => {
-                let v: Vec<String> = values
-                    .iter()
-                    .filter_map(|v| tag_value(v))
-                    .map(|v| escape_tag(&v))
-                    .collect();
+                let v: Vec<String> = values.iter().filter_map(|v| tag_value(v)).collect();
                 if v.is_empty() {
                     return Err(StorageError::InvalidInput("tags needs at least one tag".into()));
                 }
-                format!("@{field}:{{{}}}", v.join("|"))
+                Cond::Tags(f(field), v)
             }
             t => return wrong(field, t, "tags"),
         },
         Query::Contains { field, value } => match index.field_type(field)? {
-            FieldType::Text => format!("@{field}:({})", some_tokens(value)?.join(" ")),
+            FieldType::Text => Cond::Words(f(field), some_tokens(value)?),
             t => return wrong(field, t, "contains"),
         },
         Query::Prefix { field, value } => match index.field_type(field)? {
-            FieldType::Text => format!("@{field}:{}*", one_token("prefix", value, 2)?),
+            FieldType::Text => Cond::Prefix(f(field), one_token("prefix", value, 2)?),
             t => return wrong(field, t, "prefix"),
         },
         Query::Fuzzy { field, value } => match index.field_type(field)? {
-            FieldType::Text => format!("@{field}:%{}%", one_token("fuzzy", value, 3)?),
+            FieldType::Text => Cond::Fuzzy(f(field), one_token("fuzzy", value, 3)?),
             t => return wrong(field, t, "fuzzy"),
         },
         Query::And(qs) | Query::Or(qs) => {
             if qs.is_empty() {
                 return Err(StorageError::InvalidInput("and/or need at least one query".into()));
             }
-            // Every operand in parentheses: RediSearch 1.x cannot parse `{tag} | @f`.
-            let parts: Vec<String> = qs
-                .iter()
-                .map(|q| to_redisearch(q, index).map(|p| wrap(&p)))
-                .collect::<Result<_, _>>()?;
-            let sep = if matches!(q, Query::And(_)) { " " } else { " | " };
-            format!("({})", parts.join(sep))
+            let parts: Vec<Cond> = qs.iter().map(|q| check(q, index)).collect::<Result<_, _>>()?;
+            if matches!(q, Query::And(_)) {
+                Cond::And(parts)
+            } else {
+                Cond::Or(parts)
+            }
         }
-        // A negation means "every document but these", alone or nested.
-        Query::Not(inner) => format!("(-{})", wrap(&to_redisearch(inner, index)?)),
+        Query::Not(inner) => Cond::Not(Box::new(check(inner, index)?)),
     })
 }
 
-fn wrap(s: &str) -> String {
-    if s.starts_with('(') {
-        s.to_string()
-    } else {
-        format!("({s})")
+/// The RediSearch query for `q` over `index`.
+pub fn to_redisearch(q: &Query, index: &SearchIndex) -> Result<String, StorageError> {
+    Ok(redisearch(&check(q, index)?))
+}
+
+fn redisearch(c: &Cond) -> String {
+    // Groups (and/or/not) already come in parentheses; leaves get their own.
+    let wrap = |c: &Cond| match c {
+        Cond::And(_) | Cond::Or(_) | Cond::Not(_) => redisearch(c),
+        _ => format!("({})", redisearch(c)),
+    };
+    match c {
+        Cond::All => "*".into(),
+        Cond::Phrase(f, t) if t.len() == 1 => format!("@{f}:{}", t[0]),
+        Cond::Phrase(f, t) => format!("@{f}:\"{}\"", t.join(" ")),
+        Cond::Words(f, t) => format!("@{f}:({})", t.join(" ")),
+        Cond::Prefix(f, t) => format!("@{f}:{t}*"),
+        Cond::Fuzzy(f, t) => format!("@{f}:%{t}%"),
+        Cond::Range(f, lo, hi) => {
+            let lo = lo.map_or("-inf".to_string(), num);
+            let hi = hi.map_or("+inf".to_string(), num);
+            format!("@{f}:[{lo} {hi}]")
+        }
+        Cond::Tags(f, v) => {
+            let v: Vec<String> = v.iter().map(|v| escape_tag(v)).collect();
+            format!("@{f}:{{{}}}", v.join("|"))
+        }
+        // Every operand in parentheses: RediSearch 1.x cannot parse `{tag} | @f`.
+        Cond::And(parts) => format!("({})", parts.iter().map(wrap).collect::<Vec<_>>().join(" ")),
+        Cond::Or(parts) => format!("({})", parts.iter().map(wrap).collect::<Vec<_>>().join(" | ")),
+        // "Every document but these", alone or nested.
+        Cond::Not(inner) => format!("(-{})", wrap(inner)),
     }
 }
 
@@ -692,102 +716,50 @@ impl Sql {
         }
     }
 
-    /// A boolean SQL expression (never NULL) for `q`.
-    fn compile(&self, q: &Query, index: &SearchIndex, args: &mut Vec<SqlArg>) -> Result<String, StorageError> {
-        let wrong = |f: &str, t: FieldType, op: &str| {
-            Err(StorageError::InvalidInput(format!(
-                "{op} does not apply to {t:?} field {f:?}"
-            )))
-        };
-        let expr = match q {
-            Query::All => "1=1".to_string(),
-            Query::Eq { field, value } => match (index.field_type(field)?, value) {
-                (FieldType::Text, QueryValue::Text(v)) => {
-                    let t = some_tokens(v)?;
-                    self.has_tokens(&self.normalized(field), &t.join(" "), false, args)
-                }
-                (FieldType::Numeric, QueryValue::Number(n)) => {
-                    args.push(SqlArg::Num(finite(*n)?));
-                    format!("{} = ?", self.number(field))
-                }
-                (FieldType::Tag, QueryValue::Text(v)) => {
-                    return self.compile(&Query::tags(field.clone(), vec![v.clone()]), index, args);
-                }
-                (t, _) => return wrong(field, t, "eq with this value type"),
-            },
-            Query::Range { field, min, max } => match index.field_type(field)? {
-                FieldType::Numeric => {
-                    let n = self.number(field);
-                    let mut parts = vec![format!("{n} IS NOT NULL")];
-                    if let Some(lo) = min {
-                        args.push(SqlArg::Num(finite(*lo)?));
-                        parts.push(format!("{n} >= ?"));
-                    }
-                    if let Some(hi) = max {
-                        args.push(SqlArg::Num(finite(*hi)?));
-                        parts.push(format!("{n} <= ?"));
-                    }
-                    parts.join(" AND ")
-                }
-                t => return wrong(field, t, "range"),
-            },
-            Query::Tags { field, values } => match index.field_type(field)? {
-                FieldType::Tag => {
-                    let v: Vec<String> = values.iter().filter_map(|v| tag_value(v)).collect();
-                    if v.is_empty() {
-                        return Err(StorageError::InvalidInput("tags needs at least one tag".into()));
-                    }
-                    self.tags(field, &v, args)
-                }
-                t => return wrong(field, t, "tags"),
-            },
-            Query::Contains { field, value } => match index.field_type(field)? {
-                FieldType::Text => {
-                    let norm = self.normalized(field);
-                    let parts: Vec<String> = some_tokens(value)?
-                        .iter()
-                        .map(|t| self.has_tokens(&norm, t, false, args))
-                        .collect();
-                    parts.join(" AND ")
-                }
-                t => return wrong(field, t, "contains"),
-            },
-            Query::Prefix { field, value } => match index.field_type(field)? {
-                FieldType::Text => {
-                    let t = one_token("prefix", value, 2)?;
-                    self.has_tokens(&self.normalized(field), &t, true, args)
-                }
-                t => return wrong(field, t, "prefix"),
-            },
-            Query::Fuzzy { field, value } => match index.field_type(field)? {
-                FieldType::Text => {
-                    let t = one_token("fuzzy", value, 3)?;
-                    self.fuzzy(&self.normalized(field), &t, args)
-                }
-                t => return wrong(field, t, "fuzzy"),
-            },
-            Query::And(qs) | Query::Or(qs) => {
-                if qs.is_empty() {
-                    return Err(StorageError::InvalidInput("and/or need at least one query".into()));
-                }
-                let parts: Vec<String> = qs
-                    .iter()
-                    .map(|q| self.compile(q, index, args))
-                    .collect::<Result<_, _>>()?;
-                let sep = if matches!(q, Query::And(_)) { " AND " } else { " OR " };
-                parts.join(sep)
+    /// A boolean SQL expression (never NULL) for `c`.
+    fn compile(&self, c: &Cond, args: &mut Vec<SqlArg>) -> String {
+        let expr = match c {
+            Cond::All => "1=1".to_string(),
+            Cond::Phrase(f, t) => self.has_tokens(&self.normalized(f), &t.join(" "), false, args),
+            Cond::Words(f, t) => {
+                let norm = self.normalized(f);
+                let parts: Vec<String> = t.iter().map(|t| self.has_tokens(&norm, t, false, args)).collect();
+                parts.join(" AND ")
             }
-            Query::Not(inner) => format!("NOT {}", self.compile(inner, index, args)?),
+            Cond::Prefix(f, t) => self.has_tokens(&self.normalized(f), t, true, args),
+            Cond::Fuzzy(f, t) => self.fuzzy(&self.normalized(f), t, args),
+            Cond::Range(f, lo, hi) => {
+                let n = self.number(f);
+                let mut parts = vec![format!("{n} IS NOT NULL")];
+                for (bound, op) in [(lo, ">="), (hi, "<=")] {
+                    if let Some(b) = bound {
+                        args.push(SqlArg::Num(*b));
+                        parts.push(format!("{n} {op} ?"));
+                    }
+                }
+                parts.join(" AND ")
+            }
+            Cond::Tags(f, v) => self.tags(f, v, args),
+            Cond::And(parts) | Cond::Or(parts) => {
+                let sep = if matches!(c, Cond::And(_)) { " AND " } else { " OR " };
+                parts
+                    .iter()
+                    .map(|p| self.compile(p, args))
+                    .collect::<Vec<_>>()
+                    .join(sep)
+            }
+            Cond::Not(inner) => format!("NOT {}", self.compile(inner, args)),
         };
         // NULL (a missing field) counts as false, so NOT of it is true.
-        Ok(format!("COALESCE(({expr}), 0) <> 0"))
+        format!("COALESCE(({expr}), 0) <> 0")
     }
 }
 
 /// The SQL condition (over `sync_items`) for `q` and its arguments.
 pub fn to_sql(q: &Query, index: &SearchIndex, dialect: Dialect) -> Result<(String, Vec<SqlArg>), StorageError> {
+    let c = check(q, index)?;
     let mut args = Vec::new();
-    let cond = Sql { dialect }.compile(q, index, &mut args)?;
+    let cond = Sql { dialect }.compile(&c, &mut args);
     Ok((cond, args))
 }
 
