@@ -3,11 +3,15 @@
 //!
 //! - [`hlc`]: the hybrid logical clock that stamps versions;
 //! - [`version`]: the last-writer-wins order over `(version, origin, content_hash)`;
-//! - [`merkle`]: the hash-prefix Merkle tree with homomorphic node sums.
+//! - [`merkle`]: the hash-prefix Merkle tree with homomorphic node sums;
+//! - [`wire`]: versioned messages and the length-prefixed, size-limited codec;
+//! - [`session`]: the anti-entropy session as a state machine.
 
 pub mod hlc;
 pub mod merkle;
+pub mod session;
 pub mod version;
+pub mod wire;
 
 pub use hlc::{ClockSkew, Hlc};
 pub use merkle::{EntryDigest, MerkleError, MerkleTree, NodeSum};

@@ -1,0 +1,353 @@
+//! Wire messages and their codec.
+//!
+//! Every message is an `Envelope`: a version byte, the cluster id, and a body,
+//! encoded with postcard. On a stream each message is a frame: a 4-byte
+//! big-endian length, then the encoded envelope. Decoders never allocate more
+//! than the configured limit, reject truncated, oversized and unknown input
+//! with a typed error, and never panic (property and fuzz tested).
+
+use serde::{Deserialize, Serialize};
+
+/// Version byte of this encoding.
+pub const WIRE_VERSION: u8 = 1;
+/// Largest frame a node accepts by default (bytes, without the length prefix).
+pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Longest cluster id.
+pub const MAX_CLUSTER_ID: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame of {size} bytes exceeds the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("truncated input")]
+    Truncated,
+    #[error("unsupported wire version {0}")]
+    Version(u8),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("message for cluster {got:?}, expected {expected:?}")]
+    WrongCluster { expected: String, got: String },
+}
+
+/// One stored version, as anti-entropy compares it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: String,
+    pub version: u64,
+    pub origin: String,
+    pub tombstone: bool,
+    pub content_hash: [u8; 32],
+}
+
+impl Entry {
+    /// The LWW order of DESIGN §2: version, origin, content hash.
+    pub fn newer_than(&self, other: &Entry) -> bool {
+        (self.version, self.origin.as_bytes(), self.content_hash)
+            > (other.version, other.origin.as_bytes(), other.content_hash)
+    }
+
+    pub fn digest(&self) -> crate::merkle::EntryDigest {
+        crate::merkle::EntryDigest::new(&self.id, self.version, &self.origin, self.tombstone, &self.content_hash)
+    }
+}
+
+/// An entry with its content, for transfers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireItem {
+    pub entry: Entry,
+    pub updated_at: i64,
+    pub state: String,
+    /// `true`: JSON, `false`: binary.
+    pub json: bool,
+    pub content: Vec<u8>,
+}
+
+/// A Merkle node as a peer describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    pub path: String,
+    pub count: u64,
+    /// The first 16 bytes of the node hash.
+    pub hash: [u8; 16],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootsAnnouncement {
+    pub node: String,
+    pub root: Option<[u8; 16]>,
+    pub count: u64,
+    pub hlc: u64,
+    pub depth: u8,
+}
+
+/// A change published after a local commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CdcDelta {
+    pub entry: Entry,
+    /// The item with its content when it is small enough to inline.
+    pub item: Option<WireItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// One anti-entropy round: children of `descend`, entries under `list`.
+    Round {
+        session: u64,
+        descend: Vec<String>,
+        list: Vec<String>,
+    },
+    /// Items (with content) by id.
+    Fetch { session: u64, ids: Vec<String> },
+    /// Items the requester has newer.
+    Push { session: u64, items: Vec<WireItem> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Round {
+        nodes: Vec<NodeSummary>,
+        entries: Vec<(String, Vec<Entry>)>,
+    },
+    Fetch {
+        items: Vec<WireItem>,
+    },
+    Pushed {
+        applied: u64,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    Roots(RootsAnnouncement),
+    Cdc(CdcDelta),
+    Request(Request),
+    Response(Response),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub cluster: String,
+    pub body: Body,
+}
+
+impl Envelope {
+    pub fn new(cluster: impl Into<String>, body: Body) -> Self {
+        Self {
+            cluster: cluster.into(),
+            body,
+        }
+    }
+
+    /// Version byte followed by the postcard encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![WIRE_VERSION];
+        out.extend(postcard::to_stdvec(self).expect("envelopes always encode"));
+        out
+    }
+
+    /// Decodes one message of at most `max` bytes.
+    pub fn decode(bytes: &[u8], max: usize) -> Result<Self, WireError> {
+        if bytes.len() > max {
+            return Err(WireError::TooLarge { size: bytes.len(), max });
+        }
+        let (&version, rest) = bytes.split_first().ok_or(WireError::Truncated)?;
+        if version != WIRE_VERSION {
+            return Err(WireError::Version(version));
+        }
+        let env: Envelope = postcard::from_bytes(rest).map_err(|e| match e {
+            postcard::Error::DeserializeUnexpectedEnd => WireError::Truncated,
+            other => WireError::Malformed(other.to_string()),
+        })?;
+        if env.cluster.len() > MAX_CLUSTER_ID {
+            return Err(WireError::Malformed("cluster id too long".into()));
+        }
+        Ok(env)
+    }
+
+    /// Decodes and checks the cluster id.
+    pub fn decode_for(bytes: &[u8], max: usize, cluster: &str) -> Result<Self, WireError> {
+        let env = Self::decode(bytes, max)?;
+        if env.cluster != cluster {
+            return Err(WireError::WrongCluster {
+                expected: cluster.into(),
+                got: env.cluster,
+            });
+        }
+        Ok(env)
+    }
+
+    /// A length-prefixed frame.
+    pub fn to_frame(&self) -> Vec<u8> {
+        let body = self.encode();
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend(body);
+        out
+    }
+}
+
+/// Splits a byte stream into frames; holds at most one frame of `max` bytes.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max: usize,
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new(max: usize) -> Self {
+        Self { max, buf: Vec::new() }
+    }
+
+    /// Adds bytes; returns every complete frame's payload. An oversized length
+    /// is an error (the stream must be dropped).
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, WireError> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(head) = self.buf.get(..4) {
+            let len = u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize;
+            if len > self.max {
+                return Err(WireError::TooLarge {
+                    size: len,
+                    max: self.max,
+                });
+            }
+            if self.buf.len() < 4 + len {
+                break;
+            }
+            out.push(self.buf[4..4 + len].to_vec());
+            self.buf.drain(..4 + len);
+        }
+        Ok(out)
+    }
+
+    /// Bytes of an incomplete frame still held.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        (".{1,20}", any::<u64>(), "[a-z]{1,8}", any::<bool>(), any::<[u8; 32]>()).prop_map(
+            |(id, version, origin, tombstone, content_hash)| Entry {
+                id,
+                version,
+                origin,
+                tombstone,
+                content_hash,
+            },
+        )
+    }
+
+    fn item() -> impl Strategy<Value = WireItem> {
+        (
+            entry(),
+            any::<i64>(),
+            "[a-z]{1,8}",
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(entry, updated_at, state, json, content)| WireItem {
+                entry,
+                updated_at,
+                state,
+                json,
+                content,
+            })
+    }
+
+    fn body() -> impl Strategy<Value = Body> {
+        prop_oneof![
+            (
+                "[a-z]{1,8}",
+                any::<Option<[u8; 16]>>(),
+                any::<u64>(),
+                any::<u64>(),
+                1u8..6
+            )
+                .prop_map(|(node, root, count, hlc, depth)| Body::Roots(RootsAnnouncement {
+                    node,
+                    root,
+                    count,
+                    hlc,
+                    depth
+                })),
+            (entry(), proptest::option::of(item())).prop_map(|(entry, item)| Body::Cdc(CdcDelta { entry, item })),
+            (
+                any::<u64>(),
+                proptest::collection::vec("[0-9a-f]{0,4}", 0..8),
+                proptest::collection::vec("[0-9a-f]{0,4}", 0..8)
+            )
+                .prop_map(|(session, descend, list)| Body::Request(Request::Round {
+                    session,
+                    descend,
+                    list
+                })),
+            proptest::collection::vec(item(), 0..4)
+                .prop_map(|items| Body::Request(Request::Push { session: 1, items })),
+            proptest::collection::vec(("[0-9a-f]{0,4}", proptest::collection::vec(entry(), 0..4)), 0..4)
+                .prop_map(|entries| Body::Response(Response::Round { nodes: vec![], entries })),
+            ".{0,20}".prop_map(|reason| Body::Response(Response::Refused { reason })),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn messages_round_trip(b in body(), cluster in "[a-z0-9-]{0,16}") {
+            let env = Envelope::new(cluster.clone(), b);
+            let bytes = env.encode();
+            prop_assert_eq!(Envelope::decode(&bytes, DEFAULT_MAX_FRAME).unwrap(), env.clone());
+            prop_assert_eq!(Envelope::decode_for(&bytes, DEFAULT_MAX_FRAME, &cluster).unwrap(), env.clone());
+            let wrong = Envelope::decode_for(&bytes, DEFAULT_MAX_FRAME, "other-cluster-x");
+            let refused = matches!(wrong, Err(WireError::WrongCluster { .. }));
+            prop_assert!(refused);
+            // Every truncation is an error, never a panic.
+            for cut in 0..bytes.len() {
+                prop_assert!(Envelope::decode(&bytes[..cut], DEFAULT_MAX_FRAME).is_err());
+            }
+            let small = Envelope::decode(&bytes, bytes.len() - 1);
+            let refused = matches!(small, Err(WireError::TooLarge { .. }));
+            prop_assert!(refused);
+        }
+
+        #[test]
+        fn garbage_is_rejected_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Envelope::decode(&bytes, 1024);
+            let mut d = FrameDecoder::new(64);
+            let _ = d.push(&bytes);
+        }
+
+        #[test]
+        fn frames_reassemble_from_any_split(bs in proptest::collection::vec(body(), 1..5), split in 1usize..50) {
+            let envs: Vec<Envelope> = bs.into_iter().map(|b| Envelope::new("c", b)).collect();
+            let stream: Vec<u8> = envs.iter().flat_map(|e| e.to_frame()).collect();
+            let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
+            let mut got = Vec::new();
+            for chunk in stream.chunks(split) {
+                for f in d.push(chunk).unwrap() {
+                    got.push(Envelope::decode(&f, DEFAULT_MAX_FRAME).unwrap());
+                }
+            }
+            prop_assert_eq!(got, envs);
+            prop_assert_eq!(d.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn oversized_frames_and_versions_are_refused() {
+        let mut d = FrameDecoder::new(10);
+        assert_eq!(d.push(&[0, 0, 0, 11]), Err(WireError::TooLarge { size: 11, max: 10 }));
+        let mut bytes = Envelope::new("c", Body::Response(Response::Pushed { applied: 1 })).encode();
+        bytes[0] = 9;
+        assert_eq!(Envelope::decode(&bytes, 100), Err(WireError::Version(9)));
+        let long = Envelope::new("x".repeat(65), Body::Response(Response::Pushed { applied: 1 })).encode();
+        assert!(matches!(Envelope::decode(&long, 1000), Err(WireError::Malformed(_))));
+    }
+}
