@@ -6,6 +6,7 @@
 
 pub mod demo;
 pub mod engine;
+pub mod replication;
 
 pub use engine::{
     AckMode, BackpressureLevel, BatchResult, CacheTtl, ContentType, EngineState, FilterTrust, HealthCheck, ItemStatus,

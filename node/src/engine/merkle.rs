@@ -44,7 +44,7 @@ fn bad_path(e: syncnode_protocol::MerkleError) -> StorageError {
 }
 
 impl SyncEngine {
-    fn with_tree<T>(&self, f: impl FnOnce(&MerkleTree) -> T) -> T {
+    pub(crate) fn with_tree<T>(&self, f: impl FnOnce(&MerkleTree) -> T) -> T {
         let t = self.core.merkle.read().unwrap_or_else(|p| p.into_inner());
         f(&t.tree)
     }

@@ -870,6 +870,24 @@ impl SyncEngine {
         Ok(found)
     }
 
+    /// Stored versions of `ids` including tombstones, in no particular order
+    /// (for replication).
+    pub async fn get_stored_many(&self, ids: &[&str]) -> Result<Vec<SyncItem>, StorageError> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut rest = Vec::new();
+        for id in ids {
+            validate_id(id)?;
+            match self.core.l1.get(id) {
+                Some(it) => out.push(it),
+                None => rest.push(*id),
+            }
+        }
+        if !rest.is_empty() {
+            out.extend(self.core.backends()?.l3.get_many(&rest).await?);
+        }
+        Ok(out)
+    }
+
     /// Like `get`, but reads L3 (not the cache) and checks the content against
     /// its hash: `Corruption` if they differ.
     pub async fn get_verified(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {

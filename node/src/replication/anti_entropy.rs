@@ -1,0 +1,177 @@
+//! Anti-entropy between two engines: the initiator drives a
+//! `syncnode_protocol::session::Session` against a peer through any request
+//! transport (`call`), and the responder answers with `answer_sync_request`.
+//! Pulled items go through `apply_remote` (LWW, clock-skew deferral); pushed
+//! items are applied the same way by the peer. Content hashes are checked on
+//! both sides, so a peer cannot store bytes under a false hash.
+
+use std::future::Future;
+use syncnode_protocol::session::{Progress, Session, Step, check_request, children_summaries};
+use syncnode_protocol::wire::{Entry, Request, Response, WireItem};
+
+use crate::engine::item::now_ms;
+use crate::engine::l3::EntryMeta;
+use crate::engine::{ContentType, StorageError, SyncEngine, SyncItem};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("session: {0}")]
+    Session(#[from] syncnode_protocol::session::SessionError),
+    #[error("transport: {0}")]
+    Transport(String),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+}
+
+fn raw_hash(hex_hash: &str) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    let _ = hex::decode_to_slice(hex_hash, &mut h);
+    h
+}
+
+fn entry_of(m: EntryMeta) -> Entry {
+    Entry {
+        content_hash: raw_hash(&m.content_hash),
+        id: m.id,
+        version: m.version,
+        origin: m.origin,
+        tombstone: m.tombstone,
+    }
+}
+
+/// An item for the wire.
+pub fn wire_item(it: &SyncItem) -> WireItem {
+    WireItem {
+        entry: Entry {
+            id: it.object_id.clone(),
+            version: it.version,
+            origin: it.origin.clone(),
+            tombstone: it.tombstone,
+            content_hash: raw_hash(&it.content_hash),
+        },
+        updated_at: it.updated_at,
+        state: it.state.clone(),
+        json: it.content_type == ContentType::Json,
+        content: it.content.to_vec(),
+    }
+}
+
+/// An item from the wire (its hash is checked when it is applied).
+pub fn from_wire(w: WireItem) -> SyncItem {
+    let mut it = if w.entry.tombstone {
+        SyncItem::tombstone(w.entry.id)
+    } else {
+        SyncItem::new(w.entry.id, w.content)
+    };
+    it.version = w.entry.version;
+    it.origin = w.entry.origin;
+    it.content_hash = hex::encode(w.entry.content_hash);
+    it.updated_at = if w.updated_at > 0 { w.updated_at } else { now_ms() };
+    it.state = w.state;
+    it.content_type = if w.json { ContentType::Json } else { ContentType::Binary };
+    it
+}
+
+impl SyncEngine {
+    /// Entry lists under each path (from L3).
+    async fn entries_under_paths(&self, paths: &[String]) -> Result<Vec<(String, Vec<Entry>)>, StorageError> {
+        let mut out = Vec::with_capacity(paths.len());
+        for p in paths {
+            let entries = self
+                .merkle_entries(p, usize::MAX >> 1)
+                .await?
+                .into_iter()
+                .map(entry_of)
+                .collect();
+            out.push((p.clone(), entries));
+        }
+        Ok(out)
+    }
+
+    /// Applies items from a peer; returns how many won. Deferred (clock skew)
+    /// and stale items are skipped: anti-entropy offers them again.
+    async fn apply_from_peer(&self, items: Vec<WireItem>) -> Result<u64, StorageError> {
+        let mut applied = 0;
+        for w in items {
+            match self.apply_remote(from_wire(w)).await {
+                Ok(true) => applied += 1,
+                Ok(false) | Err(StorageError::ClockSkew { .. }) => {}
+                Err(
+                    e @ (StorageError::Corruption { .. }
+                    | StorageError::InvalidId(_)
+                    | StorageError::InvalidInput(_)
+                    | StorageError::PayloadTooLarge { .. }),
+                ) => {
+                    tracing::warn!(error = %e, "refused an item from a peer");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(applied)
+    }
+
+    /// The responder side of anti-entropy.
+    pub async fn answer_sync_request(&self, req: Request) -> Response {
+        let checked = self.with_tree(|t| check_request(&req, t));
+        if let Err(reason) = checked {
+            return Response::Refused { reason };
+        }
+        let result = async {
+            Ok::<_, StorageError>(match req {
+                Request::Round { descend, list, .. } => {
+                    let nodes = self.with_tree(|t| children_summaries(t, &descend));
+                    Response::Round {
+                        nodes,
+                        entries: self.entries_under_paths(&list).await?,
+                    }
+                }
+                Request::Fetch { ids, .. } => {
+                    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    Response::Fetch {
+                        items: self.get_stored_many(&refs).await?.iter().map(wire_item).collect(),
+                    }
+                }
+                Request::Push { items, .. } => Response::Pushed {
+                    applied: self.apply_from_peer(items).await?,
+                },
+            })
+        }
+        .await;
+        result.unwrap_or_else(|e| Response::Refused { reason: e.to_string() })
+    }
+
+    /// Runs one anti-entropy session against a peer reached through `call`.
+    pub async fn reconcile_with<F, Fut, E>(&self, session: u64, mut call: F) -> Result<Progress, SyncError>
+    where
+        F: FnMut(Request) -> Fut,
+        Fut: Future<Output = Result<Response, E>>,
+        E: std::fmt::Display,
+    {
+        let depth = self.merkle_summary().2;
+        let mut s = Session::new(session, depth);
+        loop {
+            let step = match s.next_step() {
+                Step::NeedLocalItems(ids) => {
+                    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    let items = self.get_stored_many(&refs).await?.iter().map(wire_item).collect();
+                    s.on_local_items(items)
+                }
+                other => other,
+            };
+            match step {
+                Step::Send(req) => {
+                    let resp = call(req).await.map_err(|e| SyncError::Transport(e.to_string()))?;
+                    let pulled = self.with_tree(|t| s.on_response(resp, t))?;
+                    if let Some(items) = pulled {
+                        self.apply_from_peer(items).await?;
+                    }
+                }
+                Step::NeedLocalEntries(paths) => s.on_local_entries(self.entries_under_paths(&paths).await?),
+                Step::NeedLocalItems(_) | Step::Waiting => {
+                    return Err(SyncError::Transport("session out of order".into()));
+                }
+                Step::Done => return Ok(s.progress()),
+            }
+        }
+    }
+}
