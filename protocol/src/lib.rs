@@ -5,9 +5,11 @@
 //! - [`version`]: the last-writer-wins order over `(version, origin, content_hash)`;
 //! - [`merkle`]: the hash-prefix Merkle tree with homomorphic node sums;
 //! - [`wire`]: versioned messages and the length-prefixed, size-limited codec;
-//! - [`session`]: the anti-entropy session as a state machine.
+//! - [`session`]: the anti-entropy session as a state machine;
+//! - [`memory`]: an in-memory store speaking that protocol (simulator, tests).
 
 pub mod hlc;
+pub mod memory;
 pub mod merkle;
 pub mod session;
 pub mod version;

@@ -20,9 +20,10 @@ use crate::merkle::MerkleTree;
 use crate::wire::{Entry, NodeSummary, Request, Response, WireItem};
 
 /// Nodes with at most this many entries (on either side) are listed, not descended.
-pub const LIST_BELOW: u64 = 32;
-/// Most paths in one `Round` request (each of `descend` and `list`).
-pub const MAX_PATHS: usize = 1024;
+pub const LIST_BELOW: u64 = 8;
+/// Most paths in one `Round` request (each of `descend` and `list`); the answer
+/// to a full round stays under the default 4 MiB frame.
+pub const MAX_PATHS: usize = 4096;
 /// Most ids or items in one `Fetch` or `Push`.
 pub const MAX_ITEMS: usize = 512;
 
@@ -290,100 +291,11 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merkle::MerkleTree;
+    use crate::memory::MemoryStore as Store;
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
 
-    /// A store in memory: entries with their content, and the tree over them.
-    struct Store {
-        items: BTreeMap<String, WireItem>,
-        /// Hex SHA-256 of each id → id, so the ids under a tree path are a range.
-        by_key: BTreeMap<String, String>,
-        tree: MerkleTree,
-    }
-
-    impl Store {
-        fn new() -> Self {
-            Self {
-                items: BTreeMap::new(),
-                by_key: BTreeMap::new(),
-                tree: MerkleTree::new(4).unwrap(),
-            }
-        }
-
-        fn put(&mut self, it: WireItem) -> bool {
-            if let Some(old) = self.items.get(&it.entry.id) {
-                if !it.entry.newer_than(&old.entry) {
-                    return false;
-                }
-                self.tree.remove(&old.entry.digest());
-            }
-            self.tree.insert(&it.entry.digest());
-            self.by_key
-                .insert(hex::encode(crate::merkle::key_of(&it.entry.id)), it.entry.id.clone());
-            self.items.insert(it.entry.id.clone(), it);
-            true
-        }
-
-        fn entries_under(&self, path: &str) -> Vec<Entry> {
-            self.by_key
-                .range(path.to_string()..)
-                .take_while(|(k, _)| k.starts_with(path))
-                .map(|(_, id)| self.items[id].entry.clone())
-                .collect()
-        }
-
-        /// The responder.
-        fn answer(&mut self, req: Request) -> Response {
-            if let Err(reason) = check_request(&req, &self.tree) {
-                return Response::Refused { reason };
-            }
-            match req {
-                Request::Round { descend, list, .. } => Response::Round {
-                    nodes: children_summaries(&self.tree, &descend),
-                    entries: list.into_iter().map(|p| (p.clone(), self.entries_under(&p))).collect(),
-                },
-                Request::Fetch { ids, .. } => Response::Fetch {
-                    items: ids.iter().filter_map(|id| self.items.get(id).cloned()).collect(),
-                },
-                Request::Push { items, .. } => Response::Pushed {
-                    applied: items.into_iter().map(|i| self.put(i) as u64).sum(),
-                },
-            }
-        }
-    }
-
-    /// Runs a whole session from `a` against `b`.
     fn reconcile(a: &mut Store, b: &mut Store) -> Progress {
-        let mut s = Session::new(1, 4);
-        loop {
-            match s.next_step() {
-                Step::Send(req) => {
-                    let resp = b.answer(req);
-                    if let Some(items) = s.on_response(resp, &a.tree).unwrap() {
-                        for it in items {
-                            a.put(it);
-                        }
-                    }
-                }
-                Step::NeedLocalEntries(paths) => {
-                    let local = paths.iter().map(|p| (p.clone(), a.entries_under(p))).collect();
-                    s.on_local_entries(local);
-                }
-                Step::NeedLocalItems(ids) => {
-                    let items = ids.iter().filter_map(|id| a.items.get(id).cloned()).collect();
-                    match s.on_local_items(items) {
-                        Step::Send(req) => {
-                            let resp = b.answer(req);
-                            s.on_response(resp, &a.tree).unwrap();
-                        }
-                        other => panic!("{other:?}"),
-                    }
-                }
-                Step::Waiting => panic!("every step was answered"),
-                Step::Done => return s.progress(),
-            }
-        }
+        a.reconcile_with(b, |_, _| {})
     }
 
     fn item(id: &str, version: u64, origin: &str, tombstone: bool) -> WireItem {
@@ -413,7 +325,7 @@ mod tests {
     /// Two stores sharing `shared` items, each with its own changes: missing,
     /// newer and deleted on both sides.
     fn pair(shared: usize, diffs: &[(u8, usize)]) -> (Store, Store) {
-        let (mut a, mut b) = (Store::new(), Store::new());
+        let (mut a, mut b) = (Store::new(4), Store::new(4));
         for i in 0..shared {
             let it = item(&format!("id{i}"), 10, "n0", false);
             a.put(it.clone());
@@ -463,7 +375,7 @@ mod tests {
         assert_eq!(p.pulled, 1);
         assert!(p.round_trips <= 4 + 2, "{p:?}");
         // An empty node joining a populated one goes through the same session.
-        let (mut empty, mut full) = (Store::new(), pair(5_000, &[]).0);
+        let (mut empty, mut full) = (Store::new(4), pair(5_000, &[]).0);
         let p = reconcile(&mut empty, &mut full);
         assert_eq!(p.pulled, 5_000);
         assert_eq!(empty.tree.root_hash(), full.tree.root_hash());

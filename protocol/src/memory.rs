@@ -1,0 +1,106 @@
+//! An in-memory store that speaks the anti-entropy protocol: the stand-in for
+//! a node's engine in the simulator, the protocol tests and the reconcile
+//! benchmark. Keeps one version per id (last writer wins) and the Merkle tree
+//! over them.
+
+use std::collections::BTreeMap;
+
+use crate::merkle::{MerkleTree, key_of};
+use crate::session::{Progress, Session, Step, check_request, children_summaries};
+use crate::wire::{Entry, Request, Response, WireItem};
+
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    pub items: BTreeMap<String, WireItem>,
+    /// Hex SHA-256 of each id → id, so the ids under a tree path are a range.
+    by_key: BTreeMap<String, String>,
+    pub tree: MerkleTree,
+}
+
+impl MemoryStore {
+    pub fn new(depth: u8) -> Self {
+        Self {
+            items: BTreeMap::new(),
+            by_key: BTreeMap::new(),
+            tree: MerkleTree::new(depth).expect("valid depth"),
+        }
+    }
+
+    /// Stores `it` if it wins over the stored version; returns whether it did.
+    pub fn put(&mut self, it: WireItem) -> bool {
+        if let Some(old) = self.items.get(&it.entry.id) {
+            if !it.entry.newer_than(&old.entry) {
+                return false;
+            }
+            self.tree.remove(&old.entry.digest());
+        }
+        self.tree.insert(&it.entry.digest());
+        self.by_key
+            .insert(hex::encode(key_of(&it.entry.id)), it.entry.id.clone());
+        self.items.insert(it.entry.id.clone(), it);
+        true
+    }
+
+    pub fn entries_under(&self, path: &str) -> Vec<Entry> {
+        self.by_key
+            .range(path.to_string()..)
+            .take_while(|(k, _)| k.starts_with(path))
+            .map(|(_, id)| self.items[id].entry.clone())
+            .collect()
+    }
+
+    /// The responder side.
+    pub fn answer(&mut self, req: Request) -> Response {
+        if let Err(reason) = check_request(&req, &self.tree) {
+            return Response::Refused { reason };
+        }
+        match req {
+            Request::Round { descend, list, .. } => Response::Round {
+                nodes: children_summaries(&self.tree, &descend),
+                entries: list.into_iter().map(|p| (p.clone(), self.entries_under(&p))).collect(),
+            },
+            Request::Fetch { ids, .. } => Response::Fetch {
+                items: ids.iter().filter_map(|id| self.items.get(id).cloned()).collect(),
+            },
+            Request::Push { items, .. } => Response::Pushed {
+                applied: items.into_iter().map(|i| self.put(i) as u64).sum(),
+            },
+        }
+    }
+
+    /// Runs a whole session from `self` against `peer`; `observe` sees every
+    /// request and response (to count bytes).
+    pub fn reconcile_with(&mut self, peer: &mut MemoryStore, mut observe: impl FnMut(&Request, &Response)) -> Progress {
+        let mut s = Session::new(1, self.tree.depth());
+        loop {
+            let step = match s.next_step() {
+                Step::NeedLocalItems(ids) => {
+                    let items = ids.iter().filter_map(|id| self.items.get(id).cloned()).collect();
+                    s.on_local_items(items)
+                }
+                other => other,
+            };
+            match step {
+                Step::Send(req) => {
+                    let resp = peer.answer(req.clone());
+                    observe(&req, &resp);
+                    match s.on_response(resp, &self.tree) {
+                        Ok(Some(items)) => {
+                            for it in items {
+                                self.put(it);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => panic!("in-memory peers never disagree on the protocol: {e}"),
+                    }
+                }
+                Step::NeedLocalEntries(paths) => {
+                    let local = paths.iter().map(|p| (p.clone(), self.entries_under(p))).collect();
+                    s.on_local_entries(local);
+                }
+                Step::NeedLocalItems(_) | Step::Waiting => unreachable!("each step is answered in turn"),
+                Step::Done => return s.progress(),
+            }
+        }
+    }
+}
