@@ -79,7 +79,9 @@ async fn diverged_engines_converge_and_deletes_stay_deleted() {
 async fn bad_requests_and_forged_items_are_refused() {
     let node = TestNode::new(common::Backend::Sqlite, "a").await;
     let e = node.start().await;
-    let too_many: Vec<String> = (0..2000).map(|i| format!("{:x}", i % 16)).collect();
+    let too_many: Vec<String> = (0..=syncnode_protocol::session::MAX_PATHS)
+        .map(|i| format!("{:x}", i % 16))
+        .collect();
     assert!(matches!(
         e.answer_sync_request(Request::Round {
             session: 1,
