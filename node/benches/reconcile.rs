@@ -14,7 +14,7 @@
 use negentropy::{Id, Negentropy, NegentropyStorageVector};
 use std::time::Instant;
 use syncnode_protocol::memory::MemoryStore;
-use syncnode_protocol::wire::{Body, Entry, Envelope, Request, Response, WireItem};
+use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Entry, Envelope, Request, Response, WireItem};
 
 fn item(id: String, version: u64, origin: &str, tombstone: bool) -> WireItem {
     let mut h = [0u8; 32];
@@ -136,6 +136,12 @@ fn main() {
             // the differing items' metadata (Fetch/Push) comes on top for both.
             let (mut bytes, mut transfer, mut rounds) = (0usize, 0usize, 0u64);
             let p = a.reconcile_with(&mut b, |req, resp| {
+                let full = |b: Body| Envelope::new("c", b).encode().len();
+                let largest = full(Body::Request(req.clone())).max(full(Body::Response(resp.clone())));
+                assert!(
+                    largest <= DEFAULT_MAX_FRAME,
+                    "a {largest}-byte message would exceed the frame limit"
+                );
                 let n = size(Body::Request(req.clone())) + size(Body::Response(resp.clone()));
                 match req {
                     Request::Round { .. } => {

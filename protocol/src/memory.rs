@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use crate::merkle::{MerkleTree, key_of};
-use crate::session::{Progress, Session, Step, check_request, children_summaries};
-use crate::wire::{Entry, Request, Response, WireItem};
+use crate::session::{Progress, Session, Step, check_request, plan_round};
+use crate::wire::{Entry, EntrySummary, Request, Response, WireItem};
 
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
@@ -55,10 +55,17 @@ impl MemoryStore {
             return Response::Refused { reason };
         }
         match req {
-            Request::Round { descend, list, .. } => Response::Round {
-                nodes: children_summaries(&self.tree, &descend),
-                entries: list.into_iter().map(|p| (p.clone(), self.entries_under(&p))).collect(),
-            },
+            Request::Round { descend, list, .. } => {
+                let (nodes, listed) = plan_round(&self.tree, &descend, &list);
+                let entries = listed
+                    .into_iter()
+                    .map(|p| {
+                        let e = self.entries_under(&p).iter().map(EntrySummary::of).collect();
+                        (p, e)
+                    })
+                    .collect();
+                Response::Round { nodes, entries }
+            }
             Request::Fetch { ids, .. } => Response::Fetch {
                 items: ids.iter().filter_map(|id| self.items.get(id).cloned()).collect(),
             },
@@ -73,7 +80,7 @@ impl MemoryStore {
     pub fn reconcile_with(&mut self, peer: &mut MemoryStore, mut observe: impl FnMut(&Request, &Response)) -> Progress {
         let mut s = Session::new(1, self.tree.depth());
         loop {
-            let step = match s.next_step() {
+            let step = match s.next_step(&self.tree) {
                 Step::NeedLocalItems(ids) => {
                     let items = ids.iter().filter_map(|id| self.items.get(id).cloned()).collect();
                     s.on_local_items(items)

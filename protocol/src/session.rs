@@ -1,14 +1,15 @@
 //! The anti-entropy session as a sans-IO state machine (DESIGN §5.2).
 //!
-//! The initiator walks the two Merkle trees level by level: one `Round` request
-//! per level asks the peer for the children of *every* differing node of that
-//! level at once (chunked to `MAX_PATHS` paths), and for the entry lists of
-//! nodes small enough to list directly (≤ `LIST_BELOW` entries on either side)
-//! instead of descending further. Comparing entry lists gives the ids the peer
-//! has newer (pulled with `Fetch`) and those we have newer (sent with `Push`),
-//! in chunks. The caller does all I/O: it sends what `next_step` says, feeds
-//! back answers and local data, and applies pulled items. An isolated
-//! difference costs about depth + 2 round trips.
+//! The initiator walks the two Merkle trees level by level. Each `Round`
+//! carries, for every differing node of a level at once (chunked to
+//! `MAX_PATHS`), the initiator's own children of it; the peer answers only for
+//! the children that differ: small ones (≤ `LIST_BELOW` entries on either side,
+//! and every bucket) with their entry lists, larger ones with their summary, to
+//! be descended next round. Comparing entry lists gives the ids the peer has
+//! newer (pulled with `Fetch`) and those we have newer (sent with `Push`), in
+//! chunks. The caller does all I/O: it sends what `next_step` says and feeds
+//! back answers and local data. An isolated difference costs one round per
+//! tree level below the root, then the transfer.
 //!
 //! A broken session is not resumed from a saved position: a new session starts
 //! from the roots, and whatever the last one already transferred no longer
@@ -16,14 +17,20 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::merkle::MerkleTree;
-use crate::wire::{Entry, NodeSummary, Request, Response, WireItem};
+use crate::merkle::{FANOUT, MerkleTree};
+use crate::wire::{ChildSummary, Descend, Entry, EntrySummary, NodeSummary, Request, Response, WireItem};
 
 /// Nodes with at most this many entries (on either side) are listed, not descended.
 pub const LIST_BELOW: u64 = 8;
-/// Most paths in one `Round` request (each of `descend` and `list`); the answer
-/// to a full round stays under the default 4 MiB frame.
+/// A node we hold nothing under is listed whole when the peer has at most this many.
+pub const LIST_WHOLE_BELOW: u64 = 4096;
+/// Most nodes to descend in one `Round` (each carries up to 16 child summaries).
 pub const MAX_PATHS: usize = 4096;
+/// Most paths to list in one `Round`.
+pub const MAX_LIST: usize = 8192;
+/// Most entries a responder lists in one answer; children past it are answered
+/// with their summary and listed in a later round.
+pub const MAX_LISTED: usize = 100_000;
 /// Most ids or items in one `Fetch` or `Push`.
 pub const MAX_ITEMS: usize = 512;
 
@@ -65,7 +72,7 @@ pub struct Progress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Wait {
     None,
-    Round(Vec<String>),
+    Round(Vec<String>, Vec<String>),
     Fetch,
     Push,
     LocalEntries,
@@ -79,7 +86,7 @@ pub struct Session {
     descend: VecDeque<String>,
     list: VecDeque<String>,
     /// Entry lists the peer sent, by path, awaiting ours.
-    remote: BTreeMap<String, Vec<Entry>>,
+    remote: BTreeMap<String, Vec<EntrySummary>>,
     pull: VecDeque<String>,
     push: VecDeque<String>,
     wait: Wait,
@@ -90,27 +97,86 @@ fn short(hash: [u8; 32]) -> [u8; 16] {
     hash[..16].try_into().expect("16 bytes")
 }
 
-/// The children of each of `paths` in `tree`, as the responder reports them.
-/// Paths that are not valid for the tree are skipped.
-pub fn children_summaries(tree: &MerkleTree, paths: &[String]) -> Vec<NodeSummary> {
-    paths
-        .iter()
-        .filter_map(|p| tree.children(p).ok())
-        .flatten()
-        .map(|(path, n)| NodeSummary {
-            path,
+/// Non-empty children of `path` in `tree`, as a `Descend` carries them.
+pub fn children_summaries(tree: &MerkleTree, path: &str) -> Vec<ChildSummary> {
+    tree.children(path)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(child, n)| ChildSummary {
+            nibble: u8::from_str_radix(&child[path.len()..], 16).expect("a hex nibble"),
             count: n.count,
             hash: short(n.hash()),
         })
         .collect()
 }
 
+fn summary(tree: &MerkleTree, path: &str) -> NodeSummary {
+    let n = tree.node(path).unwrap_or_default();
+    NodeSummary {
+        path: path.to_string(),
+        count: n.count,
+        hash: if n.is_empty() { [0; 16] } else { short(n.hash()) },
+    }
+}
+
+/// What a responder answers to a `Round`: the differing children to report
+/// as summaries, and the paths whose entries to list (the `list` paths and the
+/// small differing children). The caller looks the entries up and builds
+/// `Response::Round`. `entries_under` counts are taken from the tree.
+pub fn plan_round(tree: &MerkleTree, descend: &[Descend], list: &[String]) -> (Vec<NodeSummary>, Vec<String>) {
+    let depth = tree.depth() as usize;
+    let mut nodes = Vec::new();
+    let mut listed: Vec<String> = list.to_vec();
+    let mut budget: u64 = list.iter().map(|p| tree.node(p).unwrap_or_default().count).sum();
+    for d in descend {
+        let theirs: BTreeMap<String, &ChildSummary> = d
+            .children
+            .iter()
+            .map(|c| (format!("{}{:x}", d.path, c.nibble), c))
+            .collect();
+        let mut paths: BTreeSet<String> = theirs.keys().cloned().collect();
+        for (c, _) in tree.children(&d.path).unwrap_or_default() {
+            paths.insert(c);
+        }
+        for c in paths {
+            let mine = summary(tree, &c);
+            let their = theirs.get(c.as_str()).map_or((0, [0; 16]), |t| (t.count, t.hash));
+            if (mine.count, mine.hash) == their || (mine.count == 0 && their.0 == 0) {
+                continue;
+            }
+            let small = c.len() >= depth || mine.count.max(their.0) <= LIST_BELOW;
+            if small && budget + mine.count <= MAX_LISTED as u64 {
+                budget += mine.count;
+                listed.push(c);
+            } else {
+                nodes.push(mine);
+            }
+        }
+    }
+    (nodes, listed)
+}
+
 /// Checks a request against the limits before a responder does any work.
 pub fn check_request(req: &Request, tree: &MerkleTree) -> Result<(), String> {
-    let paths_ok = |ps: &[String]| ps.len() <= MAX_PATHS && ps.iter().all(|p| tree.parse_path(p).is_ok());
+    let depth = tree.depth() as usize;
+    let valid = |p: &str| tree.parse_path(p).is_ok();
     match req {
-        Request::Round { descend, list, .. } if paths_ok(descend) && paths_ok(list) => Ok(()),
-        Request::Round { .. } => Err(format!("a round takes at most {MAX_PATHS} valid paths of each kind")),
+        Request::Round { descend, list, .. } => {
+            let descend_ok = descend.len() <= MAX_PATHS
+                && descend.iter().all(|d| {
+                    valid(&d.path)
+                        && d.path.len() < depth
+                        && d.children.len() <= FANOUT
+                        && d.children.iter().all(|c| (c.nibble as usize) < FANOUT)
+                });
+            if descend_ok && list.len() <= MAX_LIST && list.iter().all(|p| valid(p)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "a round takes at most {MAX_PATHS} nodes to descend and {MAX_LIST} paths to list, all valid"
+                ))
+            }
+        }
         Request::Fetch { ids, .. } if ids.len() <= MAX_ITEMS => Ok(()),
         Request::Push { items, .. } if items.len() <= MAX_ITEMS => Ok(()),
         _ => Err(format!("at most {MAX_ITEMS} items per request")),
@@ -146,7 +212,7 @@ impl Session {
     }
 
     /// The next thing to do. Call again after each answer or local lookup.
-    pub fn next_step(&mut self) -> Step {
+    pub fn next_step(&mut self, local: &MerkleTree) -> Step {
         if self.wait != Wait::None {
             return match &self.wait {
                 Wait::LocalEntries => Step::NeedLocalEntries(self.remote.keys().cloned().collect()),
@@ -155,10 +221,17 @@ impl Session {
         }
         if !self.descend.is_empty() || !self.list.is_empty() {
             let n = self.descend.len().min(MAX_PATHS);
-            let descend: Vec<String> = self.descend.drain(..n).collect();
-            let n = self.list.len().min(MAX_PATHS);
+            let paths: Vec<String> = self.descend.drain(..n).collect();
+            let descend = paths
+                .iter()
+                .map(|p| Descend {
+                    path: p.clone(),
+                    children: children_summaries(local, p),
+                })
+                .collect();
+            let n = self.list.len().min(MAX_LIST);
             let list: Vec<String> = self.list.drain(..n).collect();
-            self.wait = Wait::Round(descend.clone());
+            self.wait = Wait::Round(paths, list.clone());
             return Step::Send(Request::Round {
                 session: self.id,
                 descend,
@@ -188,8 +261,38 @@ impl Session {
         let wait = std::mem::replace(&mut self.wait, Wait::None);
         match (wait, resp) {
             (_, Response::Refused { reason }) => Err(SessionError::Refused(reason)),
-            (Wait::Round(asked), Response::Round { nodes, entries }) => {
-                self.compare_children(&asked, &nodes, local)?;
+            (Wait::Round(descended, listed), Response::Round { nodes, entries }) => {
+                let asked: BTreeSet<&str> = descended.iter().map(String::as_str).collect();
+                for n in &nodes {
+                    let parent = n.path.get(..n.path.len().saturating_sub(1)).unwrap_or("");
+                    if n.path.is_empty() || n.path.len() > self.depth as usize || !asked.contains(parent) {
+                        return Err(SessionError::Protocol(format!("node {:?} was not asked for", n.path)));
+                    }
+                }
+                for (path, _) in &entries {
+                    let parent = path.get(..path.len().saturating_sub(1)).unwrap_or("");
+                    let child_of_asked = !path.is_empty() && asked.contains(parent);
+                    if !listed.contains(path) && !child_of_asked {
+                        return Err(SessionError::Protocol(format!(
+                            "entries for {path:?} were not asked for"
+                        )));
+                    }
+                }
+                for n in nodes {
+                    self.progress.nodes_compared += 1;
+                    let mine = local.node(&n.path).unwrap_or_default().count;
+                    if n.count == 0 {
+                        // The peer has nothing here: everything we hold under it goes.
+                        self.remote.insert(n.path, Vec::new());
+                    } else if n.path.len() >= self.depth as usize
+                        || n.count.max(mine) <= LIST_BELOW
+                        || (mine == 0 && n.count <= LIST_WHOLE_BELOW)
+                    {
+                        self.list.push_back(n.path);
+                    } else {
+                        self.descend.push_back(n.path);
+                    }
+                }
                 for (path, list) in entries {
                     self.remote.insert(path, list);
                 }
@@ -210,60 +313,18 @@ impl Session {
         }
     }
 
-    fn compare_children(
-        &mut self,
-        asked: &[String],
-        nodes: &[NodeSummary],
-        local: &MerkleTree,
-    ) -> Result<(), SessionError> {
-        let asked_set: BTreeSet<&str> = asked.iter().map(String::as_str).collect();
-        let mut remote: BTreeMap<&str, &NodeSummary> = BTreeMap::new();
-        for n in nodes {
-            let parent = n.path.get(..n.path.len().saturating_sub(1)).unwrap_or("");
-            if n.path.is_empty() || !asked_set.contains(parent) {
-                return Err(SessionError::Protocol(format!("node {:?} was not asked for", n.path)));
-            }
-            remote.insert(&n.path, n);
-        }
-        let mut paths: BTreeSet<String> = remote.keys().map(|p| p.to_string()).collect();
-        for p in asked {
-            for (c, _) in local.children(p).unwrap_or_default() {
-                paths.insert(c);
-            }
-        }
-        for path in paths {
-            self.progress.nodes_compared += 1;
-            let mine = local.node(&path).unwrap_or_default();
-            let theirs = remote.get(path.as_str());
-            let same = match theirs {
-                Some(t) => t.count == mine.count && t.hash == short(mine.hash()),
-                None => mine.is_empty(),
-            };
-            if same {
-                continue;
-            }
-            let most = mine.count.max(theirs.map_or(0, |t| t.count));
-            if path.len() >= self.depth as usize || most <= LIST_BELOW {
-                self.list.push_back(path);
-            } else {
-                self.descend.push_back(path);
-            }
-        }
-        Ok(())
-    }
-
     /// Our entries under the paths of the last `NeedLocalEntries`: compares
     /// them with the peer's and queues what to pull and to push.
     pub fn on_local_entries(&mut self, local: Vec<(String, Vec<Entry>)>) {
         let mut mine: BTreeMap<String, Vec<Entry>> = local.into_iter().collect();
         for (path, theirs) in std::mem::take(&mut self.remote) {
-            let ours: BTreeMap<String, Entry> = mine
+            let ours: BTreeMap<String, EntrySummary> = mine
                 .remove(&path)
                 .unwrap_or_default()
-                .into_iter()
-                .map(|e| (e.id.clone(), e))
+                .iter()
+                .map(|e| (e.id.clone(), EntrySummary::of(e)))
                 .collect();
-            let theirs: BTreeMap<String, Entry> = theirs.into_iter().map(|e| (e.id.clone(), e)).collect();
+            let theirs: BTreeMap<String, EntrySummary> = theirs.into_iter().map(|e| (e.id.clone(), e)).collect();
             for id in ours.keys().chain(theirs.keys()).collect::<BTreeSet<_>>() {
                 self.progress.entries_compared += 1;
                 match (ours.get(id), theirs.get(id)) {
@@ -292,6 +353,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::memory::MemoryStore as Store;
+    use crate::merkle::MerkleTree;
     use proptest::prelude::*;
 
     fn reconcile(a: &mut Store, b: &mut Store) -> Progress {
@@ -384,7 +446,12 @@ mod tests {
     #[test]
     fn requests_past_the_limits_and_foreign_answers_are_refused() {
         let t = MerkleTree::new(4).unwrap();
-        let many: Vec<String> = (0..MAX_PATHS + 1).map(|i| format!("{:x}", i % 16)).collect();
+        let many: Vec<Descend> = (0..MAX_PATHS + 1)
+            .map(|i| Descend {
+                path: format!("{:x}", i % 16),
+                children: vec![],
+            })
+            .collect();
         assert!(
             check_request(
                 &Request::Round {
@@ -400,7 +467,10 @@ mod tests {
             check_request(
                 &Request::Round {
                     session: 1,
-                    descend: vec!["zz".into()],
+                    descend: vec![Descend {
+                        path: "zz".into(),
+                        children: vec![]
+                    }],
                     list: vec![]
                 },
                 &t
@@ -408,7 +478,7 @@ mod tests {
             .is_err()
         );
         let mut s = Session::new(1, 4);
-        let Step::Send(_) = s.next_step() else { panic!() };
+        let Step::Send(_) = s.next_step(&t) else { panic!() };
         let bogus = Response::Round {
             nodes: vec![NodeSummary {
                 path: "ab".into(),
@@ -419,7 +489,7 @@ mod tests {
         };
         assert!(matches!(s.on_response(bogus, &t), Err(SessionError::Protocol(_))));
         let mut s = Session::new(1, 4);
-        s.next_step();
+        s.next_step(&t);
         assert!(matches!(
             s.on_response(Response::Refused { reason: "no".into() }, &t),
             Err(SessionError::Refused(_))

@@ -51,6 +51,54 @@ impl Entry {
     }
 }
 
+/// An entry as anti-entropy lists it: the content hash cut to 8 bytes. The
+/// order (version, origin) decides between versions; two versions with the
+/// same version and origin come from one node's one write, so the short hash
+/// only has to tell them apart from corruption.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EntrySummary {
+    pub id: String,
+    pub version: u64,
+    pub origin: String,
+    pub tombstone: bool,
+    pub hash: [u8; 8],
+}
+
+impl EntrySummary {
+    pub fn of(e: &Entry) -> Self {
+        let mut hash = [0u8; 8];
+        hash.copy_from_slice(&e.content_hash[..8]);
+        hash[0] ^= e.tombstone as u8;
+        Self {
+            id: e.id.clone(),
+            version: e.version,
+            origin: e.origin.clone(),
+            tombstone: e.tombstone,
+            hash,
+        }
+    }
+
+    pub fn newer_than(&self, other: &EntrySummary) -> bool {
+        (self.version, self.origin.as_bytes(), self.hash) > (other.version, other.origin.as_bytes(), other.hash)
+    }
+}
+
+/// A node to descend, with the asker's own children of it, so the peer answers
+/// only for the children that differ.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descend {
+    pub path: String,
+    pub children: Vec<ChildSummary>,
+}
+
+/// A child of a `Descend` node, named by its nibble (path = parent + nibble).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildSummary {
+    pub nibble: u8,
+    pub count: u64,
+    pub hash: [u8; 16],
+}
+
 /// An entry with its content, for transfers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireItem {
@@ -90,10 +138,11 @@ pub struct CdcDelta {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// One anti-entropy round: children of `descend`, entries under `list`.
+    /// One anti-entropy round: the differing children of each `descend` node
+    /// (listed when small), and the entries under each `list` path.
     Round {
         session: u64,
-        descend: Vec<String>,
+        descend: Vec<Descend>,
         list: Vec<String>,
     },
     /// Items (with content) by id.
@@ -104,9 +153,12 @@ pub enum Request {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
+    /// `nodes`: differing children to descend further (count 0: the peer has
+    /// nothing there); `entries`: entry lists of differing small children and
+    /// of the `list` paths.
     Round {
         nodes: Vec<NodeSummary>,
-        entries: Vec<(String, Vec<Entry>)>,
+        entries: Vec<(String, Vec<EntrySummary>)>,
     },
     Fetch {
         items: Vec<WireItem>,
@@ -287,13 +339,22 @@ mod tests {
             )
                 .prop_map(|(session, descend, list)| Body::Request(Request::Round {
                     session,
-                    descend,
+                    descend: descend
+                        .into_iter()
+                        .map(|path| Descend { path, children: vec![] })
+                        .collect(),
                     list
                 })),
             proptest::collection::vec(item(), 0..4)
                 .prop_map(|items| Body::Request(Request::Push { session: 1, items })),
-            proptest::collection::vec(("[0-9a-f]{0,4}", proptest::collection::vec(entry(), 0..4)), 0..4)
-                .prop_map(|entries| Body::Response(Response::Round { nodes: vec![], entries })),
+            proptest::collection::vec(
+                (
+                    "[0-9a-f]{0,4}",
+                    proptest::collection::vec(entry().prop_map(|e| EntrySummary::of(&e)), 0..4)
+                ),
+                0..4
+            )
+            .prop_map(|entries| Body::Response(Response::Round { nodes: vec![], entries })),
             ".{0,20}".prop_map(|reason| Body::Response(Response::Refused { reason })),
         ]
     }

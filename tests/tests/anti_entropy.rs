@@ -7,7 +7,7 @@ mod common;
 
 use common::{BACKENDS, TestNode};
 use syncnode::{SyncEngine, SyncItem};
-use syncnode_protocol::wire::{Request, Response};
+use syncnode_protocol::wire::{Descend, Request, Response};
 
 async fn call(peer: &SyncEngine, req: Request) -> Result<Response, String> {
     Ok(peer.answer_sync_request(req).await)
@@ -79,8 +79,11 @@ async fn diverged_engines_converge_and_deletes_stay_deleted() {
 async fn bad_requests_and_forged_items_are_refused() {
     let node = TestNode::new(common::Backend::Sqlite, "a").await;
     let e = node.start().await;
-    let too_many: Vec<String> = (0..=syncnode_protocol::session::MAX_PATHS)
-        .map(|i| format!("{:x}", i % 16))
+    let too_many: Vec<Descend> = (0..=syncnode_protocol::session::MAX_PATHS)
+        .map(|i| Descend {
+            path: format!("{:x}", i % 16),
+            children: vec![],
+        })
         .collect();
     assert!(matches!(
         e.answer_sync_request(Request::Round {
@@ -94,7 +97,10 @@ async fn bad_requests_and_forged_items_are_refused() {
     assert!(matches!(
         e.answer_sync_request(Request::Round {
             session: 1,
-            descend: vec!["xyz!".into()],
+            descend: vec![Descend {
+                path: "xyz!".into(),
+                children: vec![]
+            }],
             list: vec![]
         })
         .await,

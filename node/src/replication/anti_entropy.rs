@@ -6,8 +6,8 @@
 //! both sides, so a peer cannot store bytes under a false hash.
 
 use std::future::Future;
-use syncnode_protocol::session::{Progress, Session, Step, check_request, children_summaries};
-use syncnode_protocol::wire::{Entry, Request, Response, WireItem};
+use syncnode_protocol::session::{Progress, Session, Step, check_request, plan_round};
+use syncnode_protocol::wire::{Entry, EntrySummary, Request, Response, WireItem};
 
 use crate::engine::item::now_ms;
 use crate::engine::l3::EntryMeta;
@@ -119,11 +119,14 @@ impl SyncEngine {
         let result = async {
             Ok::<_, StorageError>(match req {
                 Request::Round { descend, list, .. } => {
-                    let nodes = self.with_tree(|t| children_summaries(t, &descend));
-                    Response::Round {
-                        nodes,
-                        entries: self.entries_under_paths(&list).await?,
-                    }
+                    let (nodes, listed) = self.with_tree(|t| plan_round(t, &descend, &list));
+                    let entries = self
+                        .entries_under_paths(&listed)
+                        .await?
+                        .into_iter()
+                        .map(|(p, e)| (p, e.iter().map(EntrySummary::of).collect()))
+                        .collect();
+                    Response::Round { nodes, entries }
                 }
                 Request::Fetch { ids, .. } => {
                     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -150,7 +153,7 @@ impl SyncEngine {
         let depth = self.merkle_summary().2;
         let mut s = Session::new(session, depth);
         loop {
-            let step = match s.next_step() {
+            let step = match self.with_tree(|t| s.next_step(t)) {
                 Step::NeedLocalItems(ids) => {
                     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
                     let items = self.get_stored_many(&refs).await?.iter().map(wire_item).collect();
