@@ -14,51 +14,7 @@
 use negentropy::{Id, Negentropy, NegentropyStorageVector};
 use std::time::Instant;
 use syncnode_protocol::memory::MemoryStore;
-use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Entry, Envelope, Request, Response, WireItem};
-
-fn item(id: String, version: u64, origin: &str, tombstone: bool) -> WireItem {
-    let mut h = [0u8; 32];
-    h[..8].copy_from_slice(&version.to_be_bytes());
-    h[8..16].copy_from_slice(&(id.len() as u64).to_be_bytes());
-    h[16] = tombstone as u8;
-    WireItem {
-        entry: Entry {
-            id,
-            version,
-            origin: origin.into(),
-            tombstone,
-            content_hash: h,
-        },
-        updated_at: 0,
-        state: "default".into(),
-        json: false,
-        content: vec![0u8; 16],
-    }
-}
-
-fn base(n: usize) -> MemoryStore {
-    let mut s = MemoryStore::new(4);
-    for i in 0..n {
-        s.put(item(format!("user.{i:08}"), 1_000 + i as u64, "n0", false));
-    }
-    s
-}
-
-/// Applies d differences spread over both sides.
-fn diverge(a: &mut MemoryStore, b: &mut MemoryStore, n: usize, d: usize) {
-    for k in 0..d {
-        let i = (k * 7919) % n;
-        let id = format!("user.{i:08}");
-        match k % 6 {
-            0 => drop(a.put(item(id, 5_000_000, "na", false))),
-            1 => drop(b.put(item(id, 5_000_000, "nb", false))),
-            2 => drop(a.put(item(id, 6_000_000, "na", true))),
-            3 => drop(b.put(item(id, 6_000_000, "nb", true))),
-            4 => drop(a.put(item(format!("new.a.{k}"), 7_000_000, "na", false))),
-            _ => drop(b.put(item(format!("new.b.{k}"), 7_000_000, "nb", false))),
-        }
-    }
-}
+use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Envelope, Request, Response, WireItem};
 
 /// Encoded size of a message with item contents left out.
 fn size(body: Body) -> usize {
@@ -93,12 +49,9 @@ fn main() {
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![100_000, 1_000_000]);
     for n in sizes {
-        let start = Instant::now();
-        let original = base(n);
-        eprintln!("built {n} items in {:.1} s", start.elapsed().as_secs_f64());
         for d in [1usize, 100, 10_000] {
-            let (mut a, mut b) = (original.clone(), original.clone());
-            diverge(&mut a, &mut b, n, d);
+            let diffs: Vec<(u8, usize)> = (0..d).map(|k| ((k % 6) as u8, (k * 7919) % n)).collect();
+            let (mut a, mut b) = MemoryStore::diverged_pair(4, n, &diffs);
 
             // negentropy on the same sets.
             let (sa, sb) = (negentropy_storage(&a), negentropy_storage(&b));

@@ -17,7 +17,56 @@ pub struct MemoryStore {
     pub tree: MerkleTree,
 }
 
+/// An item for tests and benchmarks; its hash is derived from its version.
+pub fn sample_item(id: &str, version: u64, origin: &str, tombstone: bool) -> WireItem {
+    let content = if tombstone {
+        vec![]
+    } else {
+        format!("{id}@{version}").into_bytes()
+    };
+    let mut h = [0u8; 32];
+    h[..8].copy_from_slice(&version.to_be_bytes());
+    h[8] = tombstone as u8;
+    WireItem {
+        entry: Entry {
+            id: id.into(),
+            version,
+            origin: origin.into(),
+            tombstone,
+            content_hash: h,
+        },
+        updated_at: 0,
+        state: "default".into(),
+        json: false,
+        content,
+    }
+}
+
 impl MemoryStore {
+    /// Two stores sharing `shared` items (`id{i}`), then each `(kind, i)` of
+    /// `diffs` makes one difference: newer on a / on b (kinds 0, 1), deleted on
+    /// a / on b (2, 3), new on a / on b (4, 5), so both sides have missing,
+    /// newer and deleted items.
+    pub fn diverged_pair(depth: u8, shared: usize, diffs: &[(u8, usize)]) -> (MemoryStore, MemoryStore) {
+        let mut a = MemoryStore::new(depth);
+        for i in 0..shared {
+            a.put(sample_item(&format!("id{i}"), 10, "n0", false));
+        }
+        let mut b = a.clone();
+        for &(kind, i) in diffs {
+            let id = format!("id{}", i % (shared + 50));
+            match kind % 6 {
+                0 => drop(a.put(sample_item(&id, 20, "na", false))),
+                1 => drop(b.put(sample_item(&id, 20, "nb", false))),
+                2 => drop(a.put(sample_item(&id, 30, "na", true))),
+                3 => drop(b.put(sample_item(&id, 30, "nb", true))),
+                4 => drop(a.put(sample_item(&format!("new-a{i}"), 5, "na", false))),
+                _ => drop(b.put(sample_item(&format!("new-b{i}"), 5, "nb", false))),
+            }
+        }
+        (a, b)
+    }
+
     pub fn new(depth: u8) -> Self {
         Self {
             items: BTreeMap::new(),

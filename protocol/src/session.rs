@@ -360,51 +360,8 @@ mod tests {
         a.reconcile_with(b, |_, _| {})
     }
 
-    fn item(id: &str, version: u64, origin: &str, tombstone: bool) -> WireItem {
-        let content = if tombstone {
-            vec![]
-        } else {
-            format!("{id}@{version}").into_bytes()
-        };
-        let mut h = [0u8; 32];
-        h[..8].copy_from_slice(&version.to_be_bytes());
-        h[8] = tombstone as u8;
-        WireItem {
-            entry: Entry {
-                id: id.into(),
-                version,
-                origin: origin.into(),
-                tombstone,
-                content_hash: h,
-            },
-            updated_at: 0,
-            state: "default".into(),
-            json: false,
-            content,
-        }
-    }
-
-    /// Two stores sharing `shared` items, each with its own changes: missing,
-    /// newer and deleted on both sides.
     fn pair(shared: usize, diffs: &[(u8, usize)]) -> (Store, Store) {
-        let (mut a, mut b) = (Store::new(4), Store::new(4));
-        for i in 0..shared {
-            let it = item(&format!("id{i}"), 10, "n0", false);
-            a.put(it.clone());
-            b.put(it);
-        }
-        for &(kind, i) in diffs {
-            let id = format!("id{}", i % (shared + 50));
-            match kind % 6 {
-                0 => drop(a.put(item(&id, 20, "na", false))),
-                1 => drop(b.put(item(&id, 20, "nb", false))),
-                2 => drop(a.put(item(&id, 30, "na", true))),
-                3 => drop(b.put(item(&id, 30, "nb", true))),
-                4 => drop(a.put(item(&format!("new-a{i}"), 5, "na", false))),
-                _ => drop(b.put(item(&format!("new-b{i}"), 5, "nb", false))),
-            }
-        }
-        (a, b)
+        Store::diverged_pair(4, shared, diffs)
     }
 
     proptest! {
