@@ -3,3 +3,5 @@
 //! builds on this.
 
 pub mod anti_entropy;
+pub mod swarm;
+pub mod transport;

@@ -1,0 +1,93 @@
+//! The request-response codec for anti-entropy over libp2p: each request and
+//! response is one frame (4-byte big-endian length, then an `Envelope`) on its
+//! own stream. Frames past the size limit and messages of another cluster are
+//! refused before any work is done.
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use std::io;
+use syncnode_protocol::wire::{Body, Envelope, Request, Response};
+
+/// The anti-entropy protocol name.
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/syncnode/sync/1");
+
+#[derive(Debug, Clone)]
+pub struct SyncCodec {
+    pub cluster: String,
+    pub max_frame: usize,
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl SyncCodec {
+    async fn read_body<T: AsyncRead + Unpin + Send>(&self, io: &mut T) -> io::Result<Body> {
+        let mut len = [0u8; 4];
+        io.read_exact(&mut len).await?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > self.max_frame {
+            return Err(invalid(format!("frame of {len} bytes exceeds {}", self.max_frame)));
+        }
+        let mut buf = vec![0u8; len];
+        io.read_exact(&mut buf).await?;
+        Ok(Envelope::decode_for(&buf, self.max_frame, &self.cluster)
+            .map_err(invalid)?
+            .body)
+    }
+
+    async fn write_body<T: AsyncWrite + Unpin + Send>(&self, io: &mut T, body: Body) -> io::Result<()> {
+        let frame = Envelope::new(self.cluster.clone(), body).to_frame();
+        if frame.len() - 4 > self.max_frame {
+            return Err(invalid("message exceeds the frame limit"));
+        }
+        io.write_all(&frame).await?;
+        io.close().await
+    }
+}
+
+impl libp2p::request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = Request;
+    type Response = Response;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Request> {
+        match self.read_body(io).await? {
+            Body::Request(r) => Ok(r),
+            _ => Err(invalid("expected a request")),
+        }
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Response> {
+        match self.read_body(io).await? {
+            Body::Response(r) => Ok(r),
+            _ => Err(invalid("expected a response")),
+        }
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Request,
+    ) -> io::Result<()> {
+        self.write_body(io, Body::Request(req)).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Response,
+    ) -> io::Result<()> {
+        self.write_body(io, Body::Response(res)).await
+    }
+}
