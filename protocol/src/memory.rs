@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::merkle::{MerkleTree, key_of};
-use crate::session::{Progress, Session, Step, check_request, plan_round};
+use crate::session::{Progress, Session, Step, check_request, plan_round, root_announcement};
 use crate::wire::{Entry, EntrySummary, Request, Response, WireItem};
 
 #[derive(Debug, Clone)]
@@ -121,6 +121,7 @@ impl MemoryStore {
             Request::Push { items, .. } => Response::Pushed {
                 applied: items.into_iter().map(|i| self.put(i) as u64).sum(),
             },
+            Request::Root => Response::Root(root_announcement(&self.tree, "memory", 0)),
         }
     }
 

@@ -18,7 +18,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::merkle::{FANOUT, MerkleTree};
-use crate::wire::{ChildSummary, Descend, Entry, EntrySummary, NodeSummary, Request, Response, WireItem};
+use crate::wire::{
+    ChildSummary, Descend, Entry, EntrySummary, NodeSummary, Request, Response, RootsAnnouncement, WireItem,
+};
 
 /// Nodes with at most this many entries (on either side) are listed, not descended.
 pub const LIST_BELOW: u64 = 8;
@@ -156,6 +158,18 @@ pub fn plan_round(tree: &MerkleTree, descend: &[Descend], list: &[String]) -> (V
     (nodes, listed)
 }
 
+/// What a node announces about its tree (answer to `Request::Root`, and the
+/// roots gossip).
+pub fn root_announcement(tree: &MerkleTree, node: &str, hlc: u64) -> RootsAnnouncement {
+    RootsAnnouncement {
+        node: node.to_string(),
+        root: tree.root_hash().map(short),
+        count: tree.count(),
+        hlc,
+        depth: tree.depth(),
+    }
+}
+
 /// Checks a request against the limits before a responder does any work.
 pub fn check_request(req: &Request, tree: &MerkleTree) -> Result<(), String> {
     let depth = tree.depth() as usize;
@@ -177,6 +191,7 @@ pub fn check_request(req: &Request, tree: &MerkleTree) -> Result<(), String> {
                 ))
             }
         }
+        Request::Root => Ok(()),
         Request::Fetch { ids, .. } if ids.len() <= MAX_ITEMS => Ok(()),
         Request::Push { items, .. } if items.len() <= MAX_ITEMS => Ok(()),
         _ => Err(format!("at most {MAX_ITEMS} items per request")),

@@ -145,6 +145,8 @@ pub enum Request {
         descend: Vec<Descend>,
         list: Vec<String>,
     },
+    /// The peer's current root (to decide whether a session is needed).
+    Root,
     /// Items (with content) by id.
     Fetch { session: u64, ids: Vec<String> },
     /// Items the requester has newer.
@@ -166,6 +168,7 @@ pub enum Response {
     Pushed {
         applied: u64,
     },
+    Root(RootsAnnouncement),
     Refused {
         reason: String,
     },
@@ -347,6 +350,7 @@ mod tests {
                 })),
             proptest::collection::vec(item(), 0..4)
                 .prop_map(|items| Body::Request(Request::Push { session: 1, items })),
+            Just(Body::Request(Request::Root)),
             proptest::collection::vec(
                 (
                     "[0-9a-f]{0,4}",

@@ -73,3 +73,71 @@ async fn a_node_of_another_cluster_gets_nothing() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_of_three_nodes_converges_on_its_own() {
+    let mut engines = Vec::new();
+    let mut handles = Vec::new();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let n = TestNode::new(Backend::Sqlite, name).await;
+        let e = Arc::new(n.start().await);
+        let h = start(e.clone(), NetworkConfig::loopback("line")).await.unwrap();
+        h.spawn_anti_entropy(e.clone(), std::time::Duration::from_millis(200));
+        nodes.push(n);
+        engines.push(e);
+        handles.push(h);
+    }
+    // a — b — c: a and c never talk directly.
+    for (from, to) in [(0, 1), (1, 2)] {
+        let addr = handles[to].listen_addrs[0]
+            .clone()
+            .with(libp2p::multiaddr::Protocol::P2p(handles[to].peer_id));
+        handles[from].dial(addr).await.unwrap();
+    }
+    engines[0]
+        .submit_many(
+            (0..200)
+                .map(|i| SyncItem::new(format!("a.{i}"), &b"from a"[..]))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    engines[2]
+        .submit_many(
+            (0..200)
+                .map(|i| SyncItem::new(format!("c.{i}"), &b"from c"[..]))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    engines[2]
+        .submit(SyncItem::new("a.7", &b"c overwrote"[..]))
+        .await
+        .unwrap();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let roots: Vec<_> = futures_roots(&engines).await;
+        if roots.windows(2).all(|w| w[0] == w[1]) && engines[0].count_prefix("").await.unwrap() == 400 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no convergence: {roots:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    for e in &engines {
+        assert_eq!(&e.get("a.7").await.unwrap().unwrap().content[..], b"c overwrote");
+        assert_eq!(e.count_prefix("c.").await.unwrap(), 200);
+    }
+    for e in engines {
+        e.shutdown().await;
+    }
+}
+
+async fn futures_roots(engines: &[Arc<syncnode::SyncEngine>]) -> Vec<Option<[u8; 32]>> {
+    let mut out = Vec::new();
+    for e in engines {
+        out.push(e.get_merkle_root().await.unwrap());
+    }
+    out
+}

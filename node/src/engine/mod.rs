@@ -526,6 +526,11 @@ impl SyncEngine {
         self.state().is_ready()
     }
 
+    /// The last version this node's clock stamped or observed.
+    pub fn clock(&self) -> u64 {
+        self.core.hlc.lock().unwrap_or_else(|p| p.into_inner()).last()
+    }
+
     pub fn node_id(&self) -> String {
         self.core.config().node_id
     }

@@ -6,8 +6,8 @@
 //! both sides, so a peer cannot store bytes under a false hash.
 
 use std::future::Future;
-use syncnode_protocol::session::{Progress, Session, Step, check_request, plan_round};
-use syncnode_protocol::wire::{Entry, EntrySummary, Request, Response, WireItem};
+use syncnode_protocol::session::{Progress, Session, Step, check_request, plan_round, root_announcement};
+use syncnode_protocol::wire::{Entry, EntrySummary, Request, Response, RootsAnnouncement, WireItem};
 
 use crate::engine::item::now_ms;
 use crate::engine::l3::EntryMeta;
@@ -73,6 +73,13 @@ pub fn from_wire(w: WireItem) -> SyncItem {
 }
 
 impl SyncEngine {
+    /// This node's root, entry count, clock and tree depth.
+    pub fn root_announcement(&self) -> RootsAnnouncement {
+        let hlc = self.clock();
+        let node = self.node_id();
+        self.with_tree(|t| root_announcement(t, &node, hlc))
+    }
+
     /// Entry lists under each path (from L3).
     async fn entries_under_paths(&self, paths: &[String]) -> Result<Vec<(String, Vec<Entry>)>, StorageError> {
         let mut out = Vec::with_capacity(paths.len());
@@ -137,6 +144,7 @@ impl SyncEngine {
                 Request::Push { items, .. } => Response::Pushed {
                     applied: self.apply_from_peer(items).await?,
                 },
+                Request::Root => Response::Root(self.root_announcement()),
             })
         }
         .await;

@@ -29,6 +29,7 @@ pub struct NodeBehaviour {
 
 enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
+    Peers(oneshot::Sender<Vec<PeerId>>),
     Request(PeerId, Request, oneshot::Sender<Result<Response, String>>),
     Respond(ResponseChannel<Response>, Response),
 }
@@ -81,6 +82,65 @@ impl NodeHandle {
             .await
             .map_err(|_| "node stopped".to_string())?;
         rx.await.map_err(|_| "node stopped".to_string())?
+    }
+
+    /// The peers connected now.
+    pub async fn peers(&self) -> Vec<PeerId> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Peers(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Runs anti-entropy in the background: every `interval` (with jitter) it
+    /// asks each connected peer for its root, and runs a session with a peer
+    /// whose root differed twice in a row (the first difference may be writes
+    /// still in flight). One session per peer at a time.
+    pub fn spawn_anti_entropy(&self, engine: Arc<SyncEngine>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let handle = self.clone();
+        tokio::spawn(async move {
+            let mut differed: HashMap<PeerId, u32> = HashMap::new();
+            let mut session = 0u64;
+            loop {
+                let jitter = Duration::from_millis(rand::random::<u64>() % (interval.as_millis() as u64 / 4 + 1));
+                tokio::time::sleep(interval + jitter).await;
+                if handle.commands.is_closed() {
+                    return;
+                }
+                for peer in handle.peers().await {
+                    let mine = engine.root_announcement();
+                    let theirs = match handle.request(peer, Request::Root).await {
+                        Ok(Response::Root(r)) => r,
+                        Ok(other) => {
+                            tracing::debug!(%peer, ?other, "peer did not give its root");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "root request failed");
+                            continue;
+                        }
+                    };
+                    if theirs.depth != mine.depth || theirs.root == mine.root {
+                        differed.remove(&peer);
+                        continue;
+                    }
+                    let seen = differed.entry(peer).or_default();
+                    *seen += 1;
+                    if *seen < 2 {
+                        continue;
+                    }
+                    differed.remove(&peer);
+                    session += 1;
+                    match handle.reconcile(&engine, peer, session).await {
+                        Ok(p) => {
+                            tracing::info!(%peer, pulled = p.pulled, pushed = p.pushed, rounds = p.round_trips, "anti-entropy session done")
+                        }
+                        Err(e) => tracing::warn!(%peer, error = %e, "anti-entropy session failed"),
+                    }
+                }
+            }
+        })
     }
 
     /// Runs an anti-entropy session with `peer` for `engine`.
@@ -157,6 +217,9 @@ async fn run(
                         (Ok(()), Some(peer)) => dials.entry(peer).or_default().push(done),
                         (Ok(()), None) => drop(done.send(Ok(()))),
                     }
+                }
+                Some(Command::Peers(done)) => {
+                    let _ = done.send(swarm.connected_peers().copied().collect());
                 }
                 Some(Command::Request(peer, req, done)) => {
                     let id = swarm.behaviour_mut().sync.send_request(&peer, req);
