@@ -141,3 +141,35 @@ async fn futures_roots(engines: &[Arc<syncnode::SyncEngine>]) -> Vec<Option<[u8;
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_pushed_to_peers_as_they_commit() {
+    let (na, nb) = (
+        TestNode::new(Backend::Sqlite, "a").await,
+        TestNode::new(Backend::Sqlite, "b").await,
+    );
+    let (a, b) = (Arc::new(na.start().await), Arc::new(nb.start().await));
+    let ha = start(a.clone(), NetworkConfig::loopback("cdc")).await.unwrap();
+    let hb = start(b.clone(), NetworkConfig::loopback("cdc")).await.unwrap();
+    ha.spawn_cdc(a.clone());
+    hb.spawn_cdc(b.clone());
+    let addr = hb.listen_addrs[0]
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2p(hb.peer_id));
+    ha.dial(addr).await.unwrap();
+    // No anti-entropy runs here: only CDC can carry these.
+    a.submit(SyncItem::new("pushed", &b"hello"[..])).await.unwrap();
+    b.submit(SyncItem::new("back", &b"hi"[..])).await.unwrap();
+    a.delete("pushed").await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(b.status("pushed").await.unwrap() != syncnode::ItemStatus::Missing
+        && b.get("pushed").await.unwrap().is_none()
+        && a.get("back").await.unwrap().is_some())
+    {
+        assert!(std::time::Instant::now() < deadline, "CDC did not deliver");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.get_merkle_root().await.unwrap(), b.get_merkle_root().await.unwrap());
+    a.shutdown().await;
+    b.shutdown().await;
+}

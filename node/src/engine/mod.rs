@@ -119,6 +119,8 @@ pub(crate) struct Core {
     pub(crate) l2_state: L2State,
     pub(crate) search: SearchRegistry,
     pub(crate) stopping: AtomicBool,
+    /// Committed writes made on this node, for CDC push to peers.
+    commits: tokio::sync::broadcast::Sender<Arc<Vec<SyncItem>>>,
     /// Held while L3 is written or the tree rebuilt, so the two never interleave.
     pub(crate) apply_lock: tokio::sync::Mutex<()>,
     snapshot_generation: AtomicU64,
@@ -127,6 +129,19 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// Announces committed writes that originated here (replicated ones are
+    /// not announced again, so there are no echo loops).
+    pub(crate) fn publish_local(&self, items: &[SyncItem]) {
+        if self.commits.receiver_count() == 0 {
+            return;
+        }
+        let node = self.config.read().unwrap_or_else(|p| p.into_inner()).node_id.clone();
+        let local: Vec<SyncItem> = items.iter().filter(|i| i.origin == node).cloned().collect();
+        if !local.is_empty() {
+            let _ = self.commits.send(Arc::new(local));
+        }
+    }
+
     pub(crate) fn config(&self) -> SyncEngineConfig {
         self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -311,6 +326,7 @@ impl SyncEngine {
             l2_state: L2State::new(depth),
             search: SearchRegistry::default(),
             stopping: AtomicBool::new(false),
+            commits: tokio::sync::broadcast::channel(1024).0,
             apply_lock: tokio::sync::Mutex::new(()),
             snapshot_generation: AtomicU64::new(u64::MAX),
             last_snapshot: Mutex::new(Instant::now()),
@@ -524,6 +540,12 @@ impl SyncEngine {
 
     pub fn is_ready(&self) -> bool {
         self.state().is_ready()
+    }
+
+    /// Committed writes made on this node, batch by batch (for CDC push). A
+    /// receiver that falls behind loses batches; anti-entropy repairs them.
+    pub fn subscribe_commits(&self) -> tokio::sync::broadcast::Receiver<Arc<Vec<SyncItem>>> {
+        self.core.commits.subscribe()
     }
 
     /// The last version this node's clock stamped or observed.

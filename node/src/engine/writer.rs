@@ -167,7 +167,7 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
             let result = commit(&core, items.clone()).await;
             core.metrics.group_commits.fetch_add(1, Ordering::Relaxed);
             match &result {
-                Ok(()) => {}
+                Ok(()) => core.publish_local(&items),
                 Err(e) => {
                     tracing::warn!(error = %e, items = items.len(), "commit failed");
                     // Durable callers hear the error and their writes are withdrawn;

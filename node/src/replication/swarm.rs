@@ -12,7 +12,10 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, identity, noise, ping, tcp, yam
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use syncnode_protocol::session::Progress;
+use syncnode_protocol::session::{MAX_ITEMS, Progress};
+
+/// Largest content pushed by CDC; larger items travel by anti-entropy.
+pub const CDC_INLINE_MAX: usize = 32 * 1024;
 use syncnode_protocol::wire::{DEFAULT_MAX_FRAME, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
@@ -137,6 +140,47 @@ impl NodeHandle {
                             tracing::info!(%peer, pulled = p.pulled, pushed = p.pushed, rounds = p.round_trips, "anti-entropy session done")
                         }
                         Err(e) => tracing::warn!(%peer, error = %e, "anti-entropy session failed"),
+                    }
+                }
+            }
+        })
+    }
+
+    /// Pushes this node's committed writes to every connected peer as they
+    /// happen (CDC). Items too large for one frame, and batches a slow push
+    /// could not keep up with, are left to anti-entropy.
+    pub fn spawn_cdc(&self, engine: Arc<SyncEngine>) -> tokio::task::JoinHandle<()> {
+        let handle = self.clone();
+        let mut commits = engine.subscribe_commits();
+        tokio::spawn(async move {
+            loop {
+                let batch = match commits.recv().await {
+                    Ok(b) => b,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(batches = n, "CDC fell behind; anti-entropy will catch up");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let items: Vec<_> = batch
+                    .iter()
+                    .filter(|i| i.content.len() <= CDC_INLINE_MAX)
+                    .map(super::anti_entropy::wire_item)
+                    .collect();
+                for peer in handle.peers().await {
+                    for chunk in items.chunks(MAX_ITEMS) {
+                        let (h, req) = (
+                            handle.clone(),
+                            Request::Push {
+                                session: 0,
+                                items: chunk.to_vec(),
+                            },
+                        );
+                        tokio::spawn(async move {
+                            if let Err(e) = h.request(peer, req).await {
+                                tracing::debug!(%peer, error = %e, "CDC push failed; anti-entropy will catch up");
+                            }
+                        });
                     }
                 }
             }
