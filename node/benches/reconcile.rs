@@ -24,9 +24,9 @@ fn size(body: Body) -> usize {
             strip(&mut items);
             Body::Request(Request::Push { session, items })
         }
-        Body::Response(Response::Fetch { mut items }) => {
+        Body::Response(Response::Fetch { mut items, deferred }) => {
             strip(&mut items);
-            Body::Response(Response::Fetch { items })
+            Body::Response(Response::Fetch { items, deferred })
         }
         other => other,
     };

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::merkle::{MerkleTree, key_of};
-use crate::session::{Progress, Session, Step, check_request, plan_round, root_announcement};
+use crate::session::{Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement};
 use crate::wire::{Entry, EntrySummary, Request, Response, WireItem};
 
 #[derive(Debug, Clone)]
@@ -115,9 +115,9 @@ impl MemoryStore {
                     .collect();
                 Response::Round { nodes, entries }
             }
-            Request::Fetch { ids, .. } => Response::Fetch {
-                items: ids.iter().filter_map(|id| self.items.get(id).cloned()).collect(),
-            },
+            Request::Fetch { ids, .. } => {
+                fetch_answer(ids.iter().filter_map(|id| self.items.get(id).cloned()).collect())
+            }
             Request::Push { items, .. } => Response::Pushed {
                 applied: items.into_iter().map(|i| self.put(i) as u64).sum(),
             },
@@ -130,14 +130,11 @@ impl MemoryStore {
     pub fn reconcile_with(&mut self, peer: &mut MemoryStore, mut observe: impl FnMut(&Request, &Response)) -> Progress {
         let mut s = Session::new(1, self.tree.depth());
         loop {
-            let step = match s.next_step(&self.tree) {
+            match s.next_step(&self.tree) {
                 Step::NeedLocalItems(ids) => {
                     let items = ids.iter().filter_map(|id| self.items.get(id).cloned()).collect();
-                    s.on_local_items(items)
+                    s.on_local_items(items);
                 }
-                other => other,
-            };
-            match step {
                 Step::Send(req) => {
                     let resp = peer.answer(req.clone());
                     observe(&req, &resp);
@@ -155,7 +152,7 @@ impl MemoryStore {
                     let local = paths.iter().map(|p| (p.clone(), self.entries_under(p))).collect();
                     s.on_local_entries(local);
                 }
-                Step::NeedLocalItems(_) | Step::Waiting => unreachable!("each step is answered in turn"),
+                Step::Waiting => unreachable!("each step is answered in turn"),
                 Step::Done => return s.progress(),
             }
         }

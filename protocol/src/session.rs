@@ -35,6 +35,34 @@ pub const MAX_LIST: usize = 8192;
 pub const MAX_LISTED: usize = 100_000;
 /// Most ids or items in one `Fetch` or `Push`.
 pub const MAX_ITEMS: usize = 512;
+/// Content bytes one `Fetch` answer or `Push` carries at most (an item larger
+/// than this goes alone).
+pub const MAX_TRANSFER_BYTES: usize = 2 * 1024 * 1024;
+
+/// Splits `items` at the byte budget: the first part always holds at least one item.
+pub fn take_within_budget(items: &mut VecDeque<WireItem>) -> Vec<WireItem> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    while let Some(next) = items.front() {
+        if !out.is_empty() && (bytes + next.content.len() > MAX_TRANSFER_BYTES || out.len() >= MAX_ITEMS) {
+            break;
+        }
+        bytes += next.content.len();
+        out.push(items.pop_front().expect("front exists"));
+    }
+    out
+}
+
+/// A responder's `Fetch` answer: the found items within the byte budget, the
+/// rest deferred.
+pub fn fetch_answer(found: Vec<WireItem>) -> Response {
+    let mut queue: VecDeque<WireItem> = found.into();
+    let items = take_within_budget(&mut queue);
+    Response::Fetch {
+        items,
+        deferred: queue.into_iter().map(|i| i.entry.id).collect(),
+    }
+}
 
 /// What the caller must do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +119,8 @@ pub struct Session {
     remote: BTreeMap<String, Vec<EntrySummary>>,
     pull: VecDeque<String>,
     push: VecDeque<String>,
+    /// Local items looked up for pushing, sent in byte-bounded chunks.
+    outbox: VecDeque<WireItem>,
     wait: Wait,
     progress: Progress,
 }
@@ -209,6 +239,7 @@ impl Session {
             remote: BTreeMap::new(),
             pull: VecDeque::new(),
             push: VecDeque::new(),
+            outbox: VecDeque::new(),
             wait: Wait::None,
             progress: Progress::default(),
         }
@@ -259,6 +290,13 @@ impl Session {
             return Step::Send(Request::Fetch {
                 session: self.id,
                 ids: self.pull.drain(..n).collect(),
+            });
+        }
+        if !self.outbox.is_empty() {
+            self.wait = Wait::Push;
+            return Step::Send(Request::Push {
+                session: self.id,
+                items: take_within_budget(&mut self.outbox),
             });
         }
         if !self.push.is_empty() {
@@ -316,8 +354,14 @@ impl Session {
                 }
                 Ok(None)
             }
-            (Wait::Fetch, Response::Fetch { items }) => {
+            (Wait::Fetch, Response::Fetch { items, deferred }) => {
+                if items.is_empty() && !deferred.is_empty() {
+                    return Err(SessionError::Protocol("the peer deferred every item of a fetch".into()));
+                }
                 self.progress.pulled += items.len() as u64;
+                for id in deferred.into_iter().rev() {
+                    self.pull.push_front(id);
+                }
                 Ok(Some(items))
             }
             (Wait::Push, Response::Pushed { applied }) => {
@@ -354,13 +398,10 @@ impl Session {
         self.wait = Wait::None;
     }
 
-    /// Our items for the last `NeedLocalItems`; returns the `Push` to send.
-    pub fn on_local_items(&mut self, items: Vec<WireItem>) -> Step {
-        self.wait = Wait::Push;
-        Step::Send(Request::Push {
-            session: self.id,
-            items,
-        })
+    /// Our items for the last `NeedLocalItems`; `next_step` sends them.
+    pub fn on_local_items(&mut self, items: Vec<WireItem>) {
+        self.outbox.extend(items);
+        self.wait = Wait::None;
     }
 }
 
@@ -413,6 +454,35 @@ mod tests {
         let p = reconcile(&mut empty, &mut full);
         assert_eq!(p.pulled, 5_000);
         assert_eq!(empty.tree.root_hash(), full.tree.root_hash());
+    }
+
+    #[test]
+    fn large_items_travel_in_byte_bounded_chunks() {
+        use crate::wire::{DEFAULT_MAX_FRAME, Envelope};
+        let big = |id: &str, v: u64| {
+            let mut it = crate::memory::sample_item(id, v, "n", false);
+            it.content = vec![7u8; 900 * 1024];
+            it
+        };
+        let (mut a, mut b) = (Store::new(4), Store::new(4));
+        for i in 0..12 {
+            a.put(big(&format!("a{i}"), 5));
+            b.put(big(&format!("b{i}"), 5));
+        }
+        let mut largest = 0;
+        let p = a.reconcile_with(&mut b, |req, resp| {
+            let size = |b: crate::wire::Body| Envelope::new("c", b).encode().len();
+            largest = largest
+                .max(size(crate::wire::Body::Request(req.clone())))
+                .max(size(crate::wire::Body::Response(resp.clone())));
+        });
+        assert_eq!(a.tree.root_hash(), b.tree.root_hash());
+        assert_eq!((p.pulled, p.pushed), (12, 12));
+        assert!(largest <= DEFAULT_MAX_FRAME, "{largest}");
+        assert!(
+            p.round_trips >= 4 + 6,
+            "12 × 0.9 MiB each way takes several transfers: {p:?}"
+        );
     }
 
     #[test]

@@ -162,8 +162,11 @@ pub enum Response {
         nodes: Vec<NodeSummary>,
         entries: Vec<(String, Vec<EntrySummary>)>,
     },
+    /// Items found, and ids left out to keep the answer under the byte
+    /// budget (ask again for those).
     Fetch {
         items: Vec<WireItem>,
+        deferred: Vec<String>,
     },
     Pushed {
         applied: u64,

@@ -162,14 +162,17 @@ async fn writes_are_pushed_to_peers_as_they_commit() {
     b.submit(SyncItem::new("back", &b"hi"[..])).await.unwrap();
     a.delete("pushed").await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !(b.status("pushed").await.unwrap() != syncnode::ItemStatus::Missing
-        && b.get("pushed").await.unwrap().is_none()
-        && a.get("back").await.unwrap().is_some())
-    {
+    loop {
+        let converged = a.get_merkle_root().await.unwrap() == b.get_merkle_root().await.unwrap()
+            && matches!(b.status("pushed").await.unwrap(), syncnode::ItemStatus::Deleted { .. })
+            && a.get("back").await.unwrap().is_some();
+        if converged {
+            break;
+        }
         assert!(std::time::Instant::now() < deadline, "CDC did not deliver");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(a.get_merkle_root().await.unwrap(), b.get_merkle_root().await.unwrap());
+    assert!(b.get("pushed").await.unwrap().is_none());
     a.shutdown().await;
     b.shutdown().await;
 }

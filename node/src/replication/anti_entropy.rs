@@ -6,7 +6,7 @@
 //! both sides, so a peer cannot store bytes under a false hash.
 
 use std::future::Future;
-use syncnode_protocol::session::{Progress, Session, Step, check_request, plan_round, root_announcement};
+use syncnode_protocol::session::{Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement};
 use syncnode_protocol::wire::{Entry, EntrySummary, Request, Response, RootsAnnouncement, WireItem};
 
 use crate::engine::item::now_ms;
@@ -137,9 +137,7 @@ impl SyncEngine {
                 }
                 Request::Fetch { ids, .. } => {
                     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    Response::Fetch {
-                        items: self.get_stored_many(&refs).await?.iter().map(wire_item).collect(),
-                    }
+                    fetch_answer(self.get_stored_many(&refs).await?.iter().map(wire_item).collect())
                 }
                 Request::Push { items, .. } => Response::Pushed {
                     applied: self.apply_from_peer(items).await?,
@@ -161,15 +159,11 @@ impl SyncEngine {
         let depth = self.merkle_summary().2;
         let mut s = Session::new(session, depth);
         loop {
-            let step = match self.with_tree(|t| s.next_step(t)) {
+            match self.with_tree(|t| s.next_step(t)) {
                 Step::NeedLocalItems(ids) => {
                     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    let items = self.get_stored_many(&refs).await?.iter().map(wire_item).collect();
-                    s.on_local_items(items)
+                    s.on_local_items(self.get_stored_many(&refs).await?.iter().map(wire_item).collect());
                 }
-                other => other,
-            };
-            match step {
                 Step::Send(req) => {
                     let resp = call(req).await.map_err(|e| SyncError::Transport(e.to_string()))?;
                     let pulled = self.with_tree(|t| s.on_response(resp, t))?;
@@ -178,9 +172,7 @@ impl SyncEngine {
                     }
                 }
                 Step::NeedLocalEntries(paths) => s.on_local_entries(self.entries_under_paths(&paths).await?),
-                Step::NeedLocalItems(_) | Step::Waiting => {
-                    return Err(SyncError::Transport("session out of order".into()));
-                }
+                Step::Waiting => return Err(SyncError::Transport("session out of order".into())),
                 Step::Done => return Ok(s.progress()),
             }
         }
