@@ -11,11 +11,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Exercise the engine on embedded SQLite in a temporary directory.
+    /// Three nodes over loopback: writes, a partition, conflicting writes, the heal.
     Demo {
         /// Items to write.
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 3_000)]
         items: usize,
+        /// Walk through one engine instead (writes, overwrites, deletes, restart).
+        #[arg(long)]
+        engine: bool,
     },
 }
 
@@ -26,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo { items } => syncnode::demo::run(items).await,
+        Command::Demo { items, engine: true } => syncnode::demo::run_engine(items).await,
+        Command::Demo { items, engine: false } => syncnode::demo::run_cluster(items).await,
     }
 }

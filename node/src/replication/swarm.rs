@@ -20,7 +20,7 @@ use syncnode_protocol::wire::{DEFAULT_MAX_FRAME, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
 use super::anti_entropy::SyncError;
-use super::transport::{SYNC_PROTOCOL, SyncCodec};
+use super::transport::{SYNC_PROTOCOL, SyncCodec, Traffic};
 use crate::engine::SyncEngine;
 
 #[derive(NetworkBehaviour)]
@@ -33,6 +33,7 @@ pub struct NodeBehaviour {
 enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Peers(oneshot::Sender<Vec<PeerId>>),
+    Block(PeerId, bool),
     Request(PeerId, Request, oneshot::Sender<Result<Response, String>>),
     Respond(ResponseChannel<Response>, Response),
 }
@@ -64,6 +65,7 @@ pub struct NodeHandle {
     pub peer_id: PeerId,
     pub listen_addrs: Vec<Multiaddr>,
     commands: mpsc::Sender<Command>,
+    pub traffic: Arc<Traffic>,
 }
 
 impl NodeHandle {
@@ -85,6 +87,13 @@ impl NodeHandle {
             .await
             .map_err(|_| "node stopped".to_string())?;
         rx.await.map_err(|_| "node stopped".to_string())?
+    }
+
+    /// Cuts (`true`) or restores (`false`) the link to a peer: a blocked peer
+    /// is disconnected and its connections are refused (partition tests and
+    /// the demo).
+    pub async fn block(&self, peer: PeerId, blocked: bool) {
+        let _ = self.commands.send(Command::Block(peer, blocked)).await;
     }
 
     /// The peers connected now.
@@ -195,9 +204,13 @@ impl NodeHandle {
 
 /// Starts the swarm for `engine`; returns once it listens on every address.
 pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Result<NodeHandle> {
+    // A frame must hold the largest item the engine accepts.
+    let max_frame = DEFAULT_MAX_FRAME.max(engine.config().max_payload_bytes + 64 * 1024);
+    let traffic = Arc::new(Traffic::default());
     let codec = SyncCodec {
         cluster: config.cluster.clone(),
-        max_frame: DEFAULT_MAX_FRAME,
+        max_frame,
+        traffic: traffic.clone(),
     };
     let timeout = config.request_timeout;
     let mut swarm: Swarm<NodeBehaviour> = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
@@ -235,6 +248,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         peer_id,
         listen_addrs,
         commands: tx,
+        traffic,
     })
 }
 
@@ -246,6 +260,7 @@ async fn run(
 ) {
     let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, String>>> = HashMap::new();
     let mut dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>> = HashMap::new();
+    let mut blocked: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
     loop {
         tokio::select! {
             cmd = commands.recv() => match cmd {
@@ -262,8 +277,19 @@ async fn run(
                         (Ok(()), None) => drop(done.send(Ok(()))),
                     }
                 }
+                Some(Command::Block(peer, on)) => {
+                    if on {
+                        blocked.insert(peer);
+                        let _ = swarm.disconnect_peer_id(peer);
+                    } else {
+                        blocked.remove(&peer);
+                    }
+                }
                 Some(Command::Peers(done)) => {
                     let _ = done.send(swarm.connected_peers().copied().collect());
+                }
+                Some(Command::Request(peer, _, done)) if blocked.contains(&peer) => {
+                    let _ = done.send(Err(format!("peer {peer} is blocked")));
                 }
                 Some(Command::Request(peer, req, done)) => {
                     let id = swarm.behaviour_mut().sync.send_request(&peer, req);
@@ -277,6 +303,7 @@ async fn run(
             },
             event = swarm.select_next_some() => match event {
                 SwarmEvent::Behaviour(NodeBehaviourEvent::Sync(e)) => match e {
+                    request_response::Event::Message { peer, .. } if blocked.contains(&peer) => {}
                     request_response::Event::Message { message, .. } => match message {
                         request_response::Message::Request { request, channel, .. } => {
                             let (engine, own) = (engine.clone(), own.clone());
@@ -301,6 +328,9 @@ async fn run(
                     }
                     request_response::Event::ResponseSent { .. } => {}
                 },
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if blocked.contains(&peer_id) => {
+                    let _ = swarm.disconnect_peer_id(peer_id);
+                }
                 SwarmEvent::ConnectionEstablished { peer_id, .. } => {
                     for done in dials.remove(&peer_id).unwrap_or_default() {
                         let _ = done.send(Ok(()));

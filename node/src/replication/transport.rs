@@ -6,6 +6,8 @@
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use syncnode_protocol::wire::{Body, Envelope, Request, Response};
 
 /// The anti-entropy protocol name.
@@ -15,6 +17,15 @@ pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/syncnode/sync/1"
 pub struct SyncCodec {
     pub cluster: String,
     pub max_frame: usize,
+    /// Bytes read and written by this node's sync streams.
+    pub traffic: Arc<Traffic>,
+}
+
+/// Byte counters of the sync protocol.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
@@ -31,6 +42,7 @@ impl SyncCodec {
         }
         let mut buf = vec![0u8; len];
         io.read_exact(&mut buf).await?;
+        self.traffic.received.fetch_add(4 + len as u64, Ordering::Relaxed);
         Ok(Envelope::decode_for(&buf, self.max_frame, &self.cluster)
             .map_err(invalid)?
             .body)
@@ -42,6 +54,7 @@ impl SyncCodec {
             return Err(invalid("message exceeds the frame limit"));
         }
         io.write_all(&frame).await?;
+        self.traffic.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
         io.close().await
     }
 }
