@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use crate::merkle::{MerkleTree, key_of};
-use crate::session::{Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement};
+use crate::session::{
+    Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement, round_answer,
+};
 use crate::wire::{Entry, EntrySummary, Request, Response, WireItem};
 
 #[derive(Debug, Clone)]
@@ -106,14 +108,14 @@ impl MemoryStore {
         match req {
             Request::Round { descend, list, .. } => {
                 let (nodes, listed) = plan_round(&self.tree, &descend, &list);
-                let entries = listed
+                let lists = listed
                     .into_iter()
                     .map(|p| {
                         let e = self.entries_under(&p).iter().map(EntrySummary::of).collect();
                         (p, e)
                     })
                     .collect();
-                Response::Round { nodes, entries }
+                round_answer(&self.tree, nodes, lists)
             }
             Request::Fetch { ids, .. } => {
                 fetch_answer(ids.iter().filter_map(|id| self.items.get(id).cloned()).collect())

@@ -33,6 +33,8 @@ pub const MAX_LIST: usize = 8192;
 /// Most entries a responder lists in one answer; children past it are answered
 /// with their summary and listed in a later round.
 pub const MAX_LISTED: usize = 100_000;
+/// Estimated bytes of entry lists in one `Round` answer.
+pub const MAX_ROUND_BYTES: usize = 2 * 1024 * 1024;
 /// Most ids or items in one `Fetch` or `Push`.
 pub const MAX_ITEMS: usize = 512;
 /// Content bytes one `Fetch` answer or `Push` carries at most (an item larger
@@ -158,8 +160,19 @@ fn summary(tree: &MerkleTree, path: &str) -> NodeSummary {
 pub fn plan_round(tree: &MerkleTree, descend: &[Descend], list: &[String]) -> (Vec<NodeSummary>, Vec<String>) {
     let depth = tree.depth() as usize;
     let mut nodes = Vec::new();
-    let mut listed: Vec<String> = list.to_vec();
-    let mut budget: u64 = list.iter().map(|p| tree.node(p).unwrap_or_default().count).sum();
+    let mut listed: Vec<String> = Vec::new();
+    let mut budget: u64 = 0;
+    // Asked-for lists first; past the budget they come back as summaries, to
+    // be listed in a later round (the first one always fits, so rounds progress).
+    for p in list {
+        let n = summary(tree, p);
+        if listed.is_empty() || budget + n.count <= MAX_LISTED as u64 {
+            budget += n.count;
+            listed.push(p.clone());
+        } else {
+            nodes.push(n);
+        }
+    }
     for d in descend {
         let theirs: BTreeMap<String, &ChildSummary> = d
             .children
@@ -186,6 +199,29 @@ pub fn plan_round(tree: &MerkleTree, descend: &[Descend], list: &[String]) -> (V
         }
     }
     (nodes, listed)
+}
+
+/// Builds a `Round` answer from the planned summaries and the entry lists,
+/// keeping the listed entries under `MAX_ROUND_BYTES` (estimated): lists past it
+/// are answered as summaries instead and listed in a later round. The first
+/// list is always kept, so rounds progress.
+pub fn round_answer(
+    tree: &MerkleTree,
+    mut nodes: Vec<NodeSummary>,
+    lists: Vec<(String, Vec<EntrySummary>)>,
+) -> Response {
+    let mut entries = Vec::with_capacity(lists.len());
+    let mut bytes = 0usize;
+    for (path, list) in lists {
+        let size: usize = list.iter().map(|e| e.id.len() + e.origin.len() + 24).sum::<usize>() + path.len() + 4;
+        if entries.is_empty() || bytes + size <= MAX_ROUND_BYTES {
+            bytes += size;
+            entries.push((path, list));
+        } else {
+            nodes.push(summary(tree, &path));
+        }
+    }
+    Response::Round { nodes, entries }
 }
 
 /// What a node announces about its tree (answer to `Request::Root`, and the
@@ -318,7 +354,9 @@ impl Session {
                 let asked: BTreeSet<&str> = descended.iter().map(String::as_str).collect();
                 for n in &nodes {
                     let parent = n.path.get(..n.path.len().saturating_sub(1)).unwrap_or("");
-                    if n.path.is_empty() || n.path.len() > self.depth as usize || !asked.contains(parent) {
+                    let deferred_list = listed.contains(&n.path);
+                    let child = !n.path.is_empty() && n.path.len() <= self.depth as usize && asked.contains(parent);
+                    if !deferred_list && !child {
                         return Err(SessionError::Protocol(format!("node {:?} was not asked for", n.path)));
                     }
                 }
@@ -337,6 +375,9 @@ impl Session {
                     if n.count == 0 {
                         // The peer has nothing here: everything we hold under it goes.
                         self.remote.insert(n.path, Vec::new());
+                    } else if listed.contains(&n.path) {
+                        // A list the peer deferred: ask again.
+                        self.list.push_back(n.path);
                     } else if n.path.len() >= self.depth as usize
                         || n.count.max(mine) <= LIST_BELOW
                         || (mine == 0 && n.count <= LIST_WHOLE_BELOW)
@@ -454,6 +495,25 @@ mod tests {
         let p = reconcile(&mut empty, &mut full);
         assert_eq!(p.pulled, 5_000);
         assert_eq!(empty.tree.root_hash(), full.tree.root_hash());
+    }
+
+    #[test]
+    fn long_ids_make_the_peer_defer_lists_and_still_converge() {
+        use crate::wire::{Body, Envelope};
+        let long = "x".repeat(400);
+        let (mut empty, mut full) = (Store::new(4), Store::new(4));
+        for i in 0..12_000 {
+            full.put(crate::memory::sample_item(&format!("{long}{i}"), 5, "n", false));
+        }
+        let mut largest = 0;
+        empty.reconcile_with(&mut full, |_, resp| {
+            largest = largest.max(Envelope::new("c", Body::Response(resp.clone())).encode().len());
+        });
+        assert_eq!(empty.tree.root_hash(), full.tree.root_hash());
+        assert!(
+            largest <= 2 * MAX_ROUND_BYTES,
+            "round answers stay near the budget: {largest}"
+        );
     }
 
     #[test]

@@ -97,9 +97,7 @@ impl L1 {
         if let Some((_, p)) = removed {
             self.pending_bytes.fetch_sub(p.size_bytes() as u64, Ordering::Relaxed);
         }
-        if !self.pending.contains_key(&item.object_id) {
-            self.cache_insert(item.clone());
-        }
+        self.cache_insert(item.clone());
     }
 
     /// Drops a pending write that was refused (e.g. its durable ack failed).
@@ -113,13 +111,24 @@ impl L1 {
     }
 
     /// Puts an item read from a lower tier into the read cache.
+    /// Never replaces a newer cached version, and skips ids with a pending
+    /// write (a reader that fetched an older version before a commit must not
+    /// shadow it).
     pub fn cache_insert(&self, item: SyncItem) {
-        let entry = CachedItem {
-            hits: AtomicU64::new(0),
-            last_accessed: AtomicU64::new(item.last_accessed),
-            item,
-        };
-        self.cache.insert(entry.item.object_id.clone(), Arc::new(entry));
+        use moka::ops::compute::Op;
+        if self.pending.contains_key(&item.object_id) {
+            return;
+        }
+        self.cache
+            .entry(item.object_id.clone())
+            .and_compute_with(|current| match current {
+                Some(c) if c.value().item.stamp().wins_over(&item.stamp()) => Op::Nop,
+                _ => Op::Put(Arc::new(CachedItem {
+                    hits: AtomicU64::new(0),
+                    last_accessed: AtomicU64::new(item.last_accessed),
+                    item,
+                })),
+            });
     }
 
     pub fn invalidate(&self, id: &str) {
@@ -180,6 +189,16 @@ mod tests {
         assert!(!l1.is_pending("a"));
         assert_eq!(l1.pending_bytes(), 0);
         assert_eq!(l1.get("a").unwrap().version, 2);
+    }
+
+    #[test]
+    fn an_older_version_never_replaces_a_newer_cached_one() {
+        let l1 = L1::new(1 << 20);
+        l1.cache_insert(item("c", 5));
+        l1.cache_insert(item("c", 3));
+        assert_eq!(l1.get("c").unwrap().version, 5);
+        l1.cache_insert(item("c", 7));
+        assert_eq!(l1.get("c").unwrap().version, 7);
     }
 
     #[test]

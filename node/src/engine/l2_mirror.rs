@@ -142,7 +142,8 @@ impl Core {
 
     /// Reads `id` from Redis when it is usable.
     pub(crate) async fn l2_get(&self, l2: &RedisStore, id: &str) -> L2Read {
-        if !self.l2_state.up.load(Ordering::Relaxed) {
+        // A stale Redis may hold versions from before an outage: do not read it.
+        if !self.l2_state.usable() {
             return L2Read::Unusable { repair: false };
         }
         match tokio::time::timeout(L2_READ_TIMEOUT, l2.get(id)).await {

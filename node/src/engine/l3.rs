@@ -15,7 +15,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::error::StorageError;
@@ -371,6 +371,8 @@ pub struct L3Store {
     write_pool: AnyPool,
     /// L3's generation as of the last commit (read at connect).
     generation: AtomicU64,
+    /// A commit failed in a way that may have committed after all.
+    commit_uncertain: AtomicBool,
     dialect: Dialect,
     timeout: Duration,
 }
@@ -392,6 +394,7 @@ impl L3Store {
             pool,
             write_pool,
             generation: AtomicU64::new(0),
+            commit_uncertain: AtomicBool::new(false),
             dialect,
             timeout,
         };
@@ -533,7 +536,11 @@ impl L3Store {
             .execute(&mut *tx),
         )
         .await?;
-        self.timed("commit", tx.commit()).await?;
+        if let Err(e) = self.timed("commit", tx.commit()).await {
+            // The server may have committed before the error reached us.
+            self.commit_uncertain.store(true, Ordering::Release);
+            return Err(e);
+        }
         self.generation.store(generation, Ordering::Release);
         Ok(Applied {
             generation,
@@ -633,6 +640,18 @@ impl L3Store {
         .bind(limit as i64);
         let rows = self.timed("entries under path", q.fetch_all(&self.pool)).await?;
         rows.iter().map(meta_from_row).collect()
+    }
+
+    /// Whether a failed commit may have committed; clears the flag.
+    pub fn take_commit_uncertain(&self) -> bool {
+        self.commit_uncertain.swap(false, Ordering::AcqRel)
+    }
+
+    /// Re-reads the generation from L3 (after an uncertain commit).
+    pub async fn reload_generation(&self) -> Result<u64, StorageError> {
+        let (generation, _) = self.generation().await?;
+        self.generation.store(generation, Ordering::Release);
+        Ok(generation)
     }
 
     /// `(generation, greatest version stored)`.

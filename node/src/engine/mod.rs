@@ -121,6 +121,9 @@ pub(crate) struct Core {
     pub(crate) stopping: AtomicBool,
     /// Committed writes made on this node, for CDC push to peers.
     commits: tokio::sync::broadcast::Sender<Arc<Vec<SyncItem>>>,
+    /// A commit's outcome is unknown: the tree and filter are rebuilt before
+    /// the next write.
+    pub(crate) tree_unverified: AtomicBool,
     /// Held while L3 is written or the tree rebuilt, so the two never interleave.
     pub(crate) apply_lock: tokio::sync::Mutex<()>,
     snapshot_generation: AtomicU64,
@@ -327,6 +330,7 @@ impl SyncEngine {
             search: SearchRegistry::default(),
             stopping: AtomicBool::new(false),
             commits: tokio::sync::broadcast::channel(1024).0,
+            tree_unverified: AtomicBool::new(false),
             apply_lock: tokio::sync::Mutex::new(()),
             snapshot_generation: AtomicU64::new(u64::MAX),
             last_snapshot: Mutex::new(Instant::now()),
@@ -513,7 +517,20 @@ impl SyncEngine {
             return;
         }
         self.core.set_state(EngineState::ShuttingDown);
-        self.force_flush().await;
+        if let Ok(b) = self.core.backends() {
+            // The writer commits what is queued and retries what it carries, then stops.
+            let (tx, rx) = oneshot::channel();
+            if b.writer.send(WriterCmd::Stop(tx)).is_ok()
+                && tokio::time::timeout(Duration::from_secs(30), rx).await.is_err()
+            {
+                tracing::warn!("the writer did not stop within 30 s");
+            }
+            if b.log.is_some()
+                && let Err(e) = writer::drain_log(&self.core).await
+            {
+                tracing::warn!(error = %e, "commit log not drained at shutdown; it drains on the next start");
+            }
+        }
         if let Err(e) = self.core.save_snapshot(true).await {
             tracing::warn!(error = %e, "final snapshot failed; the tree will be rebuilt on start");
         }

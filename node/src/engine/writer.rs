@@ -29,6 +29,8 @@ pub(crate) enum WriterCmd {
     Write { items: Vec<SyncItem>, ack: Option<Ack> },
     /// Answers once everything queued before it is committed.
     Barrier(oneshot::Sender<()>),
+    /// Commits what is queued (and retries what is carried once more), then stops.
+    Stop(oneshot::Sender<()>),
 }
 
 /// Keeps one version per id: the one that wins under LWW.
@@ -58,6 +60,14 @@ impl Core {
         let items = dedup_winners(items);
         let b = self.backends()?;
         let _guard = self.apply_lock.lock().await;
+        if self.tree_unverified.load(Ordering::Acquire) {
+            // A commit may have landed without the tree, filter and generation
+            // hearing of it: rebuild them from L3 before writing more.
+            b.l3.reload_generation().await?;
+            self.rebuild_from_l3().await?;
+            self.l2_state.stale.store(true, Ordering::Relaxed);
+            self.tree_unverified.store(false, Ordering::Release);
+        }
         let applied = match b.l3.apply_batch(&items).await {
             Ok(a) => {
                 b.sql_up.store(true, Ordering::Relaxed);
@@ -66,6 +76,10 @@ impl Core {
             Err(e) => {
                 if matches!(e, StorageError::Connection(_)) {
                     b.sql_up.store(false, Ordering::Relaxed);
+                }
+                if b.l3.take_commit_uncertain() {
+                    self.filter.mark_untrusted();
+                    self.tree_unverified.store(true, Ordering::Release);
                 }
                 self.metrics.l3_errors.fetch_add(1, Ordering::Relaxed);
                 return Err(e);
@@ -141,6 +155,7 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
         // Each durable caller's ack and the range of `items` it covers.
         let mut acks: Vec<(Ack, std::ops::Range<usize>)> = Vec::new();
         let mut barriers = Vec::new();
+        let mut stop: Option<oneshot::Sender<()>> = None;
         let mut bytes: usize = items.iter().map(|i| i.content.len()).sum();
         let mut next = first;
         loop {
@@ -153,9 +168,10 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
                     items.extend(batch);
                 }
                 Some(WriterCmd::Barrier(tx)) => barriers.push(tx),
+                Some(WriterCmd::Stop(tx)) => stop = Some(tx),
                 None => {}
             }
-            if items.len() >= max_items || bytes >= max_bytes {
+            if stop.is_some() || items.len() >= max_items || bytes >= max_bytes {
                 break;
             }
             match rx.try_recv() {
@@ -192,10 +208,23 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
         for b in barriers {
             let _ = b.send(());
         }
+        if let Some(done) = stop {
+            finish(&core, std::mem::take(&mut carry)).await;
+            let _ = done.send(());
+            return;
+        }
     }
-    // Channel closed (shutdown): last attempt for anything still carried.
-    if !carry.is_empty() {
-        let _ = commit(&core, carry).await;
+    finish(&core, carry).await;
+}
+
+/// Last attempt for buffered writes that could not be committed yet.
+async fn finish(core: &Arc<Core>, carry: Vec<SyncItem>) {
+    if carry.is_empty() {
+        return;
+    }
+    let n = carry.len();
+    if let Err(e) = commit(core, carry).await {
+        tracing::error!(error = %e, items = n, "buffered writes could not be committed before stopping");
     }
 }
 

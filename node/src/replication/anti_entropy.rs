@@ -6,7 +6,9 @@
 //! both sides, so a peer cannot store bytes under a false hash.
 
 use std::future::Future;
-use syncnode_protocol::session::{Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement};
+use syncnode_protocol::session::{
+    Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement, round_answer,
+};
 use syncnode_protocol::wire::{Entry, EntrySummary, Request, Response, RootsAnnouncement, WireItem};
 
 use crate::engine::item::now_ms;
@@ -127,13 +129,13 @@ impl SyncEngine {
             Ok::<_, StorageError>(match req {
                 Request::Round { descend, list, .. } => {
                     let (nodes, listed) = self.with_tree(|t| plan_round(t, &descend, &list));
-                    let entries = self
+                    let lists: Vec<(String, Vec<EntrySummary>)> = self
                         .entries_under_paths(&listed)
                         .await?
                         .into_iter()
                         .map(|(p, e)| (p, e.iter().map(EntrySummary::of).collect()))
                         .collect();
-                    Response::Round { nodes, entries }
+                    self.with_tree(|t| round_answer(t, nodes, lists))
                 }
                 Request::Fetch { ids, .. } => {
                     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();

@@ -12,7 +12,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, identity, noise, ping, tcp, yam
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use syncnode_protocol::session::{MAX_ITEMS, Progress};
+use syncnode_protocol::session::{Progress, take_within_budget};
 
 /// Largest content pushed by CDC; larger items travel by anti-entropy.
 pub const CDC_INLINE_MAX: usize = 32 * 1024;
@@ -176,13 +176,18 @@ impl NodeHandle {
                     .filter(|i| i.content.len() <= CDC_INLINE_MAX)
                     .map(super::anti_entropy::wire_item)
                     .collect();
+                let mut queue: std::collections::VecDeque<_> = items.into();
+                let mut chunks = Vec::new();
+                while !queue.is_empty() {
+                    chunks.push(take_within_budget(&mut queue));
+                }
                 for peer in handle.peers().await {
-                    for chunk in items.chunks(MAX_ITEMS) {
+                    for chunk in &chunks {
                         let (h, req) = (
                             handle.clone(),
                             Request::Push {
                                 session: 0,
-                                items: chunk.to_vec(),
+                                items: chunk.clone(),
                             },
                         );
                         tokio::spawn(async move {
@@ -303,7 +308,11 @@ async fn run(
             },
             event = swarm.select_next_some() => match event {
                 SwarmEvent::Behaviour(NodeBehaviourEvent::Sync(e)) => match e {
-                    request_response::Event::Message { peer, .. } if blocked.contains(&peer) => {}
+                    request_response::Event::Message {
+                        peer,
+                        message: request_response::Message::Request { .. },
+                        ..
+                    } if blocked.contains(&peer) => {}
                     request_response::Event::Message { message, .. } => match message {
                         request_response::Message::Request { request, channel, .. } => {
                             let (engine, own) = (engine.clone(), own.clone());
