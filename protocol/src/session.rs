@@ -34,7 +34,7 @@ pub const MAX_LIST: usize = 8192;
 /// with their summary and listed in a later round.
 pub const MAX_LISTED: usize = 100_000;
 /// Estimated bytes of entry lists in one `Round` answer.
-pub const MAX_ROUND_BYTES: usize = 2 * 1024 * 1024;
+pub const MAX_ROUND_BYTES: usize = 3 * 1024 * 1024 + 512 * 1024;
 /// Most ids or items in one `Fetch` or `Push`.
 pub const MAX_ITEMS: usize = 512;
 /// Content bytes one `Fetch` answer or `Push` carries at most (an item larger
