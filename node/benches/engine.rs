@@ -6,6 +6,8 @@
 //! `BENCH_ITEMS` (default 100000) sets the write sizes, `BENCH_MERKLE_ITEMS`
 //! (default 1000000) the size of the Merkle rebuild.
 
+mod support;
+
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions};
 use std::str::FromStr;
@@ -15,10 +17,6 @@ use syncnode::engine::l3::{Dialect, SQLITE_PRAGMAS, items_table_ddl, upsert_sql}
 use syncnode::{SyncEngine, SyncEngineConfig, SyncItem};
 
 const PAYLOAD: usize = 1024;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn line(metric: &str, value: f64, unit: &str) {
     println!("bench=engine metric={metric} value={value:.1} unit={unit}");
@@ -237,13 +235,9 @@ async fn merkle_rebuild(n: usize) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::runtime();
     rt.block_on(async {
-        durable_writes(env_usize("BENCH_ITEMS", 100_000)).await;
-        merkle_rebuild(env_usize("BENCH_MERKLE_ITEMS", 1_000_000)).await;
+        durable_writes(support::env_usize("BENCH_ITEMS", 100_000)).await;
+        merkle_rebuild(support::env_usize("BENCH_MERKLE_ITEMS", 1_000_000)).await;
     });
 }

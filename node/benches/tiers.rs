@@ -6,6 +6,8 @@
 //! - L2 get hits (fresh engine, so L1 is empty) and the startup resync;
 //! - search latency p50/p99 on the hot and the cold tier over 100k users.
 
+mod support;
+
 use redis::AsyncCommands;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,10 +65,6 @@ fn redis() -> Redis {
         url,
         child: Some(child),
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn items(prefix: &str, n: usize) -> Vec<SyncItem> {
@@ -251,11 +249,7 @@ async fn search(url: &str, n: usize) {
 
 fn main() {
     let r = redis();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::runtime();
     rt.block_on(async {
         let mut c = redis::Client::open(r.url.as_str())
             .unwrap()
@@ -263,7 +257,7 @@ fn main() {
             .await
             .unwrap();
         let _: () = c.set("bench:probe", 1).await.unwrap();
-        l2(&r.url, env_usize("BENCH_ITEMS", 100_000)).await;
-        search(&r.url, env_usize("BENCH_SEARCH_ITEMS", 100_000)).await;
+        l2(&r.url, support::env_usize("BENCH_ITEMS", 100_000)).await;
+        search(&r.url, support::env_usize("BENCH_SEARCH_ITEMS", 100_000)).await;
     });
 }
