@@ -126,6 +126,23 @@ async fn bad_input_is_refused_with_typed_errors_and_stores_nothing() {
 }
 
 #[tokio::test]
+async fn payload_limit_fits_the_mysql_packet_limit() {
+    let node = TestNode::new(common::Backend::MariaDb, "n1").await;
+    let mut cfg = node.config.clone();
+    cfg.max_payload_bytes = 1 << 30;
+    let e = SyncEngine::with_config(cfg);
+    e.start().await.unwrap();
+    // scripts/test starts MariaDB with max_allowed_packet = 64 MiB.
+    let limit = e.config().max_payload_bytes;
+    assert!(limit < 64 << 20 && limit > 32 << 20, "{limit}");
+    assert!(matches!(
+        e.submit(SyncItem::new("big", vec![0u8; limit + 1])).await,
+        Err(StorageError::PayloadTooLarge { .. })
+    ));
+    e.shutdown().await;
+}
+
+#[tokio::test]
 async fn get_verified_reports_a_corrupted_row() {
     for backend in BACKENDS {
         let node = TestNode::new(backend, "n1").await;

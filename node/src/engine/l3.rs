@@ -439,6 +439,21 @@ impl L3Store {
         Ok(())
     }
 
+    /// The largest statement the server takes (MySQL's `max_allowed_packet`);
+    /// `None` for SQLite, which has no such limit below our own.
+    pub async fn max_statement_bytes(&self) -> Result<Option<u64>, StorageError> {
+        if self.dialect != Dialect::MySql {
+            return Ok(None);
+        }
+        let row = self
+            .timed(
+                "read max_allowed_packet",
+                sqlx::query("SELECT CAST(@@max_allowed_packet AS SIGNED)").fetch_one(&self.pool),
+            )
+            .await?;
+        Ok(Some(int(&row, 0, "max_allowed_packet")?.max(0) as u64))
+    }
+
     /// `SELECT 1`; returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, StorageError> {
         let start = Instant::now();

@@ -400,6 +400,20 @@ impl SyncEngine {
             return Err(StorageError::NotReady("already started".into()));
         }
         let b = core.backends()?;
+        if let Some(packet) = b.l3.max_statement_bytes().await? {
+            // An item the server cannot take would fail its whole batch again
+            // and again: refuse it at submit instead.
+            let fits = packet.saturating_sub(1024 * 1024) as usize;
+            let mut c = core.config.write().unwrap_or_else(|p| p.into_inner());
+            if c.max_payload_bytes > fits {
+                tracing::warn!(
+                    max_payload_bytes = c.max_payload_bytes,
+                    max_allowed_packet = packet,
+                    "max_payload_bytes lowered to fit the MySQL server's max_allowed_packet"
+                );
+                c.max_payload_bytes = fits;
+            }
+        }
         if b.log.as_ref().is_some_and(|l| !l.is_empty()) {
             core.set_state(EngineState::DrainingWal);
             // Trees are loaded after the drain, so the drain need not update them.
