@@ -152,7 +152,23 @@ impl SyncEngine {
     }
 
     /// Runs one anti-entropy session against a peer reached through `call`.
-    pub async fn reconcile_with<F, Fut, E>(&self, session: u64, mut call: F) -> Result<Progress, SyncError>
+    pub async fn reconcile_with<F, Fut, E>(&self, session: u64, call: F) -> Result<Progress, SyncError>
+    where
+        F: FnMut(Request) -> Fut,
+        Fut: Future<Output = Result<Response, E>>,
+        E: std::fmt::Display,
+    {
+        self.reconcile_observed(session, call, |_| {}).await
+    }
+
+    /// `reconcile_with`, calling `observe` with the progress after each step
+    /// (a bootstrap shows how far it got).
+    pub async fn reconcile_observed<F, Fut, E>(
+        &self,
+        session: u64,
+        mut call: F,
+        mut observe: impl FnMut(&Progress),
+    ) -> Result<Progress, SyncError>
     where
         F: FnMut(Request) -> Fut,
         Fut: Future<Output = Result<Response, E>>,
@@ -167,6 +183,7 @@ impl SyncEngine {
                     s.on_local_items(self.get_stored_many(&refs).await?.iter().map(wire_item).collect());
                 }
                 Step::Send(req) => {
+                    observe(&s.progress());
                     let resp = call(req).await.map_err(|e| SyncError::Transport(e.to_string()))?;
                     let pulled = self.with_tree(|t| s.on_response(resp, t))?;
                     if let Some(items) = pulled {

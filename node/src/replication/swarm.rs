@@ -1,33 +1,49 @@
-//! The libp2p side of a node: TCP + Noise + Yamux, identify, ping, and the
-//! anti-entropy request-response protocol. One task owns the swarm; the rest
-//! of the node talks to it through a `NodeHandle`. Inbound requests are
-//! answered by the engine on their own task, so a slow answer never stalls the
-//! swarm; outbound sessions run on the caller's task, each request going
-//! through the swarm and back.
+//! The libp2p side of a node: TCP (+ pnet) + Noise + Yamux, identify, ping,
+//! gossipsub (roots and CDC, strictly signed, validated before forwarding),
+//! the anti-entropy request-response protocol, an optional peer allowlist, a
+//! block list (partitions, bans), and redials of bootstrap peers with
+//! backoff. One task owns the swarm; the rest of the node talks to it through
+//! a `NodeHandle`. Inbound requests are answered by the engine on their own
+//! task, so a slow answer never stalls the swarm; outbound sessions run on
+//! their own tasks, each request going through the swarm and back.
 
 use futures::StreamExt;
+use libp2p::allow_block_list::{self, AllowedPeers, BlockedPeers};
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
+use libp2p::pnet::PreSharedKey;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, identity, noise, ping, tcp, yamux};
-use std::collections::HashMap;
+use libp2p::{Multiaddr, PeerId, Swarm, identify, identity, ping};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-use syncnode_protocol::session::{Progress, take_within_budget};
-
-/// Largest content pushed by CDC; larger items travel by anti-entropy.
-pub const CDC_INLINE_MAX: usize = 32 * 1024;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use syncnode_protocol::session::Progress;
 use syncnode_protocol::wire::{DEFAULT_MAX_FRAME, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
 use super::anti_entropy::SyncError;
-use super::transport::{SYNC_PROTOCOL, SyncCodec, Traffic};
+use super::gossip::{self, CdcOutcome, GOSSIP_MAX, Gossip};
+use super::peers::{PeerLimits, Peers, ReplicationStats};
+use super::transport::{SYNC_PROTOCOL, SyncCodec, Traffic, tcp_transport};
 use crate::engine::SyncEngine;
 
 #[derive(NetworkBehaviour)]
 pub struct NodeBehaviour {
+    allowed: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
+    blocked: allow_block_list::Behaviour<BlockedPeers>,
     sync: request_response::Behaviour<SyncCodec>,
+    gossip: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Topic {
+    Roots,
+    Cdc,
 }
 
 enum Command {
@@ -36,6 +52,7 @@ enum Command {
     Block(PeerId, bool),
     Request(PeerId, Request, oneshot::Sender<Result<Response, String>>),
     Respond(ResponseChannel<Response>, Response),
+    Publish(Topic, Vec<Vec<u8>>),
 }
 
 /// How to start a node's network side.
@@ -43,8 +60,21 @@ enum Command {
 pub struct NetworkConfig {
     pub cluster: String,
     pub listen: Vec<Multiaddr>,
+    /// Peers to connect to and to keep redialing (with backoff) while
+    /// disconnected; each address ends in `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
     pub keypair: identity::Keypair,
+    /// Pre-shared cluster key: nodes without it cannot connect.
+    pub psk: Option<PreSharedKey>,
+    /// When not empty, only these peers may connect.
+    pub allow_peers: Vec<PeerId>,
+    pub region: String,
     pub request_timeout: Duration,
+    /// How often roots are announced.
+    pub gossip_interval: Duration,
+    pub limits: PeerLimits,
+    /// Where member watermarks are kept (tombstone purge).
+    pub members_file: Option<PathBuf>,
 }
 
 impl NetworkConfig {
@@ -53,10 +83,25 @@ impl NetworkConfig {
         Self {
             cluster: cluster.into(),
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")],
+            bootstrap: Vec::new(),
             keypair: identity::Keypair::generate_ed25519(),
+            psk: None,
+            allow_peers: Vec::new(),
+            region: "local".into(),
             request_timeout: Duration::from_secs(30),
+            gossip_interval: Duration::from_millis(250),
+            limits: PeerLimits::default(),
+            members_file: None,
         }
     }
+}
+
+/// The peer id an address ends with.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
 }
 
 /// The running network side of a node.
@@ -66,6 +111,10 @@ pub struct NodeHandle {
     pub listen_addrs: Vec<Multiaddr>,
     commands: mpsc::Sender<Command>,
     pub traffic: Arc<Traffic>,
+    /// Peer roots, lag, sessions, penalties, members, counters.
+    pub peers: Arc<Peers>,
+    sessions: Arc<AtomicU64>,
+    cluster: String,
 }
 
 impl NodeHandle {
@@ -90,8 +139,7 @@ impl NodeHandle {
     }
 
     /// Cuts (`true`) or restores (`false`) the link to a peer: a blocked peer
-    /// is disconnected and its connections are refused (partition tests and
-    /// the demo).
+    /// is disconnected and its connections are refused (partitions).
     pub async fn block(&self, peer: PeerId, blocked: bool) {
         let _ = self.commands.send(Command::Block(peer, blocked)).await;
     }
@@ -105,61 +153,49 @@ impl NodeHandle {
         rx.await.unwrap_or_default()
     }
 
-    /// Runs anti-entropy in the background: every `interval` (with jitter) it
-    /// asks each connected peer for its root, and runs a session with a peer
-    /// whose root differed twice in a row (the first difference may be writes
-    /// still in flight). One session per peer at a time.
+    /// Runs anti-entropy in the background: every `interval` it starts a
+    /// session with each connected peer whose announced root differed from
+    /// ours twice in a row (the first difference may be writes still in
+    /// flight). One session per peer at a time; sessions with different
+    /// peers run side by side.
     pub fn spawn_anti_entropy(&self, engine: Arc<SyncEngine>, interval: Duration) -> tokio::task::JoinHandle<()> {
         let handle = self.clone();
         tokio::spawn(async move {
-            let mut differed: HashMap<PeerId, u32> = HashMap::new();
-            let mut session = 0u64;
             loop {
                 let jitter = Duration::from_millis(rand::random::<u64>() % (interval.as_millis() as u64 / 4 + 1));
                 tokio::time::sleep(interval + jitter).await;
                 if handle.commands.is_closed() {
                     return;
                 }
-                for peer in handle.peers().await {
-                    let mine = engine.root_announcement();
-                    let theirs = match handle.request(peer, Request::Root).await {
-                        Ok(Response::Root(r)) => r,
-                        Ok(other) => {
-                            tracing::debug!(%peer, ?other, "peer did not give its root");
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::debug!(%peer, error = %e, "root request failed");
-                            continue;
-                        }
-                    };
-                    if theirs.depth != mine.depth || theirs.root == mine.root {
-                        differed.remove(&peer);
+                for peer in handle.peers.due_for_session() {
+                    let id = handle.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+                    if !handle.peers.session_started(peer, id) {
                         continue;
                     }
-                    let seen = differed.entry(peer).or_default();
-                    *seen += 1;
-                    if *seen < 2 {
-                        continue;
-                    }
-                    differed.remove(&peer);
-                    session += 1;
-                    match handle.reconcile(&engine, peer, session).await {
-                        Ok(p) => {
-                            tracing::info!(%peer, pulled = p.pulled, pushed = p.pushed, rounds = p.round_trips, "anti-entropy session done")
+                    let (h, e) = (handle.clone(), engine.clone());
+                    tokio::spawn(async move {
+                        let bootstrap = e.merkle_summary().1 == 0;
+                        let result = h.reconcile(&e, peer, id).await;
+                        match &result {
+                            Ok(p) => tracing::info!(
+                                %peer, bootstrap, pulled = p.pulled, pushed = p.pushed, rounds = p.round_trips,
+                                "anti-entropy session done"
+                            ),
+                            Err(err) => tracing::warn!(%peer, error = %err, "anti-entropy session failed"),
                         }
-                        Err(e) => tracing::warn!(%peer, error = %e, "anti-entropy session failed"),
-                    }
+                        h.peers
+                            .session_finished(peer, result.as_ref().map_err(|e| e.to_string()));
+                    });
                 }
             }
         })
     }
 
-    /// Pushes this node's committed writes to every connected peer as they
-    /// happen (CDC). Items too large for one frame, and batches a slow push
-    /// could not keep up with, are left to anti-entropy.
+    /// Publishes this node's committed writes as CDC deltas. Batches the
+    /// swarm could not keep up with are left to anti-entropy.
     pub fn spawn_cdc(&self, engine: Arc<SyncEngine>) -> tokio::task::JoinHandle<()> {
         let handle = self.clone();
+        let cluster = self.cluster.clone();
         let mut commits = engine.subscribe_commits();
         tokio::spawn(async move {
             loop {
@@ -171,43 +207,31 @@ impl NodeHandle {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                let items: Vec<_> = batch
-                    .iter()
-                    .filter(|i| i.content.len() <= CDC_INLINE_MAX)
-                    .map(super::anti_entropy::wire_item)
-                    .collect();
-                let mut queue: std::collections::VecDeque<_> = items.into();
-                let mut chunks = Vec::new();
-                while !queue.is_empty() {
-                    chunks.push(take_within_budget(&mut queue));
-                }
-                for peer in handle.peers().await {
-                    for chunk in &chunks {
-                        let (h, req) = (
-                            handle.clone(),
-                            Request::Push {
-                                session: 0,
-                                items: chunk.clone(),
-                            },
-                        );
-                        tokio::spawn(async move {
-                            if let Err(e) = h.request(peer, req).await {
-                                tracing::debug!(%peer, error = %e, "CDC push failed; anti-entropy will catch up");
-                            }
-                        });
-                    }
+                let msgs: Vec<Vec<u8>> = batch.iter().map(|i| gossip::encode_delta(&cluster, i)).collect();
+                if handle.commands.send(Command::Publish(Topic::Cdc, msgs)).await.is_err() {
+                    return;
                 }
             }
         })
     }
 
-    /// Runs an anti-entropy session with `peer` for `engine`.
+    /// Runs an anti-entropy session with `peer` for `engine`, reporting its
+    /// progress in the peer table as it goes.
     pub async fn reconcile(&self, engine: &SyncEngine, peer: PeerId, session: u64) -> Result<Progress, SyncError> {
-        engine.reconcile_with(session, |req| self.request(peer, req)).await
+        let peers = self.peers.clone();
+        engine
+            .reconcile_observed(
+                session,
+                |req| self.request(peer, req),
+                |p| peers.session_progress(peer, p),
+            )
+            .await
     }
 }
 
 /// Starts the swarm for `engine`; returns once it listens on every address.
+/// Received CDC deltas are applied; roots are announced every
+/// `gossip_interval`.
 pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Result<NodeHandle> {
     // A frame must hold the largest item the engine accepts.
     let max_frame = DEFAULT_MAX_FRAME.max(engine.config().max_payload_bytes + 64 * 1024);
@@ -218,25 +242,58 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         traffic: traffic.clone(),
     };
     let timeout = config.request_timeout;
+    let allow = config.allow_peers.clone();
+    let agent = format!("syncnode/{} region={}", env!("CARGO_PKG_VERSION"), config.region);
+    let psk = config.psk;
     let mut swarm: Swarm<NodeBehaviour> = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_behaviour(|key| NodeBehaviour {
-            sync: request_response::Behaviour::with_codec(
-                codec,
-                [(SYNC_PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(timeout),
-            ),
-            identify: identify::Behaviour::new(identify::Config::new("/syncnode/1".into(), key.public())),
-            ping: ping::Behaviour::default(),
-        })?
+        .with_other_transport(|key| {
+            tcp_transport(key, psk).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|e| anyhow::anyhow!("transport: {e}"))?
+        .with_behaviour(|key| {
+            let gossip_config = gossipsub::ConfigBuilder::default()
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .validate_messages()
+                .max_transmit_size(GOSSIP_MAX + 1024)
+                .heartbeat_interval(Duration::from_secs(1))
+                .build()?;
+            let gossip = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            let allowed = (!allow.is_empty()).then(|| {
+                let mut b = allow_block_list::Behaviour::<AllowedPeers>::default();
+                for p in &allow {
+                    b.allow_peer(*p);
+                }
+                b
+            });
+            Ok(NodeBehaviour {
+                allowed: allowed.into(),
+                blocked: allow_block_list::Behaviour::default(),
+                sync: request_response::Behaviour::with_codec(
+                    codec,
+                    [(SYNC_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(timeout)
+                        .with_max_concurrent_streams(64),
+                ),
+                gossip,
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/syncnode/1".into(), key.public()).with_agent_version(agent),
+                ),
+                ping: ping::Behaviour::default(),
+            })
+        })
+        .map_err(|e| anyhow::anyhow!("network behaviour: {e}"))?
         // Anti-entropy connections are long-lived; the 10 s default drops them between sessions.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build();
+    for topic in [gossip::roots_topic(&config.cluster), gossip::cdc_topic(&config.cluster)] {
+        swarm
+            .behaviour_mut()
+            .gossip
+            .subscribe(&topic)
+            .map_err(|e| anyhow::anyhow!("subscribe: {e}"))?;
+    }
     for addr in &config.listen {
         swarm.listen_on(addr.clone())?;
     }
@@ -247,111 +304,370 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         }
     }
     let peer_id = *swarm.local_peer_id();
-    let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(run(swarm, engine, rx, tx.clone()));
-    Ok(NodeHandle {
+    let (tx, rx) = mpsc::channel(1024);
+    let (cdc_tx, cdc_rx) = mpsc::channel(4096);
+    let peers = Arc::new(Peers::new(config.limits.clone(), config.members_file.clone()));
+    let handle = NodeHandle {
         peer_id,
         listen_addrs,
-        commands: tx,
+        commands: tx.clone(),
         traffic,
-    })
+        peers: peers.clone(),
+        sessions: Arc::new(AtomicU64::new(0)),
+        cluster: config.cluster.clone(),
+    };
+    tokio::spawn(apply_cdc(engine.clone(), handle.clone(), cdc_rx));
+    let node = SwarmTask {
+        engine,
+        peers,
+        own: tx,
+        cdc: cdc_tx,
+        cluster: config.cluster.clone(),
+        traffic: handle.traffic.clone(),
+        topics: [gossip::roots_topic(&config.cluster), gossip::cdc_topic(&config.cluster)],
+        pending: HashMap::new(),
+        dials: HashMap::new(),
+        manual_blocks: HashSet::new(),
+        bans: HashSet::new(),
+        redial: config
+            .bootstrap
+            .iter()
+            .map(|a| Redial {
+                addr: a.clone(),
+                peer: peer_of(a),
+                next: Instant::now(),
+                backoff: Duration::from_secs(1),
+            })
+            .collect(),
+    };
+    tokio::spawn(node.run(swarm, rx, config.gossip_interval));
+    Ok(handle)
 }
 
-async fn run(
-    mut swarm: Swarm<NodeBehaviour>,
+/// Applies received deltas one at a time (LWW makes their order irrelevant),
+/// fetching content that was not inlined from the delta's author.
+async fn apply_cdc(
     engine: Arc<SyncEngine>,
-    mut commands: mpsc::Receiver<Command>,
-    own: mpsc::Sender<Command>,
+    handle: NodeHandle,
+    mut rx: mpsc::Receiver<(PeerId, syncnode_protocol::wire::CdcDelta)>,
 ) {
-    let mut pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, String>>> = HashMap::new();
-    let mut dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>> = HashMap::new();
-    let mut blocked: std::collections::HashSet<PeerId> = std::collections::HashSet::new();
-    loop {
-        tokio::select! {
-            cmd = commands.recv() => match cmd {
-                None => return,
-                Some(Command::Dial(addr, done)) => {
-                    let peer = addr.iter().find_map(|p| match p {
-                        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-                        _ => None,
-                    });
-                    match (swarm.dial(addr), peer) {
-                        (Err(e), _) => drop(done.send(Err(e.to_string()))),
-                        (Ok(()), Some(peer)) if swarm.is_connected(&peer) => drop(done.send(Ok(()))),
-                        (Ok(()), Some(peer)) => dials.entry(peer).or_default().push(done),
-                        (Ok(()), None) => drop(done.send(Ok(()))),
-                    }
-                }
-                Some(Command::Block(peer, on)) => {
-                    if on {
-                        blocked.insert(peer);
-                        let _ = swarm.disconnect_peer_id(peer);
-                    } else {
-                        blocked.remove(&peer);
-                    }
-                }
-                Some(Command::Peers(done)) => {
-                    let _ = done.send(swarm.connected_peers().copied().collect());
-                }
-                Some(Command::Request(peer, _, done)) if blocked.contains(&peer) => {
-                    let _ = done.send(Err(format!("peer {peer} is blocked")));
-                }
-                Some(Command::Request(peer, req, done)) => {
-                    let id = swarm.behaviour_mut().sync.send_request(&peer, req);
-                    pending.insert(id, done);
-                }
-                Some(Command::Respond(channel, resp)) => {
-                    if swarm.behaviour_mut().sync.send_response(channel, resp).is_err() {
-                        tracing::debug!("peer went away before our answer");
-                    }
-                }
-            },
-            event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(NodeBehaviourEvent::Sync(e)) => match e {
-                    request_response::Event::Message {
-                        peer,
-                        message: request_response::Message::Request { .. },
-                        ..
-                    } if blocked.contains(&peer) => {}
-                    request_response::Event::Message { message, .. } => match message {
-                        request_response::Message::Request { request, channel, .. } => {
-                            let (engine, own) = (engine.clone(), own.clone());
-                            tokio::spawn(async move {
-                                let resp = engine.answer_sync_request(request).await;
-                                let _ = own.send(Command::Respond(channel, resp)).await;
-                            });
+    let stats = &handle.peers.stats;
+    while let Some((author, delta)) = rx.recv().await {
+        let id = delta.entry.id.clone();
+        match engine.receive_cdc(delta).await {
+            Ok(CdcOutcome::Applied) => ReplicationStats::add(&stats.cdc_applied, 1),
+            Ok(CdcOutcome::Dropped) => ReplicationStats::add(&stats.cdc_dropped, 1),
+            Ok(CdcOutcome::NeedFetch) => {
+                match handle
+                    .request(
+                        author,
+                        Request::Fetch {
+                            session: 0,
+                            ids: vec![id],
+                        },
+                    )
+                    .await
+                {
+                    Ok(Response::Fetch { items, .. }) => match engine.apply_fetched(items).await {
+                        Ok(n) => {
+                            ReplicationStats::add(&stats.cdc_fetched, 1);
+                            ReplicationStats::add(&stats.cdc_applied, n);
                         }
-                        request_response::Message::Response { request_id, response } => {
-                            if let Some(done) = pending.remove(&request_id) {
-                                let _ = done.send(Ok(response));
-                            }
-                        }
+                        Err(e) => tracing::debug!(error = %e, "fetched CDC content not applied"),
                     },
-                    request_response::Event::OutboundFailure { request_id, error, .. } => {
-                        if let Some(done) = pending.remove(&request_id) {
-                            let _ = done.send(Err(error.to_string()));
-                        }
-                    }
-                    request_response::Event::InboundFailure { peer, error, .. } => {
-                        tracing::debug!(%peer, %error, "inbound sync request failed");
-                    }
-                    request_response::Event::ResponseSent { .. } => {}
+                    Ok(other) => tracing::debug!(?other, "CDC fetch refused; anti-entropy will catch up"),
+                    Err(e) => tracing::debug!(error = %e, "CDC fetch failed; anti-entropy will catch up"),
+                }
+            }
+            Err(e) => {
+                ReplicationStats::add(&stats.cdc_dropped, 1);
+                tracing::debug!(error = %e, "CDC delta not applied; anti-entropy will catch up");
+            }
+        }
+    }
+}
+
+/// A bootstrap address redialed with exponential backoff while its peer is
+/// not connected.
+struct Redial {
+    addr: Multiaddr,
+    peer: Option<PeerId>,
+    next: Instant,
+    backoff: Duration,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+struct SwarmTask {
+    engine: Arc<SyncEngine>,
+    peers: Arc<Peers>,
+    own: mpsc::Sender<Command>,
+    cdc: mpsc::Sender<(PeerId, syncnode_protocol::wire::CdcDelta)>,
+    cluster: String,
+    traffic: Arc<Traffic>,
+    topics: [IdentTopic; 2],
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, String>>>,
+    dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
+    manual_blocks: HashSet<PeerId>,
+    bans: HashSet<PeerId>,
+    redial: Vec<Redial>,
+}
+
+impl SwarmTask {
+    async fn run(
+        mut self,
+        mut swarm: Swarm<NodeBehaviour>,
+        mut commands: mpsc::Receiver<Command>,
+        gossip_every: Duration,
+    ) {
+        let mut announce = tokio::time::interval(gossip_every);
+        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    None => return,
+                    Some(cmd) => self.on_command(&mut swarm, cmd),
                 },
-                SwarmEvent::ConnectionEstablished { peer_id, .. } if blocked.contains(&peer_id) => {
-                    let _ = swarm.disconnect_peer_id(peer_id);
-                }
-                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
-                    for done in dials.remove(&peer_id).unwrap_or_default() {
-                        let _ = done.send(Ok(()));
+                _ = announce.tick() => {
+                    if self.engine.is_ready() {
+                        let msg = gossip::encode_roots(&self.cluster, self.engine.root_announcement());
+                        self.publish(&mut swarm, Topic::Roots, vec![msg]);
                     }
                 }
-                SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
-                    for done in dials.remove(&peer).unwrap_or_default() {
-                        let _ = done.send(Err(error.to_string()));
+                _ = housekeeping.tick() => self.housekeeping(&mut swarm),
+                event = swarm.select_next_some() => self.on_event(&mut swarm, event),
+            }
+        }
+    }
+
+    fn publish(&self, swarm: &mut Swarm<NodeBehaviour>, topic: Topic, msgs: Vec<Vec<u8>>) {
+        let t = match topic {
+            Topic::Roots => &self.topics[0],
+            Topic::Cdc => &self.topics[1],
+        };
+        for m in msgs {
+            self.traffic.sent.fetch_add(m.len() as u64, Ordering::Relaxed);
+            match swarm.behaviour_mut().gossip.publish(t.clone(), m) {
+                Ok(_) => {
+                    if matches!(topic, Topic::Cdc) {
+                        ReplicationStats::add(&self.peers.stats.cdc_published, 1);
                     }
                 }
-                _ => {}
+                // No subscribed peer yet (alone, or just started): anti-entropy covers it.
+                Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                Err(e) => tracing::debug!(error = %e, "gossip publish failed"),
+            }
+        }
+    }
+
+    /// Redials bootstrap peers that are due, lifts expired bans.
+    fn housekeeping(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
+        let now = Instant::now();
+        for r in &mut self.redial {
+            let connected = r.peer.is_some_and(|p| swarm.is_connected(&p));
+            if connected || r.next > now || r.peer.is_some_and(|p| self.manual_blocks.contains(&p)) {
+                continue;
+            }
+            if let Err(e) = swarm.dial(r.addr.clone()) {
+                tracing::debug!(addr = %r.addr, error = %e, "bootstrap dial failed");
+            }
+            r.next = now + r.backoff;
+            r.backoff = (r.backoff * 2).min(MAX_BACKOFF);
+        }
+        for peer in self.peers.expired_bans() {
+            self.bans.remove(&peer);
+            if !self.manual_blocks.contains(&peer) {
+                swarm.behaviour_mut().blocked.unblock_peer(peer);
+                tracing::info!(%peer, "ban lifted");
+            }
+        }
+    }
+
+    fn on_command(&mut self, swarm: &mut Swarm<NodeBehaviour>, cmd: Command) {
+        match cmd {
+            Command::Dial(addr, done) => {
+                let peer = peer_of(&addr);
+                match (swarm.dial(addr), peer) {
+                    (Err(e), _) => drop(done.send(Err(e.to_string()))),
+                    (Ok(()), Some(peer)) if swarm.is_connected(&peer) => drop(done.send(Ok(()))),
+                    (Ok(()), Some(peer)) => self.dials.entry(peer).or_default().push(done),
+                    (Ok(()), None) => drop(done.send(Ok(()))),
+                }
+            }
+            Command::Block(peer, on) => {
+                if on {
+                    self.manual_blocks.insert(peer);
+                    swarm.behaviour_mut().blocked.block_peer(peer);
+                } else {
+                    self.manual_blocks.remove(&peer);
+                    if !self.bans.contains(&peer) {
+                        swarm.behaviour_mut().blocked.unblock_peer(peer);
+                    }
+                    for r in self.redial.iter_mut().filter(|r| r.peer == Some(peer)) {
+                        r.next = Instant::now();
+                        r.backoff = Duration::from_secs(1);
+                    }
+                }
+            }
+            Command::Peers(done) => {
+                let _ = done.send(swarm.connected_peers().copied().collect());
+            }
+            Command::Request(peer, _, done) if !swarm.is_connected(&peer) => {
+                let _ = done.send(Err(format!("peer {peer} is not connected")));
+            }
+            Command::Request(peer, req, done) => {
+                let id = swarm.behaviour_mut().sync.send_request(&peer, req);
+                self.pending.insert(id, done);
+            }
+            Command::Respond(channel, resp) => {
+                if swarm.behaviour_mut().sync.send_response(channel, resp).is_err() {
+                    tracing::debug!("peer went away before our answer");
+                }
+            }
+            Command::Publish(topic, msgs) => self.publish(swarm, topic, msgs),
+        }
+    }
+
+    fn penalize(&mut self, swarm: &mut Swarm<NodeBehaviour>, peer: PeerId, why: &str) {
+        if self.peers.penalize(peer, why) {
+            self.bans.insert(peer);
+            swarm.behaviour_mut().blocked.block_peer(peer);
+        }
+    }
+
+    fn on_gossip(&mut self, swarm: &mut Swarm<NodeBehaviour>, event: gossipsub::Event) {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = event
+        else {
+            return;
+        };
+        // Strict signing: every accepted message names its author.
+        let Some(author) = message.source else {
+            self.penalize(swarm, propagation_source, "unsigned gossip");
+            return;
+        };
+        self.traffic
+            .received
+            .fetch_add(message.data.len() as u64, Ordering::Relaxed);
+        let verdict = match gossip::decode(&self.cluster, &message.topic, &message.data) {
+            Err(why) => {
+                self.penalize(swarm, propagation_source, &why);
+                MessageAcceptance::Reject
+            }
+            Ok(_) if !self.peers.allow_gossip(author) => MessageAcceptance::Ignore,
+            Ok(Gossip::Roots(theirs)) => {
+                if swarm.is_connected(&author) {
+                    self.peers.on_roots(author, theirs, &self.engine.root_announcement());
+                }
+                MessageAcceptance::Accept
+            }
+            Ok(Gossip::Cdc(delta)) => {
+                if self.cdc.try_send((author, delta)).is_err() {
+                    // The applier is behind: anti-entropy will bring it.
+                    ReplicationStats::add(&self.peers.stats.cdc_dropped, 1);
+                }
+                MessageAcceptance::Accept
+            }
+        };
+        swarm
+            .behaviour_mut()
+            .gossip
+            .report_message_validation_result(&message_id, &propagation_source, verdict);
+    }
+
+    fn on_sync(&mut self, swarm: &mut Swarm<NodeBehaviour>, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    if !self.peers.allow_request(peer) {
+                        let busy = Response::Refused {
+                            reason: "rate limited".into(),
+                        };
+                        let _ = swarm.behaviour_mut().sync.send_response(channel, busy);
+                        return;
+                    }
+                    let (engine, own) = (self.engine.clone(), self.own.clone());
+                    tokio::spawn(async move {
+                        let resp = engine.answer_sync_request(request).await;
+                        let _ = own.send(Command::Respond(channel, resp)).await;
+                    });
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(done) = self.pending.remove(&request_id) {
+                        let _ = done.send(Ok(response));
+                    }
+                }
             },
+            request_response::Event::OutboundFailure { request_id, error, .. } => {
+                if let Some(done) = self.pending.remove(&request_id) {
+                    let _ = done.send(Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                if let request_response::InboundFailure::Io(e) = &error
+                    && e.kind() == std::io::ErrorKind::InvalidData
+                {
+                    self.penalize(swarm, peer, &e.to_string());
+                } else {
+                    tracing::debug!(%peer, %error, "inbound sync request failed");
+                }
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_event(&mut self, swarm: &mut Swarm<NodeBehaviour>, event: SwarmEvent<NodeBehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Sync(e)) => self.on_sync(swarm, e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Gossip(e)) => self.on_gossip(swarm, e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(identify::Event::Received {
+                peer_id, info, ..
+            })) => {
+                let region = info
+                    .agent_version
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("region="))
+                    .map(str::to_string);
+                self.peers.set_region(peer_id, region);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                tracing::info!(peer = %peer_id, "peer connected");
+                self.peers.connected(peer_id, true);
+                for r in self.redial.iter_mut().filter(|r| r.peer == Some(peer_id)) {
+                    r.backoff = Duration::from_secs(1);
+                }
+                for done in self.dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                tracing::info!(peer = %peer_id, "peer disconnected");
+                self.peers.connected(peer_id, false);
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                tracing::debug!(%peer, %error, "could not connect");
+                for done in self.dials.remove(&peer).unwrap_or_default() {
+                    let _ = done.send(Err(error.to_string()));
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                error, send_back_addr, ..
+            } => {
+                tracing::debug!(from = %send_back_addr, %error, "refused an incoming connection");
+            }
+            _ => {}
         }
     }
 }

@@ -2,9 +2,17 @@
 //! response is one frame (4-byte big-endian length, then an `Envelope`) on its
 //! own stream. Frames past the size limit and messages of another cluster are
 //! refused before any work is done.
+//!
+//! Also the TCP stack under it: an optional pre-shared cluster key (pnet)
+//! wraps the raw socket, so a node without the key cannot even finish the
+//! Noise handshake; then Noise (peer ids) and Yamux.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::core::upgrade::Version;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::{PeerId, StreamProtocol, Transport, identity, noise, tcp, yamux};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,4 +111,28 @@ impl libp2p::request_response::Codec for SyncCodec {
     ) -> io::Result<()> {
         self.write_body(io, Body::Response(res)).await
     }
+}
+
+/// TCP (+ pnet with `psk`) + Noise + Yamux.
+pub fn tcp_transport(
+    key: &identity::Keypair,
+    psk: Option<PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
+    let noise = noise::Config::new(key)?;
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    Ok(match psk {
+        Some(psk) => tcp
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(std::time::Duration::from_secs(20))
+            .boxed(),
+        None => tcp
+            .upgrade(Version::V1)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(std::time::Duration::from_secs(20))
+            .boxed(),
+    })
 }

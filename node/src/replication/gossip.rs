@@ -1,0 +1,163 @@
+//! Gossip: roots announcements on `syncnode/{cluster}/roots/1` and CDC deltas
+//! on `syncnode/{cluster}/cdc/1` (gossipsub, strict signing). Every message
+//! is an `Envelope` naming the cluster and is validated before gossipsub may
+//! forward it: size, version, cluster, a body that fits its topic, and an
+//! inlined item that matches its entry.
+//!
+//! On receipt of a delta (DESIGN §5.3): `definitely_missing` → apply at once;
+//! `is_current` → drop; otherwise apply only if newer (LWW); a delta without
+//! its content (too large to inline) is fetched from its author.
+
+use libp2p::gossipsub::{IdentTopic, TopicHash};
+use syncnode_protocol::wire::{Body, CdcDelta, Envelope, RootsAnnouncement, WireItem};
+
+use super::anti_entropy::{from_wire, wire_item};
+use crate::engine::{StorageError, SyncEngine, SyncItem};
+
+/// Largest content inlined in a delta; larger items are fetched.
+pub const CDC_INLINE_MAX: usize = 32 * 1024;
+/// Largest gossip message (a delta with inlined content and a long id).
+pub const GOSSIP_MAX: usize = 64 * 1024;
+
+pub fn roots_topic(cluster: &str) -> IdentTopic {
+    IdentTopic::new(format!("syncnode/{cluster}/roots/1"))
+}
+
+pub fn cdc_topic(cluster: &str) -> IdentTopic {
+    IdentTopic::new(format!("syncnode/{cluster}/cdc/1"))
+}
+
+/// A validated gossip message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gossip {
+    Roots(RootsAnnouncement),
+    Cdc(CdcDelta),
+}
+
+/// Decodes and validates one gossip message of `cluster` received on `topic`.
+pub fn decode(cluster: &str, topic: &TopicHash, data: &[u8]) -> Result<Gossip, String> {
+    let env = Envelope::decode_for(data, GOSSIP_MAX, cluster).map_err(|e| e.to_string())?;
+    match env.body {
+        Body::Roots(r) if *topic == roots_topic(cluster).hash() => Ok(Gossip::Roots(r)),
+        Body::Cdc(d) if *topic == cdc_topic(cluster).hash() => {
+            if let Some(item) = &d.item {
+                if item.entry != d.entry {
+                    return Err("delta item does not match its entry".into());
+                }
+                if item.content.len() > CDC_INLINE_MAX {
+                    return Err("delta content past the inline limit".into());
+                }
+            }
+            Ok(Gossip::Cdc(d))
+        }
+        _ => Err("message body does not belong on this topic".into()),
+    }
+}
+
+/// The encoded roots announcement.
+pub fn encode_roots(cluster: &str, roots: RootsAnnouncement) -> Vec<u8> {
+    Envelope::new(cluster, Body::Roots(roots)).encode()
+}
+
+/// The encoded delta of one committed item (content inlined when small).
+pub fn encode_delta(cluster: &str, item: &SyncItem) -> Vec<u8> {
+    let w = wire_item(item);
+    let delta = CdcDelta {
+        entry: w.entry.clone(),
+        item: (item.content.len() <= CDC_INLINE_MAX).then_some(w),
+    };
+    Envelope::new(cluster, Body::Cdc(delta)).encode()
+}
+
+/// What became of a received delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CdcOutcome {
+    Applied,
+    /// We hold it already, or something newer.
+    Dropped,
+    /// Newer than ours but without content: fetch it from the author.
+    NeedFetch,
+}
+
+impl SyncEngine {
+    /// Applies a delta received by gossip.
+    pub async fn receive_cdc(&self, delta: CdcDelta) -> Result<CdcOutcome, StorageError> {
+        let e = &delta.entry;
+        if !self.definitely_missing(&e.id) {
+            if !e.tombstone && self.is_current(&e.id, &hex::encode(e.content_hash)).await? {
+                return Ok(CdcOutcome::Dropped);
+            }
+            if let Some(cur) = self.current_entry(&e.id).await? {
+                let hash = hex::encode(e.content_hash);
+                if !syncnode_protocol::Stamp::new(e.version, &e.origin, &hash).wins_over(&cur.stamp()) {
+                    return Ok(CdcOutcome::Dropped);
+                }
+            }
+        }
+        match delta.item {
+            Some(item) => Ok(if self.apply_remote(from_wire(item)).await? {
+                CdcOutcome::Applied
+            } else {
+                CdcOutcome::Dropped
+            }),
+            None => Ok(CdcOutcome::NeedFetch),
+        }
+    }
+
+    /// Applies fetched items (a delta's content); returns how many won.
+    pub async fn apply_fetched(&self, items: Vec<WireItem>) -> Result<u64, StorageError> {
+        let mut n = 0;
+        for w in items {
+            if self.apply_remote(from_wire(w)).await? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use syncnode_protocol::wire::Entry;
+
+    fn delta(content: Vec<u8>, matching: bool) -> CdcDelta {
+        let entry = Entry {
+            id: "a".into(),
+            version: 5,
+            origin: "n".into(),
+            tombstone: false,
+            content_hash: [1; 32],
+        };
+        let mut item_entry = entry.clone();
+        if !matching {
+            item_entry.version = 6;
+        }
+        CdcDelta {
+            entry,
+            item: Some(WireItem {
+                entry: item_entry,
+                updated_at: 1,
+                state: "default".into(),
+                json: false,
+                content,
+            }),
+        }
+    }
+
+    #[test]
+    fn gossip_is_checked_against_topic_cluster_and_entry() {
+        let cdc = cdc_topic("c").hash();
+        let roots = roots_topic("c").hash();
+        let ok = Envelope::new("c", Body::Cdc(delta(vec![1, 2], true))).encode();
+        assert!(matches!(decode("c", &cdc, &ok), Ok(Gossip::Cdc(_))));
+        assert!(decode("c", &roots, &ok).is_err(), "a delta on the roots topic");
+        assert!(decode("other", &cdc, &ok).is_err(), "another cluster");
+        let bad = Envelope::new("c", Body::Cdc(delta(vec![1], false))).encode();
+        assert!(decode("c", &cdc, &bad).is_err(), "item and entry disagree");
+        let big = Envelope::new("c", Body::Cdc(delta(vec![0; CDC_INLINE_MAX + 1], true))).encode();
+        assert!(decode("c", &cdc, &big).is_err(), "content past the inline limit");
+        assert!(decode("c", &cdc, &[1, 2, 3]).is_err(), "garbage");
+        assert!(decode("c", &cdc, &vec![0; GOSSIP_MAX + 1]).is_err(), "oversized");
+    }
+}

@@ -1,0 +1,465 @@
+//! What a node knows about its peers: the roots they announce (to start a
+//! session when a root differs twice in a row), how far behind they are, the
+//! sessions running with them, their request budget and penalty score, and
+//! the cluster members' sync watermarks that bound tombstone purge (§6).
+//!
+//! Members and watermarks outlive the process (`members.json` in the data
+//! dir): forgetting a member would let a purge run that it has not seen.
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use syncnode_protocol::session::Progress;
+use syncnode_protocol::wire::RootsAnnouncement;
+
+/// Wall clock, ms.
+fn now_ms() -> u64 {
+    crate::engine::item::now_ms().max(0) as u64
+}
+
+/// Per-peer limits and penalties.
+#[derive(Debug, Clone)]
+pub struct PeerLimits {
+    /// Sync requests a peer may send per second (sustained; the burst is 4×).
+    pub requests_per_sec: f64,
+    /// Gossip messages accepted per second from one author (burst 4×).
+    pub gossip_per_sec: f64,
+    /// Invalid messages after which a peer is banned.
+    pub ban_after: u32,
+    pub ban_for: Duration,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        Self {
+            requests_per_sec: 200.0,
+            gossip_per_sec: 5_000.0,
+            ban_after: 10,
+            ban_for: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A token bucket.
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, rate: f64) -> bool {
+        let now = Instant::now();
+        let burst = rate * 4.0;
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct PeerState {
+    connected: bool,
+    region: Option<String>,
+    root: Option<RootsAnnouncement>,
+    /// Announcements in a row whose root differed from ours.
+    differed: u32,
+    /// When this peer was last known to hold what we hold (ms).
+    equal_since: Option<u64>,
+    first_seen: u64,
+    requests: Option<Bucket>,
+    gossip: Option<Bucket>,
+    penalty: u32,
+    banned_until: Option<Instant>,
+    session: Option<SessionInfo>,
+    sessions_done: u64,
+    last_session: Option<SessionInfo>,
+}
+
+/// A session with a peer, running or finished.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub round_trips: u64,
+    pub nodes_compared: u64,
+    pub entries_compared: u64,
+    pub pulled: u64,
+    pub pushed: u64,
+    pub to_pull: u64,
+    pub to_push: u64,
+    pub error: Option<String>,
+}
+
+impl SessionInfo {
+    fn update(&mut self, p: &Progress) {
+        self.round_trips = p.round_trips;
+        self.nodes_compared = p.nodes_compared;
+        self.entries_compared = p.entries_compared;
+        self.pulled = p.pulled;
+        self.pushed = p.pushed;
+        self.to_pull = p.to_pull;
+        self.to_push = p.to_push;
+    }
+}
+
+/// A peer as `/v1/peers` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerView {
+    pub peer_id: String,
+    pub connected: bool,
+    pub region: Option<String>,
+    pub root: Option<String>,
+    pub count: Option<u64>,
+    pub in_sync: bool,
+    pub lag_ms: u64,
+    pub penalty: u32,
+    pub banned: bool,
+    pub sessions: u64,
+    pub session: Option<SessionInfo>,
+    pub last_session: Option<SessionInfo>,
+}
+
+/// A cluster member's purge watermark: the HLC below which it is proven to
+/// hold everything we hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub watermark: u64,
+    pub last_seen_ms: u64,
+}
+
+/// Counters of the replication layer (exported by `/metrics`).
+#[derive(Debug, Default)]
+pub struct ReplicationStats {
+    pub sessions: AtomicU64,
+    pub session_failures: AtomicU64,
+    pub divergent_paths: AtomicU64,
+    pub items_pulled: AtomicU64,
+    pub items_pushed: AtomicU64,
+    pub cdc_published: AtomicU64,
+    pub cdc_applied: AtomicU64,
+    pub cdc_dropped: AtomicU64,
+    pub cdc_fetched: AtomicU64,
+    pub roots_received: AtomicU64,
+    pub invalid_messages: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub bans: AtomicU64,
+    pub tombstones_purged: AtomicU64,
+    pub resurrections_refused: AtomicU64,
+}
+
+impl ReplicationStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The peer table shared by the swarm task, the anti-entropy loop and the API.
+pub struct Peers {
+    limits: PeerLimits,
+    inner: Mutex<HashMap<PeerId, PeerState>>,
+    members: Mutex<BTreeMap<String, Member>>,
+    members_file: Option<PathBuf>,
+    pub stats: ReplicationStats,
+}
+
+impl Peers {
+    /// `members_file` keeps the member watermarks across restarts.
+    pub fn new(limits: PeerLimits, members_file: Option<PathBuf>) -> Self {
+        let members = members_file
+            .as_ref()
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|b| match serde_json::from_slice(&b) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "members file unreadable; no purge until members are proven again");
+                    None
+                }
+            })
+            .unwrap_or_default();
+        Self {
+            limits,
+            inner: Mutex::new(HashMap::new()),
+            members: Mutex::new(members),
+            members_file,
+            stats: ReplicationStats::default(),
+        }
+    }
+
+    fn with<R>(&self, peer: PeerId, f: impl FnOnce(&mut PeerState) -> R) -> R {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let st = inner.entry(peer).or_insert_with(|| PeerState {
+            first_seen: now_ms(),
+            ..Default::default()
+        });
+        f(st)
+    }
+
+    pub fn connected(&self, peer: PeerId, on: bool) {
+        self.with(peer, |s| {
+            s.connected = on;
+            if !on {
+                s.differed = 0;
+            }
+        });
+    }
+
+    pub fn set_region(&self, peer: PeerId, region: Option<String>) {
+        self.with(peer, |s| s.region = region);
+    }
+
+    /// Records a peer's roots announcement against our own root.
+    pub fn on_roots(&self, peer: PeerId, theirs: RootsAnnouncement, mine: &RootsAnnouncement) {
+        ReplicationStats::add(&self.stats.roots_received, 1);
+        let equal = theirs.root == mine.root && theirs.depth == mine.depth;
+        let now = now_ms();
+        self.with(peer, |s| {
+            s.root = Some(theirs.clone());
+            if equal {
+                s.differed = 0;
+                s.equal_since = Some(now);
+            } else {
+                s.differed += 1;
+            }
+        });
+        if equal {
+            // Both hold the same set: everything either will write later is
+            // stamped above both clocks.
+            self.prove_member(peer, theirs.hlc.min(mine.hlc));
+        }
+    }
+
+    /// Connected peers whose root differed twice in a row and with no
+    /// session running.
+    pub fn due_for_session(&self) -> Vec<PeerId> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .iter()
+            .filter(|(_, s)| s.connected && s.differed >= 2 && s.session.is_none() && s.banned_until.is_none())
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Records that `peer` holds everything we hold stamped below `watermark`.
+    pub fn prove_member(&self, peer: PeerId, watermark: u64) {
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(peer.to_string()).or_insert(Member {
+            watermark,
+            last_seen_ms: 0,
+        });
+        let changed = watermark > e.watermark || e.last_seen_ms + 10_000 < now_ms();
+        e.watermark = e.watermark.max(watermark);
+        e.last_seen_ms = now_ms();
+        if changed && let Some(f) = &self.members_file {
+            let tmp = f.with_extension("json.tmp");
+            let saved = serde_json::to_vec_pretty(&*m)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&tmp, b))
+                .and_then(|_| std::fs::rename(&tmp, f));
+            if let Err(e) = saved {
+                tracing::warn!(error = %e, "could not save the members file");
+            }
+        }
+    }
+
+    /// The HLC below which every member still counted holds everything we
+    /// hold, or `None` when there is no member yet. Members silent longer
+    /// than `member_expiry` drop out, with a warning.
+    pub fn purge_watermark(&self, member_expiry: Duration) -> Option<u64> {
+        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_ms();
+        let mut min = None::<u64>;
+        for (peer, member) in m.iter() {
+            if now.saturating_sub(member.last_seen_ms) > member_expiry.as_millis() as u64 {
+                tracing::warn!(%peer, "member silent past member_expiry: no longer holds back tombstone purge");
+                continue;
+            }
+            min = Some(min.map_or(member.watermark, |w: u64| w.min(member.watermark)));
+        }
+        min
+    }
+
+    pub fn members(&self) -> BTreeMap<String, Member> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes a request token from `peer`'s budget.
+    pub fn allow_request(&self, peer: PeerId) -> bool {
+        let rate = self.limits.requests_per_sec;
+        let ok = self.with(peer, |s| {
+            s.requests
+                .get_or_insert(Bucket {
+                    tokens: rate * 4.0,
+                    at: Instant::now(),
+                })
+                .take(rate)
+        });
+        if !ok {
+            ReplicationStats::add(&self.stats.rate_limited, 1);
+        }
+        ok
+    }
+
+    /// Takes a gossip token from `author`'s budget.
+    pub fn allow_gossip(&self, author: PeerId) -> bool {
+        let rate = self.limits.gossip_per_sec;
+        let ok = self.with(author, |s| {
+            s.gossip
+                .get_or_insert(Bucket {
+                    tokens: rate * 4.0,
+                    at: Instant::now(),
+                })
+                .take(rate)
+        });
+        if !ok {
+            ReplicationStats::add(&self.stats.rate_limited, 1);
+        }
+        ok
+    }
+
+    /// Counts an invalid message against `peer`; returns true when the peer
+    /// has now earned a ban.
+    pub fn penalize(&self, peer: PeerId, why: &str) -> bool {
+        ReplicationStats::add(&self.stats.invalid_messages, 1);
+        let (limit, ban_for) = (self.limits.ban_after, self.limits.ban_for);
+        let banned = self.with(peer, |s| {
+            s.penalty += 1;
+            if s.penalty >= limit && s.banned_until.is_none() {
+                s.banned_until = Some(Instant::now() + ban_for);
+                true
+            } else {
+                false
+            }
+        });
+        tracing::warn!(%peer, reason = why, banned, "invalid message from peer");
+        if banned {
+            ReplicationStats::add(&self.stats.bans, 1);
+        }
+        banned
+    }
+
+    /// Peers whose ban has run out (their penalty is reset).
+    pub fn expired_bans(&self) -> Vec<PeerId> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (peer, s) in inner.iter_mut() {
+            if s.banned_until.is_some_and(|t| t <= now) {
+                s.banned_until = None;
+                s.penalty = 0;
+                out.push(*peer);
+            }
+        }
+        out
+    }
+
+    /// Marks the start of a session with `peer`; false if one is running.
+    pub fn session_started(&self, peer: PeerId, id: u64) -> bool {
+        self.with(peer, |s| {
+            if s.session.is_some() {
+                return false;
+            }
+            s.session = Some(SessionInfo {
+                id,
+                started_ms: now_ms(),
+                finished_ms: None,
+                round_trips: 0,
+                nodes_compared: 0,
+                entries_compared: 0,
+                pulled: 0,
+                pushed: 0,
+                to_pull: 0,
+                to_push: 0,
+                error: None,
+            });
+            true
+        })
+    }
+
+    pub fn session_progress(&self, peer: PeerId, p: &Progress) {
+        self.with(peer, |s| {
+            if let Some(info) = s.session.as_mut() {
+                info.update(p)
+            }
+        });
+    }
+
+    pub fn session_finished(&self, peer: PeerId, result: Result<&Progress, String>) {
+        let stats = &self.stats;
+        ReplicationStats::add(&stats.sessions, 1);
+        match result {
+            Ok(p) => {
+                ReplicationStats::add(&stats.items_pulled, p.pulled);
+                ReplicationStats::add(&stats.items_pushed, p.pushed);
+                ReplicationStats::add(&stats.divergent_paths, p.nodes_compared);
+            }
+            Err(_) => ReplicationStats::add(&stats.session_failures, 1),
+        }
+        self.with(peer, |s| {
+            if let Some(mut info) = s.session.take() {
+                info.finished_ms = Some(now_ms());
+                match result {
+                    Ok(p) => info.update(p),
+                    Err(e) => info.error = Some(e),
+                }
+                s.sessions_done += 1;
+                s.differed = 0;
+                s.last_session = Some(info);
+            }
+        });
+    }
+
+    /// How far behind `peer` is, ms: 0 while its root equals ours, else the
+    /// time since it last did (or since we first saw it).
+    fn lag_of(s: &PeerState, now: u64) -> u64 {
+        if s.differed == 0 && s.equal_since.is_some() {
+            return 0;
+        }
+        now.saturating_sub(s.equal_since.unwrap_or(s.first_seen))
+    }
+
+    /// Lag per connected peer.
+    pub fn lags(&self) -> BTreeMap<String, u64> {
+        let now = now_ms();
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .iter()
+            .filter(|(_, s)| s.connected)
+            .map(|(p, s)| (p.to_string(), Self::lag_of(s, now)))
+            .collect()
+    }
+
+    pub fn view(&self) -> Vec<PeerView> {
+        let now = now_ms();
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<PeerView> = inner
+            .iter()
+            .map(|(p, s)| PeerView {
+                peer_id: p.to_string(),
+                connected: s.connected,
+                region: s.region.clone(),
+                root: s.root.as_ref().map(|r| r.root.map(hex::encode).unwrap_or_default()),
+                count: s.root.as_ref().map(|r| r.count),
+                in_sync: s.differed == 0 && s.equal_since.is_some(),
+                lag_ms: Self::lag_of(s, now),
+                penalty: s.penalty,
+                banned: s.banned_until.is_some(),
+                sessions: s.sessions_done,
+                session: s.session.clone(),
+                last_session: s.last_session.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        out
+    }
+}
