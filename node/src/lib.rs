@@ -4,9 +4,15 @@
 //! with a durable commit log, a Merkle tree and an existence filter) that every
 //! node runs and that applications can embed as a library.
 
+pub mod client;
+pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod http;
+pub mod identity;
+pub mod metrics;
 pub mod replication;
+pub mod run;
 
 pub use engine::{
     AckMode, BackpressureLevel, BatchResult, CacheTtl, ContentType, EngineState, FilterTrust, HealthCheck, ItemStatus,

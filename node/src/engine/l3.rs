@@ -373,6 +373,11 @@ pub struct L3Store {
     generation: AtomicU64,
     /// A commit failed in a way that may have committed after all.
     commit_uncertain: AtomicBool,
+    /// Tombstones stamped below this were purged: an unknown id arriving
+    /// with an older version is a deleted item coming back, and is refused.
+    purged_below: AtomicU64,
+    /// Versions refused by that rule.
+    pub resurrections_refused: AtomicU64,
     dialect: Dialect,
     timeout: Duration,
 }
@@ -395,12 +400,25 @@ impl L3Store {
             write_pool,
             generation: AtomicU64::new(0),
             commit_uncertain: AtomicBool::new(false),
+            purged_below: AtomicU64::new(0),
+            resurrections_refused: AtomicU64::new(0),
             dialect,
             timeout,
         };
         store.init_schema().await?;
         let (generation, _) = store.generation().await?;
         store.generation.store(generation, Ordering::Release);
+        let purged = store
+            .timed(
+                "read purge watermark",
+                sqlx::query("SELECT ival FROM syncnode_meta WHERE name = ?")
+                    .bind(&b"purged_below"[..])
+                    .fetch_optional(&store.pool),
+            )
+            .await?;
+        if let Some(r) = purged {
+            store.purged_below.store(int(&r, 0, "ival")? as u64, Ordering::Release);
+        }
         Ok(store)
     }
 
@@ -432,7 +450,7 @@ impl L3Store {
             Dialect::Sqlite => "INSERT OR IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
             Dialect::MySql => "INSERT IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
         };
-        for name in ["generation", "max_version"] {
+        for name in ["generation", "max_version", "purged_below"] {
             self.timed("seed meta", sqlx::query(seed).bind(name.as_bytes()).execute(&self.pool))
                 .await?;
         }
@@ -518,8 +536,14 @@ impl L3Store {
             existing.extend(self.meta_in(&mut *tx, chunk).await?);
         }
         let mut applied = Vec::with_capacity(items.len());
+        let purged_below = self.purged_below.load(Ordering::Acquire);
         for (i, it) in items.iter().enumerate() {
             let old = existing.remove(&it.object_id);
+            if old.is_none() && it.version < purged_below {
+                self.resurrections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(id = %it.object_id, version = it.version, "refused a version older than a purged delete");
+                continue;
+            }
             if old.as_ref().is_none_or(|o| it.stamp().wins_over(&o.stamp())) {
                 applied.push((i, old));
             }
@@ -655,6 +679,61 @@ impl L3Store {
         .bind(limit as i64);
         let rows = self.timed("entries under path", q.fetch_all(&self.pool)).await?;
         rows.iter().map(meta_from_row).collect()
+    }
+
+    /// Up to `limit` tombstones stamped below `version`.
+    pub async fn tombstones_below(&self, version: u64, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
+        let q = sqlx::query(AssertSqlSafe(format!(
+            "{META_COLUMNS} FROM sync_items WHERE tombstone = 1 AND version < ? LIMIT ?"
+        )))
+        .bind(version as i64)
+        .bind(limit as i64);
+        let rows = self.timed("find old tombstones", q.fetch_all(&self.pool)).await?;
+        rows.iter().map(meta_from_row).collect()
+    }
+
+    /// Deletes these tombstones (each only if still that exact version),
+    /// raises the purge watermark to `below` and bumps the generation, in
+    /// one transaction. Returns the entries actually deleted.
+    pub async fn purge_tombstones(
+        &self,
+        victims: &[EntryMeta],
+        below: u64,
+    ) -> Result<(u64, Vec<EntryMeta>), StorageError> {
+        let mut tx = self.timed("begin", self.write_pool.begin()).await?;
+        let mut gone = Vec::new();
+        for v in victims {
+            let q = sqlx::query("DELETE FROM sync_items WHERE id = ? AND version = ? AND tombstone = 1")
+                .bind(v.id.as_bytes())
+                .bind(v.version as i64);
+            if self
+                .timed("purge tombstone", q.execute(&mut *tx))
+                .await?
+                .rows_affected()
+                == 1
+            {
+                gone.push(v.clone());
+            }
+        }
+        let below = below.max(self.purged_below.load(Ordering::Acquire));
+        let generation = self.generation.load(Ordering::Acquire) + 1;
+        for (name, val) in [("generation", generation), ("purged_below", below)] {
+            let q = sqlx::query("UPDATE syncnode_meta SET ival = ? WHERE name = ?")
+                .bind(val as i64)
+                .bind(name.as_bytes());
+            self.timed("purge watermark", q.execute(&mut *tx)).await?;
+        }
+        if let Err(e) = self.timed("commit", tx.commit()).await {
+            self.commit_uncertain.store(true, Ordering::Release);
+            return Err(e);
+        }
+        self.generation.store(generation, Ordering::Release);
+        self.purged_below.store(below, Ordering::Release);
+        Ok((generation, gone))
+    }
+
+    pub fn purged_below(&self) -> u64 {
+        self.purged_below.load(Ordering::Acquire)
     }
 
     /// Whether a failed commit may have committed; clears the flag.

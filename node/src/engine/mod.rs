@@ -24,6 +24,7 @@ pub mod l2_mirror;
 pub mod l3;
 pub mod merkle;
 pub mod options;
+pub mod purge;
 pub mod search;
 pub mod search_cache;
 pub mod status;

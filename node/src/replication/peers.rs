@@ -155,7 +155,6 @@ pub struct ReplicationStats {
     pub rate_limited: AtomicU64,
     pub bans: AtomicU64,
     pub tombstones_purged: AtomicU64,
-    pub resurrections_refused: AtomicU64,
 }
 
 impl ReplicationStats {

@@ -1,0 +1,122 @@
+//! A small client of a node's HTTP API, used by `syncnode status`, `put`,
+//! `get` and `del`, and by the process-level tests.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use std::time::Duration;
+
+/// One answer: status, headers, body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_slice(&self.body).map_err(|e| anyhow::anyhow!("answer is not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    token: Option<String>,
+    http: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+/// An id made safe for a URL path segment.
+pub fn encode_id(id: &str) -> String {
+    utf8_percent_encode(id, NON_ALPHANUMERIC).to_string()
+}
+
+impl ApiClient {
+    /// `base` like `http://127.0.0.1:8080`.
+    pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
+        Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            token,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<(&str, Bytes)>) -> anyhow::Result<Answer> {
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let body = match body {
+            Some((ctype, b)) => {
+                req = req.header(hyper::header::CONTENT_TYPE, ctype);
+                Full::new(b)
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let req = req.body(body)?;
+        let resp = tokio::time::timeout(self.timeout, self.http.request(req))
+            .await
+            .map_err(|_| anyhow::anyhow!("{method} {path}: no answer within {:?}", self.timeout))?
+            .map_err(|e| anyhow::anyhow!("{method} {}{path}: {e}", self.base))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Answer { status, headers, body })
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post_json(&self, path: &str, v: &serde_json::Value) -> anyhow::Result<Answer> {
+        self.call(
+            Method::POST,
+            path,
+            Some(("application/json", Bytes::from(v.to_string()))),
+        )
+        .await
+    }
+
+    pub async fn put_item(&self, id: &str, content: Bytes, json: bool) -> anyhow::Result<Answer> {
+        let ctype = if json {
+            "application/json"
+        } else {
+            "application/octet-stream"
+        };
+        self.call(
+            Method::PUT,
+            &format!("/v1/items/{}", encode_id(id)),
+            Some((ctype, content)),
+        )
+        .await
+    }
+
+    pub async fn get_item(&self, id: &str) -> anyhow::Result<Answer> {
+        self.get(&format!("/v1/items/{}", encode_id(id))).await
+    }
+
+    pub async fn delete_item(&self, id: &str) -> anyhow::Result<Answer> {
+        self.call(Method::DELETE, &format!("/v1/items/{}", encode_id(id)), None)
+            .await
+    }
+
+    /// A call that must succeed, as JSON.
+    pub async fn ok_json(&self, a: anyhow::Result<Answer>) -> anyhow::Result<serde_json::Value> {
+        let a = a?;
+        anyhow::ensure!(a.status.is_success(), "HTTP {}: {}", a.status, a.text());
+        a.json()
+    }
+}

@@ -1,0 +1,47 @@
+//! Tombstone purge, the cluster's half (DESIGN §6): a tombstone may go only
+//! when every member is known to hold it. The peer table keeps, per member,
+//! the HLC below which the member was last proven to hold everything we hold
+//! (roots equal); the purge runs below the minimum of those watermarks and
+//! below `now - tombstone_grace`. A member silent past `member_expiry` stops
+//! counting; if it returns, L3 refuses its copies of purged deletes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use syncnode_protocol::hlc::from_physical;
+
+use super::peers::{Peers, ReplicationStats};
+use crate::engine::SyncEngine;
+
+/// Most tombstones purged per pass (one L3 transaction).
+const PER_PASS: usize = 10_000;
+
+/// The version below which tombstones may be purged now, if any.
+pub fn purge_bound(peers: &Peers, wall_ms: u64, grace: Duration, member_expiry: Duration) -> Option<u64> {
+    let members = peers.purge_watermark(member_expiry)?;
+    // HLC versions carry wall-clock ms in their high bits.
+    let grace_bound = from_physical(wall_ms.saturating_sub(grace.as_millis() as u64));
+    Some(members.min(grace_bound))
+}
+
+/// Runs the purge every `grace / 2` (between 1 s and 5 min).
+pub fn spawn(engine: Arc<SyncEngine>, peers: Arc<Peers>, grace: Duration, member_expiry: Duration) {
+    let every = (grace / 2).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(bound) = purge_bound(
+                &peers,
+                crate::engine::item::now_ms().max(0) as u64,
+                grace,
+                member_expiry,
+            ) else {
+                continue;
+            };
+            match engine.purge_tombstones(bound, PER_PASS).await {
+                Ok(n) => ReplicationStats::add(&peers.stats.tombstones_purged, n),
+                Err(e) => tracing::warn!(error = %e, "tombstone purge failed; retrying later"),
+            }
+        }
+    });
+}
