@@ -4,6 +4,7 @@
 //! with a durable commit log, a Merkle tree and an existence filter) that every
 //! node runs and that applications can embed as a library.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;

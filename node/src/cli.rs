@@ -1,0 +1,200 @@
+//! The `syncnode` command line: `run`, `keygen`, `psk`, `status`, `put`,
+//! `get`, `del` and `demo`. In the library so the test crate runs the very
+//! same program as real processes.
+
+use crate::client::ApiClient;
+use crate::config::{NodeConfig, Settings};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "syncnode", version, about = "Peer-to-peer anti-entropy replication node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where a client command finds the node.
+#[derive(clap::Args)]
+struct Target {
+    /// Base URL of the node's HTTP API.
+    #[arg(long, env = "SYNCNODE_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// Bearer token of the API.
+    #[arg(long, env = "SYNCNODE_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl Target {
+    fn client(&self) -> ApiClient {
+        ApiClient::new(self.api.clone(), self.token.clone())
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a node: TOML config, then SYNCNODE_* environment, then flags.
+    Run {
+        /// TOML config file (keys as in the README).
+        #[arg(long, env = "SYNCNODE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Creates the node identity in a data dir (if absent) and prints its peer id.
+    Keygen {
+        #[arg(long, default_value = "./syncnode-data")]
+        data_dir: PathBuf,
+    },
+    /// Makes a pre-shared cluster key: prints it, or writes it to --out (mode 0600).
+    Psk {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Shows a node's health (`--watch` repeats every N seconds).
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<u64>,
+    },
+    /// Writes an item (the value, or --file; JSON when it parses as JSON).
+    Put {
+        #[command(flatten)]
+        target: Target,
+        id: String,
+        value: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Prints an item's content.
+    Get {
+        #[command(flatten)]
+        target: Target,
+        id: String,
+    },
+    /// Deletes an item.
+    Del {
+        #[command(flatten)]
+        target: Target,
+        id: String,
+    },
+    /// Three nodes over loopback: writes, a partition, conflicting writes, the heal.
+    Demo {
+        /// Items to write.
+        #[arg(long, default_value_t = 3_000)]
+        items: usize,
+        /// Walk through one engine instead (writes, overwrites, deletes, restart).
+        #[arg(long)]
+        engine: bool,
+    },
+}
+
+async fn status(client: &ApiClient) -> anyhow::Result<()> {
+    let h = client.ok_json(client.get("/health").await).await?;
+    let peers = client.ok_json(client.get("/v1/peers").await).await?;
+    println!(
+        "peer {} cluster {} region {} state {} healthy {}",
+        h["peer_id"].as_str().unwrap_or("?"),
+        h["cluster_id"].as_str().unwrap_or("?"),
+        h["region"].as_str().unwrap_or("?"),
+        h["state"].as_str().unwrap_or("?"),
+        h["healthy"]
+    );
+    println!(
+        "items {} root {} pending {} l1 {} items",
+        h["merkle_items"], h["merkle_root"], h["pending_items"], h["l1_items"]
+    );
+    for p in peers.as_array().into_iter().flatten() {
+        println!(
+            "  peer {} connected {} region {} in_sync {} lag {} ms sessions {}",
+            p["peer_id"].as_str().unwrap_or("?"),
+            p["connected"],
+            p["region"],
+            p["in_sync"],
+            p["lag_ms"],
+            p["sessions"]
+        );
+    }
+    Ok(())
+}
+
+/// Parses the command line and runs the command.
+pub async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run { config, settings } => {
+            let file = match config {
+                Some(path) => Settings::from_file(&path)?,
+                None => Settings::default(),
+            };
+            crate::run::run(NodeConfig::resolve(file.overlay(*settings))?).await
+        }
+        Command::Keygen { data_dir } => {
+            let (key, created) = crate::identity::load_or_create(&data_dir)?;
+            println!("{}", key.public().to_peer_id());
+            if created {
+                eprintln!("created {}", data_dir.join("identity.key").display());
+            }
+            Ok(())
+        }
+        Command::Psk { out: Some(path) } => {
+            let k = crate::identity::write_psk(&path)?;
+            eprintln!("wrote {} (fingerprint {})", path.display(), k.fingerprint());
+            Ok(())
+        }
+        Command::Psk { out: None } => {
+            print!("{}", crate::identity::new_psk());
+            Ok(())
+        }
+        Command::Status { target, watch } => {
+            let client = target.client();
+            match watch {
+                None => status(&client).await,
+                Some(secs) => loop {
+                    print!("\x1b[2J\x1b[H");
+                    if let Err(e) = status(&client).await {
+                        println!("{e}");
+                    }
+                    tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
+                },
+            }
+        }
+        Command::Put {
+            target,
+            id,
+            value,
+            file,
+        } => {
+            let bytes = match (value, file) {
+                (Some(v), None) => Bytes::from(v),
+                (None, Some(f)) => Bytes::from(std::fs::read(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?),
+                _ => anyhow::bail!("give the value or --file, not both"),
+            };
+            let json = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();
+            let client = target.client();
+            let r = client.ok_json(client.put_item(&id, bytes, json).await).await?;
+            println!("{r}");
+            Ok(())
+        }
+        Command::Get { target, id } => {
+            let a = target.client().get_item(&id).await?;
+            anyhow::ensure!(a.status.is_success(), "HTTP {}: {}", a.status, a.text());
+            use std::io::Write;
+            std::io::stdout().write_all(&a.body)?;
+            Ok(())
+        }
+        Command::Del { target, id } => {
+            let client = target.client();
+            println!("{}", client.ok_json(client.delete_item(&id).await).await?);
+            Ok(())
+        }
+        Command::Demo { items, engine: true } => crate::demo::run_engine(items).await,
+        Command::Demo { items, engine: false } => crate::demo::run_cluster(items).await,
+    }
+}
