@@ -289,7 +289,8 @@ async fn cluster_converges_heals_partitions_and_survives_garbage() {
             }
         }
     }
-    let bad: Vec<(hyper::Method, &str, Option<(&str, &[u8])>, u16)> = vec![
+    type BadCall<'a> = (hyper::Method, &'a str, Option<(&'a str, &'a [u8])>, u16);
+    let bad: Vec<BadCall> = vec![
         (
             hyper::Method::PUT,
             "/v1/items/bad",
