@@ -157,6 +157,8 @@ async fn writes_are_pushed_to_peers_as_they_commit() {
         .clone()
         .with(libp2p::multiaddr::Protocol::P2p(hb.peer_id));
     ha.dial(addr).await.unwrap();
+    // Let the gossip subscriptions cross before publishing.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     // No anti-entropy runs here: only CDC can carry these.
     a.submit(SyncItem::new("pushed", &b"hello"[..])).await.unwrap();
     b.submit(SyncItem::new("back", &b"hi"[..])).await.unwrap();
@@ -175,4 +177,103 @@ async fn writes_are_pushed_to_peers_as_they_commit() {
     assert!(b.get("pushed").await.unwrap().is_none());
     a.shutdown().await;
     b.shutdown().await;
+}
+
+async fn wait_equal(engines: &[&syncnode::SyncEngine], what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut roots = Vec::new();
+        for e in engines {
+            roots.push(e.get_merkle_root().await.unwrap());
+        }
+        if roots.windows(2).all(|w| w[0] == w[1]) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: no convergence");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// DESIGN §6: tombstones go once every member holds them; a member that
+/// missed the delete and comes back after expiring cannot bring the items
+/// back, and no tombstone is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purged_tombstones_never_let_a_delete_come_back() {
+    use std::time::Duration;
+    use syncnode::replication::purge::purge_bound;
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(TestNode::new(Backend::Sqlite, name).await);
+    }
+    let mut engines = Vec::new();
+    let mut handles = Vec::new();
+    for n in &nodes {
+        let e = Arc::new(n.start().await);
+        let h = start(e.clone(), NetworkConfig::loopback("purge")).await.unwrap();
+        h.spawn_anti_entropy(e.clone(), Duration::from_millis(200));
+        h.spawn_cdc(e.clone());
+        engines.push(e);
+        handles.push(h);
+    }
+    for (i, j) in [(0, 1), (0, 2), (1, 2)] {
+        let addr = handles[j].listen_addrs[0]
+            .clone()
+            .with(libp2p::multiaddr::Protocol::P2p(handles[j].peer_id));
+        handles[i].dial(addr).await.unwrap();
+    }
+    let (a, b, c) = (&engines[0], &engines[1], &engines[2]);
+    a.submit_many(
+        (0..20)
+            .map(|i| SyncItem::new(format!("x{i}"), vec![i as u8; 10]))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    wait_equal(&[a, b, c], "initial").await;
+
+    // c is cut off and misses the deletes.
+    for (i, j) in [(0, 2), (1, 2)] {
+        handles[i].block(handles[j].peer_id, true).await;
+        handles[j].block(handles[i].peer_id, true).await;
+    }
+    for i in 0..10 {
+        assert!(a.delete(&format!("x{i}")).await.unwrap());
+    }
+    wait_equal(&[a, b], "deletes").await;
+    // Let b prove it holds them, and c's membership expire (1 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let now = syncnode::engine::item::now_ms() as u64;
+    let expiry = Duration::from_secs(1);
+    for (e, h) in [(a, &handles[0]), (b, &handles[1])] {
+        let bound = purge_bound(&h.peers, now, Duration::ZERO, expiry).expect("b and a are members");
+        assert_eq!(e.purge_tombstones(bound, 10_000).await.unwrap(), 10);
+        assert_eq!(e.tombstone_count().await.unwrap(), 0);
+    }
+    wait_equal(&[a, b], "after purge").await;
+
+    // c comes back still holding the deleted items.
+    for (i, j) in [(0, 2), (1, 2)] {
+        handles[i].block(handles[j].peer_id, false).await;
+        handles[j].block(handles[i].peer_id, false).await;
+        let addr = handles[j].listen_addrs[0]
+            .clone()
+            .with(libp2p::multiaddr::Protocol::P2p(handles[j].peer_id));
+        handles[i].dial(addr).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while a.resurrections_refused() + b.resurrections_refused() == 0 {
+        assert!(std::time::Instant::now() < deadline, "c never offered its stale items");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for e in [a, b] {
+        for i in 0..10 {
+            assert!(e.get(&format!("x{i}")).await.unwrap().is_none(), "x{i} came back");
+        }
+        assert_eq!(e.count_prefix("x").await.unwrap(), 10);
+        assert_eq!(e.tombstone_count().await.unwrap(), 0, "tombstones are bounded");
+    }
+    for e in &engines {
+        e.shutdown().await;
+    }
 }

@@ -233,8 +233,8 @@ impl Peers {
         });
         if equal {
             // Both hold the same set: everything either will write later is
-            // stamped above both clocks.
-            self.prove_member(peer, theirs.hlc.min(mine.hlc));
+            // stamped above both clocks, so all up to the lower one is shared.
+            self.prove_member(peer, theirs.hlc.min(mine.hlc).saturating_add(1));
         }
     }
 
