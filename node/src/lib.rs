@@ -12,6 +12,7 @@ pub mod engine;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod process;
 pub mod replication;
 pub mod run;
 

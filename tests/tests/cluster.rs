@@ -7,82 +7,19 @@
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use syncnode::client::{Answer, ApiClient};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use syncnode::process::NodeProcess as Proc;
+use tokio::io::AsyncWriteExt;
 
 const CLUSTER: &str = "proc-test";
 
-/// One `syncnode run` process.
-struct Proc {
-    child: Child,
-    dir: PathBuf,
-    args: Vec<String>,
-    peer: String,
-    /// `/ip4/127.0.0.1/tcp/<port>/p2p/<peer>`
-    addr: String,
-    p2p_port: u16,
-    http: String,
-    api: ApiClient,
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_node"))
 }
 
 async fn spawn_proc(dir: &Path, args: Vec<String>) -> Proc {
-    std::fs::create_dir_all(dir).unwrap();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("stderr.log"))
-        .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_node"))
-        .arg("run")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(&args)
-        .env("RUST_LOG", "warn,syncnode=info")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start syncnode");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .unwrap_or_else(|_| panic!("node in {} did not start within 60 s", dir.display()))
-        .unwrap()
-        .unwrap_or_else(|| {
-            panic!(
-                "node in {} exited: {}",
-                dir.display(),
-                std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
-            )
-        });
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
-            .to_string()
-    };
-    let (peer, http) = (field("peer_id"), field("http"));
-    let addr = field("listen").split(',').next().unwrap().to_string();
-    let p2p_port = addr.split('/').nth(4).unwrap().parse().unwrap();
-    let token = args
-        .iter()
-        .position(|a| a == "--api-token")
-        .map(|i| args[i + 1].clone());
-    Proc {
-        child,
-        dir: dir.to_path_buf(),
-        args,
-        api: ApiClient::new(format!("http://{http}"), token),
-        peer,
-        addr,
-        p2p_port,
-        http,
-    }
+    Proc::spawn(bin(), dir, args).await.unwrap()
 }
 
 fn base_args(cluster: &str, extra: &[String]) -> Vec<String> {
@@ -136,27 +73,14 @@ async fn del(p: &Proc, id: &str) {
     assert!(r["version"].as_u64().is_some(), "delete of {id} gave {r}");
 }
 
-async fn root(p: &Proc) -> anyhow::Result<(String, u64)> {
-    let m = p.api.ok_json(p.api.get("/v1/merkle").await).await?;
-    Ok((m["root"].to_string(), m["count"].as_u64().unwrap_or(0)))
+async fn root(p: &Proc) -> (Option<String>, u64) {
+    p.root().await.unwrap()
 }
 
 /// Waits until every node shows the same Merkle root.
 async fn converge(nodes: &[&Proc], what: &str) {
-    let start = Instant::now();
-    loop {
-        let mut roots = Vec::new();
-        for n in nodes {
-            roots.push(root(n).await.ok());
-        }
-        if roots[0].is_some() && roots.windows(2).all(|w| w[0] == w[1]) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "{what}: no convergence in 120 s: {roots:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Err(e) = syncnode::process::converge(nodes, Duration::from_secs(120)).await {
+        panic!("{what}: {e}");
     }
 }
 
@@ -166,25 +90,17 @@ async fn check_winners(nodes: &[&Proc], acked: &BTreeMap<String, Vec<Receipt>>) 
         let winner = receipts.iter().max().unwrap();
         for n in nodes {
             let a = n.api.get_item(id).await.unwrap();
-            assert_eq!(a.status, 200, "{id} on {}: {}", n.peer, a.text());
+            assert_eq!(a.status, 200, "{id} on {}: {}", n.peer_id, a.text());
             let h = |k: &str| a.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-            assert_eq!(h("x-version"), winner.version.to_string(), "{id} on {}", n.peer);
-            assert_eq!(h("x-origin"), winner.origin, "{id} on {}", n.peer);
-            assert_eq!(h("etag"), format!("\"{}\"", winner.hash), "{id} on {}", n.peer);
+            assert_eq!(h("x-version"), winner.version.to_string(), "{id} on {}", n.peer_id);
+            assert_eq!(h("x-origin"), winner.origin, "{id} on {}", n.peer_id);
+            assert_eq!(h("etag"), format!("\"{}\"", winner.hash), "{id} on {}", n.peer_id);
         }
     }
 }
 
 async fn block(a: &Proc, b: &Proc, on: bool) {
-    for (x, y) in [(a, b), (b, a)] {
-        let path = format!("/v1/peers/{}/block", y.peer);
-        let r = if on {
-            x.api.call(hyper::Method::PUT, &path, None).await
-        } else {
-            x.api.call(hyper::Method::DELETE, &path, None).await
-        };
-        x.api.ok_json(r).await.unwrap();
-    }
+    a.block(b, on).await.unwrap();
 }
 
 async fn connected_peers(p: &Proc) -> Vec<String> {
@@ -242,7 +158,7 @@ async fn cluster_converges_heals_partitions_and_survives_garbage() {
         deleted.push(id);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_ne!(root(&n1).await.unwrap(), root(&n3).await.unwrap(), "the partition held");
+    assert_ne!(root(&n1).await, root(&n3).await, "the partition held");
 
     block(&n1, &n3, false).await;
     block(&n2, &n3, false).await;
@@ -254,7 +170,7 @@ async fn cluster_converges_heals_partitions_and_survives_garbage() {
                 n.api.get_item(id).await.unwrap().status,
                 404,
                 "{id} came back on {}",
-                n.peer
+                n.peer_id
             );
         }
     }
@@ -361,7 +277,7 @@ async fn cluster_converges_heals_partitions_and_survives_garbage() {
         assert!(metrics.contains(m), "metrics lack {m}:\n{metrics}");
     }
     let health = n1.api.ok_json(n1.api.get("/health").await).await.unwrap();
-    assert_eq!(health["peer_id"], n1.peer.as_str());
+    assert_eq!(health["peer_id"], n1.peer_id.as_str());
     assert!(health["listen_addrs"].as_array().is_some_and(|a| !a.is_empty()));
 }
 
@@ -408,12 +324,7 @@ async fn killed_node_loses_no_acked_write_and_a_new_node_joins() {
     assert!(acked.len() > 50, "only {} writes acked before the kill", acked.len());
 
     // Restart n2 on the same data dir and ports.
-    let mut args = n2.args.clone();
-    let i = args.iter().position(|a| a == "/ip4/127.0.0.1/tcp/0").unwrap();
-    args[i] = format!("/ip4/127.0.0.1/tcp/{}", n2.p2p_port);
-    let i = args.iter().position(|a| a == "127.0.0.1:0").unwrap();
-    args[i] = n2.http.clone();
-    let n2 = spawn_proc(&n2.dir.clone(), args).await;
+    let n2 = n2.restart(bin()).await.unwrap();
     let nodes = [&n1, &n2, &n3];
     converge(&nodes, "after restart").await;
     let acked: BTreeMap<String, Vec<Receipt>> = acked.into_iter().map(|(k, v)| (k, vec![v])).collect();
@@ -489,7 +400,12 @@ async fn outsiders_cannot_connect_or_inject() {
     for m in [&n1, &n2] {
         let peers = connected_peers(m).await;
         for x in [&x1, &x3, &x4] {
-            assert!(!peers.contains(&x.peer), "{} got connected to {}", x.peer, m.peer);
+            assert!(
+                !peers.contains(&x.peer_id),
+                "{} got connected to {}",
+                x.peer_id,
+                m.peer_id
+            );
         }
         for i in 0..outsiders.len() {
             assert_eq!(m.api.get_item(&format!("intruder.{i}")).await.unwrap().status, 404);
@@ -498,7 +414,7 @@ async fn outsiders_cannot_connect_or_inject() {
     // Without the key the handshake cannot finish at all. (x3 completes it
     // and is then refused, so it may see a connection for a moment.)
     for x in [&x1, &x4] {
-        assert!(connected_peers(x).await.is_empty(), "{} has connections", x.peer);
+        assert!(connected_peers(x).await.is_empty(), "{} has connections", x.peer_id);
     }
     for x in [&x1, &x3, &x4] {
         assert_eq!(x.api.get_item("legit").await.unwrap().status, 404);

@@ -1,0 +1,134 @@
+//! A `syncnode run` child process, for tests, benchmarks and tools that run
+//! real nodes: starts it, reads the one line it prints once serving
+//! (`syncnode peer_id=… http=… listen=…`) and gives an API client for it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::client::ApiClient;
+
+pub struct NodeProcess {
+    pub child: Child,
+    pub dir: PathBuf,
+    /// The arguments after `run --data-dir <dir>`.
+    pub args: Vec<String>,
+    pub peer_id: String,
+    /// `/ip4/…/tcp/<port>/p2p/<peer id>`, for `--bootstrap`.
+    pub addr: String,
+    pub p2p_port: u16,
+    /// `127.0.0.1:<port>` of the HTTP API.
+    pub http: String,
+    pub api: ApiClient,
+}
+
+impl NodeProcess {
+    /// Runs `bin run --data-dir dir args…`; stderr goes to `dir/stderr.log`.
+    /// `--api-token` among `args` is used by the client.
+    pub async fn spawn(bin: &Path, dir: &Path, args: Vec<String>) -> anyhow::Result<NodeProcess> {
+        std::fs::create_dir_all(dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("stderr.log"))?;
+        let mut child = Command::new(bin)
+            .arg("run")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,syncnode=info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("start {}: {e}", bin.display()))?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let stderr = || std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+        let line = match tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await {
+            Err(_) => anyhow::bail!("node in {} did not start within 60 s: {}", dir.display(), stderr()),
+            Ok(Ok(Some(line))) => line,
+            Ok(_) => anyhow::bail!("node in {} exited: {}", dir.display(), stderr()),
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+                .ok_or_else(|| anyhow::anyhow!("no {k} in {line:?}"))
+        };
+        let (peer_id, http) = (field("peer_id")?, field("http")?);
+        let addr = field("listen")?.split(',').next().unwrap_or_default().to_string();
+        let p2p_port = addr
+            .split('/')
+            .nth(4)
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no TCP port in {addr:?}"))?;
+        let token = args
+            .iter()
+            .position(|a| a == "--api-token")
+            .and_then(|i| args.get(i + 1).cloned());
+        Ok(NodeProcess {
+            child,
+            dir: dir.to_path_buf(),
+            api: ApiClient::new(format!("http://{http}"), token),
+            args,
+            peer_id,
+            addr,
+            p2p_port,
+            http,
+        })
+    }
+
+    /// The same node again (after a kill), on the ports it had.
+    pub async fn restart(self, bin: &Path) -> anyhow::Result<NodeProcess> {
+        let mut args = self.args.clone();
+        for a in args.iter_mut() {
+            if a.starts_with("/ip4/127.0.0.1/tcp/0") {
+                *a = format!("/ip4/127.0.0.1/tcp/{}", self.p2p_port);
+            } else if a == "127.0.0.1:0" {
+                *a = self.http.clone();
+            }
+        }
+        let dir = self.dir.clone();
+        drop(self);
+        NodeProcess::spawn(bin, &dir, args).await
+    }
+
+    /// `/v1/merkle` as `(root, count)`.
+    pub async fn root(&self) -> anyhow::Result<(Option<String>, u64)> {
+        let m = self.api.ok_json(self.api.get("/v1/merkle").await).await?;
+        Ok((m["root"].as_str().map(str::to_string), m["count"].as_u64().unwrap_or(0)))
+    }
+
+    /// Cuts (`true`) or restores the link between `self` and `other`, both ways.
+    pub async fn block(&self, other: &NodeProcess, on: bool) -> anyhow::Result<()> {
+        for (x, y) in [(self, other), (other, self)] {
+            let path = format!("/v1/peers/{}/block", y.peer_id);
+            let method = if on { hyper::Method::PUT } else { hyper::Method::DELETE };
+            x.api.ok_json(x.api.call(method, &path, None).await).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until every node shows the same Merkle root; returns the time taken.
+pub async fn converge(nodes: &[&NodeProcess], timeout: Duration) -> anyhow::Result<Duration> {
+    let start = std::time::Instant::now();
+    loop {
+        let mut roots = Vec::new();
+        for n in nodes {
+            roots.push(n.root().await.ok());
+        }
+        if roots[0].is_some() && roots.windows(2).all(|w| w[0] == w[1]) {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(start.elapsed() < timeout, "no convergence in {timeout:?}: {roots:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
