@@ -10,6 +10,14 @@
 //! Fetch/Push exchanges after them. The stores are the protocol crate's
 //! in-memory stores: bytes and round trips are the protocol's, whatever the
 //! storage below it. `BENCH_N` overrides the sizes (comma-separated).
+//!
+//! Then the real-network line: three `syncnode run` processes on loopback
+//! (embedded SQLite), `BENCH_NET_N` items (default 10^5) replicated to all,
+//! one node partitioned off while 1 % of the ids change on both sides
+//! (overwrites, new ids, deletes), and the time from the heal to equal roots
+//! on all three. `BENCH_NET_N=0` skips it.
+
+mod support;
 
 use negentropy::{Id, Negentropy, NegentropyStorageVector};
 use std::time::Instant;
@@ -44,6 +52,124 @@ fn negentropy_storage(s: &MemoryStore) -> NegentropyStorageVector {
 }
 
 fn main() {
+    protocol_lines();
+    let net_n = support::env_usize("BENCH_NET_N", 100_000);
+    if net_n > 0 {
+        support::runtime()
+            .block_on(network_line(net_n))
+            .expect("real-network bench");
+    }
+}
+
+/// Writes `ids` to `node` through the batch API, 1000 per call.
+async fn load(
+    node: &syncnode::process::NodeProcess,
+    ids: impl Iterator<Item = String>,
+    tag: &str,
+) -> anyhow::Result<()> {
+    let ids: Vec<String> = ids.collect();
+    for chunk in ids.chunks(1000) {
+        let put: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|id| serde_json::json!({"id": id, "content": {"tag": tag, "pad": "x".repeat(200)}}))
+            .collect();
+        node.api
+            .ok_json(node.api.post_json("/v1/batch", &serde_json::json!({"put": put})).await)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn sync_bytes(node: &syncnode::process::NodeProcess) -> anyhow::Result<u64> {
+    let text = node.api.get("/metrics").await?.text();
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("syncnode_sync_bytes_sent_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+async fn network_line(n: usize) -> anyhow::Result<()> {
+    use syncnode::process::{NodeProcess, converge};
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_syncnode"));
+    let tmp = tempfile::tempdir()?;
+    let args = |boot: &[&NodeProcess]| {
+        let mut a: Vec<String> = [
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--http",
+            "127.0.0.1:0",
+            "--cluster-id",
+            "bench",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for b in boot {
+            a.extend(["--bootstrap".to_string(), b.addr.clone()]);
+        }
+        a
+    };
+    let n1 = NodeProcess::spawn(bin, &tmp.path().join("n1"), args(&[])).await?;
+    let n2 = NodeProcess::spawn(bin, &tmp.path().join("n2"), args(&[&n1])).await?;
+    let n3 = NodeProcess::spawn(bin, &tmp.path().join("n3"), args(&[&n1, &n2])).await?;
+    let all = [&n1, &n2, &n3];
+    let start = Instant::now();
+    load(&n1, (0..n).map(|i| format!("item.{i:07}")), "base").await?;
+    converge(&all, std::time::Duration::from_secs(1800)).await?;
+    println!(
+        "bench=reconcile metric=net_initial_replication_{n} value={:.2} unit=s",
+        start.elapsed().as_secs_f64()
+    );
+    n1.block(&n3, true).await?;
+    n2.block(&n3, true).await?;
+    // 1 % of the ids differ: half changed on each side (overwrites, new ids, deletes).
+    let d = n / 100;
+    load(&n1, (0..d / 4).map(|k| format!("item.{:07}", k * 97 % n)), "side-a").await?;
+    load(
+        &n3,
+        (0..d / 4).map(|k| format!("item.{:07}", (k * 89 + 13) % n)),
+        "side-b",
+    )
+    .await?;
+    load(&n1, (0..d / 8).map(|k| format!("new.a.{k}")), "side-a").await?;
+    load(&n3, (0..d / 8).map(|k| format!("new.b.{k}")), "side-b").await?;
+    let dels: Vec<serde_json::Value> = (0..d / 4)
+        .map(|k| format!("item.{:07}", (k * 61 + 7) % n).into())
+        .collect();
+    for (node, part) in [(&n1, &dels[..dels.len() / 2]), (&n3, &dels[dels.len() / 2..])] {
+        node.api
+            .ok_json(
+                node.api
+                    .post_json("/v1/batch", &serde_json::json!({"delete": part}))
+                    .await,
+            )
+            .await?;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let mut before = 0;
+    for node in all {
+        before += sync_bytes(node).await?;
+    }
+    n1.block(&n3, false).await?;
+    n2.block(&n3, false).await?;
+    let t = converge(&all, std::time::Duration::from_secs(600)).await?;
+    let mut after = 0;
+    for node in all {
+        after += sync_bytes(node).await?;
+    }
+    println!(
+        "bench=reconcile metric=net_heal_to_equal_roots_n{n}_d{d} value={:.2} unit=s",
+        t.as_secs_f64()
+    );
+    println!(
+        "bench=reconcile metric=net_heal_bytes_n{n}_d{d} value={} unit=B",
+        after.saturating_sub(before)
+    );
+    Ok(())
+}
+
+fn protocol_lines() {
     let sizes: Vec<usize> = std::env::var("BENCH_N")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())

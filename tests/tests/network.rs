@@ -162,12 +162,15 @@ async fn writes_are_pushed_to_peers_as_they_commit() {
     // No anti-entropy runs here: only CDC can carry these.
     a.submit(SyncItem::new("pushed", &b"hello"[..])).await.unwrap();
     b.submit(SyncItem::new("back", &b"hi"[..])).await.unwrap();
+    // Too large to inline: the delta goes without content, b fetches it from a.
+    a.submit(SyncItem::new("large", vec![7u8; 40 * 1024])).await.unwrap();
     a.delete("pushed").await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let converged = a.get_merkle_root().await.unwrap() == b.get_merkle_root().await.unwrap()
             && matches!(b.status("pushed").await.unwrap(), syncnode::ItemStatus::Deleted { .. })
-            && a.get("back").await.unwrap().is_some();
+            && a.get("back").await.unwrap().is_some()
+            && b.get("large").await.unwrap().is_some_and(|i| i.content.len() == 40 * 1024);
         if converged {
             break;
         }
