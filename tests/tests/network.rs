@@ -170,7 +170,10 @@ async fn writes_are_pushed_to_peers_as_they_commit() {
         let converged = a.get_merkle_root().await.unwrap() == b.get_merkle_root().await.unwrap()
             && matches!(b.status("pushed").await.unwrap(), syncnode::ItemStatus::Deleted { .. })
             && a.get("back").await.unwrap().is_some()
-            && b.get("large").await.unwrap().is_some_and(|i| i.content.len() == 40 * 1024);
+            && b.get("large")
+                .await
+                .unwrap()
+                .is_some_and(|i| i.content.len() == 40 * 1024);
         if converged {
             break;
         }
