@@ -127,6 +127,9 @@ pub(crate) struct Core {
     pub(crate) tree_unverified: AtomicBool,
     /// Held while L3 is written or the tree rebuilt, so the two never interleave.
     pub(crate) apply_lock: tokio::sync::Mutex<()>,
+    /// The largest max_payload_bytes the L3 server takes (MySQL's packet
+    /// limit); a config reload cannot raise the limit past it.
+    payload_cap: std::sync::atomic::AtomicUsize,
     snapshot_generation: AtomicU64,
     last_snapshot: Mutex<Instant>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -333,6 +336,7 @@ impl SyncEngine {
             commits: tokio::sync::broadcast::channel(1024).0,
             tree_unverified: AtomicBool::new(false),
             apply_lock: tokio::sync::Mutex::new(()),
+            payload_cap: std::sync::atomic::AtomicUsize::new(usize::MAX),
             snapshot_generation: AtomicU64::new(u64::MAX),
             last_snapshot: Mutex::new(Instant::now()),
             tasks: Mutex::new(Vec::new()),
@@ -405,6 +409,7 @@ impl SyncEngine {
             // An item the server cannot take would fail its whole batch again
             // and again: refuse it at submit instead.
             let fits = packet.saturating_sub(1024 * 1024) as usize;
+            core.payload_cap.store(fits, Ordering::Relaxed);
             let mut c = core.config.write().unwrap_or_else(|p| p.into_inner());
             if c.max_payload_bytes > fits {
                 tracing::warn!(
@@ -499,7 +504,9 @@ impl SyncEngine {
         };
         if let Some(new_cfg) = new_cfg {
             let mut cfg = self.core.config.write().unwrap_or_else(|p| p.into_inner());
-            cfg.max_payload_bytes = new_cfg.max_payload_bytes;
+            cfg.max_payload_bytes = new_cfg
+                .max_payload_bytes
+                .min(self.core.payload_cap.load(Ordering::Relaxed));
             cfg.max_clock_skew_ms = new_cfg.max_clock_skew_ms;
             cfg.l1_max_bytes = new_cfg.l1_max_bytes;
             cfg.snapshot_interval_secs = new_cfg.snapshot_interval_secs;
@@ -791,11 +798,29 @@ impl SyncEngine {
                 return Err(e.into());
             }
         }
-        if let Some(current) = self.current_entry(&item.object_id).await?
-            && !item.stamp().wins_over(&current.stamp())
-        {
-            self.core.metrics.remote_stale.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
+        match self.current_entry(&item.object_id).await? {
+            Some(current) if !item.stamp().wins_over(&current.stamp()) => {
+                self.core.metrics.remote_stale.fetch_add(1, Ordering::Relaxed);
+                return Ok(false);
+            }
+            None if item.version < self.purged_below()? => {
+                // A deleted item coming back from a node that missed the
+                // delete: its tombstone was purged here (see purge.rs). Refuse
+                // it and delete it again with a fresh version, so that node
+                // hears of the delete and converges instead of offering the
+                // item forever.
+                let b = self.core.backends()?;
+                b.l3.resurrections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(id = %item.object_id, version = item.version, "refused a version older than a purged delete; deleting it again");
+                if !item.tombstone {
+                    let again = SyncItem::tombstone(item.object_id.clone()).with_state(item.state.clone());
+                    if let Some(Err(e)) = self.submit_batch(vec![again], &SubmitOptions::default()).await?.pop() {
+                        return Err(e);
+                    }
+                }
+                return Ok(false);
+            }
+            _ => {}
         }
         item.access_count = 0;
         item.last_accessed = 0;
