@@ -4,12 +4,12 @@
 //! with a durable commit log, a Merkle tree and an existence filter) that every
 //! node runs and that applications can embed as a library.
 
+pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
 pub mod engine;
-pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod process;

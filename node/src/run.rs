@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use crate::api::Api;
 use crate::config::NodeConfig;
 use crate::engine::SyncEngine;
-use crate::http::Api;
 use crate::replication::peers::PeerLimits;
 use crate::replication::swarm::{self, NetworkConfig};
 
@@ -63,7 +63,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         cluster_id: cfg.cluster_id.clone(),
         region: cfg.region.clone(),
     };
-    let server = tokio::spawn(crate::http::serve(listener, api));
+    let server = tokio::spawn(crate::api::serve(listener, api));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

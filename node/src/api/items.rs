@@ -1,0 +1,282 @@
+//! Items: put, get, delete, status, batches, multi-get, scans, and the
+//! Merkle tree nodes.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+use super::Api;
+use super::error::{ApiError, ApiResult};
+use crate::engine::{CacheTtl, ContentType, SubmitOptions, SyncItem};
+
+/// An item as JSON: the content as JSON when it is JSON, as text when it is
+/// UTF-8, else hex.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ItemView {
+    pub id: String,
+    pub version: u64,
+    pub origin: String,
+    pub state: String,
+    pub content_hash: String,
+    pub updated_at: i64,
+    pub content: Value,
+    pub encoding: String,
+}
+
+impl From<&SyncItem> for ItemView {
+    fn from(it: &SyncItem) -> Self {
+        let (content, encoding) = match (it.content_type, std::str::from_utf8(&it.content)) {
+            (ContentType::Json, _) => match serde_json::from_slice(&it.content) {
+                Ok(v) => (v, "json"),
+                Err(_) => (Value::String(hex::encode(&it.content)), "hex"),
+            },
+            (_, Ok(s)) => (Value::String(s.to_string()), "utf8"),
+            (_, Err(_)) => (Value::String(hex::encode(&it.content)), "hex"),
+        };
+        Self {
+            id: it.object_id.clone(),
+            version: it.version,
+            origin: it.origin.clone(),
+            state: it.state.clone(),
+            content_hash: it.content_hash.clone(),
+            updated_at: it.updated_at,
+            content,
+            encoding: encoding.into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PutParams {
+    state: Option<String>,
+    /// Seconds the Redis copy lives.
+    ttl: Option<u64>,
+    tier: Option<String>,
+}
+
+fn submit_options(p: &PutParams) -> ApiResult<SubmitOptions> {
+    let ttl = p.ttl.map(|s| CacheTtl::from(Duration::from_secs(s)));
+    let mut o = match p.tier.as_deref().unwrap_or("both") {
+        "both" => SubmitOptions {
+            redis_ttl: ttl,
+            ..SubmitOptions::default()
+        },
+        "cache" => SubmitOptions::cache(ttl.unwrap_or(CacheTtl::Hour)),
+        "durable" if ttl.is_some() => {
+            return Err(ApiError::bad_request(
+                "ttl applies to the Redis copy; tier=durable has none",
+            ));
+        }
+        "durable" => SubmitOptions::durable(),
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "tier {other:?}: expected both, cache or durable"
+            )));
+        }
+    };
+    if let Some(s) = &p.state {
+        o = o.with_state(s.clone());
+    }
+    Ok(o)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        })
+}
+
+pub(super) async fn put_item(
+    State(api): State<Api>,
+    id: Result<Path<String>, PathRejection>,
+    params: Result<Query<PutParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let (Path(id), Query(params), body) = (id?, params?, body?);
+    let options = submit_options(&params)?;
+    let item = if is_json(&headers) {
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
+        SyncItem::from_json(id, v)
+    } else {
+        SyncItem::new(id, body)
+    };
+    Ok(Json(api.engine.submit_with(item, options).await?))
+}
+
+pub(super) async fn get_item(State(api): State<Api>, id: Result<Path<String>, PathRejection>) -> ApiResult<Response> {
+    let Path(id) = id?;
+    let Some(it) = api.engine.get(&id).await? else {
+        return Err(ApiError::not_found(format!("{id:?} is absent or deleted")));
+    };
+    let ctype = match it.content_type {
+        ContentType::Json => "application/json",
+        _ => "application/octet-stream",
+    };
+    let mut resp = it.content.clone().into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    let etag = HeaderValue::from_str(&format!("\"{}\"", it.content_hash));
+    let origin = HeaderValue::from_str(&it.origin);
+    if let (Ok(etag), Ok(origin)) = (etag, origin) {
+        h.insert(header::ETAG, etag);
+        h.insert("x-origin", origin);
+    }
+    h.insert("x-version", HeaderValue::from(it.version));
+    Ok(resp)
+}
+
+pub(super) async fn delete_item(
+    State(api): State<Api>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(id) = id?;
+    let deleted = api.engine.delete(&id).await?;
+    let version = api.engine.current_entry(&id).await?.map(|e| e.version);
+    Ok(Json(json!({"deleted": deleted, "version": version})))
+}
+
+pub(super) async fn item_status(
+    State(api): State<Api>,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Path(id) = id?;
+    Ok(Json(api.engine.status(&id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BatchPut {
+    id: String,
+    /// Stored as JSON content.
+    content: Value,
+    state: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BatchBody {
+    #[serde(default)]
+    put: Vec<BatchPut>,
+    #[serde(default)]
+    delete: Vec<String>,
+}
+
+pub(super) async fn batch(
+    State(api): State<Api>,
+    body: Result<Json<BatchBody>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(b) = body?;
+    let items: Vec<SyncItem> = b
+        .put
+        .into_iter()
+        .map(|p| {
+            let it = SyncItem::from_json(p.id, p.content);
+            match p.state {
+                Some(s) => it.with_state(s),
+                None => it,
+            }
+        })
+        .collect();
+    let mut result = crate::engine::BatchResult::default();
+    if !items.is_empty() {
+        result = api.engine.submit_many(items).await?;
+    }
+    if !b.delete.is_empty() {
+        let ids: Vec<&str> = b.delete.iter().map(String::as_str).collect();
+        let d = api.engine.delete_many(&ids).await?;
+        // A delete of an absent id is done, not failed.
+        result.total += d.total;
+        result.succeeded += d.total;
+    }
+    Ok(Json(result))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct GetBody {
+    ids: Vec<String>,
+}
+
+pub(super) async fn get_many(
+    State(api): State<Api>,
+    body: Result<Json<GetBody>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(b) = body?;
+    if b.ids.len() > 10_000 {
+        return Err(ApiError::bad_request("at most 10000 ids per call"));
+    }
+    let ids: Vec<&str> = b.ids.iter().map(String::as_str).collect();
+    let items = api.engine.get_many(&ids).await?;
+    Ok(Json(
+        items.iter().map(|i| i.as_ref().map(ItemView::from)).collect::<Vec<_>>(),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ScanParams {
+    prefix: Option<String>,
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+pub(super) async fn scan(
+    State(api): State<Api>,
+    params: Result<Query<ScanParams>, QueryRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Query(p) = params?;
+    let limit = p.limit.unwrap_or(100).min(10_000);
+    let items = match (&p.prefix, &p.state) {
+        (prefix, Some(state)) => {
+            let mut v = api.engine.get_by_state(state, usize::MAX >> 1).await?;
+            v.retain(|i| prefix.as_deref().is_none_or(|p| i.object_id.starts_with(p)));
+            v.sort_by(|a, b| a.object_id.cmp(&b.object_id));
+            v.truncate(limit);
+            v
+        }
+        (prefix, None) => api.engine.scan_prefix(prefix.as_deref().unwrap_or(""), limit).await?,
+    };
+    Ok(Json(items.iter().map(ItemView::from).collect::<Vec<_>>()))
+}
+
+pub(super) async fn merkle_root(State(api): State<Api>) -> Json<Value> {
+    let (root, count, depth) = api.engine.merkle_summary();
+    Json(json!({"root": root.map(hex::encode), "count": count, "depth": depth}))
+}
+
+pub(super) async fn merkle_node(
+    State(api): State<Api>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(path) = path?;
+    let path = if path == "root" { String::new() } else { path };
+    if !path.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request("a tree path is hex nibbles (or `root`)"));
+    }
+    let node = api
+        .engine
+        .get_merkle_node(&path.to_ascii_lowercase())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no tree node at {path:?}")))?;
+    Ok(Json(json!({
+        "path": node.path,
+        "hash": hex::encode(node.hash),
+        "count": node.count,
+        "is_leaf": node.is_leaf,
+        "children": node.children.iter().map(|(k, v)| (k.clone(), hex::encode(v))).collect::<std::collections::BTreeMap<_, _>>(),
+    })))
+}

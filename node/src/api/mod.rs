@@ -1,0 +1,103 @@
+//! The HTTP API of DESIGN §7 (axum), one file per group of endpoints:
+//! `items` (items, batches, scans, Merkle nodes), `search` (indexes),
+//! `peers` (peers, partitions, sessions) and `probes` (`/livez`, `/readyz`,
+//! `/health`, `/metrics`); `error` turns every failure into a JSON
+//! `{error, detail}` with its status, never a crash. With `api_token` set,
+//! everything but `/livez` and `/readyz` needs `Authorization: Bearer <token>`.
+
+mod error;
+mod items;
+mod peers;
+mod probes;
+mod search;
+
+pub use error::ApiError;
+pub use items::ItemView;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use std::sync::Arc;
+
+use crate::engine::SyncEngine;
+use crate::replication::swarm::NodeHandle;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Api {
+    pub engine: Arc<SyncEngine>,
+    pub net: NodeHandle,
+    pub api_token: Option<String>,
+    pub cluster_id: String,
+    pub region: String,
+}
+
+/// The router, with a body limit sized to the largest accepted item.
+pub fn router(api: Api) -> Router {
+    let max_body = api.engine.config().max_payload_bytes + 64 * 1024;
+    let protected = Router::new()
+        .route("/v1/items", get(items::scan))
+        .route(
+            "/v1/items/{id}",
+            put(items::put_item).get(items::get_item).delete(items::delete_item),
+        )
+        .route("/v1/items/{id}/status", get(items::item_status))
+        .route("/v1/batch", post(items::batch))
+        .route("/v1/get", post(items::get_many))
+        .route("/v1/merkle", get(items::merkle_root))
+        .route("/v1/merkle/{path}", get(items::merkle_node))
+        .route("/v1/indexes", post(search::create_index))
+        .route("/v1/indexes/{name}", axum::routing::delete(search::drop_index))
+        .route("/v1/indexes/{name}/search", post(search::search))
+        .route("/v1/peers", get(peers::peers))
+        .route(
+            "/v1/peers/{peer}/block",
+            put(peers::block_peer).delete(peers::unblock_peer),
+        )
+        .route("/v1/sync", get(peers::sync))
+        .route("/health", get(probes::health))
+        .route("/metrics", get(probes::metrics))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(probes::readyz))
+        .merge(protected)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(api)
+}
+
+/// Serves the API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, api: Api) -> std::io::Result<()> {
+    axum::serve(listener, router(api)).await
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(api): State<Api>, req: Request, next: Next) -> Response {
+    if let Some(token) = &api.api_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token",
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
+    next.run(req).await
+}

@@ -1,0 +1,57 @@
+//! Search indexes: create, drop, search (bodies as in DESIGN §7).
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Api;
+use super::error::ApiResult;
+use super::items::ItemView;
+use crate::engine::{Query as SearchQuery, SearchIndex, SearchTier};
+
+pub(super) async fn create_index(
+    State(api): State<Api>,
+    body: Result<Json<SearchIndex>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    let Json(index) = body?;
+    let name = index.name.clone();
+    api.engine.create_search_index(index).await?;
+    Ok((StatusCode::CREATED, Json(json!({"created": name}))))
+}
+
+pub(super) async fn drop_index(
+    State(api): State<Api>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = name?;
+    api.engine.drop_search_index(&name).await?;
+    Ok(Json(json!({"dropped": name})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SearchBody {
+    query: SearchQuery,
+    #[serde(default)]
+    tier: SearchTier,
+    limit: Option<usize>,
+}
+
+pub(super) async fn search(
+    State(api): State<Api>,
+    name: Result<Path<String>, PathRejection>,
+    body: Result<Json<SearchBody>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let (Path(name), Json(b)) = (name?, body?);
+    let limit = b.limit.unwrap_or(100).min(10_000);
+    let r = api.engine.search_with_options(&name, &b.query, b.tier, limit).await?;
+    Ok(Json(json!({
+        "ids": r.ids,
+        "items": r.items.iter().map(ItemView::from).collect::<Vec<_>>(),
+        "source": if r.cached { json!("cache") } else { json!(r.source) },
+    })))
+}
