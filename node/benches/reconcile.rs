@@ -116,7 +116,12 @@ async fn network_line(n: usize) -> anyhow::Result<()> {
     let all = [&n1, &n2, &n3];
     let start = Instant::now();
     load(&n1, (0..n).map(|i| format!("item.{i:07}")), "base").await?;
+    let loaded = start.elapsed();
     converge(&all, std::time::Duration::from_secs(1800)).await?;
+    println!(
+        "bench=reconcile metric=net_load_http_{n} value={:.2} unit=s",
+        loaded.as_secs_f64()
+    );
     println!(
         "bench=reconcile metric=net_initial_replication_{n} value={:.2} unit=s",
         start.elapsed().as_secs_f64()

@@ -41,7 +41,7 @@ pub use search::{FieldType, Query, SearchIndex, SearchResult, SearchSource, Sear
 pub use search_cache::SearchCacheStats;
 pub use status::{BatchResult, EngineState, HealthCheck, ItemStatus, WriteReceipt};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -787,46 +787,113 @@ impl SyncEngine {
     /// Applies a version made elsewhere, keeping its version and origin. Applies
     /// only if it wins over what we hold (LWW); returns whether it did. A
     /// version too far ahead of our clock is deferred (`ClockSkew`).
-    pub async fn apply_remote(&self, mut item: SyncItem) -> Result<bool, StorageError> {
+    pub async fn apply_remote(&self, item: SyncItem) -> Result<bool, StorageError> {
+        self.apply_remote_many(vec![item]).await?.pop().unwrap_or(Ok(false))
+    }
+
+    /// `apply_remote` for many items in one durable commit (anti-entropy
+    /// chunks, CDC bursts): one answer per item, in order — whether it won,
+    /// or why it was refused (bad input, hash mismatch, clock skew). The
+    /// outer error is a failure of the commit itself.
+    pub async fn apply_remote_many(
+        &self,
+        items: Vec<SyncItem>,
+    ) -> Result<Vec<Result<bool, StorageError>>, StorageError> {
         self.check_writable()?;
-        validate_remote(&item, self.core.max_payload())?;
-        {
-            let skew = self.core.config().max_clock_skew_ms;
-            let mut hlc = self.core.hlc.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = hlc.observe(item.version, now_ms() as u64, skew) {
-                self.core.metrics.clock_deferrals.fetch_add(1, Ordering::Relaxed);
-                return Err(e.into());
-            }
-        }
-        match self.current_entry(&item.object_id).await? {
-            Some(current) if !item.stamp().wins_over(&current.stamp()) => {
-                self.core.metrics.remote_stale.fetch_add(1, Ordering::Relaxed);
-                return Ok(false);
-            }
-            None if item.version < self.purged_below()? => {
-                // A deleted item coming back from a node that missed the
-                // delete: its tombstone was purged here (see purge.rs). Refuse
-                // it and delete it again with a fresh version, so that node
-                // hears of the delete and converges instead of offering the
-                // item forever.
-                let b = self.core.backends()?;
-                b.l3.resurrections_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(id = %item.object_id, version = item.version, "refused a version older than a purged delete; deleting it again");
-                if !item.tombstone {
-                    let again = SyncItem::tombstone(item.object_id.clone()).with_state(item.state.clone());
-                    if let Some(Err(e)) = self.submit_batch(vec![again], &SubmitOptions::default()).await?.pop() {
-                        return Err(e);
+        let max = self.core.max_payload();
+        let skew = self.core.config().max_clock_skew_ms;
+        let mut out: Vec<Result<bool, StorageError>> = Vec::with_capacity(items.len());
+        // The best candidate per id: its index in `items`.
+        let mut best: HashMap<String, usize> = HashMap::new();
+        for (i, it) in items.iter().enumerate() {
+            let checked = validate_remote(it, max).and_then(|()| {
+                let mut hlc = self.core.hlc.lock().unwrap_or_else(|p| p.into_inner());
+                hlc.observe(it.version, now_ms() as u64, skew).map_err(|e| {
+                    self.core.metrics.clock_deferrals.fetch_add(1, Ordering::Relaxed);
+                    StorageError::from(e)
+                })
+            });
+            out.push(checked.map(|()| false));
+            if out[i].is_ok() {
+                match best.get(&it.object_id) {
+                    Some(&j) if !it.stamp().wins_over(&items[j].stamp()) => {}
+                    _ => {
+                        best.insert(it.object_id.clone(), i);
                     }
                 }
-                return Ok(false);
             }
-            _ => {}
         }
-        item.access_count = 0;
-        item.last_accessed = 0;
-        self.commit_stamped(vec![item], AckMode::Durable).await?;
-        self.core.metrics.remote_applied.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        let ids: Vec<&str> = best.keys().map(String::as_str).collect();
+        let current = self.current_entries(&ids).await?;
+        let purged_below = self.purged_below()?;
+        let (mut winners, mut won, mut redelete) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, &i) in &best {
+            let it = &items[i];
+            match current.get(id) {
+                Some(cur) if !it.stamp().wins_over(&cur.stamp()) => {
+                    self.core.metrics.remote_stale.fetch_add(1, Ordering::Relaxed);
+                }
+                None if it.version < purged_below => {
+                    // A deleted item coming back from a node that missed the
+                    // delete: its tombstone was purged here (see purge.rs).
+                    // Refuse it and delete it again with a fresh version, so
+                    // that node hears of the delete and converges instead of
+                    // offering the item forever.
+                    self.core
+                        .backends()?
+                        .l3
+                        .resurrections_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%id, version = it.version, "refused a version older than a purged delete; deleting it again");
+                    if !it.tombstone {
+                        redelete.push(SyncItem::tombstone(id.clone()).with_state(it.state.clone()));
+                    }
+                }
+                _ => {
+                    let mut w = it.clone();
+                    w.access_count = 0;
+                    w.last_accessed = 0;
+                    winners.push(w);
+                    won.push(i);
+                }
+            }
+        }
+        if !winners.is_empty() {
+            let n = winners.len() as u64;
+            self.commit_stamped(winners, AckMode::Durable).await?;
+            self.core.metrics.remote_applied.fetch_add(n, Ordering::Relaxed);
+            for i in won {
+                out[i] = Ok(true);
+            }
+        }
+        if !redelete.is_empty()
+            && let Some(Err(e)) = self
+                .submit_batch(redelete, &SubmitOptions::default())
+                .await?
+                .into_iter()
+                .find(|r| r.is_err())
+        {
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// The versions we hold of `ids` (tombstones included): L1 first, then
+    /// one L3 lookup for the ids the filter does not rule out.
+    async fn current_entries(&self, ids: &[&str]) -> Result<HashMap<String, EntryMeta>, StorageError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        let mut ask = Vec::new();
+        for id in ids {
+            if let Some(it) = self.core.l1.get(id) {
+                out.insert(id.to_string(), EntryMeta::of(&it));
+            } else if self.core.filter.might_exist(id) != Some(false) {
+                ask.push(*id);
+            }
+        }
+        if !ask.is_empty() {
+            out.extend(self.core.backends()?.l3.meta_of(&ask).await?);
+        }
+        Ok(out)
     }
 
     /// The version we hold of `id` (tombstones included), without its content

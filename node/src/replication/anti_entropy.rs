@@ -97,12 +97,16 @@ impl SyncEngine {
         Ok(out)
     }
 
-    /// Applies items from a peer; returns how many won. Deferred (clock skew)
-    /// and stale items are skipped: anti-entropy offers them again.
-    async fn apply_from_peer(&self, items: Vec<WireItem>) -> Result<u64, StorageError> {
+    /// Applies items from a peer in one commit; returns how many won.
+    /// Deferred (clock skew) and stale items are skipped: anti-entropy offers
+    /// them again; invalid ones are logged and skipped.
+    pub(crate) async fn apply_from_peer(&self, items: Vec<WireItem>) -> Result<u64, StorageError> {
         let mut applied = 0;
-        for w in items {
-            match self.apply_remote(from_wire(w)).await {
+        for r in self
+            .apply_remote_many(items.into_iter().map(from_wire).collect())
+            .await?
+        {
+            match r {
                 Ok(true) => applied += 1,
                 Ok(false) | Err(StorageError::ClockSkew { .. }) => {}
                 Err(

@@ -9,7 +9,7 @@
 //! its content (too large to inline) is fetched from its author.
 
 use libp2p::gossipsub::{IdentTopic, TopicHash};
-use syncnode_protocol::wire::{Body, CdcDelta, Envelope, RootsAnnouncement, WireItem};
+use syncnode_protocol::wire::{Body, CdcDelta, Envelope, RootsAnnouncement};
 
 use super::anti_entropy::{from_wire, wire_item};
 use crate::engine::{StorageError, SyncEngine, SyncItem};
@@ -69,50 +69,56 @@ pub fn encode_delta(cluster: &str, item: &SyncItem) -> Vec<u8> {
     Envelope::new(cluster, Body::Cdc(delta)).encode()
 }
 
-/// What became of a received delta.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CdcOutcome {
-    Applied,
-    /// We hold it already, or something newer.
-    Dropped,
-    /// Newer than ours but without content: fetch it from the author.
-    NeedFetch,
+/// What became of a batch of received deltas.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CdcOutcome {
+    pub applied: u64,
+    /// Held already, older than ours, or refused (anti-entropy will offer
+    /// again what was refused for a passing reason such as clock skew).
+    pub dropped: u64,
+    /// Newer than ours but without content: to fetch from the author.
+    pub fetch: Vec<String>,
 }
 
 impl SyncEngine {
-    /// Applies a delta received by gossip.
-    pub async fn receive_cdc(&self, delta: CdcDelta) -> Result<CdcOutcome, StorageError> {
-        let e = &delta.entry;
-        if !self.definitely_missing(&e.id) {
-            if !e.tombstone && self.is_current(&e.id, &hex::encode(e.content_hash)).await? {
-                return Ok(CdcOutcome::Dropped);
-            }
-            if let Some(cur) = self.current_entry(&e.id).await? {
+    /// Applies deltas received by gossip, the ones that carry content in one
+    /// commit.
+    pub async fn receive_cdc(&self, deltas: Vec<CdcDelta>) -> Result<CdcOutcome, StorageError> {
+        let mut out = CdcOutcome::default();
+        let mut items = Vec::new();
+        for delta in deltas {
+            let e = &delta.entry;
+            if !self.definitely_missing(&e.id) {
                 let hash = hex::encode(e.content_hash);
-                if !syncnode_protocol::Stamp::new(e.version, &e.origin, &hash).wins_over(&cur.stamp()) {
-                    return Ok(CdcOutcome::Dropped);
+                if !e.tombstone && self.is_current(&e.id, &hash).await? {
+                    out.dropped += 1;
+                    continue;
+                }
+                if delta.item.is_none()
+                    && let Some(cur) = self.current_entry(&e.id).await?
+                    && !syncnode_protocol::Stamp::new(e.version, &e.origin, &hash).wins_over(&cur.stamp())
+                {
+                    out.dropped += 1;
+                    continue;
+                }
+            }
+            match delta.item {
+                Some(item) => items.push(item),
+                None => out.fetch.push(delta.entry.id),
+            }
+        }
+        if !items.is_empty() {
+            for r in self
+                .apply_remote_many(items.into_iter().map(from_wire).collect())
+                .await?
+            {
+                match r {
+                    Ok(true) => out.applied += 1,
+                    _ => out.dropped += 1,
                 }
             }
         }
-        match delta.item {
-            Some(item) => Ok(if self.apply_remote(from_wire(item)).await? {
-                CdcOutcome::Applied
-            } else {
-                CdcOutcome::Dropped
-            }),
-            None => Ok(CdcOutcome::NeedFetch),
-        }
-    }
-
-    /// Applies fetched items (a delta's content); returns how many won.
-    pub async fn apply_fetched(&self, items: Vec<WireItem>) -> Result<u64, StorageError> {
-        let mut n = 0;
-        for w in items {
-            if self.apply_remote(from_wire(w)).await? {
-                n += 1;
-            }
-        }
-        Ok(n)
+        Ok(out)
     }
 }
 

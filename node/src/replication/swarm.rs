@@ -21,11 +21,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use syncnode_protocol::session::Progress;
-use syncnode_protocol::wire::{DEFAULT_MAX_FRAME, Request, Response};
+use syncnode_protocol::wire::{CdcDelta, DEFAULT_MAX_FRAME, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
 use super::anti_entropy::SyncError;
-use super::gossip::{self, CdcOutcome, GOSSIP_MAX, Gossip};
+use super::gossip::{self, GOSSIP_MAX, Gossip};
 use super::peers::{PeerLimits, Peers, ReplicationStats};
 use super::transport::{SYNC_PROTOCOL, SyncCodec, Traffic, tcp_transport};
 use crate::engine::SyncEngine;
@@ -217,13 +217,22 @@ impl NodeHandle {
 
     /// Runs an anti-entropy session with `peer` for `engine`, reporting its
     /// progress in the peer table as it goes.
+    /// An empty node's first session (a bootstrap) logs its progress.
     pub async fn reconcile(&self, engine: &SyncEngine, peer: PeerId, session: u64) -> Result<Progress, SyncError> {
         let peers = self.peers.clone();
+        let bootstrap = engine.merkle_summary().1 == 0;
+        let mut logged = 0;
         engine
             .reconcile_observed(
                 session,
                 |req| self.request(peer, req),
-                |p| peers.session_progress(peer, p),
+                |p| {
+                    peers.session_progress(peer, p);
+                    if bootstrap && p.pulled >= logged + 10_000 {
+                        logged = p.pulled;
+                        tracing::info!(%peer, pulled = p.pulled, to_pull = p.to_pull, "bootstrap progress");
+                    }
+                },
             )
             .await
     }
@@ -344,44 +353,48 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     Ok(handle)
 }
 
-/// Applies received deltas one at a time (LWW makes their order irrelevant),
-/// fetching content that was not inlined from the delta's author.
-async fn apply_cdc(
-    engine: Arc<SyncEngine>,
-    handle: NodeHandle,
-    mut rx: mpsc::Receiver<(PeerId, syncnode_protocol::wire::CdcDelta)>,
-) {
+/// Applies received deltas in batches (whatever has arrived, up to 1000, in
+/// one commit; LWW makes their order irrelevant), fetching content that was
+/// not inlined from the delta's author.
+async fn apply_cdc(engine: Arc<SyncEngine>, handle: NodeHandle, mut rx: mpsc::Receiver<(PeerId, CdcDelta)>) {
     let stats = &handle.peers.stats;
-    while let Some((author, delta)) = rx.recv().await {
-        let id = delta.entry.id.clone();
-        match engine.receive_cdc(delta).await {
-            Ok(CdcOutcome::Applied) => ReplicationStats::add(&stats.cdc_applied, 1),
-            Ok(CdcOutcome::Dropped) => ReplicationStats::add(&stats.cdc_dropped, 1),
-            Ok(CdcOutcome::NeedFetch) => {
-                match handle
-                    .request(
-                        author,
-                        Request::Fetch {
-                            session: 0,
-                            ids: vec![id],
-                        },
-                    )
-                    .await
-                {
-                    Ok(Response::Fetch { items, .. }) => match engine.apply_fetched(items).await {
-                        Ok(n) => {
-                            ReplicationStats::add(&stats.cdc_fetched, 1);
-                            ReplicationStats::add(&stats.cdc_applied, n);
-                        }
-                        Err(e) => tracing::debug!(error = %e, "fetched CDC content not applied"),
-                    },
-                    Ok(other) => tracing::debug!(?other, "CDC fetch refused; anti-entropy will catch up"),
-                    Err(e) => tracing::debug!(error = %e, "CDC fetch failed; anti-entropy will catch up"),
-                }
-            }
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1000
+            && let Ok(next) = rx.try_recv()
+        {
+            batch.push(next);
+        }
+        let mut fetch_from: HashMap<String, PeerId> = HashMap::new();
+        for (author, d) in &batch {
+            fetch_from.insert(d.entry.id.clone(), *author);
+        }
+        let outcome = match engine.receive_cdc(batch.into_iter().map(|(_, d)| d).collect()).await {
+            Ok(o) => o,
             Err(e) => {
-                ReplicationStats::add(&stats.cdc_dropped, 1);
-                tracing::debug!(error = %e, "CDC delta not applied; anti-entropy will catch up");
+                tracing::debug!(error = %e, "CDC batch not applied; anti-entropy will catch up");
+                continue;
+            }
+        };
+        ReplicationStats::add(&stats.cdc_applied, outcome.applied);
+        ReplicationStats::add(&stats.cdc_dropped, outcome.dropped);
+        let mut by_author: HashMap<PeerId, Vec<String>> = HashMap::new();
+        for id in outcome.fetch {
+            if let Some(author) = fetch_from.get(&id) {
+                by_author.entry(*author).or_default().push(id);
+            }
+        }
+        for (author, ids) in by_author {
+            match handle.request(author, Request::Fetch { session: 0, ids }).await {
+                Ok(Response::Fetch { items, .. }) => match engine.apply_from_peer(items).await {
+                    Ok(n) => {
+                        ReplicationStats::add(&stats.cdc_fetched, 1);
+                        ReplicationStats::add(&stats.cdc_applied, n);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "fetched CDC content not applied"),
+                },
+                Ok(other) => tracing::debug!(?other, "CDC fetch refused; anti-entropy will catch up"),
+                Err(e) => tracing::debug!(error = %e, "CDC fetch failed; anti-entropy will catch up"),
             }
         }
     }
@@ -402,7 +415,7 @@ struct SwarmTask {
     engine: Arc<SyncEngine>,
     peers: Arc<Peers>,
     own: mpsc::Sender<Command>,
-    cdc: mpsc::Sender<(PeerId, syncnode_protocol::wire::CdcDelta)>,
+    cdc: mpsc::Sender<(PeerId, CdcDelta)>,
     cluster: String,
     traffic: Arc<Traffic>,
     topics: [IdentTopic; 2],
