@@ -37,6 +37,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             gossip_interval: cfg.gossip_interval,
             limits: PeerLimits::default(),
             members_file: Some(cfg.data_dir.join("members.json")),
+            member_expiry: cfg.member_expiry,
         },
     )
     .await?;

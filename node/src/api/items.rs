@@ -242,11 +242,9 @@ pub(super) async fn scan(
     let limit = p.limit.unwrap_or(100).min(10_000);
     let items = match (&p.prefix, &p.state) {
         (prefix, Some(state)) => {
-            let mut v = api.engine.get_by_state(state, usize::MAX >> 1).await?;
-            v.retain(|i| prefix.as_deref().is_none_or(|p| i.object_id.starts_with(p)));
-            v.sort_by(|a, b| a.object_id.cmp(&b.object_id));
-            v.truncate(limit);
-            v
+            api.engine
+                .get_by_state_with_prefix(state, prefix.as_deref().unwrap_or(""), limit)
+                .await?
         }
         (prefix, None) => api.engine.scan_prefix(prefix.as_deref().unwrap_or(""), limit).await?,
     };

@@ -101,6 +101,9 @@ pub fn items_table_ddl(dialect: Dialect) -> &'static [&'static str] {
                 hkey INTEGER NOT NULL, l2 INTEGER NOT NULL)",
             "CREATE INDEX IF NOT EXISTS sync_items_state ON sync_items(state, tombstone)",
             "CREATE INDEX IF NOT EXISTS sync_items_hkey ON sync_items(hkey)",
+            "CREATE TABLE IF NOT EXISTS sync_purged (
+                id BLOB PRIMARY KEY NOT NULL, version INTEGER NOT NULL, origin BLOB NOT NULL,
+                purged_at INTEGER NOT NULL)",
         ],
         Dialect::MySql => &[
             "CREATE TABLE IF NOT EXISTS sync_items (
@@ -109,6 +112,9 @@ pub fn items_table_ddl(dialect: Dialect) -> &'static [&'static str] {
                 content_hash BINARY(32) NOT NULL, state VARBINARY(64) NOT NULL, tombstone BIGINT NOT NULL,
                 access_count BIGINT NOT NULL, last_accessed BIGINT NOT NULL, trace_parent VARBINARY(256) NULL,
                 hkey BIGINT NOT NULL, l2 BIGINT NOT NULL, KEY sync_items_state (state, tombstone), KEY sync_items_hkey (hkey)) ENGINE=InnoDB",
+            "CREATE TABLE IF NOT EXISTS sync_purged (
+                id VARBINARY(512) NOT NULL PRIMARY KEY, version BIGINT NOT NULL, origin VARBINARY(128) NOT NULL,
+                purged_at BIGINT NOT NULL) ENGINE=InnoDB",
         ],
     }
 }
@@ -373,10 +379,8 @@ pub struct L3Store {
     generation: AtomicU64,
     /// A commit failed in a way that may have committed after all.
     commit_uncertain: AtomicBool,
-    /// Tombstones stamped below this were purged: an unknown id arriving
-    /// with an older version is a deleted item coming back, and is refused.
-    purged_below: AtomicU64,
-    /// Versions refused by that rule.
+    /// Remote versions refused because their delete was purged (counted by
+    /// the engine's remote apply, which checks the purge ledger).
     pub resurrections_refused: AtomicU64,
     dialect: Dialect,
     timeout: Duration,
@@ -400,7 +404,6 @@ impl L3Store {
             write_pool,
             generation: AtomicU64::new(0),
             commit_uncertain: AtomicBool::new(false),
-            purged_below: AtomicU64::new(0),
             resurrections_refused: AtomicU64::new(0),
             dialect,
             timeout,
@@ -408,17 +411,6 @@ impl L3Store {
         store.init_schema().await?;
         let (generation, _) = store.generation().await?;
         store.generation.store(generation, Ordering::Release);
-        let purged = store
-            .timed(
-                "read purge watermark",
-                sqlx::query("SELECT ival FROM syncnode_meta WHERE name = ?")
-                    .bind(&b"purged_below"[..])
-                    .fetch_optional(&store.pool),
-            )
-            .await?;
-        if let Some(r) = purged {
-            store.purged_below.store(int(&r, 0, "ival")? as u64, Ordering::Release);
-        }
         Ok(store)
     }
 
@@ -450,7 +442,7 @@ impl L3Store {
             Dialect::Sqlite => "INSERT OR IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
             Dialect::MySql => "INSERT IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
         };
-        for name in ["generation", "max_version", "purged_below"] {
+        for name in ["generation", "max_version"] {
             self.timed("seed meta", sqlx::query(seed).bind(name.as_bytes()).execute(&self.pool))
                 .await?;
         }
@@ -536,14 +528,8 @@ impl L3Store {
             existing.extend(self.meta_in(&mut *tx, chunk).await?);
         }
         let mut applied = Vec::with_capacity(items.len());
-        let purged_below = self.purged_below.load(Ordering::Acquire);
         for (i, it) in items.iter().enumerate() {
             let old = existing.remove(&it.object_id);
-            if old.is_none() && it.version < purged_below {
-                self.resurrections_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(id = %it.object_id, version = it.version, "refused a version older than a purged delete");
-                continue;
-            }
             if old.as_ref().is_none_or(|o| it.stamp().wins_over(&o.stamp())) {
                 applied.push((i, old));
             }
@@ -621,6 +607,24 @@ impl L3Store {
         rows.iter().map(|r| text(r, 0, "id")).collect()
     }
 
+    /// Live items in `state` whose id starts with `prefix`, in id order.
+    pub async fn by_state_with_prefix(
+        &self,
+        state: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<SyncItem>, StorageError> {
+        let q = prefix_query(
+            &format!("SELECT {COLUMNS}"),
+            prefix,
+            " AND state = ? AND tombstone = 0 ORDER BY id LIMIT ?",
+        )
+        .bind(state.as_bytes())
+        .bind(limit.min(i64::MAX as usize) as i64);
+        let rows = self.timed("get_by_state", q.fetch_all(&self.pool)).await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
     pub async fn by_state(&self, state: &str, limit: usize) -> Result<Vec<SyncItem>, StorageError> {
         let sql = format!("SELECT {COLUMNS} FROM sync_items WHERE state = ? AND tombstone = 0 ORDER BY id LIMIT ?");
         let q = sqlx::query(AssertSqlSafe(sql))
@@ -692,16 +696,24 @@ impl L3Store {
         rows.iter().map(meta_from_row).collect()
     }
 
-    /// Deletes these tombstones (each only if still that exact version),
-    /// raises the purge watermark to `below` and bumps the generation, in
-    /// one transaction. Returns the entries actually deleted.
-    pub async fn purge_tombstones(
-        &self,
-        victims: &[EntryMeta],
-        below: u64,
-    ) -> Result<(u64, Vec<EntryMeta>), StorageError> {
+    /// Deletes these tombstones (each only if still that exact version) and
+    /// records each in the purge ledger (`sync_purged`: id, version, origin),
+    /// bumping the generation, in one transaction. Returns the generation and
+    /// the entries actually deleted.
+    pub async fn purge_tombstones(&self, victims: &[EntryMeta]) -> Result<(u64, Vec<EntryMeta>), StorageError> {
         let mut tx = self.timed("begin", self.write_pool.begin()).await?;
         let mut gone = Vec::new();
+        let record = match self.dialect {
+            Dialect::Sqlite => {
+                "INSERT INTO sync_purged (id, version, origin, purged_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT(id) DO UPDATE SET version = excluded.version, origin = excluded.origin, purged_at = excluded.purged_at"
+            }
+            Dialect::MySql => {
+                "INSERT INTO sync_purged (id, version, origin, purged_at) VALUES (?, ?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE version = VALUES(version), origin = VALUES(origin), purged_at = VALUES(purged_at)"
+            }
+        };
+        let now = super::item::now_ms();
         for v in victims {
             let q = sqlx::query("DELETE FROM sync_items WHERE id = ? AND version = ? AND tombstone = 1")
                 .bind(v.id.as_bytes())
@@ -712,28 +724,64 @@ impl L3Store {
                 .rows_affected()
                 == 1
             {
+                let q = sqlx::query(record)
+                    .bind(v.id.as_bytes())
+                    .bind(v.version as i64)
+                    .bind(v.origin.as_bytes())
+                    .bind(now);
+                self.timed("record purge", q.execute(&mut *tx)).await?;
                 gone.push(v.clone());
             }
         }
-        let below = below.max(self.purged_below.load(Ordering::Acquire));
         let generation = self.generation.load(Ordering::Acquire) + 1;
-        for (name, val) in [("generation", generation), ("purged_below", below)] {
-            let q = sqlx::query("UPDATE syncnode_meta SET ival = ? WHERE name = ?")
-                .bind(val as i64)
-                .bind(name.as_bytes());
-            self.timed("purge watermark", q.execute(&mut *tx)).await?;
-        }
+        let q = sqlx::query("UPDATE syncnode_meta SET ival = ? WHERE name = ?")
+            .bind(generation as i64)
+            .bind(&b"generation"[..]);
+        self.timed("bump generation", q.execute(&mut *tx)).await?;
         if let Err(e) = self.timed("commit", tx.commit()).await {
             self.commit_uncertain.store(true, Ordering::Release);
             return Err(e);
         }
         self.generation.store(generation, Ordering::Release);
-        self.purged_below.store(below, Ordering::Release);
         Ok((generation, gone))
     }
 
-    pub fn purged_below(&self) -> u64 {
-        self.purged_below.load(Ordering::Acquire)
+    /// The purged tombstones of these ids: id → (version, origin).
+    pub async fn purged_of(&self, ids: &[&str]) -> Result<HashMap<String, (u64, String)>, StorageError> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(CHUNK_ROWS) {
+            let sql = format!(
+                "SELECT id, version, origin FROM sync_purged WHERE id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.as_bytes());
+            }
+            for r in self.timed("read purge ledger", q.fetch_all(&self.pool)).await? {
+                out.insert(
+                    text(&r, 0, "id")?,
+                    (int(&r, 1, "version")? as u64, text(&r, 2, "origin")?),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops purge records older than `before_ms`; returns how many.
+    pub async fn prune_purged(&self, before_ms: i64) -> Result<u64, StorageError> {
+        let q = sqlx::query("DELETE FROM sync_purged WHERE purged_at < ?").bind(before_ms);
+        Ok(self
+            .timed("prune purge ledger", q.execute(&self.write_pool))
+            .await?
+            .rows_affected())
+    }
+
+    /// Records in the purge ledger.
+    pub async fn purged_count(&self) -> Result<u64, StorageError> {
+        let q = sqlx::query("SELECT COUNT(*) FROM sync_purged");
+        let r = self.timed("count purge ledger", q.fetch_one(&self.pool)).await?;
+        Ok(int(&r, 0, "count")? as u64)
     }
 
     /// Whether a failed commit may have committed; clears the flag.

@@ -825,38 +825,44 @@ impl SyncEngine {
         }
         let ids: Vec<&str> = best.keys().map(String::as_str).collect();
         let current = self.current_entries(&ids).await?;
-        let purged_below = self.purged_below()?;
-        let (mut winners, mut won, mut redelete) = (Vec::new(), Vec::new(), Vec::new());
+        // Ids we hold nothing of may have been deleted and purged here.
+        let unknown: Vec<&SyncItem> = best
+            .iter()
+            .filter(|(id, _)| !current.contains_key(*id))
+            .map(|(_, &i)| &items[i])
+            .collect();
+        let purged = if unknown.is_empty() {
+            HashMap::new()
+        } else {
+            self.purged_tombstones_beating(&unknown).await?
+        };
+        let (mut winners, mut won) = (Vec::new(), Vec::new());
         for (id, &i) in &best {
             let it = &items[i];
-            match current.get(id) {
-                Some(cur) if !it.stamp().wins_over(&cur.stamp()) => {
-                    self.core.metrics.remote_stale.fetch_add(1, Ordering::Relaxed);
-                }
-                None if it.version < purged_below => {
-                    // A deleted item coming back from a node that missed the
-                    // delete: its tombstone was purged here (see purge.rs).
-                    // Refuse it and delete it again with a fresh version, so
-                    // that node hears of the delete and converges instead of
-                    // offering the item forever.
-                    self.core
-                        .backends()?
-                        .l3
-                        .resurrections_refused
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%id, version = it.version, "refused a version older than a purged delete; deleting it again");
-                    if !it.tombstone {
-                        redelete.push(SyncItem::tombstone(id.clone()).with_state(it.state.clone()));
-                    }
-                }
-                _ => {
-                    let mut w = it.clone();
-                    w.access_count = 0;
-                    w.last_accessed = 0;
-                    winners.push(w);
-                    won.push(i);
-                }
+            if let Some(cur) = current.get(id)
+                && !it.stamp().wins_over(&cur.stamp())
+            {
+                self.core.metrics.remote_stale.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
+            if let Some(tombstone) = purged.get(id) {
+                // A deleted item coming back from a node that missed the
+                // delete (whose tombstone was purged here): refuse it and put
+                // the original tombstone back, so that node learns the delete.
+                self.core
+                    .backends()?
+                    .l3
+                    .resurrections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%id, version = it.version, "refused a version its purged delete beats; restoring the tombstone");
+                winners.push(tombstone.clone());
+                continue;
+            }
+            let mut w = it.clone();
+            w.access_count = 0;
+            w.last_accessed = 0;
+            winners.push(w);
+            won.push(i);
         }
         if !winners.is_empty() {
             let n = winners.len() as u64;
@@ -865,15 +871,6 @@ impl SyncEngine {
             for i in won {
                 out[i] = Ok(true);
             }
-        }
-        if !redelete.is_empty()
-            && let Some(Err(e)) = self
-                .submit_batch(redelete, &SubmitOptions::default())
-                .await?
-                .into_iter()
-                .find(|r| r.is_err())
-        {
-            return Err(e);
         }
         Ok(out)
     }
@@ -920,17 +917,23 @@ impl SyncEngine {
         for id in ids {
             validate_id(id)?;
         }
-        let mut live = Vec::new();
+        // A tombstone also for ids not here (yet): the delete must win over
+        // a version still on its way from a peer.
+        let mut tombstones = Vec::new();
+        let mut found = 0;
         for chunk in ids.chunks(500) {
-            for item in self.get_many(chunk).await?.into_iter().flatten() {
-                live.push(item);
+            let current = self.current_entries(chunk).await?;
+            for id in chunk {
+                match current.get(*id) {
+                    Some(c) if c.tombstone => {}
+                    Some(c) => {
+                        found += 1;
+                        tombstones.push(SyncItem::tombstone(id.to_string()).with_state(c.state.clone()));
+                    }
+                    None => tombstones.push(SyncItem::tombstone(id.to_string())),
+                }
             }
         }
-        let tombstones: Vec<SyncItem> = live
-            .iter()
-            .map(|it| SyncItem::tombstone(it.object_id.clone()).with_state(it.state.clone()))
-            .collect();
-        let found = tombstones.len();
         let results = self.submit_batch(tombstones, &SubmitOptions::default()).await?;
         if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
             return Err(e);
@@ -1182,6 +1185,22 @@ impl SyncEngine {
     pub async fn get_by_state(&self, state: &str, limit: usize) -> Result<Vec<SyncItem>, StorageError> {
         validate_state(state)?;
         self.core.backends()?.l3.by_state(state, limit).await
+    }
+
+    /// Live items in `state` whose id starts with `prefix`, in id order.
+    pub async fn get_by_state_with_prefix(
+        &self,
+        state: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<SyncItem>, StorageError> {
+        validate_state(state)?;
+        validate_prefix(prefix)?;
+        self.core
+            .backends()?
+            .l3
+            .by_state_with_prefix(state, prefix, limit)
+            .await
     }
 
     pub async fn count_by_state(&self, state: &str) -> Result<u64, StorageError> {

@@ -1,14 +1,19 @@
 //! Tombstone purge, the engine's half (DESIGN §6): drops tombstones stamped
-//! below a watermark the replication layer has proven every member is past,
-//! in one L3 transaction that also raises L3's `purged_below`. From then on
-//! L3 refuses an unknown id arriving with an older version — that is a
-//! deleted item coming back from a node that missed the delete — so no
-//! deleted item returns. The existence filter keeps purged ids (it cannot
-//! remove them; a stale "might exist" only costs an L3 lookup).
+//! below a bound the replication layer computes (every member proven past
+//! it, and older than the grace), recording each in the purge ledger
+//! (`sync_purged`: id, version, origin) in the same L3 transaction. A remote
+//! version that the purged delete beats is refused, and the original
+//! tombstone — same version, same origin, no new version — is put back, so
+//! the node that missed the delete learns it and nothing deleted comes back
+//! (see `apply_remote_many`). Ledger records live `member_expiry`: a member
+//! silent longer must resync before it may send anything. The existence
+//! filter keeps purged ids (it cannot remove them; a stale "might exist"
+//! only costs an L3 lookup).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use super::{StorageError, SyncEngine};
+use super::{StorageError, SyncEngine, SyncItem};
 
 impl SyncEngine {
     /// Purges up to `limit` tombstones stamped below `below`; returns how
@@ -25,7 +30,7 @@ impl SyncEngine {
         if victims.is_empty() {
             return Ok(0);
         }
-        let (generation, gone) = match b.l3.purge_tombstones(&victims, below).await {
+        let (generation, gone) = match b.l3.purge_tombstones(&victims).await {
             Ok(r) => r,
             Err(e) => {
                 if b.l3.take_commit_uncertain() {
@@ -56,9 +61,38 @@ impl SyncEngine {
         Ok(gone.len() as u64)
     }
 
-    /// Tombstones below this version have been purged here.
-    pub fn purged_below(&self) -> Result<u64, StorageError> {
-        Ok(self.core.backends()?.l3.purged_below())
+    /// Forgets purge records older than `age` (members silent that long
+    /// must resync anyway); returns how many.
+    pub async fn prune_purge_ledger(&self, age: std::time::Duration) -> Result<u64, StorageError> {
+        let before = super::item::now_ms() - age.as_millis() as i64;
+        self.core.backends()?.l3.prune_purged(before).await
+    }
+
+    /// Records in the purge ledger.
+    pub async fn purge_ledger_len(&self) -> Result<u64, StorageError> {
+        self.core.backends()?.l3.purged_count().await
+    }
+
+    /// The purged deletes that beat these items: for each refused item, the
+    /// original tombstone to put back.
+    pub(crate) async fn purged_tombstones_beating(
+        &self,
+        items: &[&SyncItem],
+    ) -> Result<HashMap<String, SyncItem>, StorageError> {
+        let ids: Vec<&str> = items.iter().map(|i| i.object_id.as_str()).collect();
+        let ledger = self.core.backends()?.l3.purged_of(&ids).await?;
+        let mut out = HashMap::new();
+        for it in items {
+            if let Some((version, origin)) = ledger.get(&it.object_id) {
+                let mut t = SyncItem::tombstone(it.object_id.clone());
+                t.version = *version;
+                t.origin = origin.clone();
+                if t.stamp().wins_over(&it.stamp()) {
+                    out.insert(it.object_id.clone(), t);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Versions refused because their delete was purged (see the module doc).

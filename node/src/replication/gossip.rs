@@ -125,7 +125,7 @@ impl SyncEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use syncnode_protocol::wire::Entry;
+    use syncnode_protocol::wire::{Entry, WireItem};
 
     fn delta(content: Vec<u8>, matching: bool) -> CdcDelta {
         let entry = Entry {

@@ -83,6 +83,10 @@ struct PeerState {
     session: Option<SessionInfo>,
     sessions_done: u64,
     last_session: Option<SessionInfo>,
+    /// A member back after more than `member_expiry`: it may hold items
+    /// whose deletes were purged and forgotten since; it should be wiped and
+    /// rejoin empty (logged, shown in `/v1/peers`).
+    must_resync: bool,
 }
 
 /// A session with a peer, running or finished.
@@ -128,6 +132,7 @@ pub struct PeerView {
     pub sessions: u64,
     pub session: Option<SessionInfo>,
     pub last_session: Option<SessionInfo>,
+    pub must_resync: bool,
 }
 
 /// A cluster member's purge watermark: the HLC below which it is proven to
@@ -169,12 +174,14 @@ pub struct Peers {
     inner: Mutex<HashMap<PeerId, PeerState>>,
     members: Mutex<BTreeMap<String, Member>>,
     members_file: Option<PathBuf>,
+    members_dirty: std::sync::atomic::AtomicBool,
+    member_expiry: Duration,
     pub stats: ReplicationStats,
 }
 
 impl Peers {
     /// `members_file` keeps the member watermarks across restarts.
-    pub fn new(limits: PeerLimits, members_file: Option<PathBuf>) -> Self {
+    pub fn new(limits: PeerLimits, members_file: Option<PathBuf>, member_expiry: Duration) -> Self {
         let members = members_file
             .as_ref()
             .and_then(|f| std::fs::read(f).ok())
@@ -191,6 +198,8 @@ impl Peers {
             inner: Mutex::new(HashMap::new()),
             members: Mutex::new(members),
             members_file,
+            members_dirty: std::sync::atomic::AtomicBool::new(false),
+            member_expiry,
             stats: ReplicationStats::default(),
         }
     }
@@ -205,12 +214,23 @@ impl Peers {
     }
 
     pub fn connected(&self, peer: PeerId, on: bool) {
+        let expired = on && self.member_expired(peer);
         self.with(peer, |s| {
             s.connected = on;
             if !on {
                 s.differed = 0;
             }
+            if expired && !s.must_resync {
+                s.must_resync = true;
+                tracing::error!(%peer, "member silent past member_expiry is back: wipe its data dir and let it rejoin empty, or deletes purged more than member_expiry ago may come back");
+            }
         });
+    }
+
+    fn member_expired(&self, peer: PeerId) -> bool {
+        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&peer.to_string())
+            .is_some_and(|m| now_ms().saturating_sub(m.last_seen_ms) > self.member_expiry.as_millis() as u64)
     }
 
     pub fn set_region(&self, peer: PeerId, region: Option<String>) {
@@ -222,7 +242,11 @@ impl Peers {
         ReplicationStats::add(&self.stats.roots_received, 1);
         let equal = theirs.root == mine.root && theirs.depth == mine.depth;
         let now = now_ms();
+        let expired = self.member_expired(peer);
         self.with(peer, |s| {
+            if s.must_resync && theirs.count == 0 {
+                s.must_resync = false;
+            }
             s.root = Some(theirs.clone());
             if equal {
                 s.differed = 0;
@@ -231,6 +255,9 @@ impl Peers {
                 s.differed += 1;
             }
         });
+        if !expired {
+            self.touch_member(peer);
+        }
         if equal {
             // Both hold the same set: everything either will write later is
             // stamped above both clocks, so all up to the lower one is shared.
@@ -256,18 +283,46 @@ impl Peers {
             watermark,
             last_seen_ms: 0,
         });
-        let changed = watermark > e.watermark || e.last_seen_ms + 10_000 < now_ms();
         e.watermark = e.watermark.max(watermark);
         e.last_seen_ms = now_ms();
-        if changed && let Some(f) = &self.members_file {
-            let tmp = f.with_extension("json.tmp");
-            let saved = serde_json::to_vec_pretty(&*m)
-                .map_err(std::io::Error::other)
-                .and_then(|b| std::fs::write(&tmp, b))
-                .and_then(|_| std::fs::rename(&tmp, f));
-            if let Err(e) = saved {
-                tracing::warn!(error = %e, "could not save the members file");
+        self.members_dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// A member was heard from.
+    fn touch_member(&self, peer: PeerId) {
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = m.get_mut(&peer.to_string()) {
+            e.last_seen_ms = now_ms();
+            self.members_dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes the members file if it changed (atomically, fsynced). Blocking:
+    /// call it off the async threads.
+    pub fn save_members(&self) {
+        let Some(f) = &self.members_file else { return };
+        if !self.members_dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let bytes = {
+            let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+            serde_json::to_vec_pretty(&*m)
+        };
+        let tmp = f.with_extension("json.tmp");
+        let saved = bytes.map_err(std::io::Error::other).and_then(|b| {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&b)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, f)?;
+            if let Some(dir) = f.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
             }
+            Ok(())
+        });
+        if let Err(e) = saved {
+            self.members_dirty.store(true, Ordering::Relaxed);
+            tracing::warn!(error = %e, "could not save the members file");
         }
     }
 
@@ -309,10 +364,11 @@ impl Peers {
         ok
     }
 
-    /// Takes a gossip token from `author`'s budget.
-    pub fn allow_gossip(&self, author: PeerId) -> bool {
+    /// Takes a gossip token from the budget of the connected peer that
+    /// forwarded a message (authors can be made up; connections cannot).
+    pub fn allow_gossip(&self, source: PeerId) -> bool {
         let rate = self.limits.gossip_per_sec;
-        let ok = self.with(author, |s| {
+        let ok = self.with(source, |s| {
             s.gossip
                 .get_or_insert(Bucket {
                     tokens: rate * 4.0,
@@ -456,6 +512,7 @@ impl Peers {
                 sessions: s.sessions_done,
                 session: s.session.clone(),
                 last_session: s.last_session.clone(),
+                must_resync: s.must_resync,
             })
             .collect();
         out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));

@@ -2,8 +2,12 @@
 //! when every member is known to hold it. The peer table keeps, per member,
 //! the HLC below which the member was last proven to hold everything we hold
 //! (roots equal); the purge runs below the minimum of those watermarks and
-//! below `now - tombstone_grace`. A member silent past `member_expiry` stops
-//! counting; if it returns, L3 refuses its copies of purged deletes.
+//! below `now - tombstone_grace`. What keeps deletes deleted is the purge
+//! ledger (engine/purge.rs): a member that missed a delete and offers the
+//! item later gets the original tombstone back. A member silent past
+//! `member_expiry` stops counting, and ledger records older than that are
+//! forgotten: such a member must be wiped and rejoin empty (it is logged and
+//! flagged in `/v1/peers`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +45,9 @@ pub fn spawn(engine: Arc<SyncEngine>, peers: Arc<Peers>, grace: Duration, member
             match engine.purge_tombstones(bound, PER_PASS).await {
                 Ok(n) => ReplicationStats::add(&peers.stats.tombstones_purged, n),
                 Err(e) => tracing::warn!(error = %e, "tombstone purge failed; retrying later"),
+            }
+            if let Err(e) = engine.prune_purge_ledger(member_expiry).await {
+                tracing::warn!(error = %e, "purge ledger pruning failed; retrying later");
             }
         }
     });

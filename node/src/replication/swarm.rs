@@ -75,6 +75,8 @@ pub struct NetworkConfig {
     pub limits: PeerLimits,
     /// Where member watermarks are kept (tombstone purge).
     pub members_file: Option<PathBuf>,
+    /// Silence after which a member stops holding back purges.
+    pub member_expiry: Duration,
 }
 
 impl NetworkConfig {
@@ -92,6 +94,7 @@ impl NetworkConfig {
             gossip_interval: Duration::from_millis(250),
             limits: PeerLimits::default(),
             members_file: None,
+            member_expiry: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -315,7 +318,22 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     let peer_id = *swarm.local_peer_id();
     let (tx, rx) = mpsc::channel(1024);
     let (cdc_tx, cdc_rx) = mpsc::channel(4096);
-    let peers = Arc::new(Peers::new(config.limits.clone(), config.members_file.clone()));
+    let peers = Arc::new(Peers::new(
+        config.limits.clone(),
+        config.members_file.clone(),
+        config.member_expiry,
+    ));
+    {
+        // Member watermarks reach the disk every few seconds, off the swarm task.
+        let peers = peers.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let p = peers.clone();
+                let _ = tokio::task::spawn_blocking(move || p.save_members()).await;
+            }
+        });
+    }
     let handle = NodeHandle {
         peer_id,
         listen_addrs,
@@ -338,6 +356,8 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         dials: HashMap::new(),
         manual_blocks: HashSet::new(),
         bans: HashSet::new(),
+        allow: config.allow_peers.iter().copied().collect(),
+        answering: Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING)),
         redial: config
             .bootstrap
             .iter()
@@ -384,18 +404,23 @@ async fn apply_cdc(engine: Arc<SyncEngine>, handle: NodeHandle, mut rx: mpsc::Re
                 by_author.entry(*author).or_default().push(id);
             }
         }
+        // Fetches run on their own, so a slow author stalls nobody else.
         for (author, ids) in by_author {
-            match handle.request(author, Request::Fetch { session: 0, ids }).await {
-                Ok(Response::Fetch { items, .. }) => match engine.apply_from_peer(items).await {
-                    Ok(n) => {
-                        ReplicationStats::add(&stats.cdc_fetched, 1);
-                        ReplicationStats::add(&stats.cdc_applied, n);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "fetched CDC content not applied"),
-                },
-                Ok(other) => tracing::debug!(?other, "CDC fetch refused; anti-entropy will catch up"),
-                Err(e) => tracing::debug!(error = %e, "CDC fetch failed; anti-entropy will catch up"),
-            }
+            let (engine, handle) = (engine.clone(), handle.clone());
+            tokio::spawn(async move {
+                let stats = &handle.peers.stats;
+                match handle.request(author, Request::Fetch { session: 0, ids }).await {
+                    Ok(Response::Fetch { items, .. }) => match engine.apply_from_peer(items).await {
+                        Ok(n) => {
+                            ReplicationStats::add(&stats.cdc_fetched, 1);
+                            ReplicationStats::add(&stats.cdc_applied, n);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "fetched CDC content not applied"),
+                    },
+                    Ok(other) => tracing::debug!(?other, "CDC fetch refused; anti-entropy will catch up"),
+                    Err(e) => tracing::debug!(error = %e, "CDC fetch failed; anti-entropy will catch up"),
+                }
+            });
         }
     }
 }
@@ -410,6 +435,8 @@ struct Redial {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Inbound sync requests answered at once (each may hold a frame of items).
+const MAX_ANSWERING: usize = 32;
 
 struct SwarmTask {
     engine: Arc<SyncEngine>,
@@ -424,6 +451,9 @@ struct SwarmTask {
     manual_blocks: HashSet<PeerId>,
     bans: HashSet<PeerId>,
     redial: Vec<Redial>,
+    allow: HashSet<PeerId>,
+    /// Inbound requests being answered; more are refused as busy.
+    answering: Arc<tokio::sync::Semaphore>,
 }
 
 impl SwarmTask {
@@ -571,7 +601,11 @@ impl SwarmTask {
                 self.penalize(swarm, propagation_source, &why);
                 MessageAcceptance::Reject
             }
-            Ok(_) if !self.peers.allow_gossip(author) => MessageAcceptance::Ignore,
+            Ok(_) if !self.peers.allow_gossip(propagation_source) => MessageAcceptance::Ignore,
+            // With an allowlist, only members may author anything.
+            Ok(_) if !self.allow.is_empty() && !self.allow.contains(&author) && author != *swarm.local_peer_id() => {
+                MessageAcceptance::Ignore
+            }
             Ok(Gossip::Roots(theirs)) => {
                 if swarm.is_connected(&author) {
                     self.peers.on_roots(author, theirs, &self.engine.root_announcement());
@@ -596,16 +630,19 @@ impl SwarmTask {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    if !self.peers.allow_request(peer) {
-                        let busy = Response::Refused {
-                            reason: "rate limited".into(),
-                        };
-                        let _ = swarm.behaviour_mut().sync.send_response(channel, busy);
-                        return;
-                    }
+                    let permit = match self.answering.clone().try_acquire_owned() {
+                        Ok(p) if self.peers.allow_request(peer) => p,
+                        other => {
+                            let reason = if other.is_ok() { "rate limited" } else { "busy" };
+                            let busy = Response::Refused { reason: reason.into() };
+                            let _ = swarm.behaviour_mut().sync.send_response(channel, busy);
+                            return;
+                        }
+                    };
                     let (engine, own) = (self.engine.clone(), self.own.clone());
                     tokio::spawn(async move {
                         let resp = engine.answer_sync_request(request).await;
+                        drop(permit);
                         let _ = own.send(Command::Respond(channel, resp)).await;
                     });
                 }

@@ -46,7 +46,11 @@ impl SyncCodec {
         io.read_exact(&mut len).await?;
         let len = u32::from_be_bytes(len) as usize;
         if len > self.max_frame {
-            return Err(invalid(format!("frame of {len} bytes exceeds {}", self.max_frame)));
+            // Not a protocol violation: a peer may allow larger items than we do.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("frame of {len} bytes exceeds {}", self.max_frame),
+            ));
         }
         let mut buf = vec![0u8; len];
         io.read_exact(&mut buf).await?;
