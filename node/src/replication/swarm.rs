@@ -9,6 +9,7 @@
 
 use futures::StreamExt;
 use libp2p::allow_block_list::{self, AllowedPeers, BlockedPeers};
+use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::pnet::PreSharedKey;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
@@ -32,6 +33,7 @@ use crate::engine::SyncEngine;
 
 #[derive(NetworkBehaviour)]
 pub struct NodeBehaviour {
+    limits: connection_limits::Behaviour,
     allowed: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
     blocked: allow_block_list::Behaviour<BlockedPeers>,
     sync: request_response::Behaviour<SyncCodec>,
@@ -278,7 +280,14 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
                 }
                 b
             });
+            // Each connection may hold up to 64 streams of one frame each:
+            // bound the connections so a flood of them cannot exhaust memory.
+            let limits = ConnectionLimits::default()
+                .with_max_established_per_peer(Some(2))
+                .with_max_established_incoming(Some(256))
+                .with_max_pending_incoming(Some(64));
             Ok(NodeBehaviour {
+                limits: connection_limits::Behaviour::new(limits),
                 allowed: allowed.into(),
                 blocked: allow_block_list::Behaviour::default(),
                 sync: request_response::Behaviour::with_codec(
