@@ -379,9 +379,12 @@ pub struct L3Store {
     generation: AtomicU64,
     /// A commit failed in a way that may have committed after all.
     commit_uncertain: AtomicBool,
-    /// Remote versions refused because their delete was purged (counted by
-    /// the engine's remote apply, which checks the purge ledger).
+    /// Remote versions refused because their delete was purged (see
+    /// engine/purge.rs).
     pub resurrections_refused: AtomicU64,
+    /// Rows in the purge ledger, so an empty one costs no lookups (an
+    /// overestimate is harmless).
+    ledger_rows: AtomicU64,
     dialect: Dialect,
     timeout: Duration,
 }
@@ -405,12 +408,15 @@ impl L3Store {
             generation: AtomicU64::new(0),
             commit_uncertain: AtomicBool::new(false),
             resurrections_refused: AtomicU64::new(0),
+            ledger_rows: AtomicU64::new(0),
             dialect,
             timeout,
         };
         store.init_schema().await?;
         let (generation, _) = store.generation().await?;
         store.generation.store(generation, Ordering::Release);
+        let ledger = store.purged_count().await?;
+        store.ledger_rows.store(ledger, Ordering::Release);
         Ok(store)
     }
 
@@ -527,9 +533,26 @@ impl L3Store {
         for chunk in ids.chunks(CHUNK_ROWS) {
             existing.extend(self.meta_in(&mut *tx, chunk).await?);
         }
+        // New ids whose delete was purged: the purge ledger decides (the
+        // engine checks it before; this is the backstop inside the txn).
+        let mut purged = HashMap::new();
+        if self.ledger_rows.load(Ordering::Acquire) > 0 {
+            let new_ids: Vec<&str> = ids.iter().copied().filter(|id| !existing.contains_key(*id)).collect();
+            for chunk in new_ids.chunks(CHUNK_ROWS) {
+                purged.extend(self.purged_in(&mut *tx, chunk).await?);
+            }
+        }
+        let empty_hash = super::item::content_hash(&[]);
         let mut applied = Vec::with_capacity(items.len());
         for (i, it) in items.iter().enumerate() {
             let old = existing.remove(&it.object_id);
+            if old.is_none()
+                && let Some((version, origin)) = purged.get(&it.object_id)
+                && syncnode_protocol::Stamp::new(*version, origin, &empty_hash).wins_over(&it.stamp())
+            {
+                self.resurrections_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if old.as_ref().is_none_or(|o| it.stamp().wins_over(&o.stamp())) {
                 applied.push((i, old));
             }
@@ -685,12 +708,19 @@ impl L3Store {
         rows.iter().map(meta_from_row).collect()
     }
 
-    /// Up to `limit` tombstones stamped below `version`.
-    pub async fn tombstones_below(&self, version: u64, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
+    /// Up to `limit` tombstones stamped below `version` and written here
+    /// before `written_before_ms`.
+    pub async fn tombstones_below(
+        &self,
+        version: u64,
+        written_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<EntryMeta>, StorageError> {
         let q = sqlx::query(AssertSqlSafe(format!(
-            "{META_COLUMNS} FROM sync_items WHERE tombstone = 1 AND version < ? LIMIT ?"
+            "{META_COLUMNS} FROM sync_items WHERE tombstone = 1 AND version < ? AND updated_at < ? LIMIT ?"
         )))
         .bind(version as i64)
+        .bind(written_before_ms)
         .bind(limit as i64);
         let rows = self.timed("find old tombstones", q.fetch_all(&self.pool)).await?;
         rows.iter().map(meta_from_row).collect()
@@ -743,27 +773,40 @@ impl L3Store {
             return Err(e);
         }
         self.generation.store(generation, Ordering::Release);
+        self.ledger_rows.fetch_add(gone.len() as u64, Ordering::Release);
         Ok((generation, gone))
     }
 
     /// The purged tombstones of these ids: id → (version, origin).
     pub async fn purged_of(&self, ids: &[&str]) -> Result<HashMap<String, (u64, String)>, StorageError> {
         let mut out = HashMap::new();
+        if self.ledger_rows.load(Ordering::Acquire) == 0 {
+            return Ok(out);
+        }
         for chunk in ids.chunks(CHUNK_ROWS) {
-            let sql = format!(
-                "SELECT id, version, origin FROM sync_purged WHERE id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
+            out.extend(self.purged_in(&self.pool, chunk).await?);
+        }
+        Ok(out)
+    }
+
+    async fn purged_in<'e, E>(&self, exec: E, ids: &[&str]) -> Result<HashMap<String, (u64, String)>, StorageError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        let sql = format!(
+            "SELECT id, version, origin FROM sync_purged WHERE id IN ({})",
+            vec!["?"; ids.len()].join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in ids {
+            q = q.bind(id.as_bytes());
+        }
+        let mut out = HashMap::new();
+        for r in self.timed("read purge ledger", q.fetch_all(exec)).await? {
+            out.insert(
+                text(&r, 0, "id")?,
+                (int(&r, 1, "version")? as u64, text(&r, 2, "origin")?),
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for id in chunk {
-                q = q.bind(id.as_bytes());
-            }
-            for r in self.timed("read purge ledger", q.fetch_all(&self.pool)).await? {
-                out.insert(
-                    text(&r, 0, "id")?,
-                    (int(&r, 1, "version")? as u64, text(&r, 2, "origin")?),
-                );
-            }
         }
         Ok(out)
     }
@@ -771,10 +814,16 @@ impl L3Store {
     /// Drops purge records older than `before_ms`; returns how many.
     pub async fn prune_purged(&self, before_ms: i64) -> Result<u64, StorageError> {
         let q = sqlx::query("DELETE FROM sync_purged WHERE purged_at < ?").bind(before_ms);
-        Ok(self
+        let n = self
             .timed("prune purge ledger", q.execute(&self.write_pool))
             .await?
-            .rows_affected())
+            .rows_affected();
+        if n > 0 {
+            // Re-read rather than subtract: a purge may have re-recorded an id.
+            let left = self.purged_count().await?;
+            self.ledger_rows.store(left, Ordering::Release);
+        }
+        Ok(n)
     }
 
     /// Records in the purge ledger.

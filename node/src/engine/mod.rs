@@ -924,10 +924,11 @@ impl SyncEngine {
         for chunk in ids.chunks(500) {
             let current = self.current_entries(chunk).await?;
             for id in chunk {
+                // Always a fresh tombstone, even over an old one: this delete
+                // must beat any version made before it, wherever it is.
                 match current.get(*id) {
-                    Some(c) if c.tombstone => {}
                     Some(c) => {
-                        found += 1;
+                        found += usize::from(!c.tombstone);
                         tombstones.push(SyncItem::tombstone(id.to_string()).with_state(c.state.clone()));
                     }
                     None => tombstones.push(SyncItem::tombstone(id.to_string())),

@@ -19,14 +19,22 @@ impl SyncEngine {
     /// Purges up to `limit` tombstones stamped below `below`; returns how
     /// many. Does nothing while the commit log holds writes not yet in L3
     /// (one of them could be an older version of a purged id).
-    pub async fn purge_tombstones(&self, below: u64, limit: usize) -> Result<u64, StorageError> {
+    /// A tombstone also waits `grace` after it was written here, so one put
+    /// back for a member that missed the delete reaches it before going again.
+    pub async fn purge_tombstones(
+        &self,
+        below: u64,
+        grace: std::time::Duration,
+        limit: usize,
+    ) -> Result<u64, StorageError> {
         let core = &self.core;
         let b = core.backends()?;
         let _guard = core.apply_lock.lock().await;
         if b.log.as_ref().is_some_and(|l| !l.is_empty()) || core.tree_unverified.load(Ordering::Acquire) {
             return Ok(0);
         }
-        let victims = b.l3.tombstones_below(below, limit).await?;
+        let written_before = super::item::now_ms() - grace.as_millis() as i64;
+        let victims = b.l3.tombstones_below(below, written_before, limit).await?;
         if victims.is_empty() {
             return Ok(0);
         }
@@ -109,7 +117,7 @@ impl SyncEngine {
             .core
             .backends()?
             .l3
-            .tombstones_below(u64::MAX >> 1, usize::MAX >> 2)
+            .tombstones_below(u64::MAX >> 1, i64::MAX, usize::MAX >> 2)
             .await?
             .len() as u64)
     }

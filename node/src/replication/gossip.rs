@@ -40,6 +40,10 @@ pub fn decode(cluster: &str, topic: &TopicHash, data: &[u8]) -> Result<Gossip, S
     match env.body {
         Body::Roots(r) if *topic == roots_topic(cluster).hash() => Ok(Gossip::Roots(r)),
         Body::Cdc(d) if *topic == cdc_topic(cluster).hash() => {
+            crate::engine::item::validate_id(&d.entry.id).map_err(|e| e.to_string())?;
+            if d.entry.origin.is_empty() || d.entry.origin.len() > crate::engine::item::MAX_ORIGIN_BYTES {
+                return Err("delta origin is empty or too long".into());
+            }
             if let Some(item) = &d.item {
                 if item.entry != d.entry {
                     return Err("delta item does not match its entry".into());
@@ -81,23 +85,35 @@ pub struct CdcOutcome {
 }
 
 impl SyncEngine {
+    /// Whether we hold this delta's version or a newer one (DESIGN §5.3:
+    /// `definitely_missing` → no; `is_current` → yes; else by LWW).
+    async fn held_already(&self, delta: &CdcDelta) -> Result<bool, StorageError> {
+        let e = &delta.entry;
+        if self.definitely_missing(&e.id) {
+            return Ok(false);
+        }
+        let hash = hex::encode(e.content_hash);
+        if !e.tombstone && self.is_current(&e.id, &hash).await? {
+            return Ok(true);
+        }
+        // With content, LWW is decided in the batch apply; without, before fetching.
+        Ok(delta.item.is_none()
+            && self
+                .current_entry(&e.id)
+                .await?
+                .is_some_and(|cur| !syncnode_protocol::Stamp::new(e.version, &e.origin, &hash).wins_over(&cur.stamp())))
+    }
+
     /// Applies deltas received by gossip, the ones that carry content in one
     /// commit.
     pub async fn receive_cdc(&self, deltas: Vec<CdcDelta>) -> Result<CdcOutcome, StorageError> {
         let mut out = CdcOutcome::default();
         let mut items = Vec::new();
         for delta in deltas {
-            let e = &delta.entry;
-            if !self.definitely_missing(&e.id) {
-                let hash = hex::encode(e.content_hash);
-                if !e.tombstone && self.is_current(&e.id, &hash).await? {
-                    out.dropped += 1;
-                    continue;
-                }
-                if delta.item.is_none()
-                    && let Some(cur) = self.current_entry(&e.id).await?
-                    && !syncnode_protocol::Stamp::new(e.version, &e.origin, &hash).wins_over(&cur.stamp())
-                {
+            // A lookup that fails drops this delta only.
+            match self.held_already(&delta).await {
+                Ok(false) => {}
+                Ok(true) | Err(_) => {
                     out.dropped += 1;
                     continue;
                 }

@@ -21,6 +21,9 @@ fn now_ms() -> u64 {
     crate::engine::item::now_ms().max(0) as u64
 }
 
+/// Requests of one peer answered at once.
+pub const MAX_ANSWERING_PER_PEER: u32 = 8;
+
 /// Per-peer limits and penalties.
 #[derive(Debug, Clone)]
 pub struct PeerLimits {
@@ -84,9 +87,11 @@ struct PeerState {
     sessions_done: u64,
     last_session: Option<SessionInfo>,
     /// A member back after more than `member_expiry`: it may hold items
-    /// whose deletes were purged and forgotten since; it should be wiped and
-    /// rejoin empty (logged, shown in `/v1/peers`).
+    /// whose deletes were purged and forgotten since; nothing is taken from
+    /// it until it rejoins empty (logged, shown in `/v1/peers`).
     must_resync: bool,
+    /// Inbound requests of this peer being answered.
+    answering: u32,
 }
 
 /// A session with a peer, running or finished.
@@ -214,7 +219,9 @@ impl Peers {
     }
 
     pub fn connected(&self, peer: PeerId, on: bool) {
-        let expired = on && self.member_expired(peer);
+        // A member back after member_expiry must resync — unless every other
+        // member went silent too: then it is us who were away.
+        let expired = on && self.member_expired(peer) && !self.isolated_from_all_but(peer);
         self.with(peer, |s| {
             s.connected = on;
             if !on {
@@ -222,9 +229,27 @@ impl Peers {
             }
             if expired && !s.must_resync {
                 s.must_resync = true;
-                tracing::error!(%peer, "member silent past member_expiry is back: wipe its data dir and let it rejoin empty, or deletes purged more than member_expiry ago may come back");
+                tracing::error!(%peer, "member silent past member_expiry is back: nothing is taken from it until it rejoins empty (wipe its data dir)");
             }
         });
+    }
+
+    /// Whether every member other than `peer` is silent past member_expiry
+    /// (or there is none).
+    fn isolated_from_all_but(&self, peer: PeerId) -> bool {
+        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let me = peer.to_string();
+        let now = now_ms();
+        !m.iter()
+            .any(|(p, mm)| *p != me && now.saturating_sub(mm.last_seen_ms) <= self.member_expiry.as_millis() as u64)
+    }
+
+    /// Whether nothing may be taken from `peer`: a member back after
+    /// member_expiry may hold deletes purged and forgotten since (DESIGN §6:
+    /// it must resync). Cleared once it announces an empty store.
+    pub fn must_resync(&self, peer: PeerId) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.get(&peer).is_some_and(|s| s.must_resync)
     }
 
     fn member_expired(&self, peer: PeerId) -> bool {
@@ -258,7 +283,7 @@ impl Peers {
         if !expired {
             self.touch_member(peer);
         }
-        if equal {
+        if equal && !self.must_resync(peer) {
             // Both hold the same set: everything either will write later is
             // stamped above both clocks, so all up to the lower one is shared.
             self.prove_member(peer, theirs.hlc.min(mine.hlc).saturating_add(1));
@@ -271,7 +296,9 @@ impl Peers {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner
             .iter()
-            .filter(|(_, s)| s.connected && s.differed >= 2 && s.session.is_none() && s.banned_until.is_none())
+            .filter(|(_, s)| {
+                s.connected && s.differed >= 2 && s.session.is_none() && s.banned_until.is_none() && !s.must_resync
+            })
             .map(|(p, _)| *p)
             .collect()
     }
@@ -380,6 +407,23 @@ impl Peers {
             ReplicationStats::add(&self.stats.rate_limited, 1);
         }
         ok
+    }
+
+    /// Starts answering a request of `peer` unless it already has
+    /// `MAX_ANSWERING_PER_PEER` answers in progress (one peer cannot take
+    /// every answering slot).
+    pub fn begin_answer(&self, peer: PeerId) -> bool {
+        self.with(peer, |s| {
+            if s.answering >= MAX_ANSWERING_PER_PEER {
+                return false;
+            }
+            s.answering += 1;
+            true
+        })
+    }
+
+    pub fn end_answer(&self, peer: PeerId) {
+        self.with(peer, |s| s.answering = s.answering.saturating_sub(1));
     }
 
     /// Counts an invalid message against `peer`; returns true when the peer
@@ -517,5 +561,52 @@ impl Peers {
             .collect();
         out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_back_after_expiry_must_resync_unless_we_were_away() {
+        let peers = Peers::new(PeerLimits::default(), None, Duration::from_millis(50));
+        let (m, other) = (PeerId::random(), PeerId::random());
+        peers.prove_member(m, 10);
+        std::thread::sleep(Duration::from_millis(80));
+        // Every other member silent too (there is none): we were the ones away.
+        peers.connected(m, true);
+        assert!(!peers.must_resync(m));
+        peers.connected(m, false);
+        peers.prove_member(other, 10);
+        peers.connected(m, true);
+        assert!(peers.must_resync(m));
+        let full = RootsAnnouncement {
+            node: "m".into(),
+            root: Some([1; 16]),
+            count: 5,
+            hlc: 1,
+            depth: 4,
+        };
+        for _ in 0..3 {
+            peers.on_roots(
+                m,
+                full.clone(),
+                &RootsAnnouncement {
+                    root: None,
+                    count: 0,
+                    ..full.clone()
+                },
+            );
+        }
+        assert!(!peers.due_for_session().contains(&m), "no session takes from it");
+        // It comes back empty: allowed again.
+        let empty = RootsAnnouncement {
+            root: None,
+            count: 0,
+            ..full
+        };
+        peers.on_roots(m, empty.clone(), &empty);
+        assert!(!peers.must_resync(m));
     }
 }

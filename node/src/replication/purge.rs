@@ -42,7 +42,7 @@ pub fn spawn(engine: Arc<SyncEngine>, peers: Arc<Peers>, grace: Duration, member
             ) else {
                 continue;
             };
-            match engine.purge_tombstones(bound, PER_PASS).await {
+            match engine.purge_tombstones(bound, grace, PER_PASS).await {
                 Ok(n) => ReplicationStats::add(&peers.stats.tombstones_purged, n),
                 Err(e) => tracing::warn!(error = %e, "tombstone purge failed; retrying later"),
             }

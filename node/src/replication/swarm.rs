@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use syncnode_protocol::session::Progress;
+use syncnode_protocol::session::{MAX_ITEMS, Progress};
 use syncnode_protocol::wire::{CdcDelta, DEFAULT_MAX_FRAME, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
@@ -418,20 +418,47 @@ async fn apply_cdc(engine: Arc<SyncEngine>, handle: NodeHandle, mut rx: mpsc::Re
             let (engine, handle) = (engine.clone(), handle.clone());
             tokio::spawn(async move {
                 let stats = &handle.peers.stats;
-                match handle.request(author, Request::Fetch { session: 0, ids }).await {
-                    Ok(Response::Fetch { items, .. }) => match engine.apply_from_peer(items).await {
-                        Ok(n) => {
-                            ReplicationStats::add(&stats.cdc_fetched, 1);
-                            ReplicationStats::add(&stats.cdc_applied, n);
-                        }
-                        Err(e) => tracing::debug!(error = %e, "fetched CDC content not applied"),
-                    },
-                    Ok(other) => tracing::debug!(?other, "CDC fetch refused; anti-entropy will catch up"),
+                match fetch_and_apply(&engine, &handle, author, ids).await {
+                    Ok(n) => {
+                        ReplicationStats::add(&stats.cdc_fetched, 1);
+                        ReplicationStats::add(&stats.cdc_applied, n);
+                    }
                     Err(e) => tracing::debug!(error = %e, "CDC fetch failed; anti-entropy will catch up"),
                 }
             });
         }
     }
+}
+
+/// Fetches `ids` from `peer` in request-sized chunks, asking again for what
+/// an answer defers (only ids we asked for, a bounded number of times), and
+/// applies them; returns how many won.
+async fn fetch_and_apply(
+    engine: &SyncEngine,
+    handle: &NodeHandle,
+    peer: PeerId,
+    ids: Vec<String>,
+) -> Result<u64, String> {
+    let asked: HashSet<String> = ids.iter().cloned().collect();
+    let mut queue = ids;
+    let mut applied = 0;
+    let mut rounds = 0;
+    while !queue.is_empty() {
+        rounds += 1;
+        if rounds > asked.len() + 8 {
+            return Err("peer keeps deferring".into());
+        }
+        let rest = queue.split_off(queue.len().min(MAX_ITEMS));
+        let chunk = std::mem::replace(&mut queue, rest);
+        match handle.request(peer, Request::Fetch { session: 0, ids: chunk }).await? {
+            Response::Fetch { items, deferred } => {
+                applied += engine.apply_from_peer(items).await.map_err(|e| e.to_string())?;
+                queue.extend(deferred.into_iter().filter(|id| asked.contains(id)));
+            }
+            other => return Err(format!("fetch answered with {other:?}")),
+        }
+    }
+    Ok(applied)
 }
 
 /// A bootstrap address redialed with exponential backoff while its peer is
@@ -621,6 +648,7 @@ impl SwarmTask {
                 }
                 MessageAcceptance::Accept
             }
+            Ok(Gossip::Cdc(_)) if self.peers.must_resync(author) => MessageAcceptance::Ignore,
             Ok(Gossip::Cdc(delta)) => {
                 if self.cdc.try_send((author, delta)).is_err() {
                     // The applier is behind: anti-entropy will bring it.
@@ -639,19 +667,34 @@ impl SwarmTask {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    let permit = match self.answering.clone().try_acquire_owned() {
-                        Ok(p) if self.peers.allow_request(peer) => p,
-                        other => {
-                            let reason = if other.is_ok() { "rate limited" } else { "busy" };
-                            let busy = Response::Refused { reason: reason.into() };
-                            let _ = swarm.behaviour_mut().sync.send_response(channel, busy);
+                    let refusal = if matches!(request, Request::Push { .. }) && self.peers.must_resync(peer) {
+                        Some("resync required: silent past member_expiry, rejoin with an empty data dir")
+                    } else if !self.peers.allow_request(peer) {
+                        Some("rate limited")
+                    } else if !self.peers.begin_answer(peer) {
+                        Some("busy")
+                    } else {
+                        None
+                    };
+                    let permit = match (refusal, self.answering.clone().try_acquire_owned()) {
+                        (None, Ok(p)) => p,
+                        (refusal, _) => {
+                            if refusal.is_none() {
+                                self.peers.end_answer(peer);
+                            }
+                            let reason = refusal.unwrap_or("busy").into();
+                            let _ = swarm
+                                .behaviour_mut()
+                                .sync
+                                .send_response(channel, Response::Refused { reason });
                             return;
                         }
                     };
-                    let (engine, own) = (self.engine.clone(), self.own.clone());
+                    let (engine, own, peers) = (self.engine.clone(), self.own.clone(), self.peers.clone());
                     tokio::spawn(async move {
                         let resp = engine.answer_sync_request(request).await;
                         drop(permit);
+                        peers.end_answer(peer);
                         let _ = own.send(Command::Respond(channel, resp)).await;
                     });
                 }
