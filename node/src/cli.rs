@@ -124,7 +124,9 @@ async fn status(client: &ApiClient) -> anyhow::Result<()> {
 /// Parses the command line and runs the command.
 pub async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,yamux=error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {

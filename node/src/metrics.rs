@@ -66,7 +66,11 @@ pub async fn render(engine: &SyncEngine, net: &NodeHandle) -> String {
     );
     counter("items_pulled", "Items pulled by sessions", load(&stats.items_pulled));
     counter("items_pushed", "Items pushed by sessions", load(&stats.items_pushed));
-    counter("cdc_published", "CDC deltas published", load(&stats.cdc_published));
+    counter(
+        "cdc_published",
+        "CDC messages published (each carries one or more deltas)",
+        load(&stats.cdc_published),
+    );
     counter("cdc_applied", "CDC deltas applied", load(&stats.cdc_applied));
     counter(
         "cdc_dropped",

@@ -180,7 +180,9 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
     Roots(RootsAnnouncement),
-    Cdc(CdcDelta),
+    /// Deltas of one or more committed writes (several small ones share a
+    /// gossip message).
+    Cdc(Vec<CdcDelta>),
     Request(Request),
     Response(Response),
 }
@@ -337,7 +339,8 @@ mod tests {
                     hlc,
                     depth
                 })),
-            (entry(), proptest::option::of(item())).prop_map(|(entry, item)| Body::Cdc(CdcDelta { entry, item })),
+            proptest::collection::vec((entry(), proptest::option::of(item())), 0..4)
+                .prop_map(|ds| Body::Cdc(ds.into_iter().map(|(entry, item)| CdcDelta { entry, item }).collect())),
             (
                 any::<u64>(),
                 proptest::collection::vec("[0-9a-f]{0,4}", 0..8),

@@ -16,8 +16,13 @@ use crate::engine::{StorageError, SyncEngine, SyncItem};
 
 /// Largest content inlined in a delta; larger items are fetched.
 pub const CDC_INLINE_MAX: usize = 32 * 1024;
-/// Largest gossip message (a delta with inlined content and a long id).
+/// Largest gossip message.
 pub const GOSSIP_MAX: usize = 64 * 1024;
+/// Deltas are packed into messages of about this size (a single delta with
+/// 32 KiB of content and the longest id and origin still fits `GOSSIP_MAX`).
+const PACK_BYTES: usize = 24 * 1024;
+/// Most deltas in one message.
+pub const MAX_DELTAS: usize = 1024;
 
 pub fn roots_topic(cluster: &str) -> IdentTopic {
     IdentTopic::new(format!("syncnode/{cluster}/roots/1"))
@@ -31,7 +36,7 @@ pub fn cdc_topic(cluster: &str) -> IdentTopic {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Gossip {
     Roots(RootsAnnouncement),
-    Cdc(CdcDelta),
+    Cdc(Vec<CdcDelta>),
 }
 
 /// Decodes and validates one gossip message of `cluster` received on `topic`.
@@ -39,20 +44,25 @@ pub fn decode(cluster: &str, topic: &TopicHash, data: &[u8]) -> Result<Gossip, S
     let env = Envelope::decode_for(data, GOSSIP_MAX, cluster).map_err(|e| e.to_string())?;
     match env.body {
         Body::Roots(r) if *topic == roots_topic(cluster).hash() => Ok(Gossip::Roots(r)),
-        Body::Cdc(d) if *topic == cdc_topic(cluster).hash() => {
-            crate::engine::item::validate_id(&d.entry.id).map_err(|e| e.to_string())?;
-            if d.entry.origin.is_empty() || d.entry.origin.len() > crate::engine::item::MAX_ORIGIN_BYTES {
-                return Err("delta origin is empty or too long".into());
+        Body::Cdc(ds) if *topic == cdc_topic(cluster).hash() => {
+            if ds.is_empty() || ds.len() > MAX_DELTAS {
+                return Err(format!("{} deltas in one message (1..={MAX_DELTAS})", ds.len()));
             }
-            if let Some(item) = &d.item {
-                if item.entry != d.entry {
-                    return Err("delta item does not match its entry".into());
+            for d in &ds {
+                crate::engine::item::validate_id(&d.entry.id).map_err(|e| e.to_string())?;
+                if d.entry.origin.is_empty() || d.entry.origin.len() > crate::engine::item::MAX_ORIGIN_BYTES {
+                    return Err("delta origin is empty or too long".into());
                 }
-                if item.content.len() > CDC_INLINE_MAX {
-                    return Err("delta content past the inline limit".into());
+                if let Some(item) = &d.item {
+                    if item.entry != d.entry {
+                        return Err("delta item does not match its entry".into());
+                    }
+                    if item.content.len() > CDC_INLINE_MAX {
+                        return Err("delta content past the inline limit".into());
+                    }
                 }
             }
-            Ok(Gossip::Cdc(d))
+            Ok(Gossip::Cdc(ds))
         }
         _ => Err("message body does not belong on this topic".into()),
     }
@@ -63,14 +73,33 @@ pub fn encode_roots(cluster: &str, roots: RootsAnnouncement) -> Vec<u8> {
     Envelope::new(cluster, Body::Roots(roots)).encode()
 }
 
-/// The encoded delta of one committed item (content inlined when small).
-pub fn encode_delta(cluster: &str, item: &SyncItem) -> Vec<u8> {
-    let w = wire_item(item);
-    let delta = CdcDelta {
-        entry: w.entry.clone(),
-        item: (item.content.len() <= CDC_INLINE_MAX).then_some(w),
-    };
-    Envelope::new(cluster, Body::Cdc(delta)).encode()
+/// The encoded deltas of committed items (content inlined when small),
+/// packed several to a message up to about `PACK_BYTES`.
+pub fn encode_deltas(cluster: &str, items: &[SyncItem]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let (mut pack, mut bytes) = (Vec::new(), 0);
+    for item in items {
+        let w = wire_item(item);
+        let inline = item.content.len() <= CDC_INLINE_MAX;
+        let size = 128
+            + 2 * w.entry.id.len()
+            + 2 * w.entry.origin.len()
+            + w.state.len()
+            + if inline { w.content.len() } else { 0 };
+        if !pack.is_empty() && (bytes + size > PACK_BYTES || pack.len() >= MAX_DELTAS) {
+            out.push(Envelope::new(cluster, Body::Cdc(std::mem::take(&mut pack))).encode());
+            bytes = 0;
+        }
+        bytes += size;
+        pack.push(CdcDelta {
+            entry: w.entry.clone(),
+            item: inline.then_some(w),
+        });
+    }
+    if !pack.is_empty() {
+        out.push(Envelope::new(cluster, Body::Cdc(pack)).encode());
+    }
+    out
 }
 
 /// What became of a batch of received deltas.
@@ -171,13 +200,15 @@ mod tests {
     fn gossip_is_checked_against_topic_cluster_and_entry() {
         let cdc = cdc_topic("c").hash();
         let roots = roots_topic("c").hash();
-        let ok = Envelope::new("c", Body::Cdc(delta(vec![1, 2], true))).encode();
+        let ok = Envelope::new("c", Body::Cdc(vec![delta(vec![1, 2], true)])).encode();
         assert!(matches!(decode("c", &cdc, &ok), Ok(Gossip::Cdc(_))));
         assert!(decode("c", &roots, &ok).is_err(), "a delta on the roots topic");
         assert!(decode("other", &cdc, &ok).is_err(), "another cluster");
-        let bad = Envelope::new("c", Body::Cdc(delta(vec![1], false))).encode();
+        let bad = Envelope::new("c", Body::Cdc(vec![delta(vec![1, 2], true), delta(vec![1], false)])).encode();
         assert!(decode("c", &cdc, &bad).is_err(), "item and entry disagree");
-        let big = Envelope::new("c", Body::Cdc(delta(vec![0; CDC_INLINE_MAX + 1], true))).encode();
+        let big = Envelope::new("c", Body::Cdc(vec![delta(vec![0; CDC_INLINE_MAX + 1], true)])).encode();
+        let none = Envelope::new("c", Body::Cdc(vec![])).encode();
+        assert!(decode("c", &cdc, &none).is_err(), "no deltas");
         assert!(decode("c", &cdc, &big).is_err(), "content past the inline limit");
         assert!(decode("c", &cdc, &[1, 2, 3]).is_err(), "garbage");
         assert!(decode("c", &cdc, &vec![0; GOSSIP_MAX + 1]).is_err(), "oversized");

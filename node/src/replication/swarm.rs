@@ -212,7 +212,7 @@ impl NodeHandle {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                let msgs: Vec<Vec<u8>> = batch.iter().map(|i| gossip::encode_delta(&cluster, i)).collect();
+                let msgs = gossip::encode_deltas(&cluster, &batch);
                 if handle.commands.send(Command::Publish(Topic::Cdc, msgs)).await.is_err() {
                     return;
                 }
@@ -326,7 +326,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     }
     let peer_id = *swarm.local_peer_id();
     let (tx, rx) = mpsc::channel(1024);
-    let (cdc_tx, cdc_rx) = mpsc::channel(4096);
+    let (cdc_tx, cdc_rx) = mpsc::channel(8192);
     let peers = Arc::new(Peers::new(
         config.limits.clone(),
         config.members_file.clone(),
@@ -382,14 +382,14 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     Ok(handle)
 }
 
-/// Applies received deltas in batches (whatever has arrived, up to 1000, in
+/// Applies received deltas in batches (whatever has arrived, up to 4096, in
 /// one commit; LWW makes their order irrelevant), fetching content that was
 /// not inlined from the delta's author.
 async fn apply_cdc(engine: Arc<SyncEngine>, handle: NodeHandle, mut rx: mpsc::Receiver<(PeerId, CdcDelta)>) {
     let stats = &handle.peers.stats;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        while batch.len() < 1000
+        while batch.len() < 4096
             && let Ok(next) = rx.try_recv()
         {
             batch.push(next);
@@ -649,10 +649,12 @@ impl SwarmTask {
                 MessageAcceptance::Accept
             }
             Ok(Gossip::Cdc(_)) if self.peers.must_resync(author) => MessageAcceptance::Ignore,
-            Ok(Gossip::Cdc(delta)) => {
-                if self.cdc.try_send((author, delta)).is_err() {
-                    // The applier is behind: anti-entropy will bring it.
-                    ReplicationStats::add(&self.peers.stats.cdc_dropped, 1);
+            Ok(Gossip::Cdc(deltas)) => {
+                for delta in deltas {
+                    if self.cdc.try_send((author, delta)).is_err() {
+                        // The applier is behind: anti-entropy will bring it.
+                        ReplicationStats::add(&self.peers.stats.cdc_dropped, 1);
+                    }
                 }
                 MessageAcceptance::Accept
             }
