@@ -224,9 +224,9 @@ impl Peers {
         let expired = on && self.member_expired(peer) && !self.isolated_from_all_but(peer);
         self.with(peer, |s| {
             s.connected = on;
-            if !on {
-                s.differed = 0;
-            }
+            // Nothing of ours is in flight to a peer just (re)connected: its
+            // first differing root is enough to start a session.
+            s.differed = u32::from(on);
             if expired && !s.must_resync {
                 s.must_resync = true;
                 tracing::error!(%peer, "member silent past member_expiry is back: nothing is taken from it until it rejoins empty (wipe its data dir)");
