@@ -170,6 +170,7 @@ impl SyncEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::SyncItem;
     use syncnode_protocol::wire::{Entry, WireItem};
 
     fn delta(content: Vec<u8>, matching: bool) -> CdcDelta {
@@ -193,6 +194,43 @@ mod tests {
                 json: false,
                 content,
             }),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
+            let _ = decode("c", &cdc_topic("c").hash(), &data);
+            let _ = decode("c", &roots_topic("c").hash(), &data);
+        }
+
+        #[test]
+        fn packed_deltas_fit_and_decode_back(sizes in proptest::collection::vec(0usize..40_000, 1..40)) {
+            let items: Vec<SyncItem> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let mut it = SyncItem::new(format!("id.{i}"), vec![7u8; *n]);
+                    it.version = 1 + i as u64;
+                    it.origin = "origin".into();
+                    it
+                })
+                .collect();
+            let mut seen = 0;
+            for m in encode_deltas("c", &items) {
+                proptest::prop_assert!(m.len() <= GOSSIP_MAX, "{} bytes", m.len());
+                match decode("c", &cdc_topic("c").hash(), &m) {
+                    Ok(Gossip::Cdc(ds)) => {
+                        for d in ds {
+                            proptest::prop_assert_eq!(&d.entry.id, &items[seen].object_id);
+                            proptest::prop_assert_eq!(d.item.is_some(), sizes[seen] <= CDC_INLINE_MAX);
+                            seen += 1;
+                        }
+                    }
+                    other => proptest::prop_assert!(false, "{:?}", other.map(|_| ())),
+                }
+            }
+            proptest::prop_assert_eq!(seen, items.len());
         }
     }
 
