@@ -219,13 +219,17 @@ pub fn round_answer(
     lists: Vec<(String, Vec<EntrySummary>)>,
 ) -> Response {
     let mut entries = Vec::with_capacity(lists.len());
-    let mut bytes = 0usize;
+    // Node summaries go in any case: they count against the budget first
+    // (and each deferred list adds one).
+    let node_bytes = |path: &str| path.len() + 32;
+    let mut bytes: usize = nodes.iter().map(|n| node_bytes(&n.path)).sum();
     for (path, list) in lists {
         let size: usize = list.iter().map(|e| e.id.len() + e.origin.len() + 24).sum::<usize>() + path.len() + 4;
         if entries.is_empty() || bytes + size <= MAX_ROUND_BYTES {
             bytes += size;
             entries.push((path, list));
         } else {
+            bytes += node_bytes(&path);
             nodes.push(summary(tree, &path));
         }
     }
@@ -349,6 +353,14 @@ impl Session {
             return Step::NeedLocalItems(self.push.drain(..n).collect());
         }
         Step::Done
+    }
+
+    /// Puts ids back at the front of the push queue: the caller loaded only
+    /// a transfer's worth of the ids `NeedLocalItems` asked for.
+    pub fn return_push(&mut self, ids: Vec<String>) {
+        for id in ids.into_iter().rev() {
+            self.push.push_front(id);
+        }
     }
 
     /// Takes the peer's answer to the last `Send`. `Some(items)`: items pulled

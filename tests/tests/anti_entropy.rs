@@ -121,3 +121,38 @@ async fn bad_requests_and_forged_items_are_refused() {
     assert!(e.get("f").await.unwrap().is_none());
     e.shutdown().await;
 }
+
+/// A Fetch of 4096 long ids behind a large item: the answer reads only what
+/// it sends (within the 2 MiB transfer budget), defers the rest, and the
+/// whole frame stays within the smallest frame a node accepts plus the room
+/// kept for deferred ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_answer_fits_its_frame() {
+    use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Envelope};
+    let node = TestNode::new(common::Backend::Sqlite, "a").await;
+    let e = node.start().await;
+    e.submit(SyncItem::new("big", vec![1u8; 1_000_000])).await.unwrap();
+    let ids: Vec<String> = (0..4095).map(|i| format!("{i:0>500}")).collect();
+    e.submit_many(
+        ids.iter()
+            .map(|id| SyncItem::new(id.clone(), vec![2u8; 1000]))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let mut ask = vec!["big".to_string()];
+    ask.extend(ids);
+    let resp = e.answer_sync_request(Request::Fetch { session: 1, ids: ask }).await;
+    let frame = Envelope::new("c", Body::Response(resp.clone())).encode();
+    assert!(frame.len() <= DEFAULT_MAX_FRAME, "{} bytes", frame.len());
+    match resp {
+        Response::Fetch { items, deferred } => {
+            assert_eq!(items[0].entry.id, "big");
+            assert_eq!(items.len() + deferred.len(), 4096);
+            let bytes: usize = items.iter().map(|i| i.content.len()).sum();
+            assert!(bytes <= 2 * 1024 * 1024, "{bytes} content bytes in one answer");
+        }
+        other => panic!("{other:?}"),
+    }
+    e.shutdown().await;
+}

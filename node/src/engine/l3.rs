@@ -491,6 +491,18 @@ impl L3Store {
         row.as_ref().map(item_from_row).transpose()
     }
 
+    /// Content sizes of the stored `ids` (absent ids are left out).
+    pub async fn content_sizes(&self, ids: &[&str]) -> Result<HashMap<String, usize>, StorageError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(CHUNK_ROWS) {
+            let q = ids_query("SELECT id, LENGTH(content)", chunk);
+            for r in self.timed("read content sizes", q.fetch_all(&self.pool)).await? {
+                out.insert(text(&r, 0, "id")?, int(&r, 1, "length")?.max(0) as usize);
+            }
+        }
+        Ok(out)
+    }
+
     /// Stored versions of `ids` (tombstones included), in no particular order.
     pub async fn get_many(&self, ids: &[&str]) -> Result<Vec<SyncItem>, StorageError> {
         let mut out = Vec::with_capacity(ids.len());

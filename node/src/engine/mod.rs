@@ -1043,6 +1043,29 @@ impl SyncEngine {
         Ok(out)
     }
 
+    /// The stored versions of the first of `ids` whose contents fit `budget`
+    /// bytes (at least one), and the ids left unread — so a transfer of large
+    /// items never reads more than it can send.
+    pub async fn get_stored_within(
+        &self,
+        ids: &[&str],
+        budget: usize,
+    ) -> Result<(Vec<SyncItem>, Vec<String>), StorageError> {
+        let sizes = self.core.backends()?.l3.content_sizes(ids).await?;
+        let mut bytes = 0;
+        let mut take = 0;
+        for id in ids {
+            let size = sizes.get(*id).copied().unwrap_or(0) + id.len() + 64;
+            if take > 0 && bytes + size > budget {
+                break;
+            }
+            bytes += size;
+            take += 1;
+        }
+        let items = self.get_stored_many(&ids[..take]).await?;
+        Ok((items, ids[take..].iter().map(|s| s.to_string()).collect()))
+    }
+
     /// Like `get`, but reads L3 (not the cache) and checks the content against
     /// its hash: `Corruption` if they differ.
     pub async fn get_verified(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {

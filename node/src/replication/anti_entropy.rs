@@ -7,7 +7,8 @@
 
 use std::future::Future;
 use syncnode_protocol::session::{
-    Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement, round_answer,
+    MAX_TRANSFER_BYTES, Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement,
+    round_answer,
 };
 use syncnode_protocol::wire::{Entry, EntrySummary, Request, Response, RootsAnnouncement, WireItem};
 
@@ -142,8 +143,16 @@ impl SyncEngine {
                     self.with_tree(|t| round_answer(t, nodes, lists))
                 }
                 Request::Fetch { ids, .. } => {
+                    // Read only what one answer can carry; defer the rest unread.
                     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    fetch_answer(self.get_stored_many(&refs).await?.iter().map(wire_item).collect())
+                    let (items, unread) = self.get_stored_within(&refs, MAX_TRANSFER_BYTES).await?;
+                    match fetch_answer(items.iter().map(wire_item).collect()) {
+                        Response::Fetch { items, mut deferred } => {
+                            deferred.extend(unread);
+                            Response::Fetch { items, deferred }
+                        }
+                        other => other,
+                    }
                 }
                 Request::Push { items, .. } => Response::Pushed {
                     applied: self.apply_from_peer(items).await?,
@@ -184,7 +193,9 @@ impl SyncEngine {
             match self.with_tree(|t| s.next_step(t)) {
                 Step::NeedLocalItems(ids) => {
                     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    s.on_local_items(self.get_stored_many(&refs).await?.iter().map(wire_item).collect());
+                    let (items, unread) = self.get_stored_within(&refs, MAX_TRANSFER_BYTES).await?;
+                    s.on_local_items(items.iter().map(wire_item).collect());
+                    s.return_push(unread);
                 }
                 Step::Send(req) => {
                     observe(&s.progress());

@@ -220,8 +220,16 @@ impl Peers {
 
     pub fn connected(&self, peer: PeerId, on: bool) {
         // A member back after member_expiry must resync — unless every other
-        // member went silent too: then it is us who were away.
-        let expired = on && self.member_expired(peer) && !self.isolated_from_all_but(peer);
+        // member went silent too: then it is us who were away, and all our
+        // members count as fresh again (whichever reconnects first).
+        let mut expired = on && self.member_expired(peer);
+        if expired && self.isolated_from_all_but(peer) {
+            tracing::warn!(
+                "every member was silent past member_expiry: this node was away; trusting its members again"
+            );
+            self.touch_all_members();
+            expired = false;
+        }
         self.with(peer, |s| {
             s.connected = on;
             // Nothing of ours is in flight to a peer just (re)connected: its
@@ -312,6 +320,15 @@ impl Peers {
         });
         e.watermark = e.watermark.max(watermark);
         e.last_seen_ms = now_ms();
+        self.members_dirty.store(true, Ordering::Relaxed);
+    }
+
+    fn touch_all_members(&self) {
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_ms();
+        for e in m.values_mut() {
+            e.last_seen_ms = now;
+        }
         self.members_dirty.store(true, Ordering::Relaxed);
     }
 
@@ -578,6 +595,8 @@ mod tests {
         peers.connected(m, true);
         assert!(!peers.must_resync(m));
         peers.connected(m, false);
+        // Now m is silent past the expiry while another member is fresh.
+        std::thread::sleep(Duration::from_millis(80));
         peers.prove_member(other, 10);
         peers.connected(m, true);
         assert!(peers.must_resync(m));

@@ -248,7 +248,8 @@ impl NodeHandle {
 /// `gossip_interval`.
 pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Result<NodeHandle> {
     // A frame must hold the largest item the engine accepts.
-    let max_frame = DEFAULT_MAX_FRAME.max(engine.config().max_payload_bytes + 64 * 1024);
+    // Plus room for a Fetch answer's deferred ids (4096 × 512 B) and metadata.
+    let max_frame = DEFAULT_MAX_FRAME.max(engine.config().max_payload_bytes + 4 * 1024 * 1024);
     let traffic = Arc::new(Traffic::default());
     let codec = SyncCodec {
         cluster: config.cluster.clone(),
@@ -450,7 +451,26 @@ async fn fetch_and_apply(
         }
         let rest = queue.split_off(queue.len().min(MAX_ITEMS));
         let chunk = std::mem::replace(&mut queue, rest);
-        match handle.request(peer, Request::Fetch { session: 0, ids: chunk }).await? {
+        let mut tries = 0;
+        let answer = loop {
+            match handle
+                .request(
+                    peer,
+                    Request::Fetch {
+                        session: 0,
+                        ids: chunk.clone(),
+                    },
+                )
+                .await?
+            {
+                Response::Refused { reason } if reason == "busy" && tries < 5 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                }
+                other => break other,
+            }
+        };
+        match answer {
             Response::Fetch { items, deferred } => {
                 applied += engine.apply_from_peer(items).await.map_err(|e| e.to_string())?;
                 queue.extend(deferred.into_iter().filter(|id| asked.contains(id)));
@@ -459,6 +479,19 @@ async fn fetch_and_apply(
         }
     }
     Ok(applied)
+}
+
+/// An answer in progress: its global permit and its place in the peer's cap.
+struct AnswerSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    peers: Arc<Peers>,
+    peer: PeerId,
+}
+
+impl Drop for AnswerSlot {
+    fn drop(&mut self) {
+        self.peers.end_answer(self.peer);
+    }
 }
 
 /// A bootstrap address redialed with exponential backoff while its peer is
@@ -692,11 +725,16 @@ impl SwarmTask {
                             return;
                         }
                     };
-                    let (engine, own, peers) = (self.engine.clone(), self.own.clone(), self.peers.clone());
+                    let (engine, own) = (self.engine.clone(), self.own.clone());
+                    // Released however the answer ends (even by a panic).
+                    let slot = AnswerSlot {
+                        _permit: permit,
+                        peers: self.peers.clone(),
+                        peer,
+                    };
                     tokio::spawn(async move {
                         let resp = engine.answer_sync_request(request).await;
-                        drop(permit);
-                        peers.end_answer(peer);
+                        drop(slot);
                         let _ = own.send(Command::Respond(channel, resp)).await;
                     });
                 }

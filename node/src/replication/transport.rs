@@ -63,7 +63,8 @@ impl SyncCodec {
     async fn write_body<T: AsyncWrite + Unpin + Send>(&self, io: &mut T, body: Body) -> io::Result<()> {
         let frame = Envelope::new(self.cluster.clone(), body).to_frame();
         if frame.len() - 4 > self.max_frame {
-            return Err(invalid("message exceeds the frame limit"));
+            // Our own message: not the peer's fault, so not InvalidData.
+            return Err(io::Error::other("message exceeds the frame limit"));
         }
         io.write_all(&frame).await?;
         self.traffic.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
