@@ -90,26 +90,10 @@ async fn sync_bytes(node: &syncnode::process::NodeProcess) -> anyhow::Result<u64
 }
 
 async fn network_line(n: usize) -> anyhow::Result<()> {
-    use syncnode::process::{NodeProcess, converge};
+    use syncnode::process::{NodeProcess, converge, loopback_args};
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_syncnode"));
     let tmp = tempfile::tempdir()?;
-    let args = |boot: &[&NodeProcess]| {
-        let mut a: Vec<String> = [
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--http",
-            "127.0.0.1:0",
-            "--cluster-id",
-            "bench",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for b in boot {
-            a.extend(["--bootstrap".to_string(), b.addr.clone()]);
-        }
-        a
-    };
+    let args = |boot: &[&NodeProcess]| loopback_args("bench", boot);
     let n1 = NodeProcess::spawn(bin, &tmp.path().join("n1"), args(&[])).await?;
     let n2 = NodeProcess::spawn(bin, &tmp.path().join("n2"), args(&[&n1])).await?;
     let n3 = NodeProcess::spawn(bin, &tmp.path().join("n3"), args(&[&n1, &n2])).await?;

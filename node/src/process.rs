@@ -117,6 +117,26 @@ impl NodeProcess {
     }
 }
 
+/// Arguments for a node on loopback with free ports, in `cluster`, dialing
+/// `bootstrap`.
+pub fn loopback_args(cluster: &str, bootstrap: &[&NodeProcess]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--http",
+        "127.0.0.1:0",
+        "--cluster-id",
+        cluster,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for b in bootstrap {
+        a.extend(["--bootstrap".to_string(), b.addr.clone()]);
+    }
+    a
+}
+
 /// Waits until every node shows the same Merkle root; returns the time taken.
 pub async fn converge(nodes: &[&NodeProcess], timeout: Duration) -> anyhow::Result<Duration> {
     let start = std::time::Instant::now();

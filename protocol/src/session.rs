@@ -97,7 +97,7 @@ pub enum SessionError {
 }
 
 /// Counters of one session.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Progress {
     pub round_trips: u64,
     pub nodes_compared: u64,

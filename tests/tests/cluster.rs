@@ -22,22 +22,10 @@ async fn spawn_proc(dir: &Path, args: Vec<String>) -> Proc {
     Proc::spawn(bin(), dir, args).await.unwrap()
 }
 
+/// A loopback node with a short gossip interval and a 64 KiB item limit.
 fn base_args(cluster: &str, extra: &[String]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--http",
-        "127.0.0.1:0",
-        "--cluster-id",
-        cluster,
-        "--gossip-interval",
-        "200ms",
-        "--max-payload-bytes",
-        "65536",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut a = syncnode::process::loopback_args(cluster, &[]);
+    a.extend(["--gossip-interval", "200ms", "--max-payload-bytes", "65536"].map(String::from));
     a.extend(extra.iter().cloned());
     a
 }

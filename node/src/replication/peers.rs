@@ -100,26 +100,9 @@ pub struct SessionInfo {
     pub id: u64,
     pub started_ms: u64,
     pub finished_ms: Option<u64>,
-    pub round_trips: u64,
-    pub nodes_compared: u64,
-    pub entries_compared: u64,
-    pub pulled: u64,
-    pub pushed: u64,
-    pub to_pull: u64,
-    pub to_push: u64,
+    #[serde(flatten)]
+    pub progress: Progress,
     pub error: Option<String>,
-}
-
-impl SessionInfo {
-    fn update(&mut self, p: &Progress) {
-        self.round_trips = p.round_trips;
-        self.nodes_compared = p.nodes_compared;
-        self.entries_compared = p.entries_compared;
-        self.pulled = p.pulled;
-        self.pushed = p.pushed;
-        self.to_pull = p.to_pull;
-        self.to_push = p.to_push;
-    }
 }
 
 /// A peer as `/v1/peers` shows it.
@@ -393,27 +376,18 @@ impl Peers {
 
     /// Takes a request token from `peer`'s budget.
     pub fn allow_request(&self, peer: PeerId) -> bool {
-        let rate = self.limits.requests_per_sec;
-        let ok = self.with(peer, |s| {
-            s.requests
-                .get_or_insert(Bucket {
-                    tokens: rate * 4.0,
-                    at: Instant::now(),
-                })
-                .take(rate)
-        });
-        if !ok {
-            ReplicationStats::add(&self.stats.rate_limited, 1);
-        }
-        ok
+        self.take_token(peer, self.limits.requests_per_sec, |s| &mut s.requests)
     }
 
     /// Takes a gossip token from the budget of the connected peer that
     /// forwarded a message (authors can be made up; connections cannot).
     pub fn allow_gossip(&self, source: PeerId) -> bool {
-        let rate = self.limits.gossip_per_sec;
-        let ok = self.with(source, |s| {
-            s.gossip
+        self.take_token(source, self.limits.gossip_per_sec, |s| &mut s.gossip)
+    }
+
+    fn take_token(&self, peer: PeerId, rate: f64, bucket: impl FnOnce(&mut PeerState) -> &mut Option<Bucket>) -> bool {
+        let ok = self.with(peer, |s| {
+            bucket(s)
                 .get_or_insert(Bucket {
                     tokens: rate * 4.0,
                     at: Instant::now(),
@@ -489,13 +463,7 @@ impl Peers {
                 id,
                 started_ms: now_ms(),
                 finished_ms: None,
-                round_trips: 0,
-                nodes_compared: 0,
-                entries_compared: 0,
-                pulled: 0,
-                pushed: 0,
-                to_pull: 0,
-                to_push: 0,
+                progress: Progress::default(),
                 error: None,
             });
             true
@@ -505,7 +473,7 @@ impl Peers {
     pub fn session_progress(&self, peer: PeerId, p: &Progress) {
         self.with(peer, |s| {
             if let Some(info) = s.session.as_mut() {
-                info.update(p)
+                info.progress = p.clone();
             }
         });
     }
@@ -525,7 +493,7 @@ impl Peers {
             if let Some(mut info) = s.session.take() {
                 info.finished_ms = Some(now_ms());
                 match result {
-                    Ok(p) => info.update(p),
+                    Ok(p) => info.progress = p.clone(),
                     Err(e) => info.error = Some(e),
                 }
                 s.sessions_done += 1;
