@@ -28,112 +28,120 @@ pub async fn render(engine: &SyncEngine, net: &NodeHandle) -> String {
     let m = engine.metrics();
     let stats = &net.peers.stats;
     let mut r = Registry::with_prefix("syncnode");
-    let mut counter = |name: &str, help: &str, v: u64| r.register(name, help, ConstCounter::new(v));
-    counter("writes_accepted", "Writes accepted", load(&m.writes_accepted));
-    counter(
-        "writes_refused",
-        "Writes refused (backpressure)",
-        load(&m.writes_refused),
-    );
-    counter("group_commits", "Group commits of the writer", load(&m.group_commits));
-    counter("l3_errors", "Failed L3 calls", load(&m.l3_errors));
-    counter("reads_l1", "Reads answered by L1", load(&m.reads_l1));
-    counter("reads_l2", "Reads answered by L2 Redis", load(&m.reads_l2));
-    counter("reads_l3", "Reads answered by L3", load(&m.reads_l3));
-    counter("reads_missing", "Reads of absent ids", load(&m.reads_missing));
-    counter(
-        "clock_deferrals",
-        "Remote versions deferred for clock skew",
-        load(&m.clock_deferrals),
-    );
-    counter(
-        "corruption_detected",
-        "Content hash mismatches found",
-        load(&m.corruption_detected),
-    );
-    counter("remote_applied", "Remote versions applied", load(&m.remote_applied));
-    counter("remote_stale", "Remote versions older than ours", load(&m.remote_stale));
-    counter("sessions", "Anti-entropy sessions run", load(&stats.sessions));
-    counter(
-        "session_failures",
-        "Anti-entropy sessions that failed",
-        load(&stats.session_failures),
-    );
-    counter(
-        "divergent_paths",
-        "Tree nodes compared in sessions",
-        load(&stats.divergent_paths),
-    );
-    counter("items_pulled", "Items pulled by sessions", load(&stats.items_pulled));
-    counter("items_pushed", "Items pushed by sessions", load(&stats.items_pushed));
-    counter(
-        "cdc_published",
-        "CDC messages published (each carries one or more deltas)",
-        load(&stats.cdc_published),
-    );
-    counter("cdc_applied", "CDC deltas applied", load(&stats.cdc_applied));
-    counter(
-        "cdc_dropped",
-        "CDC deltas dropped (held already, older, or applier behind)",
-        load(&stats.cdc_dropped),
-    );
-    counter(
-        "cdc_fetched",
-        "CDC contents fetched from their author",
-        load(&stats.cdc_fetched),
-    );
-    counter(
-        "roots_received",
-        "Roots announcements received",
-        load(&stats.roots_received),
-    );
-    counter(
-        "invalid_messages",
-        "Invalid messages from peers",
-        load(&stats.invalid_messages),
-    );
-    counter(
-        "rate_limited",
-        "Requests and gossip refused by rate limits",
-        load(&stats.rate_limited),
-    );
-    counter("peer_bans", "Peers banned for invalid messages", load(&stats.bans));
-    counter("tombstones_purged", "Tombstones purged", load(&stats.tombstones_purged));
-    counter(
-        "resurrections_refused",
-        "Items refused because their delete was purged",
-        engine.resurrections_refused(),
-    );
-    counter(
-        "sync_bytes_sent",
-        "Bytes sent by sync and gossip",
-        load(&net.traffic.sent),
-    );
-    counter(
-        "sync_bytes_received",
-        "Bytes received by sync and gossip",
-        load(&net.traffic.received),
-    );
-    let mut gauge = |name: &str, help: &str, v: i64| r.register(name, help, ConstGauge::new(v));
-    gauge(
-        "items",
-        "Entries in the Merkle tree (live and tombstones)",
-        health.merkle_items as i64,
-    );
-    gauge("l1_items", "Items in L1", health.l1_items as i64);
-    gauge("l1_bytes", "Bytes in L1", health.l1_bytes as i64);
-    gauge(
-        "pending_items",
-        "Writes accepted, not yet in L3",
-        health.pending_items as i64,
-    );
-    gauge(
-        "pending_bytes",
-        "Bytes accepted, not yet in L3",
-        health.pending_bytes as i64,
-    );
-    gauge("ready", "1 when the engine serves", health.ready as i64);
-    gauge("healthy", "1 when every configured tier answers", health.healthy as i64);
+    let counters: [(&str, &str, u64); 29] = [
+        ("writes_accepted", "Writes accepted", load(&m.writes_accepted)),
+        (
+            "writes_refused",
+            "Writes refused (backpressure)",
+            load(&m.writes_refused),
+        ),
+        ("group_commits", "Group commits of the writer", load(&m.group_commits)),
+        ("l3_errors", "Failed L3 calls", load(&m.l3_errors)),
+        ("reads_l1", "Reads answered by L1", load(&m.reads_l1)),
+        ("reads_l2", "Reads answered by L2 Redis", load(&m.reads_l2)),
+        ("reads_l3", "Reads answered by L3", load(&m.reads_l3)),
+        ("reads_missing", "Reads of absent ids", load(&m.reads_missing)),
+        (
+            "clock_deferrals",
+            "Remote versions deferred for clock skew",
+            load(&m.clock_deferrals),
+        ),
+        (
+            "corruption_detected",
+            "Content hash mismatches found",
+            load(&m.corruption_detected),
+        ),
+        ("remote_applied", "Remote versions applied", load(&m.remote_applied)),
+        ("remote_stale", "Remote versions older than ours", load(&m.remote_stale)),
+        ("sessions", "Anti-entropy sessions run", load(&stats.sessions)),
+        (
+            "session_failures",
+            "Anti-entropy sessions that failed",
+            load(&stats.session_failures),
+        ),
+        (
+            "divergent_paths",
+            "Tree nodes compared in sessions",
+            load(&stats.divergent_paths),
+        ),
+        ("items_pulled", "Items pulled by sessions", load(&stats.items_pulled)),
+        ("items_pushed", "Items pushed by sessions", load(&stats.items_pushed)),
+        (
+            "cdc_published",
+            "CDC messages published (each carries one or more deltas)",
+            load(&stats.cdc_published),
+        ),
+        ("cdc_applied", "CDC deltas applied", load(&stats.cdc_applied)),
+        (
+            "cdc_dropped",
+            "CDC deltas dropped (held already, older, or applier behind)",
+            load(&stats.cdc_dropped),
+        ),
+        (
+            "cdc_fetched",
+            "CDC contents fetched from their author",
+            load(&stats.cdc_fetched),
+        ),
+        (
+            "roots_received",
+            "Roots announcements received",
+            load(&stats.roots_received),
+        ),
+        (
+            "invalid_messages",
+            "Invalid messages from peers",
+            load(&stats.invalid_messages),
+        ),
+        (
+            "rate_limited",
+            "Requests and gossip refused by rate limits",
+            load(&stats.rate_limited),
+        ),
+        ("peer_bans", "Peers banned for invalid messages", load(&stats.bans)),
+        ("tombstones_purged", "Tombstones purged", load(&stats.tombstones_purged)),
+        (
+            "resurrections_refused",
+            "Items refused because their delete was purged",
+            engine.resurrections_refused(),
+        ),
+        (
+            "sync_bytes_sent",
+            "Bytes sent by sync and gossip",
+            load(&net.traffic.sent),
+        ),
+        (
+            "sync_bytes_received",
+            "Bytes received by sync and gossip",
+            load(&net.traffic.received),
+        ),
+    ];
+    for (name, help, v) in counters {
+        r.register(name, help, ConstCounter::new(v));
+    }
+    let gauges: [(&str, &str, i64); 7] = [
+        (
+            "items",
+            "Entries in the Merkle tree (live and tombstones)",
+            health.merkle_items as i64,
+        ),
+        ("l1_items", "Items in L1", health.l1_items as i64),
+        ("l1_bytes", "Bytes in L1", health.l1_bytes as i64),
+        (
+            "pending_items",
+            "Writes accepted, not yet in L3",
+            health.pending_items as i64,
+        ),
+        (
+            "pending_bytes",
+            "Bytes accepted, not yet in L3",
+            health.pending_bytes as i64,
+        ),
+        ("ready", "1 when the engine serves", health.ready as i64),
+        ("healthy", "1 when every configured tier answers", health.healthy as i64),
+    ];
+    for (name, help, v) in gauges {
+        r.register(name, help, ConstGauge::new(v));
+    }
     let lags = net.peers.lags();
     r.register("peers", "Connected peers", ConstGauge::new(lags.len() as i64));
     let lag = Family::<PeerLabel, Gauge>::default();
