@@ -125,9 +125,7 @@ async fn counts(nodes: &[Node]) -> anyhow::Result<Vec<u64>> {
 }
 
 async fn connect(from: &Node, to: &Node) -> anyhow::Result<()> {
-    let addr = to.net.listen_addrs[0]
-        .clone()
-        .with(libp2p::multiaddr::Protocol::P2p(to.net.peer_id));
+    let addr = to.net.dial_addr();
     from.net.dial(addr).await.map_err(|e| anyhow::anyhow!(e))
 }
 

@@ -35,9 +35,7 @@ async fn two_nodes_converge_over_tcp() {
 
     let ha = start(a.clone(), NetworkConfig::loopback("test-cluster")).await.unwrap();
     let hb = start(b.clone(), NetworkConfig::loopback("test-cluster")).await.unwrap();
-    let addr = hb.listen_addrs[0]
-        .clone()
-        .with(libp2p::multiaddr::Protocol::P2p(hb.peer_id));
+    let addr = hb.dial_addr();
     ha.dial(addr).await.unwrap();
     let p = ha.reconcile(&a, hb.peer_id, 1).await.unwrap();
     assert!(p.pulled > 0 && p.pushed > 0, "{p:?}");
@@ -61,9 +59,7 @@ async fn a_node_of_another_cluster_gets_nothing() {
     b.submit(SyncItem::new("secret", &b"s"[..])).await.unwrap();
     let ha = start(a.clone(), NetworkConfig::loopback("intruders")).await.unwrap();
     let hb = start(b.clone(), NetworkConfig::loopback("test-cluster")).await.unwrap();
-    let addr = hb.listen_addrs[0]
-        .clone()
-        .with(libp2p::multiaddr::Protocol::P2p(hb.peer_id));
+    let addr = hb.dial_addr();
     ha.dial(addr).await.unwrap();
     assert!(
         ha.reconcile(&a, hb.peer_id, 1).await.is_err(),
@@ -90,9 +86,7 @@ async fn a_line_of_three_nodes_converges_on_its_own() {
     }
     // a — b — c: a and c never talk directly.
     for (from, to) in [(0, 1), (1, 2)] {
-        let addr = handles[to].listen_addrs[0]
-            .clone()
-            .with(libp2p::multiaddr::Protocol::P2p(handles[to].peer_id));
+        let addr = handles[to].dial_addr();
         handles[from].dial(addr).await.unwrap();
     }
     engines[0]
@@ -153,9 +147,7 @@ async fn writes_are_pushed_to_peers_as_they_commit() {
     let hb = start(b.clone(), NetworkConfig::loopback("cdc")).await.unwrap();
     ha.spawn_cdc(a.clone());
     hb.spawn_cdc(b.clone());
-    let addr = hb.listen_addrs[0]
-        .clone()
-        .with(libp2p::multiaddr::Protocol::P2p(hb.peer_id));
+    let addr = hb.dial_addr();
     ha.dial(addr).await.unwrap();
     // Let the gossip subscriptions cross before publishing.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -226,9 +218,7 @@ async fn purged_tombstones_never_let_a_delete_come_back() {
         handles.push(h);
     }
     for (i, j) in [(0, 1), (0, 2), (1, 2)] {
-        let addr = handles[j].listen_addrs[0]
-            .clone()
-            .with(libp2p::multiaddr::Protocol::P2p(handles[j].peer_id));
+        let addr = handles[j].dial_addr();
         handles[i].dial(addr).await.unwrap();
     }
     let (a, b, c) = (&engines[0], &engines[1], &engines[2]);
@@ -265,9 +255,7 @@ async fn purged_tombstones_never_let_a_delete_come_back() {
     for (i, j) in [(0, 2), (1, 2)] {
         handles[i].block(handles[j].peer_id, false).await;
         handles[j].block(handles[i].peer_id, false).await;
-        let addr = handles[j].listen_addrs[0]
-            .clone()
-            .with(libp2p::multiaddr::Protocol::P2p(handles[j].peer_id));
+        let addr = handles[j].dial_addr();
         handles[i].dial(addr).await.unwrap();
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -123,6 +123,14 @@ pub struct NodeHandle {
 }
 
 impl NodeHandle {
+    /// This node's first listen address with its peer id: what another node
+    /// dials (or lists in `bootstrap`).
+    pub fn dial_addr(&self) -> Multiaddr {
+        self.listen_addrs[0]
+            .clone()
+            .with(libp2p::multiaddr::Protocol::P2p(self.peer_id))
+    }
+
     /// Connects to a peer (the address ends in `/p2p/<peer id>` or not).
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
