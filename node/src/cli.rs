@@ -1,5 +1,5 @@
-//! The `syncnode` command line: `run`, `keygen`, `psk`, `status`, `put`,
-//! `get`, `del` and `demo`. In the library so the test crate runs the very
+//! The `syncnode` command line: `run`, `resync`, `keygen`, `psk`, `status`,
+//! `members`, `put`, `get`, `del` and `demo`. In the library so the test crate runs the very
 //! same program as real processes.
 
 use crate::client::ApiClient;
@@ -42,6 +42,26 @@ enum Command {
         config: Option<PathBuf>,
         #[command(flatten)]
         settings: Box<Settings>,
+    },
+    /// Rebuilds this node's copy from a peer and runs it: keeps the identity,
+    /// drops the local data (items, purge ledger, members), then joins
+    /// through `--from` like a new node. The way back for a node away longer
+    /// than `ledger_retention`; takes the same settings as `run`.
+    Resync {
+        /// The member to bootstrap from (a `bootstrap` address).
+        #[arg(long, value_name = "ADDR")]
+        from: String,
+        #[arg(long, env = "SYNCNODE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Lists the cluster's members, or forgets one (`members forget PEER`).
+    Members {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        action: Option<MembersAction>,
     },
     /// Creates the node identity in a data dir (if absent) and prints its peer id.
     Keygen {
@@ -92,6 +112,42 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum MembersAction {
+    /// Removes a member that is gone for good (a wiped identity, a
+    /// decommissioned host) from the purge watermarks at once; if it ever
+    /// returns holding data it must resync.
+    Forget { peer: String },
+}
+
+async fn members(client: &ApiClient) -> anyhow::Result<()> {
+    let v = client.ok_json(client.get("/v1/members").await).await?;
+    let me = &v["self"];
+    println!(
+        "self   {} region {} {}",
+        me["peer_id"].as_str().unwrap_or("?"),
+        me["region"].as_str().unwrap_or("?"),
+        me["addresses"]
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        let offset = m["clock_offset_ms"]
+            .as_i64()
+            .map(|o| format!("{o:+} ms"))
+            .unwrap_or_else(|| "?".into());
+        println!(
+            "{:<7}{} region {} connected {} clock {} watermark {} {}",
+            m["state"].as_str().unwrap_or("?"),
+            m["peer_id"].as_str().unwrap_or("?"),
+            m["region"].as_str().unwrap_or("?"),
+            m["connected"],
+            offset,
+            m["watermark"].as_str().unwrap_or("-"),
+            m["addresses"]
+        );
+    }
+    Ok(())
+}
+
 async fn status(client: &ApiClient) -> anyhow::Result<()> {
     let h = client.ok_json(client.get("/health").await).await?;
     let peers = client.ok_json(client.get("/v1/peers").await).await?;
@@ -107,6 +163,33 @@ async fn status(client: &ApiClient) -> anyhow::Result<()> {
         "items {} root {} pending {} l1 {} items",
         h["merkle_items"], h["merkle_root"], h["pending_items"], h["l1_items"]
     );
+    let ready = client.get("/readyz").await?;
+    let r = ready.json().unwrap_or_default();
+    println!(
+        "ready {} {}",
+        r["ready"],
+        r["reasons"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join("; "))
+            .unwrap_or_default()
+    );
+    for s in r["bootstrap"]["sessions"].as_array().into_iter().flatten() {
+        println!(
+            "  sync from {}: {} items pulled, {} to pull, {:.0}% of its {} items, {:.0} items/s, eta {} ; {} bytes received",
+            s["peer"].as_str().unwrap_or("?"),
+            s["pulled"],
+            s["to_pull"],
+            s["percent"].as_f64().unwrap_or(0.0),
+            s["peer_items"],
+            s["items_per_s"].as_f64().unwrap_or(0.0),
+            s["eta_s"]
+                .as_f64()
+                .map(|e| format!("{e:.0} s"))
+                .unwrap_or_else(|| "?".into()),
+            r["bootstrap"]["sync_bytes_received"]
+        );
+    }
+    println!("members {} (alive or suspect)", h["members"]);
     for p in peers.as_array().into_iter().flatten() {
         println!(
             "  peer {} connected {} region {} in_sync {} lag {} ms sessions {}",
@@ -136,6 +219,33 @@ pub async fn main() -> anyhow::Result<()> {
                 None => Settings::default(),
             };
             crate::run::run(NodeConfig::resolve(file.overlay(*settings))?).await
+        }
+        Command::Resync { from, config, settings } => {
+            let file = match config {
+                Some(path) => Settings::from_file(&path)?,
+                None => Settings::default(),
+            };
+            let mut s = file.overlay(*settings);
+            s.bootstrap = Some(vec![from]);
+            let cfg = NodeConfig::resolve(s)?;
+            crate::run::wipe(&cfg).await?;
+            crate::run::run(cfg).await
+        }
+        Command::Members { target, action } => {
+            let client = target.client();
+            match action {
+                None => members(&client).await,
+                Some(MembersAction::Forget { peer }) => {
+                    let path = format!("/v1/members/{}", crate::client::encode_id(&peer));
+                    println!(
+                        "{}",
+                        client
+                            .ok_json(client.call(hyper::Method::DELETE, &path, None).await)
+                            .await?
+                    );
+                    Ok(())
+                }
+            }
         }
         Command::Keygen { data_dir } => {
             let (key, created) = crate::identity::load_or_create(&data_dir)?;

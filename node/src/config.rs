@@ -27,9 +27,25 @@ pub struct Settings {
     /// libp2p listen multiaddr (repeatable). [default: /ip4/0.0.0.0/tcp/7070]
     #[arg(long, env = "SYNCNODE_LISTEN", value_delimiter = ',')]
     pub listen: Option<Vec<String>>,
-    /// Peer to connect to, `/ip4/…/tcp/…/p2p/<peer id>` (repeatable).
+    /// A member to join through (repeatable): `/ip4/…/tcp/…/p2p/<peer id>`,
+    /// or `/dns4/<name>/tcp/…` (the `/p2p/` part may be left out: then any
+    /// node answering there with the cluster's key is taken). Only a seed:
+    /// the node learns every member from any one. [default: none]
     #[arg(long, env = "SYNCNODE_BOOTSTRAP", value_delimiter = ',')]
     pub bootstrap: Option<Vec<String>>,
+    /// Address other nodes dial, a multiaddr; may be `/dns4/…` (repeatable).
+    /// [default: the listen addresses, 0.0.0.0 and :: expanded to every interface's address]
+    #[arg(long, env = "SYNCNODE_ADVERTISE", value_delimiter = ',')]
+    pub advertise: Option<Vec<String>>,
+    /// Members to keep connections to; past that, a subset covering every region. [default: 32]
+    #[arg(long, env = "SYNCNODE_MAX_PEERS")]
+    pub max_peers: Option<usize>,
+    /// SWIM probe period; failure detection and membership timings follow it. [default: 1s]
+    #[arg(long, env = "SYNCNODE_PROBE_INTERVAL")]
+    pub probe_interval: Option<String>,
+    /// How long a joining node waits for a member before it takes itself to be the first. [default: 30s]
+    #[arg(long, env = "SYNCNODE_JOIN_TIMEOUT")]
+    pub join_timeout: Option<String>,
     /// HTTP API address. [default: 127.0.0.1:8080]
     #[arg(long, env = "SYNCNODE_HTTP")]
     pub http: Option<String>,
@@ -69,6 +85,13 @@ pub struct Settings {
     /// Silence after which a member stops holding back tombstone purge. [default: 7d]
     #[arg(long, env = "SYNCNODE_MEMBER_EXPIRY")]
     pub member_expiry: Option<String>,
+    /// How long purge records are kept: a member away longer must resync. [default: 30d]
+    #[arg(long, env = "SYNCNODE_LEDGER_RETENTION")]
+    pub ledger_retention: Option<String>,
+    /// Largest clock difference tolerated: versions further ahead wait, and a
+    /// node this far ahead of most members refuses writes. [default: 500ms]
+    #[arg(long, env = "SYNCNODE_MAX_CLOCK_SKEW")]
+    pub max_clock_skew: Option<String>,
     /// L1 memory budget, bytes. [default: 268435456]
     #[arg(long, env = "SYNCNODE_L1_MAX_BYTES")]
     pub l1_max_bytes: Option<usize>,
@@ -87,9 +110,10 @@ impl Settings {
     /// `self` with every key `top` sets replaced.
     pub fn overlay(self, top: Settings) -> Settings {
         let base = self;
-        overlay!(base, top; data_dir, node_id, listen, bootstrap, http, sql_url, redis_url, redis_prefix,
-            cluster_id, region, psk_file, allow_peers, api_token, gossip_interval, merkle_depth,
-            tombstone_grace, member_expiry, l1_max_bytes, max_payload_bytes)
+        overlay!(base, top; data_dir, node_id, listen, bootstrap, advertise, max_peers, probe_interval,
+            join_timeout, http, sql_url, redis_url, redis_prefix, cluster_id, region, psk_file, allow_peers,
+            api_token, gossip_interval, merkle_depth, tombstone_grace, member_expiry, ledger_retention,
+            max_clock_skew, l1_max_bytes, max_payload_bytes)
     }
 
     /// Reads a TOML config file.
@@ -106,6 +130,10 @@ pub struct NodeConfig {
     pub node_id: Option<String>,
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
+    pub advertise: Vec<Multiaddr>,
+    pub max_peers: usize,
+    pub probe_interval: Duration,
+    pub join_timeout: Duration,
     pub http: SocketAddr,
     pub sql_url: Option<String>,
     pub redis_url: Option<String>,
@@ -119,6 +147,8 @@ pub struct NodeConfig {
     pub merkle_depth: u8,
     pub tombstone_grace: Duration,
     pub member_expiry: Duration,
+    pub ledger_retention: Duration,
+    pub max_clock_skew: Duration,
     pub l1_max_bytes: usize,
     pub max_payload_bytes: usize,
 }
@@ -144,6 +174,33 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is too long"))
 }
 
+/// A TCP address another node can dial: `/ip4|/ip6|/dns|/dns4|/dns6/…/tcp/<port>`,
+/// then optionally `/p2p/<peer id>`.
+fn check_dialable(name: &str, a: &Multiaddr) -> anyhow::Result<()> {
+    use libp2p::multiaddr::Protocol;
+    let mut it = a.iter();
+    let host = matches!(
+        it.next(),
+        Some(Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_))
+    );
+    let port = matches!(it.next(), Some(Protocol::Tcp(p)) if p != 0);
+    let rest: Vec<Protocol> = it.collect();
+    anyhow::ensure!(
+        host && port && (rest.is_empty() || matches!(rest.as_slice(), [Protocol::P2p(_)])),
+        "{name}: {a} is not /ip4|/ip6|/dns|/dns4|/dns6/<host>/tcp/<port>[/p2p/<peer id>]"
+    );
+    Ok(())
+}
+
+fn is_unspecified(a: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    match a.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_unspecified(),
+        Some(Protocol::Ip6(ip)) => ip.is_unspecified(),
+        _ => false,
+    }
+}
+
 fn key<T>(name: &str, r: Result<T, impl std::fmt::Display>) -> anyhow::Result<T> {
     r.map_err(|e| anyhow::anyhow!("{name}: {e}"))
 }
@@ -161,8 +218,40 @@ impl NodeConfig {
         anyhow::ensure!(!listen.is_empty(), "listen: at least one address is needed");
         let bootstrap = addrs("bootstrap", s.bootstrap, &[])?;
         for b in &bootstrap {
-            anyhow::ensure!(peer_of(b).is_some(), "bootstrap: {b} does not end in /p2p/<peer id>");
+            check_dialable("bootstrap", b)?;
         }
+        let advertise = addrs("advertise", s.advertise, &[])?;
+        for a in &advertise {
+            check_dialable("advertise", a)?;
+            anyhow::ensure!(
+                peer_of(a).is_none(),
+                "advertise: {a}: leave out /p2p/ (the node adds its own)"
+            );
+            anyhow::ensure!(!is_unspecified(a), "advertise: {a}: 0.0.0.0 and :: cannot be dialed");
+        }
+        let duration =
+            |name: &str, v: Option<String>, default: &str| key(name, parse_duration(v.as_deref().unwrap_or(default)));
+        let probe_interval = duration("probe_interval", s.probe_interval, "1s")?;
+        anyhow::ensure!(
+            probe_interval >= Duration::from_millis(50),
+            "probe_interval: at least 50ms"
+        );
+        let max_peers = s.max_peers.unwrap_or(32);
+        anyhow::ensure!(
+            (1..=1024).contains(&max_peers),
+            "max_peers: {max_peers} is out of range 1..=1024"
+        );
+        let member_expiry = duration("member_expiry", s.member_expiry, "7d")?;
+        let ledger_retention = duration("ledger_retention", s.ledger_retention, "30d")?;
+        anyhow::ensure!(
+            ledger_retention >= member_expiry,
+            "ledger_retention: {ledger_retention:?} is shorter than member_expiry ({member_expiry:?}): a member expired from the purge watermarks must still find the purge records when it returns"
+        );
+        let max_clock_skew = duration("max_clock_skew", s.max_clock_skew, "500ms")?;
+        anyhow::ensure!(
+            max_clock_skew >= Duration::from_millis(1),
+            "max_clock_skew: at least 1ms"
+        );
         let allow_peers = s
             .allow_peers
             .unwrap_or_default()
@@ -207,6 +296,10 @@ impl NodeConfig {
             node_id: s.node_id,
             listen,
             bootstrap,
+            advertise,
+            max_peers,
+            probe_interval,
+            join_timeout: duration("join_timeout", s.join_timeout, "30s")?,
             http: key(
                 "http",
                 s.http.as_deref().unwrap_or("127.0.0.1:8080").parse::<SocketAddr>(),
@@ -224,10 +317,9 @@ impl NodeConfig {
                 "tombstone_grace",
                 parse_duration(s.tombstone_grace.as_deref().unwrap_or("1h")),
             )?,
-            member_expiry: key(
-                "member_expiry",
-                parse_duration(s.member_expiry.as_deref().unwrap_or("7d")),
-            )?,
+            member_expiry,
+            ledger_retention,
+            max_clock_skew,
             l1_max_bytes: s.l1_max_bytes.unwrap_or(defaults.l1_max_bytes),
             max_payload_bytes: s.max_payload_bytes.unwrap_or(defaults.max_payload_bytes),
             cluster_id,
@@ -249,6 +341,7 @@ impl NodeConfig {
             l1_max_bytes: self.l1_max_bytes,
             max_payload_bytes: self.max_payload_bytes,
             merkle_depth: self.merkle_depth,
+            max_clock_skew_ms: self.max_clock_skew.as_millis() as u64,
             ..SyncEngineConfig::default()
         }
     }
@@ -291,11 +384,32 @@ mod tests {
         );
         assert!(
             bad(Settings {
-                bootstrap: Some(vec!["/ip4/127.0.0.1/tcp/1".into()]),
+                bootstrap: Some(vec!["/ip4/127.0.0.1/udp/1".into()]),
                 ..Default::default()
             })
-            .contains("/p2p/")
+            .starts_with("bootstrap:")
         );
+        assert!(
+            bad(Settings {
+                advertise: Some(vec!["/ip4/0.0.0.0/tcp/7070".into()]),
+                ..Default::default()
+            })
+            .starts_with("advertise:")
+        );
+        assert!(
+            bad(Settings {
+                member_expiry: Some("40d".into()),
+                ..Default::default()
+            })
+            .starts_with("ledger_retention:")
+        );
+        let dns = NodeConfig::resolve(Settings {
+            bootstrap: Some(vec!["/dns4/node-1/tcp/7070".into()]),
+            advertise: Some(vec!["/dns4/node-2/tcp/7070".into()]),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(dns.bootstrap.len(), 1);
         assert!(
             bad(Settings {
                 gossip_interval: Some("5".into()),

@@ -18,6 +18,11 @@ struct PeerLabel {
     peer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
 fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
@@ -149,6 +154,38 @@ pub async fn render(engine: &SyncEngine, net: &NodeHandle) -> String {
         lag.get_or_create(&PeerLabel { peer }).set(ms as i64);
     }
     r.register("peer_lag_ms", "Time since the peer last held what we hold", lag);
+    let offset = Family::<PeerLabel, Gauge<f64, AtomicU64>>::default();
+    let mut states: std::collections::BTreeMap<&str, i64> = ["alive", "suspect", "down", "left"]
+        .into_iter()
+        .map(|s| (s, 0))
+        .collect();
+    for m in net.members.view() {
+        *states.entry(m.state).or_default() += 1;
+        if let Some(ms) = m.clock_offset_ms {
+            offset
+                .get_or_create(&PeerLabel { peer: m.peer_id })
+                .set(ms as f64 / 1000.0);
+        }
+    }
+    r.register(
+        "peer_clock_offset_seconds",
+        "The member's clock minus ours (NTP-style estimate from membership traffic)",
+        offset,
+    );
+    let members = Family::<StateLabel, Gauge>::default();
+    for (state, n) in states {
+        members.get_or_create(&StateLabel { state: state.into() }).set(n);
+    }
+    r.register(
+        "members",
+        "Cluster members by SWIM state (not counting this node)",
+        members,
+    );
+    r.register(
+        "writes_fenced",
+        "1 while local writes are refused because this node's clock is ahead of most members",
+        ConstGauge::new(engine.write_fence().is_some() as i64),
+    );
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {
         tracing::warn!(error = %e, "metrics encoding failed");

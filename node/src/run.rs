@@ -1,6 +1,7 @@
 //! `syncnode run`: one node. Loads (or creates) the identity, starts the
-//! engine, the swarm (gossip, anti-entropy, CDC), the tombstone purge and
-//! the HTTP API, and shuts the engine down cleanly on SIGINT/SIGTERM.
+//! engine, the swarm (membership, gossip, anti-entropy, CDC), the tombstone
+//! purge and the HTTP API; on SIGINT/SIGTERM it leaves the cluster, saves
+//! the members file and shuts the engine down cleanly.
 
 use std::sync::Arc;
 
@@ -17,12 +18,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         tracing::info!(%peer_id, "created a new node identity");
     }
     let psk = cfg.psk_file.as_deref().map(crate::identity::read_psk).transpose()?;
-    let engine = Arc::new(SyncEngine::with_config(cfg.engine_config(&peer_id)));
-    engine.start().await.map_err(|e| anyhow::anyhow!("engine start: {e}"))?;
-    // Bind the API before joining the cluster, so a taken port fails fast.
+    // Bind the API before anything else, so a taken port fails fast.
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await
-        .map_err(|e| anyhow::anyhow!("http {}: {e}", cfg.http))?;
+        .map_err(|e| anyhow::anyhow!("http {}: port {} is not available: {e}", cfg.http, cfg.http.port()))?;
+    let engine = Arc::new(SyncEngine::with_config(cfg.engine_config(&peer_id)));
+    engine.start().await.map_err(|e| anyhow::anyhow!("engine start: {e}"))?;
     let net = swarm::start(
         engine.clone(),
         NetworkConfig {
@@ -38,19 +39,31 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             limits: PeerLimits::default(),
             members_file: Some(cfg.data_dir.join("members.json")),
             member_expiry: cfg.member_expiry,
+            ledger_retention: cfg.ledger_retention,
+            advertise: cfg.advertise.clone(),
+            max_peers: cfg.max_peers,
+            probe_interval: cfg.probe_interval,
+            join_timeout: cfg.join_timeout,
         },
     )
-    .await?;
+    .await;
+    let net = match net {
+        Ok(n) => n,
+        Err(e) => {
+            engine.shutdown().await;
+            return Err(e);
+        }
+    };
     net.spawn_anti_entropy(engine.clone(), cfg.gossip_interval);
     net.spawn_cdc(engine.clone());
     crate::replication::purge::spawn(
         engine.clone(),
         net.peers.clone(),
         cfg.tombstone_grace,
-        cfg.member_expiry,
+        cfg.ledger_retention,
     );
-    let addrs: Vec<String> = net.listen_addrs.iter().map(|a| format!("{a}/p2p/{peer_id}")).collect();
-    tracing::info!(%peer_id, listen = ?addrs, http = %cfg.http, cluster = %cfg.cluster_id, "node running");
+    let addrs: Vec<String> = net.advertised.iter().map(|a| format!("{a}/p2p/{peer_id}")).collect();
+    tracing::info!(%peer_id, advertise = ?addrs, listen = ?net.listen_addrs, http = %cfg.http, cluster = %cfg.cluster_id, "node running");
     // One line on stdout for scripts and tests: where to reach this node.
     println!(
         "syncnode peer_id={peer_id} http={} listen={}",
@@ -59,7 +72,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
     let api = Api {
         engine: engine.clone(),
-        net,
+        net: net.clone(),
         api_token: cfg.api_token.clone(),
         cluster_id: cfg.cluster_id.clone(),
         region: cfg.region.clone(),
@@ -78,7 +91,32 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             };
         }
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: leaving the cluster");
+    net.leave().await;
+    let peers = net.peers.clone();
+    let _ = tokio::task::spawn_blocking(move || peers.save_members()).await;
     engine.shutdown().await;
+    Ok(())
+}
+
+/// `syncnode resync`: erases this node's copy (items, tombstones, purge
+/// ledger, members file) and keeps its identity; `run` then joins again
+/// through the given peer like a new node.
+pub async fn wipe(cfg: &NodeConfig) -> anyhow::Result<()> {
+    let (keypair, _) = crate::identity::load_or_create(&cfg.data_dir)?;
+    let peer_id = keypair.public().to_peer_id();
+    let engine = SyncEngine::with_config(cfg.engine_config(&peer_id));
+    engine.start().await.map_err(|e| anyhow::anyhow!("engine start: {e}"))?;
+    let erased = engine.erase_local_copy().await;
+    engine.shutdown().await;
+    let erased = erased.map_err(|e| anyhow::anyhow!("erase the local copy: {e}"))?;
+    let members = cfg.data_dir.join("members.json");
+    match std::fs::remove_file(&members) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            anyhow::bail!("{}: {e}", members.display())
+        }
+        _ => {}
+    }
+    tracing::warn!(%peer_id, erased, "local copy erased; joining again through the given peer");
     Ok(())
 }

@@ -6,9 +6,13 @@
 //! - [`merkle`]: the hash-prefix Merkle tree with homomorphic node sums;
 //! - [`wire`]: versioned messages and the length-prefixed, size-limited codec;
 //! - [`session`]: the anti-entropy session as a state machine;
-//! - [`memory`]: an in-memory store speaking that protocol (simulator, tests).
+//! - [`memory`]: an in-memory store speaking that protocol (simulator, tests);
+//! - [`membership`]: SWIM membership (foca) with time passed in;
+//! - [`clock_offset`]: members' clock offsets, NTP-style, from membership traffic.
 
+pub mod clock_offset;
 pub mod hlc;
+pub mod membership;
 pub mod memory;
 pub mod merkle;
 pub mod session;

@@ -270,6 +270,8 @@ pub fn check_request(req: &Request, tree: &MerkleTree) -> Result<(), String> {
             }
         }
         Request::Root => Ok(()),
+        Request::Ledger { after } if after.as_ref().is_none_or(|a| a.len() <= 512) => Ok(()),
+        Request::Ledger { .. } => Err("ledger cursor too long".into()),
         Request::Fetch { ids, .. } if ids.len() <= MAX_ITEMS => Ok(()),
         Request::Push { items, .. } if items.len() <= MAX_ITEMS => Ok(()),
         _ => Err(format!("at most {MAX_ITEMS} items per request")),

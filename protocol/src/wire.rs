@@ -151,6 +151,36 @@ pub enum Request {
     Fetch { session: u64, ids: Vec<String> },
     /// Items the requester has newer.
     Push { session: u64, items: Vec<WireItem> },
+    /// The purge ledger (DESIGN §6), in id order after `after`: a joining
+    /// node learns which versions purged deletes beat before it takes items.
+    Ledger { after: Option<String> },
+}
+
+/// A purged delete as the purge ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgedEntry {
+    pub id: String,
+    pub version: u64,
+    pub origin: String,
+    /// When it was purged (ms): the ledger keeps it `ledger_retention`.
+    pub purged_at_ms: i64,
+}
+
+/// One SWIM packet (foca's bytes) with the sender's wall clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberPacket {
+    pub sent_ms: u64,
+    pub payload: Vec<u8>,
+}
+
+/// The immediate answer to a `MemberPacket`: the four NTP timestamps for a
+/// clock offset sample (`clock_offset`), less the last one the asker reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberAck {
+    /// The packet's `sent_ms`, echoed.
+    pub asked_ms: u64,
+    pub received_ms: u64,
+    pub answered_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +205,11 @@ pub enum Response {
     Refused {
         reason: String,
     },
+    /// A page of the purge ledger; `next` continues it.
+    Ledger {
+        entries: Vec<PurgedEntry>,
+        next: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +220,9 @@ pub enum Body {
     Cdc(Vec<CdcDelta>),
     Request(Request),
     Response(Response),
+    /// Membership (new variants go last: older nodes keep decoding the rest).
+    Member(MemberPacket),
+    MemberAck(MemberAck),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -357,6 +395,26 @@ mod tests {
             proptest::collection::vec(item(), 0..4)
                 .prop_map(|items| Body::Request(Request::Push { session: 1, items })),
             Just(Body::Request(Request::Root)),
+            proptest::option::of("[a-z]{0,8}").prop_map(|after| Body::Request(Request::Ledger { after })),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(sent_ms, payload)| Body::Member(MemberPacket { sent_ms, payload })),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(asked_ms, received_ms, answered_ms)| {
+                Body::MemberAck(MemberAck {
+                    asked_ms,
+                    received_ms,
+                    answered_ms,
+                })
+            }),
+            proptest::collection::vec(
+                (entry(), any::<i64>()).prop_map(|(e, purged_at_ms)| PurgedEntry {
+                    id: e.id,
+                    version: e.version,
+                    origin: e.origin,
+                    purged_at_ms
+                }),
+                0..4
+            )
+            .prop_map(|entries| Body::Response(Response::Ledger { entries, next: None })),
             proptest::collection::vec(
                 (
                     "[0-9a-f]{0,4}",

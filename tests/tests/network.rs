@@ -211,7 +211,15 @@ async fn purged_tombstones_never_let_a_delete_come_back() {
     let mut handles = Vec::new();
     for n in &nodes {
         let e = Arc::new(n.start().await);
-        let h = start(e.clone(), NetworkConfig::loopback("purge")).await.unwrap();
+        let h = start(
+            e.clone(),
+            NetworkConfig {
+                member_expiry: Duration::from_secs(1),
+                ..NetworkConfig::loopback("purge")
+            },
+        )
+        .await
+        .unwrap();
         h.spawn_anti_entropy(e.clone(), Duration::from_millis(200));
         h.spawn_cdc(e.clone());
         engines.push(e);
@@ -243,9 +251,8 @@ async fn purged_tombstones_never_let_a_delete_come_back() {
     // Let b prove it holds them, and c's membership expire (1 s).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let now = syncnode::engine::item::now_ms() as u64;
-    let expiry = Duration::from_secs(1);
     for (e, h) in [(a, &handles[0]), (b, &handles[1])] {
-        let bound = purge_bound(&h.peers, now, Duration::ZERO, expiry).expect("b and a are members");
+        let bound = purge_bound(&h.peers, now, Duration::ZERO).expect("b and a are members");
         assert_eq!(e.purge_tombstones(bound, Duration::ZERO, 10_000).await.unwrap(), 10);
         assert_eq!(e.tombstone_count().await.unwrap(), 0);
     }
@@ -275,7 +282,7 @@ async fn purged_tombstones_never_let_a_delete_come_back() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let now = syncnode::engine::item::now_ms() as u64;
     for (e, h) in [(a, &handles[0]), (b, &handles[1]), (c, &handles[2])] {
-        let bound = purge_bound(&h.peers, now, Duration::ZERO, expiry).expect("members");
+        let bound = purge_bound(&h.peers, now, Duration::ZERO).expect("members");
         e.purge_tombstones(bound, Duration::ZERO, 10_000).await.unwrap();
         assert_eq!(e.tombstone_count().await.unwrap(), 0, "tombstones are bounded");
     }

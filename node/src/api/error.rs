@@ -61,6 +61,7 @@ impl From<StorageError> for ApiError {
                 Some((*retry_after_secs).max(1)),
             ),
             StorageError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready", Some(1)),
+            StorageError::Fenced(_) => (StatusCode::SERVICE_UNAVAILABLE, "writes_fenced", Some(1)),
             StorageError::Connection(_) => (StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", Some(1)),
             StorageError::ClockSkew { .. } => (StatusCode::CONFLICT, "clock_skew", None),
             StorageError::Backend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "backend_error", None),

@@ -12,7 +12,7 @@ pub(super) async fn peers(State(api): State<Api>) -> Json<Value> {
     Json(json!(api.net.peers.view()))
 }
 
-fn peer_param(peer: Result<Path<String>, PathRejection>) -> ApiResult<libp2p::PeerId> {
+pub(super) fn peer_param(peer: Result<Path<String>, PathRejection>) -> ApiResult<libp2p::PeerId> {
     let Path(peer) = peer?;
     peer.parse()
         .map_err(|e| ApiError::bad_request(format!("{peer:?} is not a peer id: {e}")))

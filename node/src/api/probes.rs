@@ -22,6 +22,12 @@ pub(super) async fn health(State(api): State<Api>) -> Json<Value> {
             "listen_addrs".into(),
             json!(api.net.listen_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
         );
+        m.insert(
+            "advertise".into(),
+            json!(api.net.advertised.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+        );
+        m.insert("members".into(), json!(api.net.members.active().len()));
+        m.insert("writes_fenced".into(), json!(api.engine.write_fence()));
         m.insert("cluster_id".into(), json!(api.cluster_id));
         m.insert("region".into(), json!(api.region));
         m.insert("node_id".into(), json!(api.engine.node_id()));
@@ -49,6 +55,12 @@ pub(super) async fn readyz(
     if !api.engine.is_ready() {
         reasons.push(format!("engine is {:?}", api.engine.state()));
     }
+    if let Some(why) = api.net.not_ready() {
+        reasons.push(why);
+    }
+    if let Some(why) = api.engine.write_fence() {
+        reasons.push(why);
+    }
     let lags = api.net.peers.lags();
     if let Some(min) = p.min_peers
         && lags.len() < min
@@ -69,9 +81,49 @@ pub(super) async fn readyz(
     };
     Ok((
         status,
-        Json(json!({"ready": reasons.is_empty(), "reasons": reasons, "peer_lag_ms": lags})),
+        Json(json!({
+            "ready": reasons.is_empty(),
+            "reasons": reasons,
+            "peer_lag_ms": lags,
+            "bootstrap": join_progress(&api),
+        })),
     )
         .into_response())
+}
+
+/// How far the sessions running now got: items pulled and left, the
+/// peer's count against ours, the rate and what is left to wait. A joining
+/// node shows its bootstrap here.
+fn join_progress(api: &Api) -> Value {
+    let (_, ours, _) = api.engine.merkle_summary();
+    let now = crate::engine::item::now_ms().max(0) as u64;
+    let sessions: Vec<Value> = api
+        .net
+        .peers
+        .view()
+        .into_iter()
+        .filter_map(|p| {
+            let s = p.session?;
+            let secs = (now.saturating_sub(s.started_ms) as f64 / 1000.0).max(0.001);
+            let rate = s.progress.pulled as f64 / secs;
+            let theirs = p.count.unwrap_or(0);
+            Some(json!({
+                "peer": p.peer_id,
+                "pulled": s.progress.pulled,
+                "to_pull": s.progress.to_pull,
+                "peer_items": theirs,
+                "percent": if theirs == 0 { 100.0 } else { (ours as f64 * 100.0 / theirs as f64).min(100.0) },
+                "items_per_s": rate,
+                "eta_s": if rate > 0.0 { Some(s.progress.to_pull as f64 / rate) } else { None },
+            }))
+        })
+        .collect();
+    json!({
+        "joined": api.net.peers.joined(),
+        "items": ours,
+        "sync_bytes_received": api.net.traffic.received.load(std::sync::atomic::Ordering::Relaxed),
+        "sessions": sessions,
+    })
 }
 
 pub(super) async fn metrics(State(api): State<Api>) -> impl IntoResponse {

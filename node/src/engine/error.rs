@@ -29,6 +29,10 @@ pub enum StorageError {
     ClockSkew { ahead_ms: u64, max_skew_ms: u64 },
     #[error("engine is {0}")]
     NotReady(String),
+    /// Local writes wait until the node may make versions again (its clock
+    /// is ahead of most members'); retry later.
+    #[error("writes refused: {0}")]
+    Fenced(String),
     #[error("backend error: {0}")]
     Backend(String),
     #[error("connection error: {0}")]

@@ -135,6 +135,11 @@ impl L1 {
         self.cache.invalidate(id);
     }
 
+    /// Empties the read cache (pending writes stay).
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// Ids of pending writes starting with `prefix`.
     pub fn pending_ids_with_prefix(&self, prefix: &str) -> Vec<String> {
         self.pending

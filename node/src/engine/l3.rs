@@ -823,6 +823,90 @@ impl L3Store {
         Ok(out)
     }
 
+    /// A page of the purge ledger in id order, after `after`:
+    /// `(id, version, origin, purged_at)`.
+    pub async fn purged_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64, String, i64)>, StorageError> {
+        let q = sqlx::query("SELECT id, version, origin, purged_at FROM sync_purged WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after.unwrap_or("").as_bytes())
+            .bind(limit as i64);
+        let rows = self.timed("page purge ledger", q.fetch_all(&self.pool)).await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    text(r, 0, "id")?,
+                    int(r, 1, "version")? as u64,
+                    text(r, 2, "origin")?,
+                    int(r, 3, "purged_at")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Adds records learned from a peer (a joining node learns the ledger);
+    /// of two records for one id the greater version stays. Returns how
+    /// many rows changed.
+    pub async fn record_purged(&self, records: &[(String, u64, String, i64)]) -> Result<u64, StorageError> {
+        let sql = match self.dialect {
+            Dialect::Sqlite => {
+                "INSERT INTO sync_purged (id, version, origin, purged_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT(id) DO UPDATE SET version = excluded.version, origin = excluded.origin, \
+                 purged_at = excluded.purged_at WHERE excluded.version > sync_purged.version"
+            }
+            // Assignments run left to right: `version` goes last so the
+            // others still compare against the old one.
+            Dialect::MySql => {
+                "INSERT INTO sync_purged (id, version, origin, purged_at) VALUES (?, ?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE origin = IF(VALUES(version) > version, VALUES(origin), origin), \
+                 purged_at = IF(VALUES(version) > version, VALUES(purged_at), purged_at), \
+                 version = IF(VALUES(version) > version, VALUES(version), version)"
+            }
+        };
+        let mut tx = self.timed("begin", self.write_pool.begin()).await?;
+        let mut changed = 0;
+        for (id, version, origin, purged_at) in records {
+            let q = sqlx::query(sql)
+                .bind(id.as_bytes())
+                .bind(*version as i64)
+                .bind(origin.as_bytes())
+                .bind(*purged_at);
+            changed += self
+                .timed("record purge", q.execute(&mut *tx))
+                .await?
+                .rows_affected()
+                .min(1);
+        }
+        self.timed("commit", tx.commit()).await?;
+        let rows = self.purged_count().await?;
+        self.ledger_rows.store(rows, Ordering::Release);
+        Ok(changed)
+    }
+
+    /// Deletes every item and purge record and bumps the generation, in one
+    /// transaction (`syncnode resync`). Returns the new generation.
+    pub async fn erase_all(&self) -> Result<u64, StorageError> {
+        let mut tx = self.timed("begin", self.write_pool.begin()).await?;
+        self.timed("erase items", sqlx::query("DELETE FROM sync_items").execute(&mut *tx))
+            .await?;
+        self.timed(
+            "erase purge ledger",
+            sqlx::query("DELETE FROM sync_purged").execute(&mut *tx),
+        )
+        .await?;
+        let generation = self.generation.load(Ordering::Acquire) + 1;
+        let q = sqlx::query("UPDATE syncnode_meta SET ival = ? WHERE name = ?")
+            .bind(generation as i64)
+            .bind(&b"generation"[..]);
+        self.timed("bump generation", q.execute(&mut *tx)).await?;
+        self.timed("commit", tx.commit()).await?;
+        self.generation.store(generation, Ordering::Release);
+        self.ledger_rows.store(0, Ordering::Release);
+        Ok(generation)
+    }
+
     /// Drops purge records older than `before_ms`; returns how many.
     pub async fn prune_purged(&self, before_ms: i64) -> Result<u64, StorageError> {
         let q = sqlx::query("DELETE FROM sync_purged WHERE purged_at < ?").bind(before_ms);

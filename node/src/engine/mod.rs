@@ -25,6 +25,7 @@ pub mod l3;
 pub mod merkle;
 pub mod options;
 pub mod purge;
+pub mod resync;
 pub mod search;
 pub mod search_cache;
 pub mod status;
@@ -304,6 +305,9 @@ impl Core {
 pub struct SyncEngine {
     core: Arc<Core>,
     config_rx: Mutex<watch::Receiver<SyncEngineConfig>>,
+    /// Set by the node while local writes must wait (its clock is ahead of
+    /// the cluster's): the reason, answered to every local write.
+    fence: Mutex<Option<String>>,
 }
 
 impl SyncEngine {
@@ -342,6 +346,7 @@ impl SyncEngine {
             tasks: Mutex::new(Vec::new()),
         };
         Self {
+            fence: Mutex::new(None),
             core: Arc::new(core),
             config_rx: Mutex::new(config_rx),
         }
@@ -617,11 +622,26 @@ impl SyncEngine {
         self.write_refusal().is_none()
     }
 
+    /// Refuses local writes (`Some(reason)`) until lifted (`None`): the
+    /// node fences them while its clock is ahead of the cluster's, so its
+    /// versions cannot win conflicts they should lose. Replication goes on.
+    pub fn set_write_fence(&self, reason: Option<String>) {
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    /// Why local writes are fenced, if they are.
+    pub fn write_fence(&self) -> Option<String> {
+        self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Why a write would be refused now, if it would.
     fn write_refusal(&self) -> Option<StorageError> {
         let state = self.state();
         if self.core.stopping.load(Ordering::Relaxed) || !state.is_ready() {
             return Some(StorageError::NotReady(format!("{state:?}").to_lowercase()));
+        }
+        if let Some(reason) = self.write_fence() {
+            return Some(StorageError::Fenced(reason));
         }
         let level = self.pressure();
         if !level.should_accept_writes() {

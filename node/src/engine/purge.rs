@@ -13,6 +13,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
+use syncnode_protocol::wire::PurgedEntry;
+
 use super::{StorageError, SyncEngine, SyncItem};
 
 impl SyncEngine {
@@ -74,6 +76,42 @@ impl SyncEngine {
     pub async fn prune_purge_ledger(&self, age: std::time::Duration) -> Result<u64, StorageError> {
         let before = super::item::now_ms() - age.as_millis() as i64;
         self.core.backends()?.l3.prune_purged(before).await
+    }
+
+    /// A page of the purge ledger for a peer that joins: at most `limit`
+    /// records after `after`, and where the next page starts.
+    pub async fn purge_ledger_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<PurgedEntry>, Option<String>), StorageError> {
+        let rows = self.core.backends()?.l3.purged_page(after, limit).await?;
+        let next = (rows.len() == limit)
+            .then(|| rows.last().map(|r| r.0.clone()))
+            .flatten();
+        let entries = rows
+            .into_iter()
+            .map(|(id, version, origin, purged_at_ms)| PurgedEntry {
+                id,
+                version,
+                origin,
+                purged_at_ms,
+            })
+            .collect();
+        Ok((entries, next))
+    }
+
+    /// Adds a peer's purge records to ours (they keep their purge time, so
+    /// they expire when the peer's do); returns how many were new.
+    pub async fn import_purge_ledger(&self, entries: Vec<PurgedEntry>) -> Result<u64, StorageError> {
+        for e in &entries {
+            super::item::validate_id(&e.id)?;
+        }
+        let rows: Vec<_> = entries
+            .into_iter()
+            .map(|e| (e.id, e.version, e.origin, e.purged_at_ms))
+            .collect();
+        self.core.backends()?.l3.record_purged(&rows).await
     }
 
     /// Records in the purge ledger.

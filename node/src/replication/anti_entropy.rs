@@ -16,6 +16,9 @@ use crate::engine::item::now_ms;
 use crate::engine::l3::EntryMeta;
 use crate::engine::{ContentType, StorageError, SyncEngine, SyncItem};
 
+/// Purge records per `Ledger` answer (each under ~600 bytes).
+pub const LEDGER_PAGE: usize = 2_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("session: {0}")]
@@ -158,6 +161,10 @@ impl SyncEngine {
                     applied: self.apply_from_peer(items).await?,
                 },
                 Request::Root => Response::Root(self.root_announcement()),
+                Request::Ledger { after } => {
+                    let (entries, next) = self.purge_ledger_page(after.as_deref(), LEDGER_PAGE).await?;
+                    Response::Ledger { entries, next }
+                }
             })
         }
         .await;

@@ -4,11 +4,15 @@
 //! the cluster members' sync watermarks that bound tombstone purge (§6).
 //!
 //! Members and watermarks outlive the process (`members.json` in the data
-//! dir): forgetting a member would let a purge run that it has not seen.
+//! dir): losing a member would let a purge run that it has not seen. Every
+//! SWIM member counts (from the moment it joins, with watermark 0 until a
+//! session proves it), not only the bootstrap peers; an operator may forget
+//! a member (a wiped identity, a decommissioned host), and if it ever
+//! returns holding data it must resync.
 
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,9 +90,10 @@ struct PeerState {
     session: Option<SessionInfo>,
     sessions_done: u64,
     last_session: Option<SessionInfo>,
-    /// A member back after more than `member_expiry`: it may hold items
+    /// A member back after more than `ledger_retention` (or forgotten): it may hold items
     /// whose deletes were purged and forgotten since; nothing is taken from
-    /// it until it rejoins empty (logged, shown in `/v1/peers`).
+    /// it until it rejoins empty or holds exactly what we hold (logged,
+    /// shown in `/v1/peers`).
     must_resync: bool,
     /// Inbound requests of this peer being answered.
     answering: u32,
@@ -131,6 +136,22 @@ pub struct Member {
     pub last_seen_ms: u64,
 }
 
+/// `members.json`: the members and the peers an operator forgot.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct MembersFile {
+    members: BTreeMap<String, Member>,
+    #[serde(default)]
+    forgotten: BTreeSet<String>,
+}
+
+/// The file as it was written, now or by an older version (a bare map).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AnyMembersFile {
+    Now(MembersFile),
+    Old(BTreeMap<String, Member>),
+}
+
 /// Counters of the replication layer (exported by `/metrics`).
 #[derive(Debug, Default)]
 pub struct ReplicationStats {
@@ -160,21 +181,35 @@ impl ReplicationStats {
 pub struct Peers {
     limits: PeerLimits,
     inner: Mutex<HashMap<PeerId, PeerState>>,
-    members: Mutex<BTreeMap<String, Member>>,
+    members: Mutex<MembersFile>,
     members_file: Option<PathBuf>,
     members_dirty: std::sync::atomic::AtomicBool,
     member_expiry: Duration,
+    /// How long purge records are kept: a member away longer must resync.
+    ledger_retention: Duration,
+    /// Set once this node has caught up with a member (a session finished,
+    /// or roots equal): readiness waits for it.
+    joined: std::sync::atomic::AtomicBool,
     pub stats: ReplicationStats,
 }
 
 impl Peers {
     /// `members_file` keeps the member watermarks across restarts.
-    pub fn new(limits: PeerLimits, members_file: Option<PathBuf>, member_expiry: Duration) -> Self {
+    pub fn new(
+        limits: PeerLimits,
+        members_file: Option<PathBuf>,
+        member_expiry: Duration,
+        ledger_retention: Duration,
+    ) -> Self {
         let members = members_file
             .as_ref()
             .and_then(|f| std::fs::read(f).ok())
-            .and_then(|b| match serde_json::from_slice(&b) {
-                Ok(m) => Some(m),
+            .and_then(|b| match serde_json::from_slice::<AnyMembersFile>(&b) {
+                Ok(AnyMembersFile::Now(m)) => Some(m),
+                Ok(AnyMembersFile::Old(members)) => Some(MembersFile {
+                    members,
+                    ..Default::default()
+                }),
                 Err(e) => {
                     tracing::warn!(error = %e, "members file unreadable; no purge until members are proven again");
                     None
@@ -188,6 +223,8 @@ impl Peers {
             members_file,
             members_dirty: std::sync::atomic::AtomicBool::new(false),
             member_expiry,
+            ledger_retention,
+            joined: std::sync::atomic::AtomicBool::new(false),
             stats: ReplicationStats::default(),
         }
     }
@@ -202,17 +239,21 @@ impl Peers {
     }
 
     pub fn connected(&self, peer: PeerId, on: bool) {
-        // A member back after member_expiry must resync — unless every other
-        // member went silent too: then it is us who were away, and all our
-        // members count as fresh again (whichever reconnects first).
-        let mut expired = on && self.member_expired(peer);
+        // A member back after ledger_retention (our purge records of deletes
+        // it missed are gone) must resync — unless every other member went
+        // silent too: then it is us who were away, and all our members count
+        // as fresh again (whichever reconnects first). A forgotten member
+        // must resync whenever it returns.
+        let forgotten = on && self.is_forgotten(peer);
+        let mut expired = on && !forgotten && self.member_expired(peer);
         if expired && self.isolated_from_all_but(peer) {
             tracing::warn!(
-                "every member was silent past member_expiry: this node was away; trusting its members again"
+                "every member was silent past ledger_retention: this node was away; trusting its members again"
             );
             self.touch_all_members();
             expired = false;
         }
+        let expired = expired || forgotten;
         self.with(peer, |s| {
             s.connected = on;
             // Nothing of ours is in flight to a peer just (re)connected: its
@@ -220,33 +261,90 @@ impl Peers {
             s.differed = u32::from(on);
             if expired && !s.must_resync {
                 s.must_resync = true;
-                tracing::error!(%peer, "member silent past member_expiry is back: nothing is taken from it until it rejoins empty (wipe its data dir)");
+                tracing::error!(%peer, forgotten, "member away past ledger_retention (or forgotten) is back: nothing is taken from it until it rejoins empty (`syncnode resync --from PEER` on it)");
             }
         });
     }
 
-    /// Whether every member other than `peer` is silent past member_expiry
-    /// (or there is none).
+    /// Whether every member other than `peer` is silent past
+    /// ledger_retention (or there is none).
     fn isolated_from_all_but(&self, peer: PeerId) -> bool {
-        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.lock_members();
         let me = peer.to_string();
         let now = now_ms();
-        !m.iter()
-            .any(|(p, mm)| *p != me && now.saturating_sub(mm.last_seen_ms) <= self.member_expiry.as_millis() as u64)
+        !m.members
+            .iter()
+            .any(|(p, mm)| *p != me && now.saturating_sub(mm.last_seen_ms) <= self.ledger_retention.as_millis() as u64)
+    }
+
+    fn lock_members(&self) -> std::sync::MutexGuard<'_, MembersFile> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A SWIM member joined: it holds back purges from now on (watermark 0
+    /// until a session proves more). A forgotten peer is not taken back
+    /// until it has resynced.
+    pub fn add_member(&self, peer: PeerId) {
+        let mut m = self.lock_members();
+        let key = peer.to_string();
+        if m.forgotten.contains(&key) {
+            return;
+        }
+        let now = now_ms();
+        let e = m.members.entry(key).or_insert(Member {
+            watermark: 0,
+            last_seen_ms: now,
+        });
+        e.last_seen_ms = e.last_seen_ms.max(now);
+        self.members_dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Forgets a member (operator's decision): it stops holding back purges
+    /// at once; if it returns with data it must resync. Returns whether it
+    /// was a member.
+    pub fn forget(&self, peer: PeerId) -> bool {
+        let key = peer.to_string();
+        let was = {
+            let mut m = self.lock_members();
+            let was = m.members.remove(&key).is_some();
+            m.forgotten.insert(key);
+            was
+        };
+        self.members_dirty.store(true, Ordering::Relaxed);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.remove(&peer);
+        was
+    }
+
+    pub fn is_forgotten(&self, peer: PeerId) -> bool {
+        self.lock_members().forgotten.contains(&peer.to_string())
+    }
+
+    /// Whether this node has caught up with a member since it started.
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Acquire)
+    }
+
+    fn mark_joined(&self, peer: PeerId, how: &str) {
+        if !self.joined.swap(true, Ordering::AcqRel) {
+            tracing::info!(%peer, how, "caught up with the cluster: ready");
+        }
     }
 
     /// Whether nothing may be taken from `peer`: a member back after
-    /// member_expiry may hold deletes purged and forgotten since (DESIGN §6:
+    /// ledger_retention may hold deletes purged and forgotten since (DESIGN §6:
     /// it must resync). Cleared once it announces an empty store.
     pub fn must_resync(&self, peer: PeerId) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.get(&peer).is_some_and(|s| s.must_resync)
     }
 
+    /// Whether `peer` was silent longer than ledger_retention.
     fn member_expired(&self, peer: PeerId) -> bool {
-        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(&peer.to_string())
-            .is_some_and(|m| now_ms().saturating_sub(m.last_seen_ms) > self.member_expiry.as_millis() as u64)
+        let m = self.lock_members();
+        m.members
+            .get(&peer.to_string())
+            .is_some_and(|m| now_ms().saturating_sub(m.last_seen_ms) > self.ledger_retention.as_millis() as u64)
     }
 
     pub fn set_region(&self, peer: PeerId, region: Option<String>) {
@@ -259,9 +357,13 @@ impl Peers {
         let equal = theirs.root == mine.root && theirs.depth == mine.depth;
         let now = now_ms();
         let expired = self.member_expired(peer);
+        let mut resynced = false;
         self.with(peer, |s| {
-            if s.must_resync && theirs.count == 0 {
+            // Empty, or holding exactly what we hold (it bootstrapped from
+            // us again): nothing stale can come from it any more.
+            if s.must_resync && (theirs.count == 0 || equal) {
                 s.must_resync = false;
+                resynced = true;
             }
             s.root = Some(theirs.clone());
             if equal {
@@ -271,10 +373,16 @@ impl Peers {
                 s.differed += 1;
             }
         });
+        if resynced {
+            tracing::info!(%peer, "member came back empty: it resyncs and counts again");
+            self.lock_members().forgotten.remove(&peer.to_string());
+            self.add_member(peer);
+        }
         if !expired {
             self.touch_member(peer);
         }
         if equal && !self.must_resync(peer) {
+            self.mark_joined(peer, "roots equal");
             // Both hold the same set: everything either will write later is
             // stamped above both clocks, so all up to the lower one is shared.
             self.prove_member(peer, theirs.hlc.min(mine.hlc).saturating_add(1));
@@ -296,8 +404,11 @@ impl Peers {
 
     /// Records that `peer` holds everything we hold stamped below `watermark`.
     pub fn prove_member(&self, peer: PeerId, watermark: u64) {
-        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m.entry(peer.to_string()).or_insert(Member {
+        let mut m = self.lock_members();
+        if m.forgotten.contains(&peer.to_string()) {
+            return;
+        }
+        let e = m.members.entry(peer.to_string()).or_insert(Member {
             watermark,
             last_seen_ms: 0,
         });
@@ -307,18 +418,18 @@ impl Peers {
     }
 
     fn touch_all_members(&self) {
-        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.lock_members();
         let now = now_ms();
-        for e in m.values_mut() {
+        for e in m.members.values_mut() {
             e.last_seen_ms = now;
         }
         self.members_dirty.store(true, Ordering::Relaxed);
     }
 
-    /// A member was heard from.
-    fn touch_member(&self, peer: PeerId) {
-        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = m.get_mut(&peer.to_string()) {
+    /// A member was heard from (roots, or SWIM says it is alive).
+    pub fn touch_member(&self, peer: PeerId) {
+        let mut m = self.lock_members();
+        if let Some(e) = m.members.get_mut(&peer.to_string()) {
             e.last_seen_ms = now_ms();
             self.members_dirty.store(true, Ordering::Relaxed);
         }
@@ -332,7 +443,7 @@ impl Peers {
             return;
         }
         let bytes = {
-            let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+            let m = self.lock_members();
             serde_json::to_vec_pretty(&*m)
         };
         let tmp = f.with_extension("json.tmp");
@@ -356,11 +467,12 @@ impl Peers {
     /// The HLC below which every member still counted holds everything we
     /// hold, or `None` when there is no member yet. Members silent longer
     /// than `member_expiry` drop out, with a warning.
-    pub fn purge_watermark(&self, member_expiry: Duration) -> Option<u64> {
-        let m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn purge_watermark(&self) -> Option<u64> {
+        let member_expiry = self.member_expiry;
+        let m = self.lock_members();
         let now = now_ms();
         let mut min = None::<u64>;
-        for (peer, member) in m.iter() {
+        for (peer, member) in m.members.iter() {
             if now.saturating_sub(member.last_seen_ms) > member_expiry.as_millis() as u64 {
                 tracing::warn!(%peer, "member silent past member_expiry: no longer holds back tombstone purge");
                 continue;
@@ -371,7 +483,7 @@ impl Peers {
     }
 
     pub fn members(&self) -> BTreeMap<String, Member> {
-        self.members.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock_members().members.clone()
     }
 
     /// Takes a request token from `peer`'s budget.
@@ -479,6 +591,7 @@ impl Peers {
     }
 
     pub fn session_finished(&self, peer: PeerId, result: Result<&Progress, String>) {
+        let ok = result.is_ok();
         let stats = &self.stats;
         ReplicationStats::add(&stats.sessions, 1);
         match result {
@@ -501,15 +614,24 @@ impl Peers {
                 s.last_session = Some(info);
             }
         });
+        if ok && !self.must_resync(peer) {
+            self.mark_joined(peer, "session finished");
+        }
     }
 
     /// How far behind `peer` is, ms: 0 while its root equals ours, else the
     /// time since it last did (or since we first saw it).
     fn lag_of(s: &PeerState, now: u64) -> u64 {
-        if s.differed == 0 && s.equal_since.is_some() {
+        if Self::in_sync(s) {
             return 0;
         }
         now.saturating_sub(s.equal_since.unwrap_or(s.first_seen))
+    }
+
+    /// In sync: connected, and its last root equalled ours. A peer gone
+    /// is never in sync: nothing says what it holds now.
+    fn in_sync(s: &PeerState) -> bool {
+        s.connected && s.differed == 0 && s.equal_since.is_some()
     }
 
     /// Lag per connected peer.
@@ -534,7 +656,7 @@ impl Peers {
                 region: s.region.clone(),
                 root: s.root.as_ref().map(|r| r.root.map(hex::encode).unwrap_or_default()),
                 count: s.root.as_ref().map(|r| r.count),
-                in_sync: s.differed == 0 && s.equal_since.is_some(),
+                in_sync: Self::in_sync(s),
                 lag_ms: Self::lag_of(s, now),
                 penalty: s.penalty,
                 banned: s.banned_until.is_some(),
@@ -555,7 +677,12 @@ mod tests {
 
     #[test]
     fn a_member_back_after_expiry_must_resync_unless_we_were_away() {
-        let peers = Peers::new(PeerLimits::default(), None, Duration::from_millis(50));
+        let peers = Peers::new(
+            PeerLimits::default(),
+            None,
+            Duration::from_millis(50),
+            Duration::from_millis(50),
+        );
         let (m, other) = (PeerId::random(), PeerId::random());
         peers.prove_member(m, 10);
         std::thread::sleep(Duration::from_millis(80));

@@ -1,8 +1,9 @@
-//! The libp2p side of a node: TCP (+ pnet) + Noise + Yamux, identify, ping,
-//! gossipsub (roots and CDC, strictly signed, validated before forwarding),
-//! the anti-entropy request-response protocol, an optional peer allowlist, a
-//! block list (partitions, bans), and redials of bootstrap peers with
-//! backoff. One task owns the swarm; the rest of the node talks to it through
+//! The libp2p side of a node: TCP (+ DNS, + pnet) + Noise + Yamux, identify,
+//! ping, gossipsub (roots and CDC, strictly signed, validated before
+//! forwarding), the anti-entropy and membership request-response protocols,
+//! an optional peer allowlist, a block list (partitions, bans), redials of
+//! bootstrap addresses with backoff, and connections kept to the members
+//! SWIM knows (up to `max_peers`, covering every region). One task owns the swarm; the rest of the node talks to it through
 //! a `NodeHandle`. Inbound requests are answered by the engine on their own
 //! task, so a slow answer never stalls the swarm; outbound sessions run on
 //! their own tasks, each request going through the swarm and back.
@@ -14,6 +15,7 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::pnet::PreSharedKey;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, identity, ping};
 use std::collections::{HashMap, HashSet};
@@ -21,12 +23,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use syncnode_protocol::clock_offset::Sample;
+use syncnode_protocol::membership::{MemberEvent, MemberId, Membership, MembershipConfig};
 use syncnode_protocol::session::{MAX_ITEMS, Progress};
 use syncnode_protocol::wire::{CdcDelta, DEFAULT_MAX_FRAME, Request, Response};
+use syncnode_protocol::wire::{MemberAck, MemberPacket};
 use tokio::sync::{mpsc, oneshot};
 
 use super::anti_entropy::SyncError;
+use super::connections::ConnectionLog;
 use super::gossip::{self, GOSSIP_MAX, Gossip};
+use super::membership::{ClusterPacket, MEMBERS_PROTOCOL, MemberCodec, MemberTable};
 use super::peers::{PeerLimits, Peers, ReplicationStats};
 use super::transport::{SYNC_PROTOCOL, SyncCodec, Traffic, tcp_transport};
 use crate::engine::SyncEngine;
@@ -37,6 +44,7 @@ pub struct NodeBehaviour {
     allowed: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
     blocked: allow_block_list::Behaviour<BlockedPeers>,
     sync: request_response::Behaviour<SyncCodec>,
+    members: request_response::Behaviour<MemberCodec>,
     gossip: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -55,6 +63,8 @@ enum Command {
     Request(PeerId, Request, oneshot::Sender<Result<Response, String>>),
     Respond(ResponseChannel<Response>, Response),
     Publish(Topic, Vec<Vec<u8>>),
+    /// Leave the cluster (SIGTERM): tell a few members we go.
+    Leave(oneshot::Sender<()>),
 }
 
 /// How to start a node's network side.
@@ -79,6 +89,18 @@ pub struct NetworkConfig {
     pub members_file: Option<PathBuf>,
     /// Silence after which a member stops holding back purges.
     pub member_expiry: Duration,
+    /// How long purge records are kept (a member away longer must resync).
+    pub ledger_retention: Duration,
+    /// Addresses other nodes dial; empty: the listen addresses, with
+    /// `0.0.0.0` / `::` expanded to the interfaces' addresses.
+    pub advertise: Vec<Multiaddr>,
+    /// Members to keep connections to (past that, a subset covering every region).
+    pub max_peers: usize,
+    /// SWIM's probe period; every membership timing follows from it.
+    pub probe_interval: Duration,
+    /// How long a joining node waits for a member before it takes itself
+    /// to be the first node (readiness).
+    pub join_timeout: Duration,
 }
 
 impl NetworkConfig {
@@ -97,7 +119,66 @@ impl NetworkConfig {
             limits: PeerLimits::default(),
             members_file: None,
             member_expiry: Duration::from_secs(7 * 86_400),
+            ledger_retention: Duration::from_secs(30 * 86_400),
+            advertise: Vec::new(),
+            max_peers: 32,
+            probe_interval: Duration::from_millis(250),
+            join_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// Milliseconds on the wall clock (for clock offsets; may jump).
+fn wall_ms() -> u64 {
+    crate::engine::item::now_ms().max(0) as u64
+}
+
+/// Fails when a TCP listen address names a port another socket holds.
+/// libp2p listens with SO_REUSEPORT (to dial from the listen port), so a
+/// second node on the same port would start and share it; a plain bind
+/// finds the owner first.
+fn check_port_free(addr: &Multiaddr) -> anyhow::Result<()> {
+    use libp2p::multiaddr::Protocol;
+    let mut it = addr.iter();
+    let ip: std::net::IpAddr = match it.next() {
+        Some(Protocol::Ip4(ip)) => ip.into(),
+        Some(Protocol::Ip6(ip)) => ip.into(),
+        _ => return Ok(()),
+    };
+    let Some(Protocol::Tcp(port)) = it.next() else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    std::net::TcpListener::bind((ip, port))
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("listen {addr}: port {port} is not available: {e}"))
+}
+
+/// Whether an address is loopback (useless to other hosts).
+fn is_loopback(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        Some(Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h)) => h == "localhost",
+        _ => false,
+    }
+}
+
+/// The addresses to advertise: the configured ones, else what we listen on
+/// (every interface's address for a wildcard), without loopback when
+/// there is anything else.
+fn advertised(configured: &[Multiaddr], listening: &[Multiaddr]) -> Vec<Multiaddr> {
+    if !configured.is_empty() {
+        return configured.to_vec();
+    }
+    let outside: Vec<Multiaddr> = listening.iter().filter(|a| !is_loopback(a)).cloned().collect();
+    if outside.is_empty() {
+        listening.to_vec()
+    } else {
+        outside
     }
 }
 
@@ -113,7 +194,18 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 #[derive(Clone)]
 pub struct NodeHandle {
     pub peer_id: PeerId,
+    /// Every address listened on (wildcards expanded).
     pub listen_addrs: Vec<Multiaddr>,
+    /// What other nodes are told to dial (`advertise`).
+    pub advertised: Vec<Multiaddr>,
+    /// SWIM's view of the cluster, clock offsets.
+    pub members: Arc<MemberTable>,
+    /// When the node started and how long it waits for a member
+    /// (readiness), and whether it has anyone to join through.
+    pub started: Instant,
+    pub join_timeout: Duration,
+    pub seeded: bool,
+    pub probe_interval: Duration,
     commands: mpsc::Sender<Command>,
     pub traffic: Arc<Traffic>,
     /// Peer roots, lag, sessions, penalties, members, counters.
@@ -126,9 +218,44 @@ impl NodeHandle {
     /// This node's first listen address with its peer id: what another node
     /// dials (or lists in `bootstrap`).
     pub fn dial_addr(&self) -> Multiaddr {
-        self.listen_addrs[0]
+        self.advertised[0]
             .clone()
             .with(libp2p::multiaddr::Protocol::P2p(self.peer_id))
+    }
+
+    /// Leaves the cluster: a few members hear it from us, so we show as
+    /// left at once rather than failed after the suspicion timeout.
+    pub async fn leave(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Leave(tx)).await.is_ok() {
+            let _ = rx.await;
+            // Let the goodbye reach the wire before the process ends.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Why this node is not ready to serve reads yet, if it is not: a node
+    /// that has peers to join through waits until it has caught up with one
+    /// (a session finished or equal roots), or until `join_timeout` passed
+    /// with no member connected (it is the first node).
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.seeded || self.peers.joined() {
+            return None;
+        }
+        let waited = self.started.elapsed();
+        let connected = self.peers.lags().len();
+        if connected == 0 && waited >= self.join_timeout {
+            return None;
+        }
+        Some(if connected == 0 {
+            format!(
+                "joining: no member reached yet ({} s of join_timeout {} s)",
+                waited.as_secs(),
+                self.join_timeout.as_secs()
+            )
+        } else {
+            "joining: first anti-entropy session with a member not finished yet".to_string()
+        })
     }
 
     /// Connects to a peer (the address ends in `/p2p/<peer id>` or not).
@@ -234,6 +361,9 @@ impl NodeHandle {
     pub async fn reconcile(&self, engine: &SyncEngine, peer: PeerId, session: u64) -> Result<Progress, SyncError> {
         let peers = self.peers.clone();
         let bootstrap = engine.merkle_summary().1 == 0;
+        if bootstrap {
+            self.learn_ledger(engine, peer).await?;
+        }
         let mut logged = 0;
         engine
             .reconcile_observed(
@@ -248,6 +378,36 @@ impl NodeHandle {
                 },
             )
             .await
+    }
+}
+
+impl NodeHandle {
+    /// Copies `peer`'s purge ledger into ours (DESIGN §6): a node that joins
+    /// after a purge must refuse the versions those deletes beat, or it
+    /// would be the way back for them.
+    async fn learn_ledger(&self, engine: &SyncEngine, peer: PeerId) -> Result<(), SyncError> {
+        let mut after = None;
+        let mut learned = 0;
+        loop {
+            match self
+                .request(peer, Request::Ledger { after: after.clone() })
+                .await
+                .map_err(SyncError::Transport)?
+            {
+                Response::Ledger { entries, next } => {
+                    learned += engine.import_purge_ledger(entries).await?;
+                    match next {
+                        Some(n) if Some(&n) != after.as_ref() => after = Some(n),
+                        _ => break,
+                    }
+                }
+                other => return Err(SyncError::Transport(format!("ledger answered with {other:?}"))),
+            }
+        }
+        if learned > 0 {
+            tracing::info!(%peer, learned, "purge ledger learned from the bootstrap peer");
+        }
+        Ok(())
     }
 }
 
@@ -268,11 +428,15 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     let allow = config.allow_peers.clone();
     let agent = format!("syncnode/{} region={}", env!("CARGO_PKG_VERSION"), config.region);
     let psk = config.psk;
+    for addr in &config.listen {
+        check_port_free(addr)?;
+    }
+    let member_codec = MemberCodec {
+        cluster: config.cluster.clone(),
+    };
     let mut swarm: Swarm<NodeBehaviour> = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_other_transport(|key| {
-            tcp_transport(key, psk).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-        })
+        .with_other_transport(|key| tcp_transport(key, psk))
         .map_err(|e| anyhow::anyhow!("transport: {e}"))?
         .with_behaviour(|key| {
             let gossip_config = gossipsub::ConfigBuilder::default()
@@ -306,6 +470,13 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
                         .with_request_timeout(timeout)
                         .with_max_concurrent_streams(64),
                 ),
+                members: request_response::Behaviour::with_codec(
+                    member_codec,
+                    [(MEMBERS_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(5))
+                        .with_max_concurrent_streams(32),
+                ),
                 gossip,
                 identify: identify::Behaviour::new(
                     identify::Config::new("/syncnode/1".into(), key.public()).with_agent_version(agent),
@@ -324,15 +495,41 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
             .subscribe(&topic)
             .map_err(|e| anyhow::anyhow!("subscribe: {e}"))?;
     }
+    let mut listeners = HashSet::new();
     for addr in &config.listen {
-        swarm.listen_on(addr.clone())?;
+        listeners.insert(
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| anyhow::anyhow!("listen {addr}: {e}"))?,
+        );
     }
+    // A wildcard listener reports one address per interface, in a burst:
+    // wait for every listener's first, then take what follows shortly.
     let mut listen_addrs = Vec::new();
-    while listen_addrs.len() < config.listen.len() {
-        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
-            listen_addrs.push(address);
+    let mut heard = HashSet::new();
+    let mut settle = None;
+    loop {
+        let event = match settle {
+            None => Some(swarm.select_next_some().await),
+            Some(until) => tokio::time::timeout_at(until, swarm.select_next_some()).await.ok(),
+        };
+        match event {
+            None => break,
+            Some(SwarmEvent::NewListenAddr { listener_id, address }) => {
+                heard.insert(listener_id);
+                listen_addrs.push(address);
+                if heard.len() == listeners.len() && settle.is_none() {
+                    settle = Some(tokio::time::Instant::now() + Duration::from_millis(150));
+                }
+            }
+            Some(SwarmEvent::ListenerError { error, .. }) => anyhow::bail!("listen: {error}"),
+            Some(SwarmEvent::ListenerClosed { addresses, reason, .. }) => {
+                anyhow::bail!("listen {addresses:?}: closed: {reason:?}")
+            }
+            Some(_) => {}
         }
     }
+    let advertise = advertised(&config.advertise, &listen_addrs);
     let peer_id = *swarm.local_peer_id();
     let (tx, rx) = mpsc::channel(1024);
     let (cdc_tx, cdc_rx) = mpsc::channel(8192);
@@ -340,7 +537,24 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         config.limits.clone(),
         config.members_file.clone(),
         config.member_expiry,
+        config.ledger_retention,
     ));
+    let seeded = !config.bootstrap.is_empty() || !peers.members().is_empty();
+    let me = MemberId {
+        peer: peer_id.to_string(),
+        addrs: advertise.iter().map(|a| a.to_string()).collect(),
+        region: config.region.clone(),
+        // A restart takes over the entry of the run before it.
+        bump: wall_ms(),
+    };
+    let membership = Membership::new(
+        me,
+        MembershipConfig {
+            probe_period: config.probe_interval,
+        },
+        rand::random(),
+    );
+    let members = Arc::new(MemberTable::default());
     {
         // Member watermarks reach the disk every few seconds, off the swarm task.
         let peers = peers.clone();
@@ -355,6 +569,12 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     let handle = NodeHandle {
         peer_id,
         listen_addrs,
+        advertised: advertise,
+        members: members.clone(),
+        started: Instant::now(),
+        join_timeout: config.join_timeout,
+        seeded,
+        probe_interval: config.probe_interval,
         commands: tx.clone(),
         traffic,
         peers: peers.clone(),
@@ -376,6 +596,14 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         bans: HashSet::new(),
         allow: config.allow_peers.iter().copied().collect(),
         answering: Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING)),
+        membership,
+        members,
+        member_dials: HashMap::new(),
+        announced: HashMap::new(),
+        max_peers: config.max_peers.max(1),
+        clock_fenced: false,
+        epoch: Instant::now(),
+        log: ConnectionLog::default(),
         redial: config
             .bootstrap
             .iter()
@@ -515,7 +743,26 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Inbound sync requests answered at once (each may hold a frame of items).
 const MAX_ANSWERING: usize = 32;
 
+/// A member we keep a connection to, redialed with backoff.
+struct MemberDial {
+    next: Instant,
+    backoff: Duration,
+}
+
 struct SwarmTask {
+    /// SWIM (the protocol crate's state machine) and what it shows.
+    membership: Membership,
+    members: Arc<MemberTable>,
+    member_dials: HashMap<PeerId, MemberDial>,
+    /// When we last announced ourselves to a connected non-member.
+    announced: HashMap<PeerId, Instant>,
+    max_peers: usize,
+    /// Whether local writes are fenced because our clock runs ahead.
+    clock_fenced: bool,
+    /// The monotonic origin of SWIM's clock (wall clock jumps must not stall
+    /// its timers).
+    epoch: Instant,
+    log: ConnectionLog,
     engine: Arc<SyncEngine>,
     peers: Arc<Peers>,
     own: mpsc::Sender<Command>,
@@ -543,8 +790,17 @@ impl SwarmTask {
         let mut announce = tokio::time::interval(gossip_every);
         announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
+        let mut swim = tokio::time::interval(Duration::from_millis(20));
+        swim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = swim.tick() => {
+                    let now = self.mono_ms();
+                    if self.membership.next_deadline().is_some_and(|d| d <= now) {
+                        self.membership.tick(now);
+                        self.flush_membership(&mut swarm);
+                    }
+                }
                 cmd = commands.recv() => match cmd {
                     None => return,
                     Some(cmd) => self.on_command(&mut swarm, cmd),
@@ -581,11 +837,190 @@ impl SwarmTask {
         }
     }
 
+    fn mono_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn blocked(&self, peer: &PeerId) -> bool {
+        self.manual_blocks.contains(peer) || self.bans.contains(peer)
+    }
+
+    /// Sends what SWIM wants sent, acts on its events, refreshes the table.
+    fn flush_membership(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
+        for (to, payload) in self.membership.take_outgoing() {
+            let Ok(peer) = to.peer.parse::<PeerId>() else { continue };
+            if self.blocked(&peer) {
+                continue;
+            }
+            if !swarm.is_connected(&peer) {
+                for a in to.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+                    swarm.add_peer_address(peer, a);
+                }
+            }
+            let packet = ClusterPacket {
+                cluster: String::new(),
+                packet: MemberPacket {
+                    sent_ms: wall_ms(),
+                    payload,
+                },
+            };
+            swarm.behaviour_mut().members.send_request(&peer, packet);
+        }
+        for event in self.membership.take_events() {
+            self.on_member_event(swarm, event);
+        }
+        let views = self
+            .membership
+            .members()
+            .into_iter()
+            .filter(|v| v.id.peer.parse().is_ok_and(|p| !self.peers.is_forgotten(p)))
+            .collect();
+        self.members
+            .refresh(views, |p| p.parse().is_ok_and(|p: PeerId| swarm.is_connected(&p)));
+    }
+
+    fn on_member_event(&mut self, swarm: &mut Swarm<NodeBehaviour>, event: MemberEvent) {
+        match event {
+            MemberEvent::Up(m) => {
+                tracing::info!(peer = %m.peer, region = %m.region, addrs = ?m.addrs, "member joined");
+                if let Ok(p) = m.peer.parse::<PeerId>() {
+                    self.peers.add_member(p);
+                    self.peers.set_region(p, Some(m.region.clone()));
+                    self.members.mark_left(&m.peer, false);
+                    self.dial_member(swarm, p, &m);
+                }
+            }
+            MemberEvent::Down(m) => {
+                tracing::info!(peer = %m.peer, "member down");
+            }
+            MemberEvent::Renamed { old, new } => {
+                if old.addrs != new.addrs {
+                    tracing::info!(peer = %new.peer, addrs = ?new.addrs, "member restarted with new addresses");
+                }
+                self.members.mark_left(&new.peer, false);
+            }
+            MemberEvent::Rejoined(me) => {
+                tracing::warn!(bump = me.bump, "the cluster had declared this node down; rejoined");
+            }
+        }
+    }
+
+    /// Dials a member at its advertised addresses (DNS names resolve anew).
+    fn dial_member(&mut self, swarm: &mut Swarm<NodeBehaviour>, peer: PeerId, m: &MemberId) {
+        if peer == *swarm.local_peer_id() || self.blocked(&peer) || swarm.is_connected(&peer) {
+            return;
+        }
+        let addrs: Vec<Multiaddr> = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        if addrs.is_empty() {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "member dial failed");
+        }
+    }
+
+    /// Keeps connections to the members (up to `max_peers`, every region
+    /// covered), announces us to connected peers that are not members yet,
+    /// and fences local writes while our clock runs ahead of most members.
+    fn maintain_members(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
+        let now = Instant::now();
+        let active: Vec<MemberId> = self.membership.active().cloned().collect();
+        let me = swarm.local_peer_id().to_string();
+        let want = syncnode_protocol::membership::connection_targets(&me, &active, self.max_peers);
+        for m in want {
+            let Ok(peer) = m.peer.parse::<PeerId>() else { continue };
+            if swarm.is_connected(&peer) {
+                self.member_dials.remove(&peer);
+                continue;
+            }
+            let d = self.member_dials.entry(peer).or_insert(MemberDial {
+                next: now,
+                backoff: Duration::from_millis(500),
+            });
+            if d.next > now {
+                continue;
+            }
+            d.next = now + d.backoff;
+            d.backoff = (d.backoff * 2).min(MAX_BACKOFF);
+            self.dial_member(swarm, peer, &m);
+        }
+        // Peers we are connected to that SWIM does not list yet (a seed, a
+        // node that restarted): ask them to let us in.
+        let members: HashSet<String> = active.iter().map(|m| m.peer.clone()).collect();
+        let every = self.membership.config().probe_period * 4;
+        let connected: Vec<PeerId> = swarm.connected_peers().copied().collect();
+        for peer in connected {
+            if members.contains(&peer.to_string()) || self.blocked(&peer) {
+                continue;
+            }
+            if self
+                .announced
+                .get(&peer)
+                .is_some_and(|t| now.duration_since(*t) < every)
+            {
+                continue;
+            }
+            self.announced.insert(peer, now);
+            let _ = self
+                .membership
+                .announce(self.mono_ms(), MemberId::placeholder(peer.to_string()));
+        }
+        self.announced.retain(|p, _| swarm.is_connected(p));
+        self.flush_membership(swarm);
+        self.check_clock();
+    }
+
+    /// DESIGN §2 with CockroachDB's rule: a node whose clock is ahead of
+    /// most live members by more than `max_clock_skew` would stamp versions
+    /// that win conflicts they should lose, so it takes no local writes
+    /// until its clock is back. Peers past the bound are logged.
+    fn check_clock(&mut self) {
+        let max = self.engine.config().max_clock_skew_ms;
+        for peer in self.members.active() {
+            if let Some(s) = self.members.offset(&peer)
+                && s.offset_ms.unsigned_abs() > max
+                && self.log.allow(&format!("skew {peer}"))
+            {
+                tracing::warn!(
+                    %peer,
+                    offset_ms = s.offset_ms,
+                    rtt_ms = s.rtt_ms,
+                    max_clock_skew_ms = max,
+                    "a member's clock differs from ours by more than max_clock_skew"
+                );
+            }
+        }
+        let ahead = self.members.clock_ahead(max);
+        if ahead != self.clock_fenced {
+            self.clock_fenced = ahead;
+            if ahead {
+                let reason = format!(
+                    "this node's clock is ahead of most members by more than max_clock_skew ({max} ms); fix its time (NTP)"
+                );
+                tracing::error!("{reason}: refusing local writes until it is back");
+                self.engine.set_write_fence(Some(reason));
+            } else {
+                tracing::warn!("clock back within max_clock_skew of the members: taking writes again");
+                self.engine.set_write_fence(None);
+            }
+        }
+    }
+
     /// Redials bootstrap peers that are due, lifts expired bans.
     fn housekeeping(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
+        self.maintain_members(swarm);
         let now = Instant::now();
+        // A seed without a peer id is only needed while we know nobody.
+        let alone = self.membership.active().next().is_none();
         for r in &mut self.redial {
-            let connected = r.peer.is_some_and(|p| swarm.is_connected(&p));
+            let connected = match r.peer {
+                Some(p) => swarm.is_connected(&p),
+                None => !alone,
+            };
             if connected || r.next > now || r.peer.is_some_and(|p| self.manual_blocks.contains(&p)) {
                 continue;
             }
@@ -646,6 +1081,96 @@ impl SwarmTask {
                 }
             }
             Command::Publish(topic, msgs) => self.publish(swarm, topic, msgs),
+            Command::Leave(done) => {
+                if let Err(e) = self.membership.leave(self.mono_ms()) {
+                    tracing::debug!(error = %e, "leave");
+                }
+                self.flush_membership(swarm);
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn on_members(
+        &mut self,
+        swarm: &mut Swarm<NodeBehaviour>,
+        event: request_response::Event<ClusterPacket, MemberAck>,
+    ) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    let received_ms = wall_ms();
+                    if self.blocked(&peer) {
+                        return;
+                    }
+                    if request.cluster != self.cluster {
+                        let why = format!(
+                            "membership packet for cluster {:?}, we are {:?}",
+                            request.cluster, self.cluster
+                        );
+                        self.log.wrong_cluster(peer, &why);
+                        self.penalize(swarm, peer, &why);
+                        return;
+                    }
+                    let request = request.packet;
+                    if let Err(why) = super::membership::sender_is(&request.payload, &peer) {
+                        self.penalize(swarm, peer, &why);
+                        return;
+                    }
+                    if super::membership::announces_leave(&request.payload) {
+                        tracing::info!(%peer, "member leaves the cluster");
+                        self.members.mark_left(&peer.to_string(), true);
+                    }
+                    self.peers.touch_member(peer);
+                    match self.membership.handle_packet(self.mono_ms(), &request.payload) {
+                        Ok(()) => {}
+                        Err(e) => tracing::debug!(%peer, error = %e, "membership packet not taken"),
+                    }
+                    let ack = MemberAck {
+                        asked_ms: request.sent_ms,
+                        received_ms,
+                        answered_ms: wall_ms(),
+                    };
+                    let _ = swarm.behaviour_mut().members.send_response(channel, ack);
+                    self.flush_membership(swarm);
+                }
+                request_response::Message::Response { response, .. } => {
+                    if let Some(s) =
+                        Sample::of(response.asked_ms, response.received_ms, response.answered_ms, wall_ms())
+                    {
+                        self.members.record_offset(&peer.to_string(), s);
+                    }
+                    self.peers.touch_member(peer);
+                }
+            },
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                self.on_protocol_failure(swarm, peer, &error)
+            }
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                tracing::trace!(%peer, %error, "membership packet not delivered");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// An inbound request we could not read: garbage is penalized, and a
+    /// peer of another cluster is named in the log.
+    fn on_protocol_failure(
+        &mut self,
+        swarm: &mut Swarm<NodeBehaviour>,
+        peer: PeerId,
+        error: &request_response::InboundFailure,
+    ) {
+        if let request_response::InboundFailure::Io(e) = error
+            && e.kind() == std::io::ErrorKind::InvalidData
+        {
+            let text = e.to_string();
+            if text.contains("message for cluster") {
+                self.log.wrong_cluster(peer, &text);
+            }
+            self.penalize(swarm, peer, &text);
+        } else {
+            tracing::debug!(%peer, %error, "inbound request failed");
         }
     }
 
@@ -758,13 +1283,7 @@ impl SwarmTask {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
-                if let request_response::InboundFailure::Io(e) = &error
-                    && e.kind() == std::io::ErrorKind::InvalidData
-                {
-                    self.penalize(swarm, peer, &e.to_string());
-                } else {
-                    tracing::debug!(%peer, %error, "inbound sync request failed");
-                }
+                self.on_protocol_failure(swarm, peer, &error)
             }
             request_response::Event::ResponseSent { .. } => {}
         }
@@ -774,6 +1293,7 @@ impl SwarmTask {
         match event {
             SwarmEvent::Behaviour(NodeBehaviourEvent::Sync(e)) => self.on_sync(swarm, e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Gossip(e)) => self.on_gossip(swarm, e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Members(e)) => self.on_members(swarm, e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(identify::Event::Received {
                 peer_id, info, ..
             })) => {
@@ -793,6 +1313,7 @@ impl SwarmTask {
                 for done in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = done.send(Ok(()));
                 }
+                self.maintain_members(swarm);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -802,21 +1323,19 @@ impl SwarmTask {
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.peers.connected(peer_id, false);
             }
-            SwarmEvent::OutgoingConnectionError {
-                peer_id: Some(peer),
-                error,
-                ..
-            } => {
-                tracing::debug!(%peer, %error, "could not connect");
-                for done in self.dials.remove(&peer).unwrap_or_default() {
-                    let _ = done.send(Err(error.to_string()));
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, ?error, "could not connect");
+                let seed = self.redial.iter().any(|r| r.peer == peer_id || r.peer.is_none());
+                self.log.dial_failed(peer_id, &error, seed);
+                if let Some(peer) = peer_id {
+                    for done in self.dials.remove(&peer).unwrap_or_default() {
+                        let _ = done.send(Err(error.to_string()));
+                    }
                 }
             }
             SwarmEvent::IncomingConnectionError {
                 error, send_back_addr, ..
-            } => {
-                tracing::debug!(from = %send_back_addr, %error, "refused an incoming connection");
-            }
+            } => self.log.incoming_failed(&send_back_addr, &error),
             _ => {}
         }
     }

@@ -3,8 +3,9 @@
 //! own stream. Frames past the size limit and messages of another cluster are
 //! refused before any work is done.
 //!
-//! Also the TCP stack under it: an optional pre-shared cluster key (pnet)
-//! wraps the raw socket, so a node without the key cannot even finish the
+//! Also the TCP stack under it: DNS names (`/dns4`, `/dns6`, `/dns`)
+//! resolved at each dial, so a container back with a new IP is found again;
+//! an optional pre-shared cluster key (pnet) wraps the raw socket, so a node without the key cannot even finish the
 //! Noise handshake; then Noise (peer ids) and Yamux.
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -12,7 +13,7 @@ use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::Boxed;
 use libp2p::core::upgrade::Version;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::{PeerId, StreamProtocol, Transport, identity, noise, tcp, yamux};
+use libp2p::{PeerId, StreamProtocol, Transport, dns, identity, noise, tcp, yamux};
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,13 +119,25 @@ impl libp2p::request_response::Codec for SyncCodec {
     }
 }
 
-/// TCP (+ pnet with `psk`) + Noise + Yamux.
+/// TCP (+ DNS, + pnet with `psk`) + Noise + Yamux.
 pub fn tcp_transport(
     key: &identity::Keypair,
     psk: Option<PreSharedKey>,
-) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
     let noise = noise::Config::new(key)?;
-    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let plain = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    // The system resolver (resolv.conf, hosts); a fallback where it has none.
+    let tcp = match dns::tokio::Transport::system(plain) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "no system DNS configuration; using the default resolver");
+            dns::tokio::Transport::custom(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)),
+                dns::ResolverConfig::default(),
+                dns::ResolverOpts::default(),
+            )
+        }
+    };
     Ok(match psk {
         Some(psk) => tcp
             .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))

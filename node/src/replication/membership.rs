@@ -1,0 +1,271 @@
+//! Membership, the I/O side (DESIGN §5.6): carries the protocol crate's
+//! SWIM state machine over a libp2p request-response protocol of our own
+//! (`/syncnode/members/1`, under the same Noise and PSK as everything else),
+//! and keeps the table `/v1/members` shows.
+//!
+//! Each SWIM packet is one request: an `Envelope` (version byte, cluster id,
+//! at most `MAX_FRAME` bytes) holding foca's bytes and the sender's wall
+//! clock. The cluster id is checked by the swarm rather than the codec, so
+//! a peer of another cluster — usually the first thing a misconfigured node
+//! meets — can be named in the log (a failed read reaches nobody). The answer comes at once with the arrival and departure
+//! times, which gives an NTP-style clock offset sample per exchange
+//! (`clock_offset`). A packet whose SWIM sender is not the authenticated
+//! peer that sent it is refused: nobody speaks for another member.
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::{PeerId, StreamProtocol};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Mutex;
+use syncnode_protocol::clock_offset::{ClockOffsets, Sample};
+use syncnode_protocol::membership::{MAX_PACKET, MemberId, MemberState, MemberView};
+use syncnode_protocol::wire::{Body, Envelope, MemberAck, MemberPacket};
+
+pub const MEMBERS_PROTOCOL: StreamProtocol = StreamProtocol::new("/syncnode/members/1");
+/// Largest membership frame: a SWIM packet plus the envelope.
+pub const MAX_FRAME: usize = MAX_PACKET + 256;
+
+/// The request-response codec of membership packets.
+#[derive(Debug, Clone)]
+pub struct MemberCodec {
+    pub cluster: String,
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// A membership request with the cluster id it came with.
+#[derive(Debug, Clone)]
+pub struct ClusterPacket {
+    pub cluster: String,
+    pub packet: MemberPacket,
+}
+
+impl MemberCodec {
+    async fn read<T: AsyncRead + Unpin + Send>(&self, io: &mut T) -> io::Result<(String, Body)> {
+        let mut len = [0u8; 4];
+        io.read_exact(&mut len).await?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(invalid(format!("membership frame of {len} bytes exceeds {MAX_FRAME}")));
+        }
+        let mut buf = vec![0u8; len];
+        io.read_exact(&mut buf).await?;
+        let env = Envelope::decode(&buf, MAX_FRAME).map_err(invalid)?;
+        Ok((env.cluster, env.body))
+    }
+
+    async fn write<T: AsyncWrite + Unpin + Send>(&self, io: &mut T, body: Body) -> io::Result<()> {
+        io.write_all(&Envelope::new(self.cluster.clone(), body).to_frame())
+            .await?;
+        io.close().await
+    }
+}
+
+impl libp2p::request_response::Codec for MemberCodec {
+    type Protocol = StreamProtocol;
+    type Request = ClusterPacket;
+    type Response = MemberAck;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<ClusterPacket> {
+        match self.read(io).await? {
+            (cluster, Body::Member(packet)) => Ok(ClusterPacket { cluster, packet }),
+            _ => Err(invalid("expected a membership packet")),
+        }
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<MemberAck> {
+        match self.read(io).await? {
+            (cluster, Body::MemberAck(a)) if cluster == self.cluster => Ok(a),
+            _ => Err(invalid("expected a membership answer of our cluster")),
+        }
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: ClusterPacket,
+    ) -> io::Result<()> {
+        self.write(io, Body::Member(req.packet)).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: MemberAck,
+    ) -> io::Result<()> {
+        self.write(io, Body::MemberAck(res)).await
+    }
+}
+
+/// Checks that a SWIM packet's sender is `from`, the authenticated peer.
+pub fn sender_is(payload: &[u8], from: &PeerId) -> Result<(), String> {
+    let (header, _): (foca::Header<MemberId>, _) =
+        postcard::take_from_bytes(payload).map_err(|e| format!("undecodable membership packet: {e}"))?;
+    if header.src.peer != from.to_string() {
+        return Err(format!(
+            "membership packet from {from} claims to come from {}",
+            header.src.peer
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a SWIM packet carries its sender's own goodbye (foca's leave:
+/// the sender's identity, declared down, among the updates).
+pub fn announces_leave(payload: &[u8]) -> bool {
+    let Ok((header, rest)) = postcard::take_from_bytes::<foca::Header<MemberId>>(payload) else {
+        return false;
+    };
+    let Some((count, mut rest)) = rest.split_first_chunk::<2>() else {
+        return false;
+    };
+    for _ in 0..u16::from_be_bytes(*count) {
+        match postcard::take_from_bytes::<foca::Member<MemberId>>(rest) {
+            Ok((m, more)) => {
+                if m.id().peer == header.src.peer && m.state() == MemberState::Down {
+                    return true;
+                }
+                rest = more;
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// A member as `/v1/members` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberInfo {
+    pub peer_id: String,
+    /// alive, suspect, down or left.
+    pub state: &'static str,
+    pub region: String,
+    pub addresses: Vec<String>,
+    pub incarnation: u16,
+    pub connected: bool,
+    /// Their clock minus ours, ms (NTP-style, from membership traffic).
+    pub clock_offset_ms: Option<i64>,
+    /// The round trip of the sample the offset comes from, ms.
+    pub clock_rtt_ms: Option<u64>,
+}
+
+/// What the swarm task knows of the membership, for the API and the other
+/// loops: refreshed after every membership event.
+#[derive(Default)]
+pub struct MemberTable {
+    inner: Mutex<TableState>,
+}
+
+#[derive(Default)]
+struct TableState {
+    members: BTreeMap<String, (MemberView, bool)>,
+    /// Peers that announced their leave (SIGTERM): down, and known why.
+    left: std::collections::BTreeSet<String>,
+    offsets: ClockOffsets,
+}
+
+impl MemberTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TableState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the view with SWIM's, noting which members are connected.
+    pub fn refresh(&self, views: Vec<MemberView>, connected: impl Fn(&str) -> bool) {
+        let mut t = self.lock();
+        t.members = views
+            .into_iter()
+            .map(|v| {
+                let c = connected(&v.id.peer);
+                (v.id.peer.clone(), (v, c))
+            })
+            .collect();
+    }
+
+    pub fn mark_left(&self, peer: &str, left: bool) {
+        let mut t = self.lock();
+        if left {
+            t.left.insert(peer.to_string());
+        } else {
+            t.left.remove(peer);
+        }
+    }
+
+    pub fn record_offset(&self, peer: &str, s: Sample) {
+        self.lock().offsets.record(peer, s);
+    }
+
+    pub fn offset(&self, peer: &str) -> Option<Sample> {
+        self.lock().offsets.estimate(peer)
+    }
+
+    pub fn forget(&self, peer: &str) {
+        let mut t = self.lock();
+        t.members.remove(peer);
+        t.offsets.remove(peer);
+    }
+
+    /// Peer ids of members alive or suspect.
+    pub fn active(&self) -> Vec<String> {
+        self.lock()
+            .members
+            .values()
+            .filter(|(v, _)| v.state != MemberState::Down)
+            .map(|(v, _)| v.id.peer.clone())
+            .collect()
+    }
+
+    pub fn state_of(&self, peer: &str) -> Option<MemberState> {
+        self.lock().members.get(peer).map(|(v, _)| v.state)
+    }
+
+    /// Whether our clock is ahead of most active members by more than
+    /// `max_skew_ms`.
+    pub fn clock_ahead(&self, max_skew_ms: u64) -> bool {
+        let t = self.lock();
+        let live: Vec<&str> = t
+            .members
+            .values()
+            .filter(|(v, _)| v.state != MemberState::Down)
+            .map(|(v, _)| v.id.peer.as_str())
+            .collect();
+        t.offsets.ahead_of_majority(live, max_skew_ms)
+    }
+
+    pub fn view(&self) -> Vec<MemberInfo> {
+        let t = self.lock();
+        t.members
+            .values()
+            .map(|(v, connected)| {
+                let off = t.offsets.estimate(&v.id.peer);
+                MemberInfo {
+                    peer_id: v.id.peer.clone(),
+                    state: match v.state {
+                        MemberState::Alive => "alive",
+                        MemberState::Suspect => "suspect",
+                        MemberState::Down if t.left.contains(&v.id.peer) => "left",
+                        MemberState::Down => "down",
+                    },
+                    region: v.id.region.clone(),
+                    addresses: v.id.addrs.clone(),
+                    incarnation: v.incarnation,
+                    connected: *connected,
+                    clock_offset_ms: off.map(|s| s.offset_ms),
+                    clock_rtt_ms: off.map(|s| s.rtt_ms),
+                }
+            })
+            .collect()
+    }
+}
