@@ -33,7 +33,7 @@ pub async fn render(engine: &SyncEngine, net: &NodeHandle) -> String {
     let m = engine.metrics();
     let stats = &net.peers.stats;
     let mut r = Registry::with_prefix("syncnode");
-    let counters: [(&str, &str, u64); 29] = [
+    let counters: [(&str, &str, u64); 31] = [
         ("writes_accepted", "Writes accepted", load(&m.writes_accepted)),
         (
             "writes_refused",
@@ -118,6 +118,16 @@ pub async fn render(engine: &SyncEngine, net: &NodeHandle) -> String {
             "sync_bytes_received",
             "Bytes received by sync and gossip",
             load(&net.traffic.received),
+        ),
+        (
+            "membership_bytes_sent",
+            "Bytes sent by SWIM membership",
+            load(&net.member_traffic.sent),
+        ),
+        (
+            "membership_bytes_received",
+            "Bytes received by SWIM membership",
+            load(&net.member_traffic.received),
         ),
     ];
     for (name, help, v) in counters {

@@ -15,6 +15,8 @@ pub struct NodeProcess {
     pub dir: PathBuf,
     /// The arguments after `run --data-dir <dir>`.
     pub args: Vec<String>,
+    /// Extra environment (e.g. libfaketime's).
+    pub env: Vec<(String, String)>,
     pub peer_id: String,
     /// `/ip4/…/tcp/<port>/p2p/<peer id>`, for `--bootstrap`.
     pub addr: String,
@@ -28,13 +30,26 @@ impl NodeProcess {
     /// Runs `bin run --data-dir dir args…`; stderr goes to `dir/stderr.log`.
     /// `--api-token` among `args` is used by the client.
     pub async fn spawn(bin: &Path, dir: &Path, args: Vec<String>) -> anyhow::Result<NodeProcess> {
+        Self::spawn_with(bin, dir, "run", args, Vec::new()).await
+    }
+
+    /// `bin <command> --data-dir dir args…` with extra environment
+    /// (`command` is `run`, or `resync` which runs the node after it).
+    pub async fn spawn_with(
+        bin: &Path,
+        dir: &Path,
+        command: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<NodeProcess> {
         std::fs::create_dir_all(dir)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("stderr.log"))?;
         let mut child = Command::new(bin)
-            .arg("run")
+            .arg(command)
+            .envs(env.iter().cloned())
             .arg("--data-dir")
             .arg(dir)
             .args(&args)
@@ -78,6 +93,7 @@ impl NodeProcess {
             dir: dir.to_path_buf(),
             api: ApiClient::new(format!("http://{http}"), token),
             args,
+            env,
             peer_id,
             addr,
             p2p_port,
@@ -95,9 +111,9 @@ impl NodeProcess {
                 *a = self.http.clone();
             }
         }
-        let dir = self.dir.clone();
+        let (dir, env) = (self.dir.clone(), self.env.clone());
         drop(self);
-        NodeProcess::spawn(bin, &dir, args).await
+        NodeProcess::spawn_with(bin, &dir, "run", args, env).await
     }
 
     /// `/v1/merkle` as `(root, count)`.

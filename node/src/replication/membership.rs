@@ -30,6 +30,8 @@ pub const MAX_FRAME: usize = MAX_PACKET + 256;
 #[derive(Debug, Clone)]
 pub struct MemberCodec {
     pub cluster: String,
+    /// Bytes of membership traffic, both ways.
+    pub traffic: std::sync::Arc<super::transport::Traffic>,
 }
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
@@ -53,13 +55,19 @@ impl MemberCodec {
         }
         let mut buf = vec![0u8; len];
         io.read_exact(&mut buf).await?;
+        self.traffic
+            .received
+            .fetch_add(4 + len as u64, std::sync::atomic::Ordering::Relaxed);
         let env = Envelope::decode(&buf, MAX_FRAME).map_err(invalid)?;
         Ok((env.cluster, env.body))
     }
 
     async fn write<T: AsyncWrite + Unpin + Send>(&self, io: &mut T, body: Body) -> io::Result<()> {
-        io.write_all(&Envelope::new(self.cluster.clone(), body).to_frame())
-            .await?;
+        let frame = Envelope::new(self.cluster.clone(), body).to_frame();
+        io.write_all(&frame).await?;
+        self.traffic
+            .sent
+            .fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
         io.close().await
     }
 }

@@ -12,7 +12,7 @@
 
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,19 +129,23 @@ pub struct PeerView {
 }
 
 /// A cluster member's purge watermark: the HLC below which it is proven to
-/// hold everything we hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// hold everything we hold; and where it was last reachable, so a node that
+/// restarts finds its members again even when its seeds are gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub watermark: u64,
     pub last_seen_ms: u64,
+    #[serde(default)]
+    pub addrs: Vec<String>,
 }
 
 /// `members.json`: the members and the peers an operator forgot.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct MembersFile {
     members: BTreeMap<String, Member>,
+    /// Forgotten peers, with when they were last seen (ms).
     #[serde(default)]
-    forgotten: BTreeSet<String>,
+    forgotten: BTreeMap<String, u64>,
 }
 
 /// The file as it was written, now or by an older version (a bare map).
@@ -243,9 +247,15 @@ impl Peers {
         // it missed are gone) must resync — unless every other member went
         // silent too: then it is us who were away, and all our members count
         // as fresh again (whichever reconnects first). A forgotten member
-        // must resync whenever it returns.
+        // follows the same rule from when it was last seen; back sooner, it
+        // heals through the purge ledger like any member and counts again.
         let forgotten = on && self.is_forgotten(peer);
-        let mut expired = on && !forgotten && self.member_expired(peer);
+        let mut expired = on && self.member_expired(peer);
+        if forgotten && !expired {
+            tracing::warn!(%peer, "a forgotten member is back: the purge ledger keeps its stale copies out; it counts as a member again");
+            self.lock_members().forgotten.remove(&peer.to_string());
+            self.add_member(peer, &[]);
+        }
         if expired && self.isolated_from_all_but(peer) {
             tracing::warn!(
                 "every member was silent past ledger_retention: this node was away; trusting its members again"
@@ -253,7 +263,6 @@ impl Peers {
             self.touch_all_members();
             expired = false;
         }
-        let expired = expired || forgotten;
         self.with(peer, |s| {
             s.connected = on;
             // Nothing of ours is in flight to a peer just (re)connected: its
@@ -261,7 +270,7 @@ impl Peers {
             s.differed = u32::from(on);
             if expired && !s.must_resync {
                 s.must_resync = true;
-                tracing::error!(%peer, forgotten, "member away past ledger_retention (or forgotten) is back: nothing is taken from it until it rejoins empty (`syncnode resync --from PEER` on it)");
+                tracing::error!(%peer, forgotten, "member away past ledger_retention is back: nothing is taken from it until it rejoins empty (`syncnode resync --from PEER` on it)");
             }
         });
     }
@@ -284,18 +293,22 @@ impl Peers {
     /// A SWIM member joined: it holds back purges from now on (watermark 0
     /// until a session proves more). A forgotten peer is not taken back
     /// until it has resynced.
-    pub fn add_member(&self, peer: PeerId) {
+    pub fn add_member(&self, peer: PeerId, addrs: &[String]) {
         let mut m = self.lock_members();
         let key = peer.to_string();
-        if m.forgotten.contains(&key) {
+        if m.forgotten.contains_key(&key) {
             return;
         }
         let now = now_ms();
         let e = m.members.entry(key).or_insert(Member {
             watermark: 0,
             last_seen_ms: now,
+            addrs: Vec::new(),
         });
         e.last_seen_ms = e.last_seen_ms.max(now);
+        if !addrs.is_empty() {
+            e.addrs = addrs.to_vec();
+        }
         self.members_dirty.store(true, Ordering::Relaxed);
     }
 
@@ -306,9 +319,10 @@ impl Peers {
         let key = peer.to_string();
         let was = {
             let mut m = self.lock_members();
-            let was = m.members.remove(&key).is_some();
-            m.forgotten.insert(key);
-            was
+            let seen = m.members.remove(&key);
+            m.forgotten
+                .insert(key, seen.as_ref().map_or_else(now_ms, |s| s.last_seen_ms));
+            seen.is_some()
         };
         self.members_dirty.store(true, Ordering::Relaxed);
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -317,7 +331,7 @@ impl Peers {
     }
 
     pub fn is_forgotten(&self, peer: PeerId) -> bool {
-        self.lock_members().forgotten.contains(&peer.to_string())
+        self.lock_members().forgotten.contains_key(&peer.to_string())
     }
 
     /// Whether this node has caught up with a member since it started.
@@ -339,12 +353,17 @@ impl Peers {
         inner.get(&peer).is_some_and(|s| s.must_resync)
     }
 
-    /// Whether `peer` was silent longer than ledger_retention.
+    /// Whether `peer` (a member, or a forgotten one) was silent longer than
+    /// ledger_retention.
     fn member_expired(&self, peer: PeerId) -> bool {
         let m = self.lock_members();
-        m.members
-            .get(&peer.to_string())
-            .is_some_and(|m| now_ms().saturating_sub(m.last_seen_ms) > self.ledger_retention.as_millis() as u64)
+        let key = peer.to_string();
+        let seen = m
+            .members
+            .get(&key)
+            .map(|m| m.last_seen_ms)
+            .or(m.forgotten.get(&key).copied());
+        seen.is_some_and(|t| now_ms().saturating_sub(t) > self.ledger_retention.as_millis() as u64)
     }
 
     pub fn set_region(&self, peer: PeerId, region: Option<String>) {
@@ -376,7 +395,7 @@ impl Peers {
         if resynced {
             tracing::info!(%peer, "member came back empty: it resyncs and counts again");
             self.lock_members().forgotten.remove(&peer.to_string());
-            self.add_member(peer);
+            self.add_member(peer, &[]);
         }
         if !expired {
             self.touch_member(peer);
@@ -405,12 +424,13 @@ impl Peers {
     /// Records that `peer` holds everything we hold stamped below `watermark`.
     pub fn prove_member(&self, peer: PeerId, watermark: u64) {
         let mut m = self.lock_members();
-        if m.forgotten.contains(&peer.to_string()) {
+        if m.forgotten.contains_key(&peer.to_string()) {
             return;
         }
         let e = m.members.entry(peer.to_string()).or_insert(Member {
             watermark,
             last_seen_ms: 0,
+            addrs: Vec::new(),
         });
         e.watermark = e.watermark.max(watermark);
         e.last_seen_ms = now_ms();

@@ -208,6 +208,8 @@ pub struct NodeHandle {
     pub probe_interval: Duration,
     commands: mpsc::Sender<Command>,
     pub traffic: Arc<Traffic>,
+    /// Bytes of SWIM traffic (the membership protocol).
+    pub member_traffic: Arc<Traffic>,
     /// Peer roots, lag, sessions, penalties, members, counters.
     pub peers: Arc<Peers>,
     sessions: Arc<AtomicU64>,
@@ -431,8 +433,10 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     for addr in &config.listen {
         check_port_free(addr)?;
     }
+    let member_traffic = Arc::new(Traffic::default());
     let member_codec = MemberCodec {
         cluster: config.cluster.clone(),
+        traffic: member_traffic.clone(),
     };
     let mut swarm: Swarm<NodeBehaviour> = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
@@ -539,7 +543,17 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         config.member_expiry,
         config.ledger_retention,
     ));
-    let seeded = !config.bootstrap.is_empty() || !peers.members().is_empty();
+    // Seeds: the bootstrap list, and the members known before a restart
+    // (at their last addresses), so a node finds the cluster again even
+    // when its bootstrap peers are gone.
+    let mut seeds = config.bootstrap.clone();
+    for (peer, m) in peers.members() {
+        let Ok(id) = peer.parse::<PeerId>() else { continue };
+        for a in m.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+            seeds.push(a.with(libp2p::multiaddr::Protocol::P2p(id)));
+        }
+    }
+    let seeded = !seeds.is_empty();
     let me = MemberId {
         peer: peer_id.to_string(),
         addrs: advertise.iter().map(|a| a.to_string()).collect(),
@@ -577,6 +591,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         probe_interval: config.probe_interval,
         commands: tx.clone(),
         traffic,
+        member_traffic,
         peers: peers.clone(),
         sessions: Arc::new(AtomicU64::new(0)),
         cluster: config.cluster.clone(),
@@ -604,8 +619,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         clock_fenced: false,
         epoch: Instant::now(),
         log: ConnectionLog::default(),
-        redial: config
-            .bootstrap
+        redial: seeds
             .iter()
             .map(|a| Redial {
                 addr: a.clone(),
@@ -884,7 +898,7 @@ impl SwarmTask {
             MemberEvent::Up(m) => {
                 tracing::info!(peer = %m.peer, region = %m.region, addrs = ?m.addrs, "member joined");
                 if let Ok(p) = m.peer.parse::<PeerId>() {
-                    self.peers.add_member(p);
+                    self.peers.add_member(p, &m.addrs);
                     self.peers.set_region(p, Some(m.region.clone()));
                     self.members.mark_left(&m.peer, false);
                     self.dial_member(swarm, p, &m);
@@ -1062,6 +1076,13 @@ impl SwarmTask {
                     for r in self.redial.iter_mut().filter(|r| r.peer == Some(peer)) {
                         r.next = Instant::now();
                         r.backoff = Duration::from_secs(1);
+                    }
+                    // A member SWIM declared down meanwhile: reach it now
+                    // rather than at the next announce to down members.
+                    let key = peer.to_string();
+                    if let Some(m) = self.membership.members().into_iter().find(|m| m.id.peer == key) {
+                        self.member_dials.remove(&peer);
+                        self.dial_member(swarm, peer, &m.id);
                     }
                 }
             }

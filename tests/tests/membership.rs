@@ -1,0 +1,487 @@
+//! Membership as an operator meets it, with real `syncnode run` processes:
+//! a cluster that joins through one seed and outlives it, DNS bootstrap,
+//! advertised addresses, exclusive ports, readiness of a joining node,
+//! forgetting a member, and the log lines that name what is misconfigured.
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use syncnode::process::NodeProcess as Proc;
+
+const CLUSTER: &str = "members-test";
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_node"))
+}
+
+/// A loopback node with short gossip and probe intervals.
+fn args(extra: &[String]) -> Vec<String> {
+    let mut a = syncnode::process::loopback_args(CLUSTER, &[]);
+    a.extend(["--gossip-interval", "200ms", "--probe-interval", "200ms"].map(String::from));
+    a.extend(extra.iter().cloned());
+    a
+}
+
+/// `args` with the listen address replaced.
+fn listening_on(mut a: Vec<String>, listen: &str) -> Vec<String> {
+    let i = a
+        .iter()
+        .position(|x| x == "--listen")
+        .expect("loopback args have --listen");
+    a[i + 1] = listen.to_string();
+    a
+}
+
+fn boot(p: &Proc) -> Vec<String> {
+    vec!["--bootstrap".into(), p.addr.clone()]
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+async fn spawn(dir: &Path, args: Vec<String>) -> Proc {
+    Proc::spawn(bin(), dir, args).await.unwrap()
+}
+
+/// Retries `check` until it passes or `timeout` ends (then fails with its
+/// last complaint).
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if start.elapsed() > timeout => panic!("{what} within {timeout:?}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn members(p: &Proc) -> Vec<Value> {
+    let v = p.api.ok_json(p.api.get("/v1/members").await).await.unwrap();
+    v["members"].as_array().unwrap().clone()
+}
+
+async fn alive(p: &Proc) -> BTreeSet<String> {
+    members(p)
+        .await
+        .iter()
+        .filter(|m| m["state"] == "alive")
+        .map(|m| m["peer_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn status_of(p: &Proc, id: &str) -> u16 {
+    p.api.get_item(id).await.unwrap().status.as_u16()
+}
+
+async fn put(p: &Proc, id: &str, v: &str) {
+    p.api
+        .ok_json(p.api.put_item(id, Bytes::from(v.to_string()), false).await)
+        .await
+        .unwrap();
+}
+
+/// The sum of a metric's series in `/metrics`.
+async fn metric(p: &Proc, name: &str) -> f64 {
+    let text = p.api.get("/metrics").await.unwrap().text();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn kill(p: &mut Proc) {
+    p.child.start_kill().unwrap();
+    p.child.wait().await.unwrap();
+}
+
+fn others<'a>(all: &[&'a Proc], me: &Proc) -> BTreeSet<String> {
+    all.iter()
+        .filter(|p| p.peer_id != me.peer_id)
+        .map(|p| p.peer_id.clone())
+        .collect()
+}
+
+/// A free TCP port on loopback (for an address that must be known before
+/// the node starts).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_joins_through_one_seed_and_outlives_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n1 = spawn(&tmp.path().join("n1"), args(&[])).await;
+    let mut rest = Vec::new();
+    // n5 advertises a DNS name (and the port it will listen on).
+    let n5_port = free_port();
+    for i in 2..=5 {
+        let mut a = args(&boot(&n1));
+        if i == 5 {
+            a = listening_on(a, &format!("/ip4/127.0.0.1/tcp/{n5_port}"));
+            a.extend(["--advertise".to_string(), format!("/dns4/localhost/tcp/{n5_port}")]);
+        }
+        rest.push(spawn(&tmp.path().join(format!("n{i}")), a).await);
+    }
+    let all: Vec<&Proc> = std::iter::once(&n1).chain(rest.iter()).collect();
+    for p in &all {
+        let want = others(&all, p);
+        eventually(
+            "every node lists the 4 others alive",
+            Duration::from_secs(20),
+            || async {
+                let got = alive(p).await;
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{} sees {got:?}", p.peer_id))
+                }
+            },
+        )
+        .await;
+    }
+    // Others reach n5 by the name it advertises.
+    let seen = members(&rest[0]).await;
+    let m5 = seen.iter().find(|m| m["peer_id"] == rest[3].peer_id.as_str()).unwrap();
+    assert_eq!(m5["addresses"], json!([format!("/dns4/localhost/tcp/{n5_port}")]));
+    let h5 = rest[3].api.ok_json(rest[3].api.get("/health").await).await.unwrap();
+    assert_eq!(h5["advertise"], json!([format!("/dns4/localhost/tcp/{n5_port}")]));
+
+    // The seed dies: writes still flow between the others.
+    kill(&mut n1).await;
+    put(&rest[0], "after.seed", "n2 wrote this").await;
+    eventually(
+        "n2's write reaches n5 without the seed",
+        Duration::from_secs(20),
+        || async {
+            match status_of(&rest[3], "after.seed").await {
+                200 => Ok(()),
+                s => Err(format!("n5 answers {s}")),
+            }
+        },
+    )
+    .await;
+    eventually("n1 is marked down", Duration::from_secs(20), || async {
+        let m = members(&rest[1]).await;
+        let st = m
+            .iter()
+            .find(|m| m["peer_id"] == n1.peer_id.as_str())
+            .map(|m| m["state"].clone());
+        if st == Some(json!("down")) {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+    // n1 comes back (no bootstrap of its own: it remembers its members) and catches up.
+    let n1 = n1.restart(bin()).await.unwrap();
+    eventually("n1 catches up", Duration::from_secs(30), || async {
+        match status_of(&n1, "after.seed").await {
+            200 => Ok(()),
+            s => Err(format!("n1 answers {s}")),
+        }
+    })
+    .await;
+
+    // A 6th node joins through n4 only, by a DNS name, listening on every
+    // interface: it learns every member, and they learn its real addresses.
+    let n4 = &rest[2];
+    let a6 = listening_on(
+        args(&[
+            "--bootstrap".into(),
+            format!("/dns4/localhost/tcp/{}/p2p/{}", n4.p2p_port, n4.peer_id),
+        ]),
+        "/ip4/0.0.0.0/tcp/0",
+    );
+    let n6 = spawn(&tmp.path().join("n6"), a6).await;
+    let all: Vec<&Proc> = [&n1].into_iter().chain(rest.iter()).chain([&n6]).collect();
+    let want = others(&all, &n6);
+    eventually("n6 lists every member", Duration::from_secs(20), || async {
+        let got = alive(&n6).await;
+        if got == want { Ok(()) } else { Err(format!("{got:?}")) }
+    })
+    .await;
+    let h6 = n6.api.ok_json(n6.api.get("/health").await).await.unwrap();
+    let adv: Vec<String> = serde_json::from_value(h6["advertise"].clone()).unwrap();
+    assert!(!adv.is_empty(), "{h6}");
+    for a in &adv {
+        assert!(!a.contains("0.0.0.0"), "the wildcard is expanded: {adv:?}");
+    }
+    let listen: Vec<String> = serde_json::from_value(h6["listen_addrs"].clone()).unwrap();
+    assert!(listen.len() >= adv.len(), "{listen:?} vs {adv:?}");
+    eventually(
+        "n2 shows n6's advertised addresses",
+        Duration::from_secs(10),
+        || async {
+            let m = members(&rest[0]).await;
+            let got = m
+                .iter()
+                .find(|m| m["peer_id"] == n6.peer_id.as_str())
+                .map(|m| m["addresses"].clone());
+            if got == Some(json!(adv)) {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    )
+    .await;
+    // `syncnode members` lists them for an operator.
+    let out = tokio::process::Command::new(bin())
+        .args(["members", "--api", &format!("http://{}", n6.http)])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for p in &all {
+        assert!(text.contains(&p.peer_id), "{} missing from:\n{text}", p.peer_id);
+    }
+}
+
+/// A second node on a taken port stops with the port in its message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_are_exclusive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = spawn(&tmp.path().join("n1"), args(&[])).await;
+    let http_port = n1.http.rsplit(':').next().unwrap().to_string();
+    for (what, listen, http, port) in [
+        (
+            "p2p",
+            format!("/ip4/127.0.0.1/tcp/{}", n1.p2p_port),
+            "127.0.0.1:0".to_string(),
+            n1.p2p_port.to_string(),
+        ),
+        (
+            "http",
+            "/ip4/127.0.0.1/tcp/0".into(),
+            n1.http.clone(),
+            http_port.clone(),
+        ),
+    ] {
+        let out = tokio::process::Command::new(bin())
+            .arg("run")
+            .arg("--data-dir")
+            .arg(tmp.path().join(format!("second-{what}")))
+            .args(["--listen", &listen, "--http", &http, "--cluster-id", CLUSTER])
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: a second node started on the same port");
+        assert!(err.contains(&port), "{what}: the message names the port {port}: {err}");
+    }
+    assert_eq!(n1.api.get("/livez").await.unwrap().status, 200);
+}
+
+/// A joining node answers /readyz 503 until its first session with a
+/// member has completed, and never 404s an existing id once ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_is_ready_only_once_it_holds_the_data() {
+    const N: usize = 50_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = spawn(&tmp.path().join("n1"), args(&[])).await;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(2_000) {
+        let puts: Vec<Value> = chunk
+            .iter()
+            .map(|i| json!({"id": format!("item.{i}"), "content": {"n": i, "pad": "x".repeat(40)}}))
+            .collect();
+        let r = n1
+            .api
+            .ok_json(n1.api.post_json("/v1/batch", &json!({"put": puts})).await)
+            .await
+            .unwrap();
+        assert_eq!(r["succeeded"], chunk.len(), "{r}");
+    }
+    assert_eq!(n1.root().await.unwrap().1, N as u64);
+    let n2 = spawn(&tmp.path().join("n2"), args(&boot(&n1))).await;
+    let mut saw_503 = false;
+    let start = Instant::now();
+    loop {
+        let r = n2.api.get("/readyz").await.unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        let body = r.json().unwrap();
+        assert!(
+            body["reasons"].to_string().contains("joining"),
+            "the reason says the node is joining: {body}"
+        );
+        saw_503 = true;
+        assert!(start.elapsed() < Duration::from_secs(240), "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saw_503, "a node joining a 50k-item cluster was ready at once");
+    // Ready: every id is there.
+    assert_eq!(n2.root().await.unwrap().1, N as u64, "ready before holding the data");
+    for chunk in (0..N).collect::<Vec<_>>().chunks(5_000) {
+        let ids: Vec<String> = chunk.iter().map(|i| format!("item.{i}")).collect();
+        let r = n2
+            .api
+            .ok_json(n2.api.post_json("/v1/get", &json!({"ids": ids})).await)
+            .await
+            .unwrap();
+        let missing = r.as_array().unwrap().iter().filter(|v| v.is_null()).count();
+        assert_eq!(missing, 0, "ids missing on a ready node");
+    }
+    for i in (0..N).step_by(997) {
+        assert_eq!(status_of(&n2, &format!("item.{i}")).await, 200);
+    }
+}
+
+/// `members forget` of a dead member lets the purge run; the member coming
+/// back with stale copies is refused and converges without bringing any
+/// delete back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_a_dead_member_lets_the_purge_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fast = s(&["--tombstone-grace", "1s"]);
+    let a = spawn(&tmp.path().join("a"), args(&fast)).await;
+    let b = spawn(&tmp.path().join("b"), args(&[fast.clone(), boot(&a)].concat())).await;
+    let mut c = spawn(&tmp.path().join("c"), args(&[fast.clone(), boot(&a)].concat())).await;
+    for i in 0..10 {
+        put(&a, &format!("x{i}"), "v1").await;
+    }
+    syncnode::process::converge(&[&a, &b, &c], Duration::from_secs(60))
+        .await
+        .unwrap();
+    kill(&mut c).await;
+    for i in 0..5 {
+        a.api.ok_json(a.api.delete_item(&format!("x{i}")).await).await.unwrap();
+    }
+    syncnode::process::converge(&[&a, &b], Duration::from_secs(60))
+        .await
+        .unwrap();
+    // c is a member (down, not expired): nothing may be purged.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(metric(&a, "syncnode_tombstones_purged_total").await, 0.0);
+    // Forgetting an alive member is refused; a dead one goes.
+    let alive_one = a
+        .api
+        .call(hyper::Method::DELETE, &format!("/v1/members/{}", b.peer_id), None)
+        .await
+        .unwrap();
+    assert_eq!(alive_one.status, 409, "{}", alive_one.text());
+    for n in [&a, &b] {
+        let out = tokio::process::Command::new(bin())
+            .args(["members", "--api", &format!("http://{}", n.http), "forget", &c.peer_id])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(!members(n).await.iter().any(|m| m["peer_id"] == c.peer_id.as_str()));
+    }
+    for n in [&a, &b] {
+        eventually(
+            "the purge runs once c is forgotten",
+            Duration::from_secs(30),
+            || async {
+                let purged = metric(n, "syncnode_tombstones_purged_total").await;
+                if purged >= 5.0 {
+                    Ok(())
+                } else {
+                    Err(format!("{purged} purged"))
+                }
+            },
+        )
+        .await;
+    }
+    // c comes back with its stale copies of x0..x4.
+    let c = c.restart(bin()).await.unwrap();
+    syncnode::process::converge(&[&a, &b, &c], Duration::from_secs(90))
+        .await
+        .unwrap();
+    for n in [&a, &b, &c] {
+        for i in 0..5 {
+            assert_eq!(
+                status_of(n, &format!("x{i}")).await,
+                404,
+                "x{i} came back on {}",
+                n.peer_id
+            );
+        }
+        for i in 5..10 {
+            assert_eq!(status_of(n, &format!("x{i}")).await, 200);
+        }
+    }
+    let refused = metric(&a, "syncnode_resurrections_refused_total").await
+        + metric(&b, "syncnode_resurrections_refused_total").await;
+    assert!(refused > 0.0, "c's stale copies were never offered and refused");
+}
+
+/// At the default level, what an operator can fix gets one WARN line that
+/// names the address or peer: a dead bootstrap address, another PSK, a
+/// wrong peer id, another cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconfigurations_are_named_in_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (k1, k2) = (tmp.path().join("k1"), tmp.path().join("k2"));
+    syncnode::identity::write_psk(&k1).unwrap();
+    syncnode::identity::write_psk(&k2).unwrap();
+    let psk = |k: &Path| vec!["--psk-file".to_string(), k.display().to_string()];
+    let n1 = spawn(&tmp.path().join("n1"), args(&psk(&k1))).await;
+    let dead = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let other_id = syncnode::identity::load_or_create(&tmp.path().join("nobody"))
+        .unwrap()
+        .0
+        .public()
+        .to_peer_id();
+    let wrong_id = format!("/ip4/127.0.0.1/tcp/{}/p2p/{other_id}", n1.p2p_port);
+    let x_dead = spawn(
+        &tmp.path().join("dead"),
+        args(&[psk(&k1), vec!["--bootstrap".into(), dead.clone()]].concat()),
+    )
+    .await;
+    let x_psk = spawn(&tmp.path().join("psk"), args(&[psk(&k2), boot(&n1)].concat())).await;
+    let x_id = spawn(
+        &tmp.path().join("id"),
+        args(&[psk(&k1), vec!["--bootstrap".into(), wrong_id]].concat()),
+    )
+    .await;
+    let mut other = syncnode::process::loopback_args("another-cluster", &[]);
+    other.extend([psk(&k1), boot(&n1)].concat());
+    let x_cluster = spawn(&tmp.path().join("cluster"), other).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = |p: &Proc| std::fs::read_to_string(p.dir.join("stderr.log")).unwrap();
+    let warns = |p: &Proc, needle: &str| -> Vec<String> {
+        log(p)
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    };
+    let w = warns(&x_dead, "cannot reach a bootstrap address");
+    assert_eq!(w.len(), 1, "one line, rate-limited: {w:?}");
+    assert!(w[0].contains(&dead) && w[0].contains("refused"), "{w:?}");
+    let w = warns(&x_psk, "pre-shared key");
+    assert!(
+        !w.is_empty() && w[0].contains(&n1.addr.split("/p2p").next().unwrap().to_string()),
+        "{}",
+        log(&x_psk)
+    );
+    assert!(!warns(&n1, "pre-shared key").is_empty(), "{}", log(&n1));
+    let w = warns(&x_id, "another peer id");
+    assert!(
+        !w.is_empty() && w[0].contains(&other_id.to_string()) && w[0].contains(&n1.peer_id),
+        "{}",
+        log(&x_id)
+    );
+    let w = warns(&n1, "another cluster");
+    assert!(
+        w.len() == 1 && w[0].contains(&x_cluster.peer_id),
+        "one line naming the peer: {w:?}"
+    );
+}
