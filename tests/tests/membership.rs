@@ -102,7 +102,7 @@ async fn kill(p: &mut Proc) {
     p.child.wait().await.unwrap();
 }
 
-fn others<'a>(all: &[&'a Proc], me: &Proc) -> BTreeSet<String> {
+fn others(all: &[&Proc], me: &Proc) -> BTreeSet<String> {
     all.iter()
         .filter(|p| p.peer_id != me.peer_id)
         .map(|p| p.peer_id.clone())
