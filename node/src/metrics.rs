@@ -192,6 +192,11 @@ pub async fn render(engine: &SyncEngine, net: &NodeHandle) -> String {
         members,
     );
     r.register(
+        "purge_ledger_records",
+        "Purged deletes remembered (kept ledger_retention)",
+        ConstGauge::new(engine.purge_ledger_len().await.unwrap_or(0) as i64),
+    );
+    r.register(
         "writes_fenced",
         "1 while local writes are refused because this node's clock is ahead of most members",
         ConstGauge::new(engine.write_fence().is_some() as i64),
