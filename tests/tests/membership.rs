@@ -485,3 +485,100 @@ async fn misconfigurations_are_named_in_the_log() {
         "one line naming the peer: {w:?}"
     );
 }
+
+/// libfaketime, which `scripts/test` installs (Debian `faketime`).
+fn libfaketime() -> String {
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+    assert!(
+        Path::new(lib).exists(),
+        "{lib} is missing: run the tests through ./scripts/test, which installs Debian's faketime"
+    );
+    lib.to_string()
+}
+
+/// A node whose clock runs 5 s ahead: the others measure its offset (within
+/// 10 %), it refuses writes with the reason while its clock is off (and is
+/// not ready), and takes them again once its clock is set back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_runs_ahead_refuses_writes_until_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = spawn(&tmp.path().join("n1"), args(&[])).await;
+    let n2 = spawn(&tmp.path().join("n2"), args(&boot(&n1))).await;
+    let skew = tmp.path().join("skew");
+    std::fs::write(&skew, "+5s\n").unwrap();
+    let env = vec![
+        ("LD_PRELOAD".to_string(), libfaketime()),
+        ("FAKETIME_TIMESTAMP_FILE".to_string(), skew.display().to_string()),
+        ("FAKETIME_NO_CACHE".to_string(), "1".to_string()),
+        // Timers run on the monotonic clock; only the wall clock is off.
+        ("FAKETIME_DONT_FAKE_MONOTONIC".to_string(), "1".to_string()),
+    ];
+    let fast = Proc::spawn_with(bin(), &tmp.path().join("fast"), "run", args(&boot(&n1)), env)
+        .await
+        .unwrap();
+    for n in [&n1, &n2] {
+        eventually("the others measure the offset", Duration::from_secs(20), || async {
+            let m = members(n).await;
+            let off = m
+                .iter()
+                .find(|m| m["peer_id"] == fast.peer_id.as_str())
+                .and_then(|m| m["clock_offset_ms"].as_i64());
+            match off {
+                Some(o) if (4_500..=5_500).contains(&o) => Ok(()),
+                other => Err(format!("{} measures {other:?}", n.peer_id)),
+            }
+        })
+        .await;
+        let text = n.api.get("/metrics").await.unwrap().text();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("syncnode_peer_clock_offset_seconds{") && l.contains(&fast.peer_id))
+            .unwrap_or_else(|| panic!("no offset metric for the fast node:\n{text}"));
+        let secs: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((4.5..=5.5).contains(&secs), "{line}");
+    }
+    eventually("the fast node refuses writes", Duration::from_secs(20), || async {
+        let a = fast.api.put_item("t", Bytes::from_static(b"x"), false).await.unwrap();
+        if a.status != 503 {
+            return Err(format!("{} {}", a.status, a.text()));
+        }
+        let body = a.json().unwrap();
+        if body["detail"].as_str().is_some_and(|d| d.contains("clock")) {
+            Ok(())
+        } else {
+            Err(body.to_string())
+        }
+    })
+    .await;
+    let r = fast.api.get("/readyz").await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("clock"), "{}", r.text());
+    // The healthy nodes take writes all along.
+    put(&n1, "healthy", "yes").await;
+    let log = std::fs::read_to_string(n1.dir.join("stderr.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("max_clock_skew") && l.contains(&fast.peer_id)),
+        "the others warn about the fast node"
+    );
+
+    std::fs::write(&skew, "+0s\n").unwrap();
+    eventually(
+        "the fast node serves again once its clock is back",
+        Duration::from_secs(30),
+        || async {
+            let a = fast.api.put_item("t", Bytes::from_static(b"x"), false).await.unwrap();
+            if a.status == 200 {
+                Ok(())
+            } else {
+                Err(format!("{} {}", a.status, a.text()))
+            }
+        },
+    )
+    .await;
+    eventually("and is ready", Duration::from_secs(10), || async {
+        let r = fast.api.get("/readyz").await.unwrap();
+        if r.status == 200 { Ok(()) } else { Err(r.text()) }
+    })
+    .await;
+}
