@@ -473,6 +473,35 @@ mod tests {
         assert_eq!(connection_targets("me", &members[..5], 8).len(), 5);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_packets_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let mut m = Membership::new(id(1), MembershipConfig::default(), 1);
+            let _ = m.handle_packet(0, &bytes);
+            m.tick(60_000);
+            for v in m.members() {
+                proptest::prop_assert!(v.id.addrs.len() <= MAX_ADDRS && v.id.region.len() <= MAX_REGION);
+            }
+        }
+
+        #[test]
+        fn packets_with_a_valid_header_and_garbage_after_never_panic(
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let mut bytes = postcard::to_stdvec(&foca::Header {
+                src: id(2),
+                src_incarnation: 0,
+                dst: id(1),
+                message: foca::Message::<MemberId>::Gossip,
+            })
+            .unwrap();
+            bytes.extend(tail);
+            let mut m = Membership::new(id(1), MembershipConfig::default(), 1);
+            let _ = m.handle_packet(0, &bytes);
+            m.tick(60_000);
+        }
+    }
+
     #[test]
     fn bad_identities_are_refused_at_decode() {
         let mut m = Membership::new(id(1), MembershipConfig::default(), 1);

@@ -5,7 +5,7 @@
 //! one WARN line each, naming the address or peer, at most once a minute
 //! for the same thing.
 
-use libp2p::swarm::DialError;
+use libp2p::swarm::{DialError, ListenError};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -72,14 +72,18 @@ impl ConnectionLog {
         }
     }
 
-    /// An incoming connection whose handshake failed.
-    pub fn incoming_failed(&mut self, from: &Multiaddr, error: &impl std::error::Error) {
+    /// An incoming connection that failed. One that fails in its
+    /// handshake (pnet, multistream, Noise) is almost always a node with
+    /// another pre-shared key, or something that is not a syncnode node.
+    pub fn incoming_failed(&mut self, from: &Multiaddr, error: &ListenError) {
         let text = error_chain(error);
         let ip = from.iter().next().map(|p| p.to_string()).unwrap_or_default();
-        if let Some(hint) = hint_for(&text)
-            && self.allow(&format!("incoming {ip}"))
-        {
-            tracing::warn!(%from, error = %text, "incoming connection failed: {hint}");
+        if matches!(error, ListenError::Transport(_)) && self.allow(&format!("incoming {ip}")) {
+            tracing::warn!(
+                %from,
+                error = %text,
+                "incoming connection failed in its handshake: the peer probably has another pre-shared key (psk_file), or none, or is not a syncnode node"
+            );
         } else {
             tracing::debug!(%from, error = %text, "refused an incoming connection");
         }
@@ -121,19 +125,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// What a failure most likely means, when it is something to fix.
+/// What a failed dial most likely means, when it is something to fix: a
+/// name that does not resolve; or a connection that was made and then
+/// failed in its handshake (pnet, multistream, Noise), which is almost
+/// always another pre-shared key. A refused or unreachable address is
+/// `None` (only worth a line for a bootstrap address).
 fn hint_for(text: &str) -> Option<&'static str> {
     let t = text.to_ascii_lowercase();
-    if t.contains("pnet")
-        || t.contains("noise")
-        || t.contains("handshake")
-        || t.contains("decrypt")
-        || t.contains("multistream select failed")
-    {
-        Some("handshake failed: the peer probably has another pre-shared key (psk_file), or none")
-    } else if t.contains("dns") || t.contains("resolve") || t.contains("no record") {
+    if t.contains("dns") || t.contains("resolve") || t.contains("no record") || t.contains("dns name not found") {
         Some("cannot resolve the address's DNS name")
-    } else {
+    } else if ["connection refused", "unreachable", "timed out", "no route"]
+        .iter()
+        .any(|k| t.contains(k))
+        && !t.contains("multistream")
+        && !t.contains("noise")
+    {
         None
+    } else {
+        Some("handshake failed: the peer probably has another pre-shared key (psk_file), or none")
     }
 }

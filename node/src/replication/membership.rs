@@ -277,3 +277,45 @@ impl MemberTable {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The swarm's own looks into a packet never panic, whatever comes.
+        #[test]
+        fn header_checks_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            let peer = PeerId::random();
+            let _ = sender_is(&bytes, &peer);
+            let _ = announces_leave(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_packet_speaking_for_another_member_is_refused() {
+        let (me, other) = (PeerId::random(), PeerId::random());
+        let header = |src: &PeerId| {
+            postcard::to_stdvec(&foca::Header {
+                src: MemberId::placeholder(src.to_string()),
+                src_incarnation: 0,
+                dst: MemberId::placeholder("x"),
+                message: foca::Message::<MemberId>::Announce,
+            })
+            .unwrap()
+        };
+        assert!(sender_is(&header(&me), &me).is_ok());
+        assert!(sender_is(&header(&other), &me).is_err());
+        assert!(!announces_leave(&header(&me)));
+        // foca's goodbye: the header, a big-endian update count, the sender down.
+        let mut bye = header(&me);
+        bye.extend(1u16.to_be_bytes());
+        bye.extend(postcard::to_stdvec(&foca::Member::down(MemberId::placeholder(me.to_string()))).unwrap());
+        assert!(announces_leave(&bye));
+        let mut not_bye = header(&me);
+        not_bye.extend(1u16.to_be_bytes());
+        not_bye.extend(postcard::to_stdvec(&foca::Member::down(MemberId::placeholder(other.to_string()))).unwrap());
+        assert!(!announces_leave(&not_bye));
+    }
+}
