@@ -185,6 +185,19 @@ async fn a_cluster_joins_through_one_seed_and_outlives_it() {
         }
     })
     .await;
+    // A peer that is gone is not shown in sync.
+    let peers = rest[2].api.ok_json(rest[2].api.get("/v1/peers").await).await.unwrap();
+    let p1 = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == n1.peer_id.as_str())
+        .unwrap();
+    assert_eq!(
+        (p1["connected"].clone(), p1["in_sync"].clone()),
+        (json!(false), json!(false)),
+        "{p1}"
+    );
     // n1 comes back (no bootstrap of its own: it remembers its members) and catches up.
     let n1 = n1.restart(bin()).await.unwrap();
     eventually("n1 catches up", Duration::from_secs(30), || async {
