@@ -264,6 +264,12 @@ impl NodeConfig {
                 )
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let region = s.region.unwrap_or_else(|| "default".into());
+        anyhow::ensure!(
+            !region.is_empty() && region.len() <= syncnode_protocol::membership::MAX_REGION,
+            "region: {region:?} must be 1-{} bytes",
+            syncnode_protocol::membership::MAX_REGION
+        );
         let cluster_id = s.cluster_id.unwrap_or_else(|| "default".into());
         anyhow::ensure!(
             !cluster_id.is_empty()
@@ -307,7 +313,7 @@ impl NodeConfig {
             sql_url: s.sql_url,
             redis_url: s.redis_url,
             redis_prefix: s.redis_prefix,
-            region: s.region.unwrap_or_else(|| "default".into()),
+            region,
             psk_file: s.psk_file,
             allow_peers,
             api_token: s.api_token,

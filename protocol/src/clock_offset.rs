@@ -66,19 +66,26 @@ impl ClockOffsets {
         self.samples.remove(peer);
     }
 
-    /// Whether our clock is ahead of a majority of `live` peers by more than
-    /// `max_skew_ms` (their offset below `-max_skew_ms`): then our writes
-    /// would win conflicts they should lose. Peers not measured yet count
-    /// as not behind, so a node alone or just started never refuses.
+    /// Keeps only the peers `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.samples.retain(|p, _| keep(p));
+    }
+
+    /// Whether our clock is ahead of a majority of the live members (`live`
+    /// and ourselves) by more than `max_skew_ms` (their offset below
+    /// `-max_skew_ms`): then our writes would win conflicts they should
+    /// lose. We count in the whole, so in a pair neither side is fenced (who
+    /// is right cannot be told). Peers not measured yet count as not
+    /// behind, so a node alone or just started never refuses.
     pub fn ahead_of_majority<'a>(&self, live: impl IntoIterator<Item = &'a str>, max_skew_ms: u64) -> bool {
-        let (mut n, mut behind) = (0usize, 0usize);
+        let (mut n, mut behind) = (1usize, 0usize);
         for p in live {
             n += 1;
             if self.estimate(p).is_some_and(|s| s.offset_ms < -(max_skew_ms as i64)) {
                 behind += 1;
             }
         }
-        n > 0 && behind * 2 > n
+        behind * 2 > n
     }
 }
 
@@ -132,8 +139,12 @@ mod tests {
             },
         );
         assert_eq!(c.estimate("a").unwrap().offset_ms, -5_010);
-        assert!(c.ahead_of_majority(["a", "b", "c"], 500));
+        // Of us, a and b, two are behind: we are ahead of the majority.
+        assert!(c.ahead_of_majority(["a", "b"], 500));
+        // Of us, a, b and c, two are behind: half is not a majority.
+        assert!(!c.ahead_of_majority(["a", "b", "c"], 500));
         assert!(!c.ahead_of_majority(["a", "c", "d"], 500));
+        assert!(!c.ahead_of_majority(["a"], 500), "a pair cannot tell who is right");
         assert!(!c.ahead_of_majority([], 500));
     }
 }

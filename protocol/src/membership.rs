@@ -78,7 +78,7 @@ impl foca::Identity for MemberId {
 
     fn renew(&self) -> Option<Self> {
         Some(MemberId {
-            bump: self.bump.wrapping_add(1),
+            bump: self.bump.checked_add(1)?,
             ..self.clone()
         })
     }

@@ -55,7 +55,7 @@ pub(super) async fn readyz(
     if !api.engine.is_ready() {
         reasons.push(format!("engine is {:?}", api.engine.state()));
     }
-    if let Some(why) = api.net.not_ready() {
+    if let Some(why) = api.net.not_ready(api.engine.merkle_summary().1) {
         reasons.push(why);
     }
     if let Some(why) = api.engine.write_fence() {

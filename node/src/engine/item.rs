@@ -234,9 +234,14 @@ pub(crate) fn validate_item(item: &SyncItem, max_payload_bytes: usize) -> Result
 
 /// Checks a replicated item: its stamp must be well formed and its hash must
 /// match its content (a peer cannot make us store bytes under a false hash).
+/// An origin (node id) from a peer.
+pub(crate) fn validate_origin(origin: &str) -> Result<(), StorageError> {
+    validate_tag("origin", origin, MAX_ORIGIN_BYTES, false)
+}
+
 pub(crate) fn validate_remote(item: &SyncItem, max_payload_bytes: usize) -> Result<(), StorageError> {
     validate_item(item, max_payload_bytes)?;
-    validate_tag("origin", &item.origin, MAX_ORIGIN_BYTES, false)?;
+    validate_origin(&item.origin)?;
     if item.version == 0 || item.version > MAX_VERSION {
         return Err(StorageError::InvalidInput(format!(
             "version {} out of range",

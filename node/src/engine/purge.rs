@@ -104,12 +104,15 @@ impl SyncEngine {
     /// Adds a peer's purge records to ours (they keep their purge time, so
     /// they expire when the peer's do); returns how many were new.
     pub async fn import_purge_ledger(&self, entries: Vec<PurgedEntry>) -> Result<u64, StorageError> {
+        let now = super::item::now_ms();
         for e in &entries {
             super::item::validate_id(&e.id)?;
+            super::item::validate_origin(&e.origin)?;
         }
+        // A purge time in the future would never expire.
         let rows: Vec<_> = entries
             .into_iter()
-            .map(|e| (e.id, e.version, e.origin, e.purged_at_ms))
+            .map(|e| (e.id, e.version, e.origin, e.purged_at_ms.min(now)))
             .collect();
         self.core.backends()?.l3.record_purged(&rows).await
     }

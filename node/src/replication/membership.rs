@@ -118,40 +118,50 @@ impl libp2p::request_response::Codec for MemberCodec {
     }
 }
 
-/// Checks that a SWIM packet's sender is `from`, the authenticated peer.
-pub fn sender_is(payload: &[u8], from: &PeerId) -> Result<(), String> {
-    let (header, _): (foca::Header<MemberId>, _) =
-        postcard::take_from_bytes(payload).map_err(|e| format!("undecodable membership packet: {e}"))?;
+/// What the swarm learns from a SWIM packet before foca sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inspected {
+    /// The packet carries its sender's own goodbye (foca's leave: the
+    /// sender's identity, declared down, among the updates).
+    pub leaves: bool,
+}
+
+/// Checks a SWIM packet from `from` (the authenticated peer): its SWIM
+/// sender must be `from` (nobody speaks for another member), and no
+/// identity in it may claim a start time (`bump`) past `max_bump` (one
+/// that would outrank every real restart of that member). foca encodes a
+/// packet as its header, a big-endian count, then the member updates.
+pub fn inspect(payload: &[u8], from: &PeerId, max_bump: u64) -> Result<Inspected, String> {
+    let (header, rest) = postcard::take_from_bytes::<foca::Header<MemberId>>(payload)
+        .map_err(|e| format!("undecodable membership packet: {e}"))?;
     if header.src.peer != from.to_string() {
         return Err(format!(
             "membership packet from {from} claims to come from {}",
             header.src.peer
         ));
     }
-    Ok(())
-}
-
-/// Whether a SWIM packet carries its sender's own goodbye (foca's leave:
-/// the sender's identity, declared down, among the updates).
-pub fn announces_leave(payload: &[u8]) -> bool {
-    let Ok((header, rest)) = postcard::take_from_bytes::<foca::Header<MemberId>>(payload) else {
-        return false;
-    };
-    let Some((count, mut rest)) = rest.split_first_chunk::<2>() else {
-        return false;
-    };
-    for _ in 0..u16::from_be_bytes(*count) {
-        match postcard::take_from_bytes::<foca::Member<MemberId>>(rest) {
-            Ok((m, more)) => {
-                if m.id().peer == header.src.peer && m.state() == MemberState::Down {
-                    return true;
-                }
-                rest = more;
+    if header.src.bump > max_bump {
+        return Err(format!(
+            "membership packet from {from} claims a start time in the future"
+        ));
+    }
+    let mut leaves = false;
+    if let Some((count, mut rest)) = rest.split_first_chunk::<2>() {
+        for _ in 0..u16::from_be_bytes(*count) {
+            let Ok((m, more)) = postcard::take_from_bytes::<foca::Member<MemberId>>(rest) else {
+                break;
+            };
+            if m.id().bump > max_bump {
+                return Err(format!(
+                    "membership packet from {from} names {} with a start time in the future",
+                    m.id().peer
+                ));
             }
-            Err(_) => return false,
+            leaves |= m.id().peer == header.src.peer && m.state() == MemberState::Down;
+            rest = more;
         }
     }
-    false
+    Ok(Inspected { leaves })
 }
 
 /// A member as `/v1/members` shows it.
@@ -200,6 +210,10 @@ impl MemberTable {
                 (v.id.peer.clone(), (v, c))
             })
             .collect();
+        // What SWIM no longer knows goes from here too.
+        let TableState { members, left, offsets } = &mut *t;
+        left.retain(|p| members.contains_key(p));
+        offsets.retain(|p| members.contains_key(p));
     }
 
     pub fn mark_left(&self, peer: &str, left: bool) {
@@ -223,6 +237,15 @@ impl MemberTable {
         let mut t = self.lock();
         t.members.remove(peer);
         t.offsets.remove(peer);
+    }
+
+    /// Members alive or suspect that we are connected to.
+    pub fn connected_active(&self) -> usize {
+        self.lock()
+            .members
+            .values()
+            .filter(|(v, c)| *c && v.state != MemberState::Down)
+            .count()
     }
 
     /// Peer ids of members alive or suspect.
@@ -287,9 +310,7 @@ mod tests {
         /// The swarm's own looks into a packet never panic, whatever comes.
         #[test]
         fn header_checks_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
-            let peer = PeerId::random();
-            let _ = sender_is(&bytes, &peer);
-            let _ = announces_leave(&bytes);
+            let _ = inspect(&bytes, &PeerId::random(), u64::MAX);
         }
     }
 
@@ -305,17 +326,26 @@ mod tests {
             })
             .unwrap()
         };
-        assert!(sender_is(&header(&me), &me).is_ok());
-        assert!(sender_is(&header(&other), &me).is_err());
-        assert!(!announces_leave(&header(&me)));
+        let leaves = |b: &[u8]| inspect(b, &me, u64::MAX).unwrap().leaves;
+        assert!(inspect(&header(&me), &me, u64::MAX).is_ok());
+        assert!(inspect(&header(&other), &me, u64::MAX).is_err());
+        assert!(!leaves(&header(&me)));
         // foca's goodbye: the header, a big-endian update count, the sender down.
         let mut bye = header(&me);
         bye.extend(1u16.to_be_bytes());
         bye.extend(postcard::to_stdvec(&foca::Member::down(MemberId::placeholder(me.to_string()))).unwrap());
-        assert!(announces_leave(&bye));
+        assert!(leaves(&bye));
         let mut not_bye = header(&me);
         not_bye.extend(1u16.to_be_bytes());
         not_bye.extend(postcard::to_stdvec(&foca::Member::down(MemberId::placeholder(other.to_string()))).unwrap());
-        assert!(!announces_leave(&not_bye));
+        assert!(!leaves(&not_bye));
+        // An identity that would outrank every real restart is refused.
+        let mut far = MemberId::placeholder(other.to_string());
+        far.bump = 10_000;
+        let mut evil = header(&me);
+        evil.extend(1u16.to_be_bytes());
+        evil.extend(postcard::to_stdvec(&foca::Member::alive(far)).unwrap());
+        assert!(inspect(&evil, &me, 9_999).is_err());
+        assert!(inspect(&evil, &me, 10_000).is_ok());
     }
 }

@@ -146,6 +146,13 @@ struct MembersFile {
     /// Forgotten peers, with when they were last seen (ms).
     #[serde(default)]
     forgotten: BTreeMap<String, u64>,
+    /// Whether this node has copied a member's purge ledger (it joined).
+    #[serde(default)]
+    ledger_learned: bool,
+    /// The last SWIM `bump` this node started with: the next is greater,
+    /// whatever the wall clock says.
+    #[serde(default)]
+    bump: u64,
 }
 
 /// The file as it was written, now or by an older version (a bare map).
@@ -299,13 +306,14 @@ impl Peers {
         if m.forgotten.contains_key(&key) {
             return;
         }
-        let now = now_ms();
+        // A new member is seen now; a known one keeps its last-seen time
+        // (SWIM gossip about it is no proof it holds anything: a member back
+        // after ledger_retention must still be found expired).
         let e = m.members.entry(key).or_insert(Member {
             watermark: 0,
-            last_seen_ms: now,
+            last_seen_ms: now_ms(),
             addrs: Vec::new(),
         });
-        e.last_seen_ms = e.last_seen_ms.max(now);
         if !addrs.is_empty() {
             e.addrs = addrs.to_vec();
         }
@@ -339,10 +347,45 @@ impl Peers {
         self.joined.load(Ordering::Acquire)
     }
 
-    fn mark_joined(&self, peer: PeerId, how: &str) {
+    /// Marks this node caught up (`by`: with whom, or why).
+    pub fn mark_joined(&self, by: &str, how: &str) {
         if !self.joined.swap(true, Ordering::AcqRel) {
-            tracing::info!(%peer, how, "caught up with the cluster: ready");
+            tracing::info!(by, how, "caught up with the cluster: ready");
         }
+    }
+
+    /// Whether this node has copied a member's purge ledger (or never had
+    /// anyone to copy it from).
+    pub fn ledger_learned(&self) -> bool {
+        self.lock_members().ledger_learned
+    }
+
+    pub fn set_ledger_learned(&self) {
+        self.lock_members().ledger_learned = true;
+        self.members_dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// The SWIM `bump` for this start: the wall clock, but always above the
+    /// last start's (a clock stepped back must not lose to our old self).
+    pub fn next_bump(&self, wall_ms: u64) -> u64 {
+        let mut m = self.lock_members();
+        m.bump = wall_ms.max(m.bump.saturating_add(1));
+        self.members_dirty.store(true, Ordering::Relaxed);
+        m.bump
+    }
+
+    /// Whether every connected peer announced an empty store (a new,
+    /// empty cluster: there is nothing to catch up with).
+    pub fn all_connected_empty(&self) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut any = false;
+        for s in inner.values().filter(|s| s.connected) {
+            any = true;
+            if s.root.as_ref().is_none_or(|r| r.count > 0) {
+                return false;
+            }
+        }
+        any
     }
 
     /// Whether nothing may be taken from `peer`: a member back after
@@ -394,14 +437,21 @@ impl Peers {
         });
         if resynced {
             tracing::info!(%peer, "member came back empty: it resyncs and counts again");
-            self.lock_members().forgotten.remove(&peer.to_string());
+            {
+                // It starts over: seen now, nothing proven yet.
+                let mut m = self.lock_members();
+                m.forgotten.remove(&peer.to_string());
+                m.members.remove(&peer.to_string());
+            }
             self.add_member(peer, &[]);
         }
         if !expired {
             self.touch_member(peer);
         }
+        if equal && theirs.count > 0 && !self.must_resync(peer) {
+            self.mark_joined(&peer.to_string(), "roots equal");
+        }
         if equal && !self.must_resync(peer) {
-            self.mark_joined(peer, "roots equal");
             // Both hold the same set: everything either will write later is
             // stamped above both clocks, so all up to the lower one is shared.
             self.prove_member(peer, theirs.hlc.min(mine.hlc).saturating_add(1));
@@ -446,8 +496,13 @@ impl Peers {
         self.members_dirty.store(true, Ordering::Relaxed);
     }
 
-    /// A member was heard from (roots, or SWIM says it is alive).
+    /// A member was heard from (roots, or SWIM traffic). One flagged
+    /// `must_resync` or silent past ledger_retention stays as it is, so the
+    /// flag comes back after a restart until the member has resynced.
     pub fn touch_member(&self, peer: PeerId) {
+        if self.must_resync(peer) || self.member_expired(peer) {
+            return;
+        }
         let mut m = self.lock_members();
         if let Some(e) = m.members.get_mut(&peer.to_string()) {
             e.last_seen_ms = now_ms();
@@ -635,7 +690,7 @@ impl Peers {
             }
         });
         if ok && !self.must_resync(peer) {
-            self.mark_joined(peer, "session finished");
+            self.mark_joined(&peer.to_string(), "session finished");
         }
     }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use syncnode_protocol::clock_offset::Sample;
-use syncnode_protocol::membership::{MemberEvent, MemberId, Membership, MembershipConfig};
+use syncnode_protocol::membership::{MAX_ADDRS, MemberEvent, MemberId, Membership, MembershipConfig};
 use syncnode_protocol::session::{MAX_ITEMS, Progress};
 use syncnode_protocol::wire::{CdcDelta, DEFAULT_MAX_FRAME, Request, Response};
 use syncnode_protocol::wire::{MemberAck, MemberPacket};
@@ -240,13 +240,23 @@ impl NodeHandle {
     /// that has peers to join through waits until it has caught up with one
     /// (a session finished or equal roots), or until `join_timeout` passed
     /// with no member connected (it is the first node).
-    pub fn not_ready(&self) -> Option<String> {
+    /// `our_items`: entries this node holds.
+    pub fn not_ready(&self, our_items: u64) -> Option<String> {
         if !self.seeded || self.peers.joined() {
             return None;
         }
         let waited = self.started.elapsed();
-        let connected = self.peers.lags().len();
+        // Members only: a connected outsider (another cluster) is nobody to join.
+        let connected = self.members.connected_active();
         if connected == 0 && waited >= self.join_timeout {
+            // Latched: a member that shows up later is joined like any other.
+            self.peers
+                .mark_joined("nobody", "no member answered within join_timeout: first node");
+            self.peers.set_ledger_learned();
+            return None;
+        }
+        if connected > 0 && self.peers.all_connected_empty() && our_items == 0 {
+            self.peers.mark_joined("everyone", "the cluster is empty");
             return None;
         }
         Some(if connected == 0 {
@@ -363,8 +373,9 @@ impl NodeHandle {
     pub async fn reconcile(&self, engine: &SyncEngine, peer: PeerId, session: u64) -> Result<Progress, SyncError> {
         let peers = self.peers.clone();
         let bootstrap = engine.merkle_summary().1 == 0;
-        if bootstrap {
+        if !self.peers.ledger_learned() {
             self.learn_ledger(engine, peer).await?;
+            self.peers.set_ledger_learned();
         }
         let mut logged = 0;
         engine
@@ -388,7 +399,7 @@ impl NodeHandle {
     /// after a purge must refuse the versions those deletes beat, or it
     /// would be the way back for them.
     async fn learn_ledger(&self, engine: &SyncEngine, peer: PeerId) -> Result<(), SyncError> {
-        let mut after = None;
+        let mut after: Option<String> = None;
         let mut learned = 0;
         loop {
             match self
@@ -398,9 +409,11 @@ impl NodeHandle {
             {
                 Response::Ledger { entries, next } => {
                     learned += engine.import_purge_ledger(entries).await?;
+                    // The cursor must move forward, or the peer is stalling us.
                     match next {
-                        Some(n) if Some(&n) != after.as_ref() => after = Some(n),
-                        _ => break,
+                        Some(n) if after.as_ref().is_none_or(|a| n > *a) => after = Some(n),
+                        Some(_) => return Err(SyncError::Transport("ledger cursor did not advance".into())),
+                        None => break,
                     }
                 }
                 other => return Err(SyncError::Transport(format!("ledger answered with {other:?}"))),
@@ -546,20 +559,37 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     // Seeds: the bootstrap list, and the members known before a restart
     // (at their last addresses), so a node finds the cluster again even
     // when its bootstrap peers are gone.
-    let mut seeds = config.bootstrap.clone();
+    let mut seeds: Vec<(Multiaddr, bool)> = config.bootstrap.iter().map(|a| (a.clone(), true)).collect();
+    let fresh = wall_ms().saturating_sub(config.member_expiry.as_millis() as u64);
     for (peer, m) in peers.members() {
         let Ok(id) = peer.parse::<PeerId>() else { continue };
+        if m.last_seen_ms < fresh {
+            continue;
+        }
         for a in m.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
-            seeds.push(a.with(libp2p::multiaddr::Protocol::P2p(id)));
+            seeds.push((a.with(libp2p::multiaddr::Protocol::P2p(id)), false));
         }
     }
     let seeded = !seeds.is_empty();
+    if !seeded {
+        // The first node: there is no ledger to learn.
+        peers.set_ledger_learned();
+    }
+    let mut advertise = advertise;
+    if advertise.len() > MAX_ADDRS {
+        tracing::warn!(
+            addresses = advertise.len(),
+            kept = MAX_ADDRS,
+            "more addresses than a member may advertise; set `advertise` to the ones other nodes can reach"
+        );
+        advertise.truncate(MAX_ADDRS);
+    }
     let me = MemberId {
         peer: peer_id.to_string(),
         addrs: advertise.iter().map(|a| a.to_string()).collect(),
         region: config.region.clone(),
         // A restart takes over the entry of the run before it.
-        bump: wall_ms(),
+        bump: peers.next_bump(wall_ms()),
     };
     let membership = Membership::new(
         me,
@@ -620,10 +650,11 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         epoch: Instant::now(),
         log: ConnectionLog::default(),
         redial: seeds
-            .iter()
-            .map(|a| Redial {
-                addr: a.clone(),
-                peer: peer_of(a),
+            .into_iter()
+            .map(|(addr, configured)| Redial {
+                configured,
+                peer: peer_of(&addr),
+                addr,
                 next: Instant::now(),
                 backoff: Duration::from_secs(1),
             })
@@ -747,6 +778,8 @@ impl Drop for AnswerSlot {
 /// A bootstrap address redialed with exponential backoff while its peer is
 /// not connected.
 struct Redial {
+    /// From `bootstrap` (its failures are worth a WARN), not a remembered member.
+    configured: bool,
     addr: Multiaddr,
     peer: Option<PeerId>,
     next: Instant,
@@ -912,6 +945,10 @@ impl SwarmTask {
                     tracing::info!(peer = %new.peer, addrs = ?new.addrs, "member restarted with new addresses");
                 }
                 self.members.mark_left(&new.peer, false);
+                if let Ok(p) = new.peer.parse::<PeerId>() {
+                    self.peers.add_member(p, &new.addrs);
+                    self.peers.set_region(p, Some(new.region.clone()));
+                }
             }
             MemberEvent::Rejoined(me) => {
                 tracing::warn!(bump = me.bump, "the cluster had declared this node down; rejoined");
@@ -984,6 +1021,7 @@ impl SwarmTask {
                 .announce(self.mono_ms(), MemberId::placeholder(peer.to_string()));
         }
         self.announced.retain(|p, _| swarm.is_connected(p));
+        self.member_dials.retain(|p, _| members.contains(&p.to_string()));
         self.flush_membership(swarm);
         self.check_clock();
     }
@@ -1058,6 +1096,14 @@ impl SwarmTask {
             Command::Dial(addr, done) => {
                 let peer = peer_of(&addr);
                 match (swarm.dial(addr), peer) {
+                    // Connected, or being dialed already (a member we keep).
+                    (Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)), Some(peer)) => {
+                        if swarm.is_connected(&peer) {
+                            let _ = done.send(Ok(()));
+                        } else {
+                            self.dials.entry(peer).or_default().push(done);
+                        }
+                    }
                     (Err(e), _) => drop(done.send(Err(e.to_string()))),
                     (Ok(()), Some(peer)) if swarm.is_connected(&peer) => drop(done.send(Ok(()))),
                     (Ok(()), Some(peer)) => self.dials.entry(peer).or_default().push(done),
@@ -1134,11 +1180,16 @@ impl SwarmTask {
                         return;
                     }
                     let request = request.packet;
-                    if let Err(why) = super::membership::sender_is(&request.payload, &peer) {
-                        self.penalize(swarm, peer, &why);
-                        return;
-                    }
-                    if super::membership::announces_leave(&request.payload) {
+                    // A day of clock difference is tolerated in start times.
+                    let max_bump = wall_ms().saturating_add(86_400_000);
+                    let seen = match super::membership::inspect(&request.payload, &peer, max_bump) {
+                        Ok(seen) => seen,
+                        Err(why) => {
+                            self.penalize(swarm, peer, &why);
+                            return;
+                        }
+                    };
+                    if seen.leaves {
                         tracing::info!(%peer, "member leaves the cluster");
                         self.members.mark_left(&peer.to_string(), true);
                     }
@@ -1235,7 +1286,9 @@ impl SwarmTask {
                 }
                 MessageAcceptance::Accept
             }
-            Ok(Gossip::Cdc(_)) if self.peers.must_resync(author) => MessageAcceptance::Ignore,
+            Ok(Gossip::Cdc(_)) if self.peers.must_resync(author) || !self.peers.ledger_learned() => {
+                MessageAcceptance::Ignore
+            }
             Ok(Gossip::Cdc(deltas)) => {
                 for delta in deltas {
                     if self.cdc.try_send((author, delta)).is_err() {
@@ -1256,8 +1309,13 @@ impl SwarmTask {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    let refusal = if matches!(request, Request::Push { .. }) && self.peers.must_resync(peer) {
-                        Some("resync required: silent past member_expiry, rejoin with an empty data dir")
+                    let push = matches!(request, Request::Push { .. });
+                    let refusal = if push && self.peers.must_resync(peer) {
+                        Some("resync required: away past ledger_retention; run `syncnode resync` on it")
+                    } else if push && !self.peers.ledger_learned() {
+                        // Until we know which versions purged deletes beat,
+                        // we take nothing pushed (our own session pulls).
+                        Some("busy")
                     } else if !self.peers.allow_request(peer) {
                         Some("rate limited")
                     } else if !self.peers.begin_answer(peer) {
@@ -1346,7 +1404,10 @@ impl SwarmTask {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, ?error, "could not connect");
-                let seed = self.redial.iter().any(|r| r.peer == peer_id || r.peer.is_none());
+                let seed = self
+                    .redial
+                    .iter()
+                    .any(|r| r.configured && (r.peer == peer_id || r.peer.is_none()));
                 self.log.dial_failed(peer_id, &error, seed);
                 if let Some(peer) = peer_id {
                     for done in self.dials.remove(&peer).unwrap_or_default() {
