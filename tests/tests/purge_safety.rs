@@ -344,9 +344,22 @@ async fn past_ledger_retention_one_side_resyncs() {
         (c_id.as_str(), d_id.as_str()),
         "identities kept"
     );
-    syncnode::process::converge(&[&a, &b, c, d], Duration::from_secs(120))
-        .await
-        .unwrap();
+    if let Err(e) = syncnode::process::converge(&[&a, &b, c, d], Duration::from_secs(120)).await {
+        let tail = |p: &Proc| {
+            let log = std::fs::read_to_string(p.dir.join("stderr.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        };
+        panic!(
+            "after the resync: {e}\n--- c {}:\n{}\n--- d {}:\n{}\n--- a {}:\n{}",
+            c.peer_id,
+            tail(c),
+            d.peer_id,
+            tail(d),
+            a.peer_id,
+            tail(&a)
+        );
+    }
     all_gone(&[&a, &b, c, d], &ids("k", 0..5), "after the resync").await;
     for n in [&a, &b, c, d] {
         // Side B's own changes were dropped with its copy.

@@ -525,6 +525,9 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     let mut listen_addrs = Vec::new();
     let mut heard = HashSet::new();
     let mut settle = None;
+    // Other events meanwhile (a member reconnecting to a restarted node)
+    // are handed to the swarm task, not lost.
+    let mut early = Vec::new();
     loop {
         let event = match settle {
             None => Some(swarm.select_next_some().await),
@@ -543,7 +546,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
             Some(SwarmEvent::ListenerClosed { addresses, reason, .. }) => {
                 anyhow::bail!("listen {addresses:?}: closed: {reason:?}")
             }
-            Some(_) => {}
+            Some(other) => early.push(other),
         }
     }
     let advertise = advertised(&config.advertise, &listen_addrs);
@@ -660,7 +663,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
             })
             .collect(),
     };
-    tokio::spawn(node.run(swarm, rx, config.gossip_interval));
+    tokio::spawn(node.run(swarm, rx, config.gossip_interval, early));
     Ok(handle)
 }
 
@@ -833,7 +836,11 @@ impl SwarmTask {
         mut swarm: Swarm<NodeBehaviour>,
         mut commands: mpsc::Receiver<Command>,
         gossip_every: Duration,
+        early: Vec<SwarmEvent<NodeBehaviourEvent>>,
     ) {
+        for event in early {
+            self.on_event(&mut swarm, event);
+        }
         let mut announce = tokio::time::interval(gossip_every);
         announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
