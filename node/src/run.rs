@@ -110,13 +110,7 @@ pub async fn wipe(cfg: &NodeConfig) -> anyhow::Result<()> {
     let erased = engine.erase_local_copy().await;
     engine.shutdown().await;
     let erased = erased.map_err(|e| anyhow::anyhow!("erase the local copy: {e}"))?;
-    let members = cfg.data_dir.join("members.json");
-    match std::fs::remove_file(&members) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            anyhow::bail!("{}: {e}", members.display())
-        }
-        _ => {}
-    }
+    crate::replication::peers::reset_members_file(&cfg.data_dir.join("members.json"))?;
     tracing::warn!(%peer_id, erased, "local copy erased; joining again through the given peer");
     Ok(())
 }

@@ -108,6 +108,12 @@ impl SyncEngine {
         for e in &entries {
             super::item::validate_id(&e.id)?;
             super::item::validate_origin(&e.origin)?;
+            if e.version == 0 || e.version > super::item::MAX_VERSION {
+                return Err(StorageError::InvalidInput(format!(
+                    "purge record version {} out of range",
+                    e.version
+                )));
+            }
         }
         // A purge time in the future would never expire.
         let rows: Vec<_> = entries

@@ -153,6 +153,10 @@ struct MembersFile {
     /// whatever the wall clock says.
     #[serde(default)]
     bump: u64,
+    /// When this node last saved the file (ms): a start much later means it
+    /// was the one away, not its members.
+    #[serde(default)]
+    alive_ms: u64,
 }
 
 /// The file as it was written, now or by an older version (a bare map).
@@ -161,6 +165,25 @@ struct MembersFile {
 enum AnyMembersFile {
     Now(MembersFile),
     Old(BTreeMap<String, Member>),
+}
+
+/// Empties a members file (`syncnode resync`): members, watermarks, the
+/// forgotten and the learned ledger go; the last start time stays, so the
+/// node's next identity still outranks its old one.
+pub fn reset_members_file(path: &std::path::Path) -> anyhow::Result<()> {
+    let bump = match std::fs::read(path) {
+        Ok(b) => match serde_json::from_slice::<AnyMembersFile>(&b) {
+            Ok(AnyMembersFile::Now(m)) => m.bump,
+            _ => 0,
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    let fresh = MembersFile {
+        bump,
+        ..Default::default()
+    };
+    std::fs::write(path, serde_json::to_vec_pretty(&fresh)?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Counters of the replication layer (exported by `/metrics`).
@@ -201,6 +224,8 @@ pub struct Peers {
     /// Set once this node has caught up with a member (a session finished,
     /// or roots equal): readiness waits for it.
     joined: std::sync::atomic::AtomicBool,
+    /// Whether any member was connected since the start.
+    met_member: std::sync::atomic::AtomicBool,
     pub stats: ReplicationStats,
 }
 
@@ -227,6 +252,18 @@ impl Peers {
                 }
             })
             .unwrap_or_default();
+        let mut members: MembersFile = members;
+        let now = now_ms();
+        if members.alive_ms > 0 && now.saturating_sub(members.alive_ms) > ledger_retention.as_millis() as u64 {
+            // We were the one away: our members' silence is ours.
+            tracing::warn!(
+                away_ms = now - members.alive_ms,
+                "this node was stopped longer than ledger_retention; its members count as seen now"
+            );
+            for m in members.members.values_mut() {
+                m.last_seen_ms = m.last_seen_ms.max(now);
+            }
+        }
         Self {
             limits,
             inner: Mutex::new(HashMap::new()),
@@ -236,6 +273,7 @@ impl Peers {
             member_expiry,
             ledger_retention,
             joined: std::sync::atomic::AtomicBool::new(false),
+            met_member: std::sync::atomic::AtomicBool::new(false),
             stats: ReplicationStats::default(),
         }
     }
@@ -263,7 +301,7 @@ impl Peers {
             self.lock_members().forgotten.remove(&peer.to_string());
             self.add_member(peer, &[]);
         }
-        if expired && self.isolated_from_all_but(peer) {
+        if expired && !self.must_resync(peer) && self.isolated_from_all_but(peer) {
             tracing::warn!(
                 "every member was silent past ledger_retention: this node was away; trusting its members again"
             );
@@ -333,8 +371,12 @@ impl Peers {
             seen.is_some()
         };
         self.members_dirty.store(true, Ordering::Relaxed);
+        // Gone from `/v1/peers` too, unless it is connected or flagged (a
+        // flagged peer stays refused).
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.remove(&peer);
+        if inner.get(&peer).is_some_and(|s| !s.connected && !s.must_resync) {
+            inner.remove(&peer);
+        }
         was
     }
 
@@ -354,6 +396,15 @@ impl Peers {
         }
     }
 
+    /// Notes that a member was connected at some point since the start.
+    pub fn mark_met_member(&self) {
+        self.met_member.store(true, Ordering::Release);
+    }
+
+    pub fn met_member(&self) -> bool {
+        self.met_member.load(Ordering::Acquire)
+    }
+
     /// Whether this node has copied a member's purge ledger (or never had
     /// anyone to copy it from).
     pub fn ledger_learned(&self) -> bool {
@@ -369,6 +420,15 @@ impl Peers {
     /// last start's (a clock stepped back must not lose to our old self).
     pub fn next_bump(&self, wall_ms: u64) -> u64 {
         let mut m = self.lock_members();
+        // One stored while the clock ran a day ahead would lock us out.
+        if m.bump > wall_ms.saturating_add(86_400_000) {
+            tracing::warn!(
+                stored = m.bump,
+                wall_ms,
+                "the last start time is far in the future; starting from the clock"
+            );
+            m.bump = 0;
+        }
         m.bump = wall_ms.max(m.bump.saturating_add(1));
         self.members_dirty.store(true, Ordering::Relaxed);
         m.bump
@@ -435,15 +495,17 @@ impl Peers {
                 s.differed += 1;
             }
         });
-        if resynced {
-            tracing::info!(%peer, "member came back empty: it resyncs and counts again");
-            {
-                // It starts over: seen now, nothing proven yet.
+        // A member that resynced (its flag just cleared), or one away past
+        // ledger_retention that comes back empty: it starts over, seen now,
+        // nothing proven yet.
+        if resynced || (expired && theirs.count == 0) {
+            tracing::info!(%peer, "member resynced: it counts again");
+            let addrs = {
                 let mut m = self.lock_members();
                 m.forgotten.remove(&peer.to_string());
-                m.members.remove(&peer.to_string());
-            }
-            self.add_member(peer, &[]);
+                m.members.remove(&peer.to_string()).map(|r| r.addrs).unwrap_or_default()
+            };
+            self.add_member(peer, &addrs);
         }
         if !expired {
             self.touch_member(peer);
@@ -514,11 +576,14 @@ impl Peers {
     /// call it off the async threads.
     pub fn save_members(&self) {
         let Some(f) = &self.members_file else { return };
-        if !self.members_dirty.swap(false, Ordering::Relaxed) {
+        // Saved when it changed, and once a minute anyway (`alive_ms`).
+        let stale = now_ms().saturating_sub(self.lock_members().alive_ms) > 60_000;
+        if !self.members_dirty.swap(false, Ordering::Relaxed) && !stale {
             return;
         }
         let bytes = {
-            let m = self.lock_members();
+            let mut m = self.lock_members();
+            m.alive_ms = now_ms();
             serde_json::to_vec_pretty(&*m)
         };
         let tmp = f.with_extension("json.tmp");
@@ -797,5 +862,52 @@ mod tests {
         };
         peers.on_roots(m, empty.clone(), &empty);
         assert!(!peers.must_resync(m));
+    }
+
+    #[test]
+    fn a_flag_survives_swim_traffic_and_our_restart_but_not_our_own_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("members.json");
+        let short = Duration::from_millis(50);
+        let open = || Peers::new(PeerLimits::default(), Some(file.clone()), short, short);
+        let (m, other) = (PeerId::random(), PeerId::random());
+        let peers = open();
+        peers.prove_member(m, 10);
+        std::thread::sleep(Duration::from_millis(80));
+        peers.prove_member(other, 10);
+        peers.connected(m, true);
+        assert!(peers.must_resync(m));
+        // SWIM gossip and packets about it prove nothing.
+        peers.add_member(m, &["/ip4/10.0.0.9/tcp/1".to_string()]);
+        peers.touch_member(m);
+        peers.save_members();
+        drop(peers);
+        let peers = open();
+        peers.prove_member(other, 10);
+        peers.connected(m, true);
+        assert!(peers.must_resync(m), "flagged again after our restart");
+        // Its empty store clears the flag and starts it over.
+        let empty = RootsAnnouncement {
+            node: "m".into(),
+            root: None,
+            count: 0,
+            hlc: 1,
+            depth: 4,
+        };
+        let ours = RootsAnnouncement {
+            root: Some([1; 16]),
+            count: 3,
+            ..empty.clone()
+        };
+        peers.on_roots(m, empty, &ours);
+        assert!(!peers.must_resync(m));
+        assert_eq!(peers.members()[&m.to_string()].watermark, 0);
+        peers.save_members();
+        drop(peers);
+        // Now we are the ones stopped for longer than ledger_retention.
+        std::thread::sleep(Duration::from_millis(80));
+        let peers = open();
+        peers.connected(m, true);
+        assert!(!peers.must_resync(m), "our absence is not theirs");
     }
 }

@@ -248,14 +248,17 @@ impl NodeHandle {
         let waited = self.started.elapsed();
         // Members only: a connected outsider (another cluster) is nobody to join.
         let connected = self.members.connected_active();
-        if connected == 0 && waited >= self.join_timeout {
+        if connected == 0 && !self.peers.met_member() && waited >= self.join_timeout {
             // Latched: a member that shows up later is joined like any other.
             self.peers
                 .mark_joined("nobody", "no member answered within join_timeout: first node");
-            self.peers.set_ledger_learned();
             return None;
         }
-        if connected > 0 && self.peers.all_connected_empty() && our_items == 0 {
+        if connected > 0
+            && connected == self.members.active().len()
+            && self.peers.all_connected_empty()
+            && our_items == 0
+        {
             self.peers.mark_joined("everyone", "the cluster is empty");
             return None;
         }
@@ -373,7 +376,7 @@ impl NodeHandle {
     pub async fn reconcile(&self, engine: &SyncEngine, peer: PeerId, session: u64) -> Result<Progress, SyncError> {
         let peers = self.peers.clone();
         let bootstrap = engine.merkle_summary().1 == 0;
-        if !self.peers.ledger_learned() {
+        if bootstrap || !self.peers.ledger_learned() {
             self.learn_ledger(engine, peer).await?;
             self.peers.set_ledger_learned();
         }
@@ -563,12 +566,8 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     // (at their last addresses), so a node finds the cluster again even
     // when its bootstrap peers are gone.
     let mut seeds: Vec<(Multiaddr, bool)> = config.bootstrap.iter().map(|a| (a.clone(), true)).collect();
-    let fresh = wall_ms().saturating_sub(config.member_expiry.as_millis() as u64);
     for (peer, m) in peers.members() {
         let Ok(id) = peer.parse::<PeerId>() else { continue };
-        if m.last_seen_ms < fresh {
-            continue;
-        }
         for a in m.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
             seeds.push((a.with(libp2p::multiaddr::Protocol::P2p(id)), false));
         }
@@ -1028,6 +1027,9 @@ impl SwarmTask {
                 .announce(self.mono_ms(), MemberId::placeholder(peer.to_string()));
         }
         self.announced.retain(|p, _| swarm.is_connected(p));
+        if self.members.connected_active() > 0 {
+            self.peers.mark_met_member();
+        }
         self.member_dials.retain(|p, _| members.contains(&p.to_string()));
         self.flush_membership(swarm);
         self.check_clock();
@@ -1191,6 +1193,13 @@ impl SwarmTask {
                     let max_bump = wall_ms().saturating_add(86_400_000);
                     let seen = match super::membership::inspect(&request.payload, &peer, max_bump) {
                         Ok(seen) => seen,
+                        // A clock a day off is a fault to fix, not an attack.
+                        Err(why) if why.contains("start time in the future") => {
+                            if self.log.allow(&format!("future {peer}")) {
+                                tracing::warn!(%peer, "{why}; its packets are dropped (check its clock and ours)");
+                            }
+                            return;
+                        }
                         Err(why) => {
                             self.penalize(swarm, peer, &why);
                             return;
