@@ -23,11 +23,9 @@ fn main() {
 }
 
 async fn states(n: &NodeProcess) -> anyhow::Result<Vec<(String, String)>> {
-    let v = n.api.ok_json(n.api.get("/v1/members").await).await?;
-    Ok(v["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    Ok(n.members()
+        .await?
+        .iter()
         .map(|m| {
             (
                 m["peer_id"].as_str().unwrap_or_default().to_string(),
@@ -57,12 +55,7 @@ async fn until_all(nodes: &[&NodeProcess], peer: &str, state: &str, limit: Durat
 }
 
 async fn membership_bytes(n: &NodeProcess) -> anyhow::Result<u64> {
-    let text = n.api.get("/metrics").await?.text();
-    Ok(text
-        .lines()
-        .find(|l| l.starts_with("syncnode_membership_bytes_sent_total "))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0))
+    Ok(n.metric("syncnode_membership_bytes_sent_total").await? as u64)
 }
 
 async fn run(probe: Duration) -> anyhow::Result<()> {
@@ -115,8 +108,7 @@ async fn run(probe: Duration) -> anyhow::Result<()> {
     // Failure detection: SIGKILL one, time until all nine others say down.
     let mut victim = nodes.remove(4);
     let killed_at = Instant::now();
-    victim.child.start_kill()?;
-    victim.child.wait().await?;
+    victim.kill().await?;
     let refs: Vec<&NodeProcess> = nodes.iter().collect();
     until_all(&refs, &victim.peer_id, "down", Duration::from_secs(120)).await?;
     let detected = killed_at.elapsed();

@@ -122,6 +122,29 @@ impl NodeProcess {
         Ok((m["root"].as_str().map(str::to_string), m["count"].as_u64().unwrap_or(0)))
     }
 
+    /// The sum of a metric's series in `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = self.api.get("/metrics").await?.text();
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// `/v1/members`' list.
+    pub async fn members(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let v = self.api.ok_json(self.api.get("/v1/members").await).await?;
+        Ok(v["members"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
     /// Cuts (`true`) or restores the link between `self` and `other`, both ways.
     pub async fn block(&self, other: &NodeProcess, on: bool) -> anyhow::Result<()> {
         for (x, y) in [(self, other), (other, self)] {
@@ -151,6 +174,23 @@ pub fn loopback_args(cluster: &str, bootstrap: &[&NodeProcess]) -> Vec<String> {
         a.extend(["--bootstrap".to_string(), b.addr.clone()]);
     }
     a
+}
+
+/// Retries `check` until it passes, or fails after `timeout` with `what`
+/// and the check's last complaint.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if start.elapsed() > timeout => panic!("{what} within {timeout:?}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// Waits until every node shows the same Merkle root; returns the time taken.

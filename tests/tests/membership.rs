@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use syncnode::process::NodeProcess as Proc;
+use syncnode::process::{NodeProcess as Proc, eventually};
 
 const CLUSTER: &str = "members-test";
 
@@ -46,31 +46,10 @@ async fn spawn(dir: &Path, args: Vec<String>) -> Proc {
     Proc::spawn(bin(), dir, args).await.unwrap()
 }
 
-/// Retries `check` until it passes or `timeout` ends (then fails with its
-/// last complaint).
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(e) if start.elapsed() > timeout => panic!("{what} within {timeout:?}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
-async fn members(p: &Proc) -> Vec<Value> {
-    let v = p.api.ok_json(p.api.get("/v1/members").await).await.unwrap();
-    v["members"].as_array().unwrap().clone()
-}
-
 async fn alive(p: &Proc) -> BTreeSet<String> {
-    members(p)
+    p.members()
         .await
+        .unwrap()
         .iter()
         .filter(|m| m["state"] == "alive")
         .map(|m| m["peer_id"].as_str().unwrap().to_string())
@@ -86,20 +65,6 @@ async fn put(p: &Proc, id: &str, v: &str) {
         .ok_json(p.api.put_item(id, Bytes::from(v.to_string()), false).await)
         .await
         .unwrap();
-}
-
-/// The sum of a metric's series in `/metrics`.
-async fn metric(p: &Proc, name: &str) -> f64 {
-    let text = p.api.get("/metrics").await.unwrap().text();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn kill(p: &mut Proc) {
-    p.child.start_kill().unwrap();
-    p.child.wait().await.unwrap();
 }
 
 fn others(all: &[&Proc], me: &Proc) -> BTreeSet<String> {
@@ -152,14 +117,14 @@ async fn a_cluster_joins_through_one_seed_and_outlives_it() {
         .await;
     }
     // Others reach n5 by the name it advertises.
-    let seen = members(&rest[0]).await;
+    let seen = rest[0].members().await.unwrap();
     let m5 = seen.iter().find(|m| m["peer_id"] == rest[3].peer_id.as_str()).unwrap();
     assert_eq!(m5["addresses"], json!([format!("/dns4/localhost/tcp/{n5_port}")]));
     let h5 = rest[3].api.ok_json(rest[3].api.get("/health").await).await.unwrap();
     assert_eq!(h5["advertise"], json!([format!("/dns4/localhost/tcp/{n5_port}")]));
 
     // The seed dies: writes still flow between the others.
-    kill(&mut n1).await;
+    n1.kill().await.unwrap();
     put(&rest[0], "after.seed", "n2 wrote this").await;
     eventually(
         "n2's write reaches n5 without the seed",
@@ -173,7 +138,7 @@ async fn a_cluster_joins_through_one_seed_and_outlives_it() {
     )
     .await;
     eventually("n1 is marked down", Duration::from_secs(20), || async {
-        let m = members(&rest[1]).await;
+        let m = rest[1].members().await.unwrap();
         let st = m
             .iter()
             .find(|m| m["peer_id"] == n1.peer_id.as_str())
@@ -238,7 +203,7 @@ async fn a_cluster_joins_through_one_seed_and_outlives_it() {
         "n2 shows n6's advertised addresses",
         Duration::from_secs(10),
         || async {
-            let m = members(&rest[0]).await;
+            let m = rest[0].members().await.unwrap();
             let got = m
                 .iter()
                 .find(|m| m["peer_id"] == n6.peer_id.as_str())
@@ -371,7 +336,7 @@ async fn forgetting_a_dead_member_lets_the_purge_run() {
     syncnode::process::converge(&[&a, &b, &c], Duration::from_secs(60))
         .await
         .unwrap();
-    kill(&mut c).await;
+    c.kill().await.unwrap();
     for i in 0..5 {
         a.api.ok_json(a.api.delete_item(&format!("x{i}")).await).await.unwrap();
     }
@@ -380,7 +345,7 @@ async fn forgetting_a_dead_member_lets_the_purge_run() {
         .unwrap();
     // c is a member (down, not expired): nothing may be purged.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(metric(&a, "syncnode_tombstones_purged_total").await, 0.0);
+    assert_eq!(a.metric("syncnode_tombstones_purged_total").await.unwrap(), 0.0);
     // Forgetting an alive member is refused; a dead one goes.
     let alive_one = a
         .api
@@ -395,14 +360,20 @@ async fn forgetting_a_dead_member_lets_the_purge_run() {
             .await
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(!members(n).await.iter().any(|m| m["peer_id"] == c.peer_id.as_str()));
+        assert!(
+            !n.members()
+                .await
+                .unwrap()
+                .iter()
+                .any(|m| m["peer_id"] == c.peer_id.as_str())
+        );
     }
     for n in [&a, &b] {
         eventually(
             "the purge runs once c is forgotten",
             Duration::from_secs(30),
             || async {
-                let purged = metric(n, "syncnode_tombstones_purged_total").await;
+                let purged = n.metric("syncnode_tombstones_purged_total").await.unwrap();
                 if purged >= 5.0 {
                     Ok(())
                 } else {
@@ -430,8 +401,8 @@ async fn forgetting_a_dead_member_lets_the_purge_run() {
             assert_eq!(status_of(n, &format!("x{i}")).await, 200);
         }
     }
-    let refused = metric(&a, "syncnode_resurrections_refused_total").await
-        + metric(&b, "syncnode_resurrections_refused_total").await;
+    let refused = a.metric("syncnode_resurrections_refused_total").await.unwrap()
+        + b.metric("syncnode_resurrections_refused_total").await.unwrap();
     assert!(refused > 0.0, "c's stale copies were never offered and refused");
 }
 
@@ -536,7 +507,7 @@ async fn a_node_whose_clock_runs_ahead_refuses_writes_until_it_is_back() {
         .unwrap();
     for n in [&n1, &n2] {
         eventually("the others measure the offset", Duration::from_secs(20), || async {
-            let m = members(n).await;
+            let m = n.members().await.unwrap();
             let off = m
                 .iter()
                 .find(|m| m["peer_id"] == fast.peer_id.as_str())

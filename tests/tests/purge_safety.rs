@@ -8,8 +8,8 @@
 
 use bytes::Bytes;
 use std::path::Path;
-use std::time::{Duration, Instant};
-use syncnode::process::NodeProcess as Proc;
+use std::time::Duration;
+use syncnode::process::{NodeProcess as Proc, eventually};
 
 const CLUSTER: &str = "purge-test";
 
@@ -46,29 +46,6 @@ async fn spawn(dir: &Path, args: Vec<String>) -> Proc {
     Proc::spawn(bin(), dir, args).await.unwrap()
 }
 
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(e) if start.elapsed() > timeout => panic!("{what} within {timeout:?}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
-async fn metric(p: &Proc, name: &str) -> f64 {
-    let text = p.api.get("/metrics").await.unwrap().text();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn put(p: &Proc, id: &str, v: &str) {
     p.api
         .ok_json(p.api.put_item(id, Bytes::from(v.to_string()), false).await)
@@ -99,15 +76,10 @@ async fn all_gone(nodes: &[&Proc], ids: &[String], when: &str) {
     }
 }
 
-async fn kill(p: &mut Proc) {
-    p.child.start_kill().unwrap();
-    p.child.wait().await.unwrap();
-}
-
 async fn wait_purged(nodes: &[&Proc], at_least: f64) {
     for n in nodes {
         eventually("tombstones purged", Duration::from_secs(40), || async {
-            let purged = metric(n, "syncnode_tombstones_purged_total").await;
+            let purged = n.metric("syncnode_tombstones_purged_total").await.unwrap();
             if purged >= at_least {
                 Ok(())
             } else {
@@ -145,13 +117,13 @@ async fn a_node_that_joins_after_a_purge_is_no_way_back_for_deletes() {
     syncnode::process::converge(&[&a, &b, &c], Duration::from_secs(60))
         .await
         .unwrap();
-    kill(&mut c).await;
+    c.kill().await.unwrap();
     let deleted = ids("x", 0..5);
     for id in &deleted {
         del(&a, id).await;
     }
     wait_purged(&[&a, &b], 5.0).await;
-    assert!(metric(&a, "syncnode_purge_ledger_records").await >= 5.0);
+    assert!(a.metric("syncnode_purge_ledger_records").await.unwrap() >= 5.0);
 
     // d joins empty through a and learns the purge ledger on the way.
     let d = spawn(&tmp.path().join("d"), args(&boot(&a))).await;
@@ -161,7 +133,7 @@ async fn a_node_that_joins_after_a_purge_is_no_way_back_for_deletes() {
     })
     .await;
     assert!(
-        metric(&d, "syncnode_purge_ledger_records").await >= 5.0,
+        d.metric("syncnode_purge_ledger_records").await.unwrap() >= 5.0,
         "d did not learn the purge ledger"
     );
 
@@ -186,7 +158,7 @@ async fn a_node_that_joins_after_a_purge_is_no_way_back_for_deletes() {
         Ok(())
     })
     .await;
-    assert!(metric(&d, "syncnode_resurrections_refused_total").await > 0.0);
+    assert!(d.metric("syncnode_resurrections_refused_total").await.unwrap() > 0.0);
     all_gone(&[&a, &b, &c, &d], &deleted, "after c's return").await;
     for n in [&a, &b, &c, &d] {
         for id in ids("x", 5..10) {
@@ -293,7 +265,7 @@ async fn past_ledger_retention_one_side_resyncs() {
     wait_purged(&[&a, &b, &c, &d], 5.0).await;
     for n in [&a, &b, &c, &d] {
         eventually("purge records expire", Duration::from_secs(30), || async {
-            let left = metric(n, "syncnode_purge_ledger_records").await;
+            let left = n.metric("syncnode_purge_ledger_records").await.unwrap();
             if left == 0.0 {
                 Ok(())
             } else {
@@ -322,8 +294,8 @@ async fn past_ledger_retention_one_side_resyncs() {
 
     // Side B is rebuilt from side A.
     let (c_id, d_id) = (c.peer_id.clone(), d.peer_id.clone());
-    kill(&mut c).await;
-    kill(&mut d).await;
+    c.kill().await.unwrap();
+    d.kill().await.unwrap();
     let mut resynced = Vec::new();
     for p in [c, d] {
         let mut a_args = p.args.clone();

@@ -25,11 +25,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use syncnode_protocol::clock_offset::Sample;
 use syncnode_protocol::membership::{MAX_ADDRS, MemberEvent, MemberId, Membership, MembershipConfig};
-use syncnode_protocol::session::{MAX_ITEMS, Progress};
+use syncnode_protocol::session::Progress;
 use syncnode_protocol::wire::{CdcDelta, DEFAULT_MAX_FRAME, Request, Response};
 use syncnode_protocol::wire::{MemberAck, MemberPacket};
 use tokio::sync::{mpsc, oneshot};
 
+pub use super::addressing::peer_of;
+use super::addressing::{advertised, check_port_free};
 use super::anti_entropy::SyncError;
 use super::connections::ConnectionLog;
 use super::gossip::{self, GOSSIP_MAX, Gossip};
@@ -131,63 +133,6 @@ impl NetworkConfig {
 /// Milliseconds on the wall clock (for clock offsets; may jump).
 fn wall_ms() -> u64 {
     crate::engine::item::now_ms().max(0) as u64
-}
-
-/// Fails when a TCP listen address names a port another socket holds.
-/// libp2p listens with SO_REUSEPORT (to dial from the listen port), so a
-/// second node on the same port would start and share it; a plain bind
-/// finds the owner first.
-fn check_port_free(addr: &Multiaddr) -> anyhow::Result<()> {
-    use libp2p::multiaddr::Protocol;
-    let mut it = addr.iter();
-    let ip: std::net::IpAddr = match it.next() {
-        Some(Protocol::Ip4(ip)) => ip.into(),
-        Some(Protocol::Ip6(ip)) => ip.into(),
-        _ => return Ok(()),
-    };
-    let Some(Protocol::Tcp(port)) = it.next() else {
-        return Ok(());
-    };
-    if port == 0 {
-        return Ok(());
-    }
-    std::net::TcpListener::bind((ip, port))
-        .map(drop)
-        .map_err(|e| anyhow::anyhow!("listen {addr}: port {port} is not available: {e}"))
-}
-
-/// Whether an address is loopback (useless to other hosts).
-fn is_loopback(addr: &Multiaddr) -> bool {
-    use libp2p::multiaddr::Protocol;
-    match addr.iter().next() {
-        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
-        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
-        Some(Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h)) => h == "localhost",
-        _ => false,
-    }
-}
-
-/// The addresses to advertise: the configured ones, else what we listen on
-/// (every interface's address for a wildcard), without loopback when
-/// there is anything else.
-fn advertised(configured: &[Multiaddr], listening: &[Multiaddr]) -> Vec<Multiaddr> {
-    if !configured.is_empty() {
-        return configured.to_vec();
-    }
-    let outside: Vec<Multiaddr> = listening.iter().filter(|a| !is_loopback(a)).cloned().collect();
-    if outside.is_empty() {
-        listening.to_vec()
-    } else {
-        outside
-    }
-}
-
-/// The peer id an address ends with.
-pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().find_map(|p| match p {
-        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
 }
 
 /// The running network side of a node.
@@ -395,9 +340,7 @@ impl NodeHandle {
             )
             .await
     }
-}
 
-impl NodeHandle {
     /// Copies `peer`'s purge ledger into ours (DESIGN §6): a node that joins
     /// after a purge must refuse the versions those deletes beat, or it
     /// would be the way back for them.
@@ -628,7 +571,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         sessions: Arc::new(AtomicU64::new(0)),
         cluster: config.cluster.clone(),
     };
-    tokio::spawn(apply_cdc(engine.clone(), handle.clone(), cdc_rx));
+    tokio::spawn(super::cdc::apply_cdc(engine.clone(), handle.clone(), cdc_rx));
     let node = SwarmTask {
         engine,
         peers,
@@ -664,104 +607,6 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     };
     tokio::spawn(node.run(swarm, rx, config.gossip_interval, early));
     Ok(handle)
-}
-
-/// Applies received deltas in batches (whatever has arrived, up to 4096, in
-/// one commit; LWW makes their order irrelevant), fetching content that was
-/// not inlined from the delta's author.
-async fn apply_cdc(engine: Arc<SyncEngine>, handle: NodeHandle, mut rx: mpsc::Receiver<(PeerId, CdcDelta)>) {
-    let stats = &handle.peers.stats;
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 4096
-            && let Ok(next) = rx.try_recv()
-        {
-            batch.push(next);
-        }
-        let mut fetch_from: HashMap<String, PeerId> = HashMap::new();
-        for (author, d) in &batch {
-            fetch_from.insert(d.entry.id.clone(), *author);
-        }
-        let outcome = match engine.receive_cdc(batch.into_iter().map(|(_, d)| d).collect()).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::debug!(error = %e, "CDC batch not applied; anti-entropy will catch up");
-                continue;
-            }
-        };
-        ReplicationStats::add(&stats.cdc_applied, outcome.applied);
-        ReplicationStats::add(&stats.cdc_dropped, outcome.dropped);
-        let mut by_author: HashMap<PeerId, Vec<String>> = HashMap::new();
-        for id in outcome.fetch {
-            if let Some(author) = fetch_from.get(&id) {
-                by_author.entry(*author).or_default().push(id);
-            }
-        }
-        // Fetches run on their own, so a slow author stalls nobody else.
-        for (author, ids) in by_author {
-            let (engine, handle) = (engine.clone(), handle.clone());
-            tokio::spawn(async move {
-                let stats = &handle.peers.stats;
-                match fetch_and_apply(&engine, &handle, author, ids).await {
-                    Ok(n) => {
-                        ReplicationStats::add(&stats.cdc_fetched, 1);
-                        ReplicationStats::add(&stats.cdc_applied, n);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "CDC fetch failed; anti-entropy will catch up"),
-                }
-            });
-        }
-    }
-}
-
-/// Fetches `ids` from `peer` in request-sized chunks, asking again for what
-/// an answer defers (only ids we asked for, a bounded number of times), and
-/// applies them; returns how many won.
-async fn fetch_and_apply(
-    engine: &SyncEngine,
-    handle: &NodeHandle,
-    peer: PeerId,
-    ids: Vec<String>,
-) -> Result<u64, String> {
-    let asked: HashSet<String> = ids.iter().cloned().collect();
-    let mut queue = ids;
-    let mut applied = 0;
-    let mut rounds = 0;
-    while !queue.is_empty() {
-        rounds += 1;
-        if rounds > asked.len() + 8 {
-            return Err("peer keeps deferring".into());
-        }
-        let rest = queue.split_off(queue.len().min(MAX_ITEMS));
-        let chunk = std::mem::replace(&mut queue, rest);
-        let mut tries = 0;
-        let answer = loop {
-            match handle
-                .request(
-                    peer,
-                    Request::Fetch {
-                        session: 0,
-                        ids: chunk.clone(),
-                    },
-                )
-                .await?
-            {
-                Response::Refused { reason } if reason == "busy" && tries < 5 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
-                }
-                other => break other,
-            }
-        };
-        match answer {
-            Response::Fetch { items, deferred } => {
-                applied += engine.apply_from_peer(items).await.map_err(|e| e.to_string())?;
-                queue.extend(deferred.into_iter().filter(|id| asked.contains(id)));
-            }
-            other => return Err(format!("fetch answered with {other:?}")),
-        }
-    }
-    Ok(applied)
 }
 
 /// An answer in progress: its global permit and its place in the peer's cap.
