@@ -102,6 +102,31 @@ fn ids(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("{prefix}{i}")).collect()
 }
 
+/// Four nodes holding k0..k29, split {a,b} | {c,d}; then k0..k4 are
+/// deleted on a's side and k5..k9 on the other.
+async fn split_with_deletes(dir: &Path, extra: &[String]) -> [Proc; 4] {
+    let a = spawn(&dir.join("a"), args(extra)).await;
+    let others = args(&[extra.to_vec(), boot(&a)].concat());
+    let b = spawn(&dir.join("b"), others.clone()).await;
+    let c = spawn(&dir.join("c"), others.clone()).await;
+    let d = spawn(&dir.join("d"), others).await;
+    for id in ids("k", 0..30) {
+        put(&a, &id, "v1").await;
+    }
+    syncnode::process::converge(&[&a, &b, &c, &d], Duration::from_secs(60))
+        .await
+        .unwrap();
+    partition(&[&a, &b], &[&c, &d], true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in ids("k", 0..5) {
+        del(&a, &id).await;
+    }
+    for id in ids("k", 5..10) {
+        del(&d, &id).await;
+    }
+    [a, b, c, d]
+}
+
 /// 3 nodes; c holds copies of items deleted while it was away past
 /// member_expiry; a and b purge; d joins empty; c comes back and talks only
 /// to d: nothing deleted comes back anywhere.
@@ -173,26 +198,8 @@ async fn a_node_that_joins_after_a_purge_is_no_way_back_for_deletes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_longer_than_member_expiry_heals_through_the_ledger() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = spawn(&tmp.path().join("a"), args(&[])).await;
-    let b = spawn(&tmp.path().join("b"), args(&boot(&a))).await;
-    let c = spawn(&tmp.path().join("c"), args(&boot(&a))).await;
-    let d = spawn(&tmp.path().join("d"), args(&boot(&a))).await;
+    let [a, b, c, d] = split_with_deletes(tmp.path(), &[]).await;
     let all = [&a, &b, &c, &d];
-    for id in ids("k", 0..30) {
-        put(&a, &id, "v1").await;
-    }
-    syncnode::process::converge(&all, Duration::from_secs(60))
-        .await
-        .unwrap();
-
-    partition(&[&a, &b], &[&c, &d], true).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for id in ids("k", 0..5) {
-        del(&a, &id).await;
-    }
-    for id in ids("k", 5..10) {
-        del(&d, &id).await;
-    }
     for id in ids("k", 10..15) {
         put(&b, &id, "side A").await;
     }
@@ -243,24 +250,7 @@ async fn a_partition_longer_than_member_expiry_heals_through_the_ledger() {
 async fn past_ledger_retention_one_side_resyncs() {
     let tmp = tempfile::tempdir().unwrap();
     let keep = ["--ledger-retention".to_string(), "4s".to_string()];
-    let a = spawn(&tmp.path().join("a"), args(&keep)).await;
-    let b = spawn(&tmp.path().join("b"), args(&[keep.to_vec(), boot(&a)].concat())).await;
-    let mut c = spawn(&tmp.path().join("c"), args(&[keep.to_vec(), boot(&a)].concat())).await;
-    let mut d = spawn(&tmp.path().join("d"), args(&[keep.to_vec(), boot(&a)].concat())).await;
-    for id in ids("k", 0..20) {
-        put(&a, &id, "v1").await;
-    }
-    syncnode::process::converge(&[&a, &b, &c, &d], Duration::from_secs(60))
-        .await
-        .unwrap();
-    partition(&[&a, &b], &[&c, &d], true).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for id in ids("k", 0..5) {
-        del(&a, &id).await;
-    }
-    for id in ids("k", 5..10) {
-        del(&c, &id).await;
-    }
+    let [a, b, mut c, mut d] = split_with_deletes(tmp.path(), &keep).await;
     put(&d, "b.only", "written on side B").await;
     wait_purged(&[&a, &b, &c, &d], 5.0).await;
     for n in [&a, &b, &c, &d] {
