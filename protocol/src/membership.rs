@@ -195,6 +195,40 @@ pub fn connection_targets(me: &str, active: &[MemberId], max: usize) -> Vec<Memb
     out
 }
 
+/// A connection as `surplus_connections` weighs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Link<'a> {
+    pub peer: &'a str,
+    /// Only we dialed it (the other side did not ask for it).
+    pub dialed_by_us: bool,
+    /// Since the last membership packet or session over it.
+    pub idle_ms: u64,
+    /// A session or an answer is running over it.
+    pub busy: bool,
+}
+
+/// The connections to close so that a node keeps about `max` members
+/// connected when there are more: ones we dialed to members that are not
+/// targets (SWIM's probes reach any member), idle for `idle_ms`, with
+/// nothing running. A connection the other side dialed is theirs to keep:
+/// closing it would have them dial again.
+pub fn surplus_connections<'a>(
+    targets: &[MemberId],
+    active: usize,
+    max: usize,
+    links: &[Link<'a>],
+    idle_ms: u64,
+) -> Vec<&'a str> {
+    if active <= max {
+        return Vec::new();
+    }
+    links
+        .iter()
+        .filter(|l| l.dialed_by_us && !l.busy && l.idle_ms >= idle_ms && !targets.iter().any(|t| t.peer == l.peer))
+        .map(|l| l.peer)
+        .collect()
+}
+
 /// A membership change, for the node to act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemberEvent {
@@ -500,6 +534,38 @@ mod tests {
             let _ = m.handle_packet(0, &bytes);
             m.tick(60_000);
         }
+    }
+
+    #[test]
+    fn only_idle_links_we_dialed_to_non_targets_are_surplus() {
+        let members: Vec<MemberId> = (0..6).map(id).collect();
+        let targets = connection_targets("me", &members, 2);
+        let other: Vec<String> = members
+            .iter()
+            .filter(|m| !targets.contains(m))
+            .map(|m| m.peer.clone())
+            .collect();
+        let link = |peer, dialed_by_us, idle_ms, busy| Link {
+            peer,
+            dialed_by_us,
+            idle_ms,
+            busy,
+        };
+        let links = [
+            link(other[0].as_str(), true, 5_000, false),
+            link(other[1].as_str(), false, 5_000, false),
+            link(other[2].as_str(), true, 10, false),
+            link(other[3].as_str(), true, 5_000, true),
+            link(targets[0].peer.as_str(), true, 5_000, false),
+        ];
+        assert_eq!(
+            surplus_connections(&targets, 6, 2, &links, 1_000),
+            vec![other[0].as_str()]
+        );
+        assert!(
+            surplus_connections(&targets, 2, 2, &links, 1_000).is_empty(),
+            "within max: keep all"
+        );
     }
 
     #[test]

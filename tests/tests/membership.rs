@@ -571,3 +571,52 @@ async fn a_node_whose_clock_runs_ahead_refuses_writes_until_it_is_back() {
     })
     .await;
 }
+
+/// With more members than `max_peers`, a node keeps fewer connections, and
+/// membership and replication still reach everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_larger_than_max_peers_still_reaches_everyone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cap = ["--max-peers".to_string(), "1".to_string()];
+    let n1 = spawn(&tmp.path().join("n1"), args(&cap)).await;
+    let mut rest = Vec::new();
+    for i in 2..=5 {
+        rest.push(
+            spawn(
+                &tmp.path().join(format!("n{i}")),
+                args(&[cap.to_vec(), boot(&n1)].concat()),
+            )
+            .await,
+        );
+    }
+    let all: Vec<&Proc> = std::iter::once(&n1).chain(rest.iter()).collect();
+    for p in &all {
+        let want = others(&all, p);
+        eventually(
+            "every node lists the 4 others alive",
+            Duration::from_secs(30),
+            || async {
+                let got = alive(p).await;
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{} sees {got:?}", p.peer_id))
+                }
+            },
+        )
+        .await;
+    }
+    put(&rest[3], "capped", "from n5").await;
+    for p in &all {
+        eventually("the write reaches every node", Duration::from_secs(30), || async {
+            match status_of(p, "capped").await {
+                200 => Ok(()),
+                s => Err(format!("{} answers {s}", p.peer_id)),
+            }
+        })
+        .await;
+    }
+    syncnode::process::converge(&all, Duration::from_secs(60))
+        .await
+        .unwrap();
+}

@@ -665,6 +665,12 @@ impl Peers {
         })
     }
 
+    /// Whether a session with `peer`, or an answer to it, is running.
+    pub fn busy(&self, peer: PeerId) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.get(&peer).is_some_and(|s| s.session.is_some() || s.answering > 0)
+    }
+
     pub fn end_answer(&self, peer: PeerId) {
         self.with(peer, |s| s.answering = s.answering.saturating_sub(1));
     }

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use syncnode_protocol::clock_offset::Sample;
-use syncnode_protocol::membership::{MAX_ADDRS, MemberEvent, MemberId, Membership, MembershipConfig};
+use syncnode_protocol::membership::{
+    Link, MAX_ADDRS, MemberEvent, MemberId, Membership, MembershipConfig, surplus_connections,
+};
 use syncnode_protocol::session::Progress;
 use syncnode_protocol::wire::{CdcDelta, DEFAULT_MAX_FRAME, Request, Response};
 use syncnode_protocol::wire::{MemberAck, MemberPacket};
@@ -590,6 +592,8 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         members,
         member_dials: HashMap::new(),
         announced: HashMap::new(),
+        inbound: HashSet::new(),
+        contact: HashMap::new(),
         max_peers: config.max_peers.max(1),
         clock_fenced: false,
         epoch: Instant::now(),
@@ -650,6 +654,10 @@ struct SwarmTask {
     member_dials: HashMap<PeerId, MemberDial>,
     /// When we last announced ourselves to a connected non-member.
     announced: HashMap<PeerId, Instant>,
+    /// Peers with a connection they dialed (theirs to keep).
+    inbound: HashSet<PeerId>,
+    /// Last membership packet to or from each peer.
+    contact: HashMap<PeerId, Instant>,
     max_peers: usize,
     /// Whether local writes are fenced because our clock runs ahead.
     clock_fenced: bool,
@@ -755,6 +763,7 @@ impl SwarmTask {
                     swarm.add_peer_address(peer, a);
                 }
             }
+            self.contact.insert(peer, Instant::now());
             let packet = ClusterPacket {
                 cluster: String::new(),
                 packet: MemberPacket {
@@ -833,7 +842,7 @@ impl SwarmTask {
         let active: Vec<MemberId> = self.membership.active().cloned().collect();
         let me = swarm.local_peer_id().to_string();
         let want = syncnode_protocol::membership::connection_targets(&me, &active, self.max_peers);
-        for m in want {
+        for m in &want {
             let Ok(peer) = m.peer.parse::<PeerId>() else { continue };
             if swarm.is_connected(&peer) {
                 self.member_dials.remove(&peer);
@@ -848,7 +857,7 @@ impl SwarmTask {
             }
             d.next = now + d.backoff;
             d.backoff = (d.backoff * 2).min(MAX_BACKOFF);
-            self.dial_member(swarm, peer, &m);
+            self.dial_member(swarm, peer, m);
         }
         // Peers we are connected to that SWIM does not list yet (a seed, a
         // node that restarted): ask them to let us in.
@@ -876,8 +885,39 @@ impl SwarmTask {
             self.peers.mark_met_member();
         }
         self.member_dials.retain(|p, _| members.contains(&p.to_string()));
+        self.close_surplus(swarm, &want, active.len());
         self.flush_membership(swarm);
         self.check_clock();
+    }
+
+    /// Past `max_peers` members, closes the connections we dialed to members
+    /// that are not targets once SWIM is done with them (idle three probe
+    /// periods, no session or answer running).
+    fn close_surplus(&mut self, swarm: &mut Swarm<NodeBehaviour>, targets: &[MemberId], active: usize) {
+        if active <= self.max_peers {
+            return;
+        }
+        let idle_ms = (self.membership.config().probe_period * 3).as_millis() as u64;
+        let now = Instant::now();
+        let peers: Vec<(PeerId, String)> = swarm.connected_peers().map(|p| (*p, p.to_string())).collect();
+        let links: Vec<Link> = peers
+            .iter()
+            .map(|(p, name)| Link {
+                peer: name,
+                dialed_by_us: !self.inbound.contains(p),
+                idle_ms: self
+                    .contact
+                    .get(p)
+                    .map_or(u64::MAX, |t| now.duration_since(*t).as_millis() as u64),
+                busy: self.peers.busy(*p),
+            })
+            .collect();
+        for name in surplus_connections(targets, active, self.max_peers, &links, idle_ms) {
+            if let Some((peer, _)) = peers.iter().find(|(_, n)| n == name) {
+                tracing::debug!(%peer, "closing a connection past max_peers");
+                let _ = swarm.disconnect_peer_id(*peer);
+            }
+        }
     }
 
     /// DESIGN §2 with CockroachDB's rule: a node whose clock is ahead of
@@ -1055,6 +1095,7 @@ impl SwarmTask {
                         self.members.mark_left(&peer.to_string(), true);
                     }
                     self.peers.touch_member(peer);
+                    self.contact.insert(peer, Instant::now());
                     match self.membership.handle_packet(self.mono_ms(), &request.payload) {
                         Ok(()) => {}
                         Err(e) => tracing::debug!(%peer, error = %e, "membership packet not taken"),
@@ -1244,8 +1285,11 @@ impl SwarmTask {
                     .map(str::to_string);
                 self.peers.set_region(peer_id, region);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::info!(peer = %peer_id, "peer connected");
+                if endpoint.is_listener() {
+                    self.inbound.insert(peer_id);
+                }
                 self.peers.connected(peer_id, true);
                 for r in self.redial.iter_mut().filter(|r| r.peer == Some(peer_id)) {
                     r.backoff = Duration::from_secs(1);
@@ -1262,6 +1306,8 @@ impl SwarmTask {
             } => {
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.peers.connected(peer_id, false);
+                self.inbound.remove(&peer_id);
+                self.contact.remove(&peer_id);
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, ?error, "could not connect");
