@@ -811,7 +811,10 @@ impl SwarmTask {
                 }
             }
             MemberEvent::Rejoined(me) => {
-                tracing::warn!(bump = me.bump, "the cluster had declared this node down; rejoined");
+                tracing::info!(
+                    bump = me.bump,
+                    "the cluster had declared this node down (a partition?); rejoined"
+                );
             }
         }
     }
