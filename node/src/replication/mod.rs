@@ -1,7 +1,8 @@
 //! Replication: the node side of the protocol crate's anti-entropy session
 //! driving the engine (`anti_entropy`), gossip of roots and CDC deltas
 //! (`gossip`) and applying received deltas (`cdc`), which addresses a node
-//! advertises and its exclusive ports (`addressing`), SWIM membership and clock offsets (`membership`), what a node
+//! advertises and its exclusive ports (`addressing`), SWIM membership and clock offsets (`membership`: codec and table;
+//! `swim`: the driver that acts on it), what a node
 //! knows of its peers (`peers`), the tombstone purge (`purge`), what
 //! connection failures tell an operator (`connections`), and the libp2p
 //! swarm that carries it all (`transport`, `swarm`).
@@ -15,4 +16,5 @@ pub mod membership;
 pub mod peers;
 pub mod purge;
 pub mod swarm;
+mod swim;
 pub mod transport;

@@ -23,10 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use syncnode_protocol::clock_offset::Sample;
-use syncnode_protocol::membership::{
-    Link, MAX_ADDRS, MemberEvent, MemberId, Membership, MembershipConfig, surplus_connections,
-};
+use syncnode_protocol::membership::{MAX_ADDRS, MemberId, MembershipConfig};
 use syncnode_protocol::session::Progress;
 use syncnode_protocol::wire::{CdcDelta, DEFAULT_MAX_FRAME, Request, Response};
 use syncnode_protocol::wire::{MemberAck, MemberPacket};
@@ -39,6 +36,7 @@ use super::connections::ConnectionLog;
 use super::gossip::{self, GOSSIP_MAX, Gossip};
 use super::membership::{ClusterPacket, MEMBERS_PROTOCOL, MemberCodec, MemberTable};
 use super::peers::{PeerLimits, Peers, ReplicationStats};
+use super::swim::{Blocked, Links, Refusal, Swim, wall_ms};
 use super::transport::{SYNC_PROTOCOL, SyncCodec, Traffic, tcp_transport};
 use crate::engine::SyncEngine;
 
@@ -130,11 +128,6 @@ impl NetworkConfig {
             join_timeout: Duration::from_secs(30),
         }
     }
-}
-
-/// Milliseconds on the wall clock (for clock offsets; may jump).
-fn wall_ms() -> u64 {
-    crate::engine::item::now_ms().max(0) as u64
 }
 
 /// The running network side of a node.
@@ -538,14 +531,18 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         // A restart takes over the entry of the run before it.
         bump: peers.next_bump(wall_ms()),
     };
-    let membership = Membership::new(
+    let members = Arc::new(MemberTable::default());
+    let swim = Swim::new(
         me,
         MembershipConfig {
             probe_period: config.probe_interval,
         },
-        rand::random(),
+        members.clone(),
+        peers.clone(),
+        engine.clone(),
+        config.cluster.clone(),
+        config.max_peers,
     );
-    let members = Arc::new(MemberTable::default());
     {
         // Member watermarks reach the disk every few seconds, off the swarm task.
         let peers = peers.clone();
@@ -588,15 +585,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         bans: HashSet::new(),
         allow: config.allow_peers.iter().copied().collect(),
         answering: Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING)),
-        membership,
-        members,
-        member_dials: HashMap::new(),
-        announced: HashMap::new(),
-        inbound: HashSet::new(),
-        contact: HashMap::new(),
-        max_peers: config.max_peers.max(1),
-        clock_fenced: false,
-        epoch: Instant::now(),
+        swim,
         log: ConnectionLog::default(),
         redial: seeds
             .into_iter()
@@ -611,6 +600,48 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     };
     tokio::spawn(node.run(swarm, rx, config.gossip_interval, early));
     Ok(handle)
+}
+
+/// The network as the membership driver sees it.
+impl Links for Swarm<NodeBehaviour> {
+    fn local_peer(&self) -> PeerId {
+        *self.local_peer_id()
+    }
+
+    fn linked(&self, peer: &PeerId) -> bool {
+        self.is_connected(peer)
+    }
+
+    fn linked_peers(&self) -> Vec<PeerId> {
+        self.connected_peers().copied().collect()
+    }
+
+    fn send_packet(&mut self, peer: PeerId, addrs: &[String], packet: MemberPacket) {
+        if !self.is_connected(&peer) {
+            for a in addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+                self.add_peer_address(peer, a);
+            }
+        }
+        let packet = ClusterPacket {
+            cluster: String::new(),
+            packet,
+        };
+        self.behaviour_mut().members.send_request(&peer, packet);
+    }
+
+    fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.dial(opts) {
+            tracing::debug!(%peer, error = %e, "member dial failed");
+        }
+    }
+
+    fn drop_link(&mut self, peer: PeerId) {
+        let _ = self.disconnect_peer_id(peer);
+    }
 }
 
 /// An answer in progress: its global permit and its place in the peer's cap.
@@ -641,29 +672,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Inbound sync requests answered at once (each may hold a frame of items).
 const MAX_ANSWERING: usize = 32;
 
-/// A member we keep a connection to, redialed with backoff.
-struct MemberDial {
-    next: Instant,
-    backoff: Duration,
-}
-
 struct SwarmTask {
-    /// SWIM (the protocol crate's state machine) and what it shows.
-    membership: Membership,
-    members: Arc<MemberTable>,
-    member_dials: HashMap<PeerId, MemberDial>,
-    /// When we last announced ourselves to a connected non-member.
-    announced: HashMap<PeerId, Instant>,
-    /// Peers with a connection they dialed (theirs to keep).
-    inbound: HashSet<PeerId>,
-    /// Last membership packet to or from each peer.
-    contact: HashMap<PeerId, Instant>,
-    max_peers: usize,
-    /// Whether local writes are fenced because our clock runs ahead.
-    clock_fenced: bool,
-    /// The monotonic origin of SWIM's clock (wall clock jumps must not stall
-    /// its timers).
-    epoch: Instant,
+    /// Membership: SWIM and what follows from it.
+    swim: Swim,
     log: ConnectionLog,
     engine: Arc<SyncEngine>,
     peers: Arc<Peers>,
@@ -701,11 +712,8 @@ impl SwarmTask {
         loop {
             tokio::select! {
                 _ = swim.tick() => {
-                    let now = self.mono_ms();
-                    if self.membership.next_deadline().is_some_and(|d| d <= now) {
-                        self.membership.tick(now);
-                        self.flush_membership(&mut swarm);
-                    }
+                    let blocked = Blocked { manual: &self.manual_blocks, bans: &self.bans };
+                    self.swim.tick(&mut swarm, &blocked);
                 }
                 cmd = commands.recv() => match cmd {
                     None => return,
@@ -743,228 +751,21 @@ impl SwarmTask {
         }
     }
 
-    fn mono_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    fn blocked(&self, peer: &PeerId) -> bool {
-        self.manual_blocks.contains(peer) || self.bans.contains(peer)
-    }
-
-    /// Sends what SWIM wants sent, acts on its events, refreshes the table.
-    fn flush_membership(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
-        for (to, payload) in self.membership.take_outgoing() {
-            let Ok(peer) = to.peer.parse::<PeerId>() else { continue };
-            if self.blocked(&peer) {
-                continue;
-            }
-            if !swarm.is_connected(&peer) {
-                for a in to.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
-                    swarm.add_peer_address(peer, a);
-                }
-            }
-            self.contact.insert(peer, Instant::now());
-            let packet = ClusterPacket {
-                cluster: String::new(),
-                packet: MemberPacket {
-                    sent_ms: wall_ms(),
-                    payload,
-                },
-            };
-            swarm.behaviour_mut().members.send_request(&peer, packet);
-        }
-        for event in self.membership.take_events() {
-            self.on_member_event(swarm, event);
-        }
-        let views = self
-            .membership
-            .members()
-            .into_iter()
-            .filter(|v| v.id.peer.parse().is_ok_and(|p| !self.peers.is_forgotten(p)))
-            .collect();
-        self.members
-            .refresh(views, |p| p.parse().is_ok_and(|p: PeerId| swarm.is_connected(&p)));
-    }
-
-    fn on_member_event(&mut self, swarm: &mut Swarm<NodeBehaviour>, event: MemberEvent) {
-        match event {
-            MemberEvent::Up(m) => {
-                tracing::info!(peer = %m.peer, region = %m.region, addrs = ?m.addrs, "member joined");
-                if let Ok(p) = m.peer.parse::<PeerId>() {
-                    self.peers.add_member(p, &m.addrs);
-                    self.peers.set_region(p, Some(m.region.clone()));
-                    self.members.mark_left(&m.peer, false);
-                    self.dial_member(swarm, p, &m);
-                }
-            }
-            MemberEvent::Down(m) => {
-                tracing::info!(peer = %m.peer, "member down");
-            }
-            MemberEvent::Renamed { old, new } => {
-                if old.addrs != new.addrs {
-                    tracing::info!(peer = %new.peer, addrs = ?new.addrs, "member restarted with new addresses");
-                }
-                self.members.mark_left(&new.peer, false);
-                if let Ok(p) = new.peer.parse::<PeerId>() {
-                    self.peers.add_member(p, &new.addrs);
-                    self.peers.set_region(p, Some(new.region.clone()));
-                }
-            }
-            MemberEvent::Rejoined(me) => {
-                tracing::info!(
-                    bump = me.bump,
-                    "the cluster had declared this node down (a partition?); rejoined"
-                );
-            }
-        }
-    }
-
-    /// Dials a member at its advertised addresses (DNS names resolve anew).
-    fn dial_member(&mut self, swarm: &mut Swarm<NodeBehaviour>, peer: PeerId, m: &MemberId) {
-        if peer == *swarm.local_peer_id() || self.blocked(&peer) || swarm.is_connected(&peer) {
-            return;
-        }
-        let addrs: Vec<Multiaddr> = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-        if addrs.is_empty() {
-            return;
-        }
-        let opts = DialOpts::peer_id(peer)
-            .addresses(addrs)
-            .condition(PeerCondition::DisconnectedAndNotDialing)
-            .build();
-        if let Err(e) = swarm.dial(opts) {
-            tracing::debug!(%peer, error = %e, "member dial failed");
-        }
-    }
-
-    /// Keeps connections to the members (up to `max_peers`, every region
-    /// covered), announces us to connected peers that are not members yet,
-    /// and fences local writes while our clock runs ahead of most members.
     fn maintain_members(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
-        let now = Instant::now();
-        let active: Vec<MemberId> = self.membership.active().cloned().collect();
-        let me = swarm.local_peer_id().to_string();
-        let want = syncnode_protocol::membership::connection_targets(&me, &active, self.max_peers);
-        for m in &want {
-            let Ok(peer) = m.peer.parse::<PeerId>() else { continue };
-            if swarm.is_connected(&peer) {
-                self.member_dials.remove(&peer);
-                continue;
-            }
-            let d = self.member_dials.entry(peer).or_insert(MemberDial {
-                next: now,
-                backoff: Duration::from_millis(500),
-            });
-            if d.next > now {
-                continue;
-            }
-            d.next = now + d.backoff;
-            d.backoff = (d.backoff * 2).min(MAX_BACKOFF);
-            self.dial_member(swarm, peer, m);
-        }
-        // Peers we are connected to that SWIM does not list yet (a seed, a
-        // node that restarted): ask them to let us in.
-        let members: HashSet<String> = active.iter().map(|m| m.peer.clone()).collect();
-        let every = self.membership.config().probe_period * 4;
-        let connected: Vec<PeerId> = swarm.connected_peers().copied().collect();
-        for peer in connected {
-            if members.contains(&peer.to_string()) || self.blocked(&peer) {
-                continue;
-            }
-            if self
-                .announced
-                .get(&peer)
-                .is_some_and(|t| now.duration_since(*t) < every)
-            {
-                continue;
-            }
-            self.announced.insert(peer, now);
-            let _ = self
-                .membership
-                .announce(self.mono_ms(), MemberId::placeholder(peer.to_string()));
-        }
-        self.announced.retain(|p, _| swarm.is_connected(p));
-        if self.members.connected_active() > 0 {
-            self.peers.mark_met_member();
-        }
-        self.member_dials.retain(|p, _| members.contains(&p.to_string()));
-        self.close_surplus(swarm, &want, active.len());
-        self.flush_membership(swarm);
-        self.check_clock();
+        let blocked = Blocked {
+            manual: &self.manual_blocks,
+            bans: &self.bans,
+        };
+        self.swim.maintain(swarm, &blocked, &mut self.log);
     }
 
-    /// Past `max_peers` members, closes the connections we dialed to members
-    /// that are not targets once SWIM is done with them (idle three probe
-    /// periods, no session or answer running).
-    fn close_surplus(&mut self, swarm: &mut Swarm<NodeBehaviour>, targets: &[MemberId], active: usize) {
-        if active <= self.max_peers {
-            return;
-        }
-        let idle_ms = (self.membership.config().probe_period * 3).as_millis() as u64;
-        let now = Instant::now();
-        let peers: Vec<(PeerId, String)> = swarm.connected_peers().map(|p| (*p, p.to_string())).collect();
-        let links: Vec<Link> = peers
-            .iter()
-            .map(|(p, name)| Link {
-                peer: name,
-                dialed_by_us: !self.inbound.contains(p),
-                idle_ms: self
-                    .contact
-                    .get(p)
-                    .map_or(u64::MAX, |t| now.duration_since(*t).as_millis() as u64),
-                busy: self.peers.busy(*p),
-            })
-            .collect();
-        for name in surplus_connections(targets, active, self.max_peers, &links, idle_ms) {
-            if let Some((peer, _)) = peers.iter().find(|(_, n)| n == name) {
-                tracing::debug!(%peer, "closing a connection past max_peers");
-                let _ = swarm.disconnect_peer_id(*peer);
-            }
-        }
-    }
-
-    /// DESIGN §2 with CockroachDB's rule: a node whose clock is ahead of
-    /// most live members by more than `max_clock_skew` would stamp versions
-    /// that win conflicts they should lose, so it takes no local writes
-    /// until its clock is back. Peers past the bound are logged.
-    fn check_clock(&mut self) {
-        let max = self.engine.config().max_clock_skew_ms;
-        for peer in self.members.active() {
-            if let Some(s) = self.members.offset(&peer)
-                && s.offset_ms.unsigned_abs() > max
-                && self.log.allow(&format!("skew {peer}"))
-            {
-                tracing::warn!(
-                    %peer,
-                    offset_ms = s.offset_ms,
-                    rtt_ms = s.rtt_ms,
-                    max_clock_skew_ms = max,
-                    "a member's clock differs from ours by more than max_clock_skew"
-                );
-            }
-        }
-        let ahead = self.members.clock_ahead(max);
-        if ahead != self.clock_fenced {
-            self.clock_fenced = ahead;
-            if ahead {
-                let reason = format!(
-                    "this node's clock is ahead of most members by more than max_clock_skew ({max} ms); fix its time (NTP)"
-                );
-                tracing::error!("{reason}: refusing local writes until it is back");
-                self.engine.set_write_fence(Some(reason));
-            } else {
-                tracing::warn!("clock back within max_clock_skew of the members: taking writes again");
-                self.engine.set_write_fence(None);
-            }
-        }
-    }
-
-    /// Redials bootstrap peers that are due, lifts expired bans.
+    /// Keeps the member connections, redials bootstrap peers that are due,
+    /// lifts expired bans.
     fn housekeeping(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
         self.maintain_members(swarm);
         let now = Instant::now();
         // A seed without a peer id is only needed while we know nobody.
-        let alone = self.membership.active().next().is_none();
+        let alone = self.swim.alone();
         for r in &mut self.redial {
             let connected = match r.peer {
                 Some(p) => swarm.is_connected(&p),
@@ -1020,13 +821,11 @@ impl SwarmTask {
                         r.next = Instant::now();
                         r.backoff = Duration::from_secs(1);
                     }
-                    // A member SWIM declared down meanwhile: reach it now
-                    // rather than at the next announce to down members.
-                    let key = peer.to_string();
-                    if let Some(m) = self.membership.members().into_iter().find(|m| m.id.peer == key) {
-                        self.member_dials.remove(&peer);
-                        self.dial_member(swarm, peer, &m.id);
-                    }
+                    let blocked = Blocked {
+                        manual: &self.manual_blocks,
+                        bans: &self.bans,
+                    };
+                    self.swim.unblocked(swarm, &blocked, peer);
                 }
             }
             Command::Peers(done) => {
@@ -1046,10 +845,11 @@ impl SwarmTask {
             }
             Command::Publish(topic, msgs) => self.publish(swarm, topic, msgs),
             Command::Leave(done) => {
-                if let Err(e) = self.membership.leave(self.mono_ms()) {
-                    tracing::debug!(error = %e, "leave");
-                }
-                self.flush_membership(swarm);
+                let blocked = Blocked {
+                    manual: &self.manual_blocks,
+                    bans: &self.bans,
+                };
+                self.swim.leave(swarm, &blocked);
                 let _ = done.send(());
             }
         }
@@ -1063,62 +863,19 @@ impl SwarmTask {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    let received_ms = wall_ms();
-                    if self.blocked(&peer) {
-                        return;
-                    }
-                    if request.cluster != self.cluster {
-                        let why = format!(
-                            "membership packet for cluster {:?}, we are {:?}",
-                            request.cluster, self.cluster
-                        );
-                        self.log.wrong_cluster(peer, &why);
-                        self.penalize(swarm, peer, &why);
-                        return;
-                    }
-                    let request = request.packet;
-                    // A day of clock difference is tolerated in start times.
-                    let max_bump = wall_ms().saturating_add(86_400_000);
-                    let seen = match super::membership::inspect(&request.payload, &peer, max_bump) {
-                        Ok(seen) => seen,
-                        // A clock a day off is a fault to fix, not an attack.
-                        Err(why) if why.contains("start time in the future") => {
-                            if self.log.allow(&format!("future {peer}")) {
-                                tracing::warn!(%peer, "{why}; its packets are dropped (check its clock and ours)");
-                            }
-                            return;
-                        }
-                        Err(why) => {
-                            self.penalize(swarm, peer, &why);
-                            return;
-                        }
+                    let blocked = Blocked {
+                        manual: &self.manual_blocks,
+                        bans: &self.bans,
                     };
-                    if seen.leaves {
-                        tracing::info!(%peer, "member leaves the cluster");
-                        self.members.mark_left(&peer.to_string(), true);
+                    match self.swim.on_packet(swarm, &blocked, &mut self.log, peer, request) {
+                        Ok(ack) => {
+                            let _ = swarm.behaviour_mut().members.send_response(channel, ack);
+                        }
+                        Err(Refusal::Penalize(why)) => self.penalize(swarm, peer, &why),
+                        Err(Refusal::Drop) => {}
                     }
-                    self.peers.touch_member(peer);
-                    self.contact.insert(peer, Instant::now());
-                    match self.membership.handle_packet(self.mono_ms(), &request.payload) {
-                        Ok(()) => {}
-                        Err(e) => tracing::debug!(%peer, error = %e, "membership packet not taken"),
-                    }
-                    let ack = MemberAck {
-                        asked_ms: request.sent_ms,
-                        received_ms,
-                        answered_ms: wall_ms(),
-                    };
-                    let _ = swarm.behaviour_mut().members.send_response(channel, ack);
-                    self.flush_membership(swarm);
                 }
-                request_response::Message::Response { response, .. } => {
-                    if let Some(s) =
-                        Sample::of(response.asked_ms, response.received_ms, response.answered_ms, wall_ms())
-                    {
-                        self.members.record_offset(&peer.to_string(), s);
-                    }
-                    self.peers.touch_member(peer);
-                }
+                request_response::Message::Response { response, .. } => self.swim.on_ack(peer, response),
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 self.on_protocol_failure(swarm, peer, &error)
@@ -1290,9 +1047,7 @@ impl SwarmTask {
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::info!(peer = %peer_id, "peer connected");
-                if endpoint.is_listener() {
-                    self.inbound.insert(peer_id);
-                }
+                self.swim.connected(peer_id, endpoint.is_listener());
                 self.peers.connected(peer_id, true);
                 for r in self.redial.iter_mut().filter(|r| r.peer == Some(peer_id)) {
                     r.backoff = Duration::from_secs(1);
@@ -1309,8 +1064,7 @@ impl SwarmTask {
             } => {
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.peers.connected(peer_id, false);
-                self.inbound.remove(&peer_id);
-                self.contact.remove(&peer_id);
+                self.swim.disconnected(peer_id);
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, ?error, "could not connect");
