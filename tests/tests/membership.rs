@@ -74,6 +74,22 @@ fn others(all: &[&Proc], me: &Proc) -> BTreeSet<String> {
         .collect()
 }
 
+/// Waits until every node lists every other one alive.
+async fn all_see_each_other(all: &[&Proc], timeout: Duration) {
+    for p in all {
+        let want = others(all, p);
+        eventually("every node lists the others alive", timeout, || async {
+            let got = alive(p).await;
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{} sees {got:?}", p.peer_id))
+            }
+        })
+        .await;
+    }
+}
+
 /// A free TCP port on loopback (for an address that must be known before
 /// the node starts).
 fn free_port() -> u16 {
@@ -100,22 +116,7 @@ async fn a_cluster_joins_through_one_seed_and_outlives_it() {
         rest.push(spawn(&tmp.path().join(format!("n{i}")), a).await);
     }
     let all: Vec<&Proc> = std::iter::once(&n1).chain(rest.iter()).collect();
-    for p in &all {
-        let want = others(&all, p);
-        eventually(
-            "every node lists the 4 others alive",
-            Duration::from_secs(20),
-            || async {
-                let got = alive(p).await;
-                if got == want {
-                    Ok(())
-                } else {
-                    Err(format!("{} sees {got:?}", p.peer_id))
-                }
-            },
-        )
-        .await;
-    }
+    all_see_each_other(&all, Duration::from_secs(20)).await;
     // Others reach n5 by the name it advertises.
     let seen = rest[0].members().await.unwrap();
     let m5 = seen.iter().find(|m| m["peer_id"] == rest[3].peer_id.as_str()).unwrap();
@@ -590,22 +591,7 @@ async fn a_cluster_larger_than_max_peers_still_reaches_everyone() {
         );
     }
     let all: Vec<&Proc> = std::iter::once(&n1).chain(rest.iter()).collect();
-    for p in &all {
-        let want = others(&all, p);
-        eventually(
-            "every node lists the 4 others alive",
-            Duration::from_secs(30),
-            || async {
-                let got = alive(p).await;
-                if got == want {
-                    Ok(())
-                } else {
-                    Err(format!("{} sees {got:?}", p.peer_id))
-                }
-            },
-        )
-        .await;
-    }
+    all_see_each_other(&all, Duration::from_secs(30)).await;
     put(&rest[3], "capped", "from n5").await;
     for p in &all {
         eventually("the write reaches every node", Duration::from_secs(30), || async {
