@@ -12,7 +12,7 @@
 //! (`clock_offset`). A packet whose SWIM sender is not the authenticated
 //! peer that sent it is refused: nobody speaks for another member.
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures::{AsyncRead, AsyncWrite};
 use libp2p::{PeerId, StreamProtocol};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -21,6 +21,8 @@ use std::sync::Mutex;
 use syncnode_protocol::clock_offset::{ClockOffsets, Sample};
 use syncnode_protocol::membership::{MAX_PACKET, MemberId, MemberState, MemberView};
 use syncnode_protocol::wire::{Body, Envelope, MemberAck, MemberPacket};
+
+use super::transport::{read_envelope, write_envelope};
 
 pub const MEMBERS_PROTOCOL: StreamProtocol = StreamProtocol::new("/syncnode/members/1");
 /// Largest membership frame: a SWIM packet plus the envelope.
@@ -47,28 +49,13 @@ pub struct ClusterPacket {
 
 impl MemberCodec {
     async fn read<T: AsyncRead + Unpin + Send>(&self, io: &mut T) -> io::Result<(String, Body)> {
-        let mut len = [0u8; 4];
-        io.read_exact(&mut len).await?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
-            return Err(invalid(format!("membership frame of {len} bytes exceeds {MAX_FRAME}")));
-        }
-        let mut buf = vec![0u8; len];
-        io.read_exact(&mut buf).await?;
-        self.traffic
-            .received
-            .fetch_add(4 + len as u64, std::sync::atomic::Ordering::Relaxed);
-        let env = Envelope::decode(&buf, MAX_FRAME).map_err(invalid)?;
+        let env = read_envelope(io, MAX_FRAME, None, &self.traffic).await?;
         Ok((env.cluster, env.body))
     }
 
     async fn write<T: AsyncWrite + Unpin + Send>(&self, io: &mut T, body: Body) -> io::Result<()> {
-        let frame = Envelope::new(self.cluster.clone(), body).to_frame();
-        io.write_all(&frame).await?;
-        self.traffic
-            .sent
-            .fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        io.close().await
+        let env = Envelope::new(self.cluster.clone(), body);
+        write_envelope(io, env, MAX_FRAME, &self.traffic).await
     }
 }
 

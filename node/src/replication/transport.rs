@@ -41,35 +41,63 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
+/// Reads one frame of at most `max` bytes and decodes its envelope,
+/// checking its cluster id when `cluster` is given; counts the bytes. An
+/// oversized frame is `InvalidInput` (a peer may allow larger items than we
+/// do), anything undecodable `InvalidData`.
+pub async fn read_envelope<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    max: usize,
+    cluster: Option<&str>,
+    traffic: &Traffic,
+) -> io::Result<Envelope> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("frame of {len} bytes exceeds {max}"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    traffic.received.fetch_add(4 + len as u64, Ordering::Relaxed);
+    match cluster {
+        Some(c) => Envelope::decode_for(&buf, max, c),
+        None => Envelope::decode(&buf, max),
+    }
+    .map_err(invalid)
+}
+
+/// Writes one envelope as a frame of at most `max` bytes, counts it, and
+/// closes the stream.
+pub async fn write_envelope<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    env: Envelope,
+    max: usize,
+    traffic: &Traffic,
+) -> io::Result<()> {
+    let frame = env.to_frame();
+    if frame.len() - 4 > max {
+        // Our own message: not the peer's fault, so not InvalidData.
+        return Err(io::Error::other("message exceeds the frame limit"));
+    }
+    io.write_all(&frame).await?;
+    traffic.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+    io.close().await
+}
+
 impl SyncCodec {
     async fn read_body<T: AsyncRead + Unpin + Send>(&self, io: &mut T) -> io::Result<Body> {
-        let mut len = [0u8; 4];
-        io.read_exact(&mut len).await?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > self.max_frame {
-            // Not a protocol violation: a peer may allow larger items than we do.
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("frame of {len} bytes exceeds {}", self.max_frame),
-            ));
-        }
-        let mut buf = vec![0u8; len];
-        io.read_exact(&mut buf).await?;
-        self.traffic.received.fetch_add(4 + len as u64, Ordering::Relaxed);
-        Ok(Envelope::decode_for(&buf, self.max_frame, &self.cluster)
-            .map_err(invalid)?
+        Ok(read_envelope(io, self.max_frame, Some(&self.cluster), &self.traffic)
+            .await?
             .body)
     }
 
     async fn write_body<T: AsyncWrite + Unpin + Send>(&self, io: &mut T, body: Body) -> io::Result<()> {
-        let frame = Envelope::new(self.cluster.clone(), body).to_frame();
-        if frame.len() - 4 > self.max_frame {
-            // Our own message: not the peer's fault, so not InvalidData.
-            return Err(io::Error::other("message exceeds the frame limit"));
-        }
-        io.write_all(&frame).await?;
-        self.traffic.sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
-        io.close().await
+        let env = Envelope::new(self.cluster.clone(), body);
+        write_envelope(io, env, self.max_frame, &self.traffic).await
     }
 }
 
