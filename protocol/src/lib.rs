@@ -8,13 +8,16 @@
 //! - [`session`]: the anti-entropy session as a state machine;
 //! - [`memory`]: an in-memory store speaking that protocol (simulator, tests);
 //! - [`membership`]: SWIM membership (foca) with time passed in;
-//! - [`clock_offset`]: members' clock offsets, NTP-style, from membership traffic.
+//! - [`clock_offset`]: members' clock offsets, NTP-style, from membership traffic;
+//! - [`replica`]: the replication core, one state machine per node, that the
+//!   node's libp2p driver and the simulator both run.
 
 pub mod clock_offset;
 pub mod hlc;
 pub mod membership;
 pub mod memory;
 pub mod merkle;
+pub mod replica;
 pub mod session;
 pub mod version;
 pub mod wire;

@@ -865,7 +865,12 @@ impl SyncEngine {
                 self.core.metrics.remote_stale.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if let Some(tombstone) = purged.get(id) {
+            if let Some(None) = purged.get(id) {
+                // The tombstone we purged, from a peer yet to purge it.
+                self.core.metrics.remote_stale.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if let Some(Some(tombstone)) = purged.get(id) {
                 // A deleted item coming back from a node that missed the
                 // delete (whose tombstone was purged here): refuse it and put
                 // the original tombstone back, so that node learns the delete.

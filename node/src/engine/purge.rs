@@ -128,12 +128,15 @@ impl SyncEngine {
         self.core.backends()?.l3.purged_count().await
     }
 
-    /// The purged deletes that beat these items: for each refused item, the
-    /// original tombstone to put back.
+    /// The purged deletes that refuse these items: for an older version,
+    /// the original tombstone to put back (`Some`); for the purged
+    /// tombstone itself, offered by a peer that has not purged it yet,
+    /// nothing (`None`: storing it again would only purge it again, and
+    /// peers purging at different times would hand it back and forth).
     pub(crate) async fn purged_tombstones_beating(
         &self,
         items: &[&SyncItem],
-    ) -> Result<HashMap<String, SyncItem>, StorageError> {
+    ) -> Result<HashMap<String, Option<SyncItem>>, StorageError> {
         let ids: Vec<&str> = items.iter().map(|i| i.object_id.as_str()).collect();
         let ledger = self.core.backends()?.l3.purged_of(&ids).await?;
         let mut out = HashMap::new();
@@ -143,7 +146,9 @@ impl SyncEngine {
                 t.version = *version;
                 t.origin = origin.clone();
                 if t.stamp().wins_over(&it.stamp()) {
-                    out.insert(it.object_id.clone(), t);
+                    out.insert(it.object_id.clone(), Some(t));
+                } else if it.tombstone && it.version == t.version && it.origin == t.origin {
+                    out.insert(it.object_id.clone(), None);
                 }
             }
         }

@@ -1,0 +1,69 @@
+//! CDC, the sending side's packing (DESIGN §5.3): after a local commit each
+//! changed item becomes a delta — its entry, and its content when at most
+//! `CDC_INLINE_MAX` — and deltas are packed several to a message, up to
+//! about `PACK_BYTES`, so one message carries many writes.
+
+use crate::wire::{CdcDelta, WireItem};
+
+/// Largest content inlined in a delta; larger items are fetched.
+pub const CDC_INLINE_MAX: usize = 32 * 1024;
+/// Largest gossip message.
+pub const GOSSIP_MAX: usize = 64 * 1024;
+/// Deltas are packed into messages of about this size (a single delta with
+/// 32 KiB of content and the longest id and origin still fits `GOSSIP_MAX`).
+pub const PACK_BYTES: usize = 24 * 1024;
+/// Most deltas in one message.
+pub const MAX_DELTAS: usize = 1024;
+
+/// The deltas of committed items, packed into message-sized groups.
+pub fn pack(items: impl IntoIterator<Item = WireItem>) -> Vec<Vec<CdcDelta>> {
+    let mut out = Vec::new();
+    let (mut group, mut bytes) = (Vec::new(), 0);
+    for w in items {
+        let inline = w.content.len() <= CDC_INLINE_MAX;
+        let size = 128
+            + 2 * w.entry.id.len()
+            + 2 * w.entry.origin.len()
+            + w.state.len()
+            + if inline { w.content.len() } else { 0 };
+        if !group.is_empty() && (bytes + size > PACK_BYTES || group.len() >= MAX_DELTAS) {
+            out.push(std::mem::take(&mut group));
+            bytes = 0;
+        }
+        bytes += size;
+        group.push(CdcDelta {
+            entry: w.entry.clone(),
+            item: inline.then_some(w),
+        });
+    }
+    if !group.is_empty() {
+        out.push(group);
+    }
+    out
+}
+
+/// Checks received deltas: a count within bounds, and every inlined item
+/// matching its entry and within the inline limit. `valid_id` and
+/// `valid_origin` are the store's rules for names.
+pub fn check(
+    deltas: &[CdcDelta],
+    valid_id: impl Fn(&str) -> Result<(), String>,
+    valid_origin: impl Fn(&str) -> Result<(), String>,
+) -> Result<(), String> {
+    if deltas.is_empty() || deltas.len() > MAX_DELTAS {
+        return Err(format!("{} deltas in one message (1..={MAX_DELTAS})", deltas.len()));
+    }
+    for d in deltas {
+        valid_id(&d.entry.id)?;
+        valid_origin(&d.entry.origin)?;
+        if let Some(item) = &d.item {
+            if item.entry != d.entry {
+                return Err("delta item does not match its entry".into());
+            }
+            if item.content.len() > CDC_INLINE_MAX {
+                return Err("delta content past the inline limit".into());
+            }
+        }
+    }
+    Ok(())
+}
