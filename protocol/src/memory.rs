@@ -14,11 +14,8 @@ use sha2::{Digest, Sha256};
 use crate::hlc::Hlc;
 use crate::merkle::{MerkleTree, key_of};
 use crate::replica::Store;
-use crate::session::{
-    Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement, round_answer,
-    take_within_budget,
-};
-use crate::wire::{Entry, EntrySummary, PurgedEntry, Request, Response, RootsAnnouncement, WireItem};
+use crate::session::{Progress, Session, Step, root_announcement, take_within_budget};
+use crate::wire::{Entry, PurgedEntry, Request, Response, RootsAnnouncement, WireItem};
 
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
@@ -50,23 +47,25 @@ pub fn tombstone_hash() -> [u8; 32] {
     Sha256::digest([]).into()
 }
 
-/// An item for tests and benchmarks; its hash is derived from its version.
+/// An item for tests and benchmarks (its content names its id and version).
 pub fn sample_item(id: &str, version: u64, origin: &str, tombstone: bool) -> WireItem {
     let content = if tombstone {
         vec![]
     } else {
         format!("{id}@{version}").into_bytes()
     };
-    let mut h = [0u8; 32];
-    h[..8].copy_from_slice(&version.to_be_bytes());
-    h[8] = tombstone as u8;
+    let content_hash = if tombstone {
+        tombstone_hash()
+    } else {
+        Sha256::digest(&content).into()
+    };
     WireItem {
         entry: Entry {
             id: id.into(),
             version,
             origin: origin.into(),
             tombstone,
-            content_hash: h,
+            content_hash,
         },
         updated_at: 0,
         state: "default".into(),
@@ -275,36 +274,13 @@ impl MemoryStore {
             .collect()
     }
 
-    /// The responder side.
+    /// The responder side (the core's, over this store).
     pub fn answer(&mut self, req: Request) -> Response {
-        if let Err(reason) = check_request(&req, &self.tree) {
-            return Response::Refused { reason };
-        }
-        match req {
-            Request::Round { descend, list, .. } => {
-                let (nodes, listed) = plan_round(&self.tree, &descend, &list);
-                let lists = listed
-                    .into_iter()
-                    .map(|p| {
-                        let e = self.entries_under(&p).iter().map(EntrySummary::of).collect();
-                        (p, e)
-                    })
-                    .collect();
-                round_answer(&self.tree, nodes, lists)
-            }
-            Request::Fetch { ids, .. } => {
-                fetch_answer(ids.iter().filter_map(|id| self.items.get(id).cloned()).collect())
-            }
-            Request::Push { items, .. } => Response::Pushed {
-                applied: items.into_iter().map(|i| self.put(i) as u64).sum(),
-            },
-            Request::Root => Response::Root(root_announcement(&self.tree, "memory", 0)),
-            // This store never purges.
-            Request::Ledger { .. } => Response::Ledger {
-                entries: Vec::new(),
-                next: None,
-            },
-        }
+        let depth = self.tree.depth();
+        let shared = Mutex::new(std::mem::replace(self, MemoryStore::new(depth)));
+        let resp = crate::replica::run_ready(crate::replica::store::answer(&shared, req));
+        *self = shared.into_inner().expect("store lock");
+        resp
     }
 
     /// Runs a whole session from `self` against `peer`; `observe` sees every

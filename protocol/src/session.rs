@@ -544,6 +544,7 @@ mod tests {
         let big = |id: &str, v: u64| {
             let mut it = crate::memory::sample_item(id, v, "n", false);
             it.content = vec![7u8; 900 * 1024];
+            it.entry.content_hash = <sha2::Sha256 as sha2::Digest>::digest(&it.content).into();
             it
         };
         let (mut a, mut b) = (Store::new(4), Store::new(4));

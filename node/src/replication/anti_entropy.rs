@@ -6,18 +6,16 @@
 //! both sides, so a peer cannot store bytes under a false hash.
 
 use std::future::Future;
-use syncnode_protocol::session::{
-    MAX_TRANSFER_BYTES, Progress, Session, Step, check_request, fetch_answer, plan_round, root_announcement,
-    round_answer,
-};
-use syncnode_protocol::wire::{Entry, EntrySummary, Request, Response, RootsAnnouncement, WireItem};
+use syncnode_protocol::merkle::MerkleTree;
+use syncnode_protocol::replica::Store;
+use syncnode_protocol::session::{MAX_TRANSFER_BYTES, Progress, Session, Step, root_announcement};
+use syncnode_protocol::wire::{Entry, PurgedEntry, Request, Response, RootsAnnouncement, WireItem};
 
 use crate::engine::item::now_ms;
 use crate::engine::l3::EntryMeta;
 use crate::engine::{ContentType, StorageError, SyncEngine, SyncItem};
 
-/// Purge records per `Ledger` answer (each under ~600 bytes).
-pub const LEDGER_PAGE: usize = 2_000;
+pub use syncnode_protocol::replica::store::LEDGER_PAGE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -127,48 +125,9 @@ impl SyncEngine {
         Ok(applied)
     }
 
-    /// The responder side of anti-entropy.
+    /// The responder side of anti-entropy (the core's, over this engine).
     pub async fn answer_sync_request(&self, req: Request) -> Response {
-        let checked = self.with_tree(|t| check_request(&req, t));
-        if let Err(reason) = checked {
-            return Response::Refused { reason };
-        }
-        let result = async {
-            Ok::<_, StorageError>(match req {
-                Request::Round { descend, list, .. } => {
-                    let (nodes, listed) = self.with_tree(|t| plan_round(t, &descend, &list));
-                    let lists: Vec<(String, Vec<EntrySummary>)> = self
-                        .entries_under_paths(&listed)
-                        .await?
-                        .into_iter()
-                        .map(|(p, e)| (p, e.iter().map(EntrySummary::of).collect()))
-                        .collect();
-                    self.with_tree(|t| round_answer(t, nodes, lists))
-                }
-                Request::Fetch { ids, .. } => {
-                    // Read only what one answer can carry; defer the rest unread.
-                    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    let (items, unread) = self.get_stored_within(&refs, MAX_TRANSFER_BYTES).await?;
-                    match fetch_answer(items.iter().map(wire_item).collect()) {
-                        Response::Fetch { items, mut deferred } => {
-                            deferred.extend(unread);
-                            Response::Fetch { items, deferred }
-                        }
-                        other => other,
-                    }
-                }
-                Request::Push { items, .. } => Response::Pushed {
-                    applied: self.apply_from_peer(items).await?,
-                },
-                Request::Root => Response::Root(self.root_announcement()),
-                Request::Ledger { after } => {
-                    let (entries, next) = self.purge_ledger_page(after.as_deref(), LEDGER_PAGE).await?;
-                    Response::Ledger { entries, next }
-                }
-            })
-        }
-        .await;
-        result.unwrap_or_else(|e| Response::Refused { reason: e.to_string() })
+        syncnode_protocol::replica::store::answer(self, req).await
     }
 
     /// Runs one anti-entropy session against a peer reached through `call`.
@@ -217,5 +176,67 @@ impl SyncEngine {
                 Step::Done => return Ok(s.progress()),
             }
         }
+    }
+}
+
+/// The engine as the replication core's storage: the same calls the
+/// simulator makes on its in-memory stores.
+impl Store for SyncEngine {
+    type Error = StorageError;
+
+    fn with_tree<R>(&self, f: impl FnOnce(&MerkleTree) -> R) -> R {
+        SyncEngine::with_tree(self, f)
+    }
+
+    fn root_announcement(&self) -> RootsAnnouncement {
+        SyncEngine::root_announcement(self)
+    }
+
+    fn definitely_missing(&self, id: &str) -> bool {
+        SyncEngine::definitely_missing(self, id)
+    }
+
+    async fn is_current(&self, id: &str, content_hash: &[u8; 32]) -> Result<bool, StorageError> {
+        SyncEngine::is_current(self, id, &hex::encode(content_hash)).await
+    }
+
+    async fn current(&self, id: &str) -> Result<Option<Entry>, StorageError> {
+        Ok(self.current_entry(id).await?.map(entry_of))
+    }
+
+    async fn entries_under(&self, paths: &[String]) -> Result<Vec<(String, Vec<Entry>)>, StorageError> {
+        self.entries_under_paths(paths).await
+    }
+
+    async fn items_within(&self, ids: &[String], budget: usize) -> Result<(Vec<WireItem>, Vec<String>), StorageError> {
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let (items, unread) = self.get_stored_within(&refs, budget).await?;
+        Ok((items.iter().map(wire_item).collect(), unread))
+    }
+
+    async fn apply(&self, items: Vec<WireItem>) -> Result<u64, StorageError> {
+        self.apply_from_peer(items).await
+    }
+
+    async fn ledger_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<PurgedEntry>, Option<String>), StorageError> {
+        self.purge_ledger_page(after, limit).await
+    }
+
+    async fn import_ledger(&self, entries: Vec<PurgedEntry>) -> Result<u64, StorageError> {
+        self.import_purge_ledger(entries).await
+    }
+
+    async fn purge(&self, below: u64, grace_ms: u64, max: usize) -> Result<u64, StorageError> {
+        self.purge_tombstones(below, std::time::Duration::from_millis(grace_ms), max)
+            .await
+    }
+
+    async fn prune_ledger(&self, retention_ms: u64) -> Result<u64, StorageError> {
+        self.prune_purge_ledger(std::time::Duration::from_millis(retention_ms))
+            .await
     }
 }

@@ -12,7 +12,7 @@ use syncnode_protocol::session::MAX_ITEMS;
 use syncnode_protocol::wire::{CdcDelta, Request, Response};
 use tokio::sync::mpsc;
 
-use super::peers::ReplicationStats;
+use super::peers::{Refusal, ReplicationStats};
 use super::swarm::NodeHandle;
 use crate::engine::SyncEngine;
 
@@ -96,7 +96,7 @@ async fn fetch_and_apply(
                 )
                 .await?
             {
-                Response::Refused { reason } if reason == "busy" && tries < 5 => {
+                Response::Refused { reason } if Refusal::is_retryable(&reason) && tries < 5 => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(100 << tries)).await;
                 }

@@ -12,32 +12,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use syncnode_protocol::hlc::from_physical;
+use syncnode_protocol::replica::{Now, PURGE_PER_PASS, purge_every};
 
 use super::peers::{Peers, ReplicationStats};
 use crate::engine::SyncEngine;
 
-/// Most tombstones purged per pass (one L3 transaction).
-const PER_PASS: usize = 10_000;
-
-/// The version below which tombstones may be purged now, if any.
+/// The version below which tombstones may be purged at `wall_ms`, if any
+/// (the core's rule over this node's members).
 pub fn purge_bound(peers: &Peers, wall_ms: u64, grace: Duration) -> Option<u64> {
-    let members = peers.purge_watermark()?;
-    // HLC versions carry wall-clock ms in their high bits.
-    let grace_bound = from_physical(wall_ms.saturating_sub(grace.as_millis() as u64));
-    Some(members.min(grace_bound))
+    let now = Now { wall_ms, ..peers.now() };
+    syncnode_protocol::replica::purge_bound(peers.purge_watermark(), now, grace.as_millis() as u64)
 }
 
-/// Runs the purge every `grace / 2` (between 1 s and 5 min).
+/// Runs the purge every `grace / 2` (between 1 s and 5 min), below the
+/// core's bound.
 pub fn spawn(engine: Arc<SyncEngine>, peers: Arc<Peers>, grace: Duration, ledger_retention: Duration) {
-    let every = (grace / 2).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    let every = Duration::from_millis(purge_every(grace.as_millis() as u64));
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
-            let Some(bound) = purge_bound(&peers, crate::engine::item::now_ms().max(0) as u64, grace) else {
+            let Some(bound) = purge_bound(&peers, peers.now().wall_ms, grace) else {
                 continue;
             };
-            match engine.purge_tombstones(bound, grace, PER_PASS).await {
+            match engine.purge_tombstones(bound, grace, PURGE_PER_PASS).await {
                 Ok(n) => ReplicationStats::add(&peers.stats.tombstones_purged, n),
                 Err(e) => tracing::warn!(error = %e, "tombstone purge failed; retrying later"),
             }

@@ -35,8 +35,8 @@ use super::anti_entropy::SyncError;
 use super::connections::ConnectionLog;
 use super::gossip::{self, GOSSIP_MAX, Gossip};
 use super::membership::{ClusterPacket, MEMBERS_PROTOCOL, MemberCodec, MemberTable};
-use super::peers::{PeerLimits, Peers, ReplicationStats};
-use super::swim::{Blocked, Links, Refusal, Swim, wall_ms};
+use super::peers::{PeerLimits, Peers, Refusal, ReplicationStats};
+use super::swim::{Blocked, Links, PacketRefusal, Swim, wall_ms};
 use super::transport::{SYNC_PROTOCOL, SyncCodec, Traffic, tcp_transport};
 use crate::engine::SyncEngine;
 
@@ -264,7 +264,7 @@ impl NodeHandle {
                 }
                 for peer in handle.peers.due_for_session() {
                     let id = handle.sessions.fetch_add(1, Ordering::Relaxed) + 1;
-                    if !handle.peers.session_started(peer, id) {
+                    if !handle.peers.session_started(peer, id, engine.clock()) {
                         continue;
                     }
                     let (h, e) = (handle.clone(), engine.clone());
@@ -871,8 +871,8 @@ impl SwarmTask {
                         Ok(ack) => {
                             let _ = swarm.behaviour_mut().members.send_response(channel, ack);
                         }
-                        Err(Refusal::Penalize(why)) => self.penalize(swarm, peer, &why),
-                        Err(Refusal::Drop) => {}
+                        Err(PacketRefusal::Penalize(why)) => self.penalize(swarm, peer, &why),
+                        Err(PacketRefusal::Drop) => {}
                     }
                 }
                 request_response::Message::Response { response, .. } => self.swim.on_ack(peer, response),
@@ -972,26 +972,18 @@ impl SwarmTask {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
                     let push = matches!(request, Request::Push { .. });
-                    let refusal = if push && self.peers.must_resync(peer) {
-                        Some("resync required: away past ledger_retention; run `syncnode resync` on it")
-                    } else if push && !self.peers.ledger_learned() {
-                        // Until we know which versions purged deletes beat,
-                        // we take nothing pushed (our own session pulls).
-                        Some("busy")
-                    } else if !self.peers.allow_request(peer) {
-                        Some("rate limited")
-                    } else if !self.peers.begin_answer(peer) {
-                        Some("busy")
-                    } else {
-                        None
-                    };
-                    let permit = match (refusal, self.answering.clone().try_acquire_owned()) {
-                        (None, Ok(p)) => p,
-                        (refusal, _) => {
-                            if refusal.is_none() {
-                                self.peers.end_answer(peer);
-                            }
-                            let reason = refusal.unwrap_or("busy").into();
+                    let admitted = self.peers.admit_request(peer, push);
+                    let permit = match (admitted, self.answering.clone().try_acquire_owned()) {
+                        (Ok(()), Ok(p)) => p,
+                        (admitted, _) => {
+                            let refusal = match admitted {
+                                Ok(()) => {
+                                    self.peers.end_answer(peer);
+                                    Refusal::Busy
+                                }
+                                Err(r) => r,
+                            };
+                            let reason = refusal.reason().into();
                             let _ = swarm
                                 .behaviour_mut()
                                 .sync

@@ -54,7 +54,7 @@ impl Blocked<'_> {
 }
 
 /// Why a membership packet was not taken.
-pub(super) enum Refusal {
+pub(super) enum PacketRefusal {
     /// Invalid: count it against the peer.
     Penalize(String),
     /// Not the peer's fault (blocked, or its clock): drop it.
@@ -345,10 +345,10 @@ impl Swim {
         log: &mut ConnectionLog,
         peer: PeerId,
         request: ClusterPacket,
-    ) -> Result<MemberAck, Refusal> {
+    ) -> Result<MemberAck, PacketRefusal> {
         let received_ms = wall_ms();
         if blocked.contains(&peer) {
-            return Err(Refusal::Drop);
+            return Err(PacketRefusal::Drop);
         }
         if request.cluster != self.cluster {
             let why = format!(
@@ -356,7 +356,7 @@ impl Swim {
                 request.cluster, self.cluster
             );
             log.wrong_cluster(peer, &why);
-            return Err(Refusal::Penalize(why));
+            return Err(PacketRefusal::Penalize(why));
         }
         let request = request.packet;
         let seen = match inspect(&request.payload, &peer, received_ms.saturating_add(FUTURE_BUMP_MS)) {
@@ -366,9 +366,9 @@ impl Swim {
                 if log.allow(&format!("future {peer}")) {
                     tracing::warn!(%peer, "{why}; its packets are dropped (check its clock and ours)");
                 }
-                return Err(Refusal::Drop);
+                return Err(PacketRefusal::Drop);
             }
-            Err(why) => return Err(Refusal::Penalize(why)),
+            Err(why) => return Err(PacketRefusal::Penalize(why)),
         };
         if seen.leaves {
             tracing::info!(%peer, "member leaves the cluster");

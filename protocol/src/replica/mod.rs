@@ -823,15 +823,13 @@ impl Replica {
         if self.next_purge <= mono {
             self.next_purge = mono + purge_every(self.cfg.tombstone_grace_ms);
             if !self.purging
-                && let Some(members) = self.peers.purge_watermark(now)
+                && let Some(below) = purge_bound(self.peers.purge_watermark(now), now, self.cfg.tombstone_grace_ms)
             {
-                // HLC versions carry wall-clock ms in their high bits.
-                let grace = from_physical(now.wall_ms.saturating_sub(self.cfg.tombstone_grace_ms));
-                tracing::debug!(members, grace, "purge pass");
+                tracing::debug!(below, "purge pass");
                 self.purging = true;
                 self.run(
                     Task::Purge {
-                        below: members.min(grace),
+                        below,
                         grace_ms: self.cfg.tombstone_grace_ms,
                         max: PURGE_PER_PASS,
                         retention_ms: self.cfg.ledger_retention_ms,
@@ -926,6 +924,15 @@ impl Replica {
 }
 
 /// Purge passes run every `grace / 2`, between 1 s and 5 min.
-fn purge_every(grace_ms: u64) -> u64 {
+pub fn purge_every(grace_ms: u64) -> u64 {
     (grace_ms / 2).clamp(1_000, 300_000)
+}
+
+/// The version below which tombstones may be purged (DESIGN §6): under
+/// every counted member's watermark and older than the grace; none while
+/// there is no member.
+pub fn purge_bound(members: Option<u64>, now: Now, grace_ms: u64) -> Option<u64> {
+    // HLC versions carry wall-clock ms in their high bits.
+    let grace = from_physical(now.wall_ms.saturating_sub(grace_ms));
+    Some(members?.min(grace))
 }

@@ -413,6 +413,11 @@ impl PeerTable {
             .collect()
     }
 
+    /// Whether a session with any peer is running.
+    pub fn any_session(&self) -> bool {
+        self.peers.values().any(|s| s.session.is_some())
+    }
+
     /// Records that `peer` holds everything we hold stamped below `watermark`.
     pub fn prove_member(&mut self, peer: &str, watermark: u64, now: Now) {
         self.marks.prove(peer, watermark, now.wall_ms);
