@@ -106,8 +106,8 @@ struct Node {
     _dir: tempfile::TempDir,
     engine: Arc<SyncEngine>,
     net: NodeHandle,
-    /// The anti-entropy and CDC loops.
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The loop that hands local commits to the core as CDC.
+    cdc: tokio::task::JoinHandle<()>,
 }
 
 async fn roots(nodes: &[Node]) -> anyhow::Result<Vec<Option<[u8; 32]>>> {
@@ -165,16 +165,14 @@ pub async fn run_cluster(items: usize) -> anyhow::Result<()> {
         )));
         engine.start().await?;
         let net = start(engine.clone(), NetworkConfig::loopback("demo")).await?;
-        let tasks = vec![
-            net.spawn_anti_entropy(engine.clone(), Duration::from_millis(300)),
-            net.spawn_cdc(engine.clone()),
-        ];
+        net.spawn_anti_entropy(Duration::from_millis(300)).await;
+        let cdc = net.spawn_cdc(engine.clone());
         println!("  n{i}: peer {} on {}", net.peer_id, net.listen_addrs[0]);
         nodes.push(Node {
             _dir: dir,
             engine,
             net,
-            tasks,
+            cdc,
         });
     }
     connect(&nodes[0], &nodes[1]).await?;
@@ -297,18 +295,10 @@ pub async fn run_cluster(items: usize) -> anyhow::Result<()> {
         );
     }
     println!("conflict.7 = \"n3 says 7\" on every node (the later write wins); deleted items stay deleted");
-    // No new sessions, and the running ones finish, before the engines stop.
+    // Replication stops, its storage work done, before the engines do.
     for n in &nodes {
-        n.tasks.iter().for_each(|t| t.abort());
-    }
-    for _ in 0..50 {
-        if nodes
-            .iter()
-            .all(|n| n.net.peers.view().iter().all(|p| p.session.is_none()))
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        n.cdc.abort();
+        n.net.shutdown().await;
     }
     for n in &nodes {
         n.engine.shutdown().await;

@@ -1,7 +1,8 @@
 //! `syncnode run`: one node. Loads (or creates) the identity, starts the
-//! engine, the swarm (membership, gossip, anti-entropy, CDC), the tombstone
-//! purge and the HTTP API; on SIGINT/SIGTERM it leaves the cluster, saves
-//! the members file and shuts the engine down cleanly.
+//! engine, the swarm and the replication core it drives (membership,
+//! gossip, anti-entropy, CDC, tombstone purge) and the HTTP API; on
+//! SIGINT/SIGTERM it leaves the cluster, stops replication (the members file
+//! written on the way out), then shuts the engine down cleanly.
 
 use std::sync::Arc;
 
@@ -39,6 +40,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             limits: PeerLimits::default(),
             members_file: Some(cfg.data_dir.join("members.json")),
             member_expiry: cfg.member_expiry,
+            tombstone_grace: cfg.tombstone_grace,
             ledger_retention: cfg.ledger_retention,
             advertise: cfg.advertise.clone(),
             max_peers: cfg.max_peers,
@@ -54,14 +56,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    net.spawn_anti_entropy(engine.clone(), cfg.gossip_interval);
-    net.spawn_cdc(engine.clone());
-    crate::replication::purge::spawn(
-        engine.clone(),
-        net.peers.clone(),
-        cfg.tombstone_grace,
-        cfg.ledger_retention,
-    );
+    net.spawn_anti_entropy(cfg.gossip_interval).await;
+    let cdc = net.spawn_cdc(engine.clone());
     let addrs: Vec<String> = net.advertised.iter().map(|a| format!("{a}/p2p/{peer_id}")).collect();
     tracing::info!(%peer_id, advertise = ?addrs, listen = ?net.listen_addrs, http = %cfg.http, cluster = %cfg.cluster_id, "node running");
     // One line on stdout for scripts and tests: where to reach this node.
@@ -83,6 +79,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
         r = server => {
+            cdc.abort();
+            net.shutdown().await;
             engine.shutdown().await;
             return match r {
                 Ok(Ok(())) => Ok(()),
@@ -93,8 +91,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down: leaving the cluster");
     net.leave().await;
-    let peers = net.peers.clone();
-    let _ = tokio::task::spawn_blocking(move || peers.save_members()).await;
+    // Replication stops (its storage work finished, the members file
+    // written) before the engine does.
+    cdc.abort();
+    net.shutdown().await;
     engine.shutdown().await;
     Ok(())
 }

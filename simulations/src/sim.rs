@@ -382,16 +382,9 @@ impl Sim {
         let seed = self.rng.next_u64();
         let now = self.nodes[i].clock.now(self.now_us);
         let file = self.nodes[i].members_file.clone();
-        let mut replica = Replica::new(cfg, file, now, seed);
-        let mut to = Vec::new();
-        if let Some(s) = self.seed_of(i) {
-            to.push(self.nodes[s].name.clone());
-        }
-        to.extend(self.nodes[i].members_file.members.keys().cloned());
-        to.dedup();
-        for peer in to {
-            replica.announce(now, &peer);
-        }
+        // It joins as the node does: through whoever it connects to (the
+        // network model connects reachable nodes), asking to be let in.
+        let replica = Replica::new(cfg, file, now, seed);
         let node = &mut self.nodes[i];
         node.replica = Some(replica);
         node.epoch += 1;
@@ -526,6 +519,7 @@ impl Sim {
             Output::Ban { .. } | Output::Unban { .. } => {}
             Output::SaveMembers(file) => self.nodes[i].members_file = file,
             Output::Fence(reason) => self.nodes[i].fenced = reason.is_some(),
+            Output::SessionFinished { .. } => {}
         }
     }
 

@@ -37,7 +37,7 @@ async fn two_nodes_converge_over_tcp() {
     let hb = start(b.clone(), NetworkConfig::loopback("test-cluster")).await.unwrap();
     let addr = hb.dial_addr();
     ha.dial(addr).await.unwrap();
-    let p = ha.reconcile(&a, hb.peer_id, 1).await.unwrap();
+    let p = ha.reconcile(hb.peer_id).await.unwrap();
     assert!(p.pulled > 0 && p.pushed > 0, "{p:?}");
     assert_eq!(a.get_merkle_root().await.unwrap(), b.get_merkle_root().await.unwrap());
     for e in [&a, &b] {
@@ -62,7 +62,7 @@ async fn a_node_of_another_cluster_gets_nothing() {
     let addr = hb.dial_addr();
     ha.dial(addr).await.unwrap();
     assert!(
-        ha.reconcile(&a, hb.peer_id, 1).await.is_err(),
+        ha.reconcile(hb.peer_id).await.is_err(),
         "requests of another cluster are refused"
     );
     assert!(a.get("secret").await.unwrap().is_none());
@@ -79,7 +79,7 @@ async fn a_line_of_three_nodes_converges_on_its_own() {
         let n = TestNode::new(Backend::Sqlite, name).await;
         let e = Arc::new(n.start().await);
         let h = start(e.clone(), NetworkConfig::loopback("line")).await.unwrap();
-        h.spawn_anti_entropy(e.clone(), std::time::Duration::from_millis(200));
+        h.spawn_anti_entropy(std::time::Duration::from_millis(200)).await;
         nodes.push(n);
         engines.push(e);
         handles.push(h);
@@ -220,7 +220,7 @@ async fn purged_tombstones_never_let_a_delete_come_back() {
         )
         .await
         .unwrap();
-        h.spawn_anti_entropy(e.clone(), Duration::from_millis(200));
+        h.spawn_anti_entropy(Duration::from_millis(200)).await;
         h.spawn_cdc(e.clone());
         engines.push(e);
         handles.push(h);

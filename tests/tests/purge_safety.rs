@@ -83,7 +83,18 @@ async fn wait_purged(nodes: &[&Proc], at_least: f64) {
             if purged >= at_least {
                 Ok(())
             } else {
-                Err(format!("{} purged {purged}", n.peer_id))
+                let log = std::fs::read_to_string(n.dir.join("stderr.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let mut members = String::new();
+                for m in nodes {
+                    let text = m.api.get("/v1/members").await.map(|r| r.text()).unwrap_or_default();
+                    members += &format!("\n  {} sees {text}", m.peer_id);
+                }
+                Err(format!(
+                    "{} purged {purged}; members {members}; log tail (newest first):\n{}",
+                    n.peer_id,
+                    tail.join("\n")
+                ))
             }
         })
         .await;

@@ -187,9 +187,10 @@ impl MemberTable {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the view with SWIM's, noting which members are connected.
-    pub fn refresh(&self, views: Vec<MemberView>, connected: impl Fn(&str) -> bool) {
+    /// Replaces the view with the core's, noting which members are connected.
+    pub fn refresh(&self, views: Vec<MemberView>, offsets: ClockOffsets, connected: impl Fn(&str) -> bool) {
         let mut t = self.lock();
+        t.offsets = offsets;
         t.members = views
             .into_iter()
             .map(|v| {
@@ -210,10 +211,6 @@ impl MemberTable {
         } else {
             t.left.remove(peer);
         }
-    }
-
-    pub fn record_offset(&self, peer: &str, s: Sample) {
-        self.lock().offsets.record(peer, s);
     }
 
     pub fn offset(&self, peer: &str) -> Option<Sample> {
@@ -247,19 +244,6 @@ impl MemberTable {
 
     pub fn state_of(&self, peer: &str) -> Option<MemberState> {
         self.lock().members.get(peer).map(|(v, _)| v.state)
-    }
-
-    /// Whether our clock is ahead of most active members by more than
-    /// `max_skew_ms`.
-    pub fn clock_ahead(&self, max_skew_ms: u64) -> bool {
-        let t = self.lock();
-        let live: Vec<&str> = t
-            .members
-            .values()
-            .filter(|(v, _)| v.state != MemberState::Down)
-            .map(|(v, _)| v.id.peer.as_str())
-            .collect();
-        t.offsets.ahead_of_majority(live, max_skew_ms)
     }
 
     pub fn view(&self) -> Vec<MemberInfo> {

@@ -9,7 +9,6 @@
 
 pub mod addressing;
 pub mod anti_entropy;
-pub mod cdc;
 pub mod connections;
 pub mod gossip;
 pub mod membership;

@@ -13,10 +13,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+use syncnode_protocol::clock_offset::ClockOffsets;
+use syncnode_protocol::membership::{MemberId, MemberView};
 use syncnode_protocol::replica::watermarks::reset;
-use syncnode_protocol::replica::{Member, MembersFile, Now, PeerTable};
-use syncnode_protocol::session::Progress;
+use syncnode_protocol::replica::{
+    Gossip, Input, Member, MembersFile, Now, Output, PeerTable, Replica, ReplicaConfig, Verdict,
+};
 use syncnode_protocol::wire::RootsAnnouncement;
+
+use crate::engine::SyncEngine;
 
 pub use syncnode_protocol::replica::peers::{PeerView, Refusal, SessionInfo};
 pub use syncnode_protocol::replica::{PeerLimits, ReplicationStats};
@@ -42,6 +47,11 @@ fn read_members_file(path: &Path) -> Option<MembersFile> {
             None
         }
     }
+}
+
+/// The members a members file lists (none when it is missing or unreadable).
+pub fn known_members(path: &Path) -> BTreeMap<String, Member> {
+    read_members_file(path).map(|f| f.members).unwrap_or_default()
 }
 
 /// Empties a members file (`syncnode resync`): members, watermarks, the
@@ -74,9 +84,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The peer table shared by the swarm task, the anti-entropy loop and the API.
+/// The replication core of this node, behind a lock: the swarm task feeds
+/// it and carries out what it asks; the API and readiness read its tables.
 pub struct Peers {
-    table: Mutex<PeerTable>,
+    replica: Mutex<Replica>,
     members_file: Option<PathBuf>,
     /// The monotonic clock's origin.
     epoch: Instant,
@@ -84,25 +95,14 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// `members_file` keeps the member watermarks across restarts.
-    pub fn new(
-        limits: PeerLimits,
-        members_file: Option<PathBuf>,
-        member_expiry: std::time::Duration,
-        ledger_retention: std::time::Duration,
-    ) -> Self {
+    /// Starts the core with what `members_file` kept across restarts.
+    pub fn new(config: ReplicaConfig, members_file: Option<PathBuf>) -> Self {
         let file = members_file.as_deref().and_then(read_members_file).unwrap_or_default();
         let epoch = Instant::now();
-        let table = PeerTable::new(
-            limits,
-            file,
-            Self::clock(epoch),
-            member_expiry.as_millis() as u64,
-            ledger_retention.as_millis() as u64,
-        );
+        let replica = Replica::new(config, file, Self::clock(epoch), rand::random());
         Self {
-            stats: table.stats.clone(),
-            table: Mutex::new(table),
+            stats: replica.peers.stats.clone(),
+            replica: Mutex::new(replica),
             members_file,
             epoch,
         }
@@ -120,14 +120,54 @@ impl Peers {
         Self::clock(self.epoch)
     }
 
-    fn table(&self) -> MutexGuard<'_, PeerTable> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Replica> {
+        self.replica.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the table with the time (for what has no wrapper here).
-    pub fn with<R>(&self, f: impl FnOnce(&mut PeerTable, Now) -> R) -> R {
+    /// Runs `f` on the core with the time.
+    pub fn core<R>(&self, f: impl FnOnce(&mut Replica, Now) -> R) -> R {
         let now = self.now();
-        f(&mut self.table(), now)
+        f(&mut self.lock(), now)
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut PeerTable, Now) -> R) -> R {
+        self.core(|r, now| f(&mut r.peers, now))
+    }
+
+    /// Feeds one input to the core; returns what it asks for.
+    pub fn handle(&self, input: Input, store: &SyncEngine) -> Vec<Output> {
+        self.core(|r, now| {
+            r.handle(now, input, store);
+            std::iter::from_fn(|| r.poll_output()).collect()
+        })
+    }
+
+    /// Validated gossip for the core: what gossipsub should do with it, and
+    /// what the core asks for.
+    pub fn on_gossip(&self, from: PeerId, author: PeerId, msg: Gossip, store: &SyncEngine) -> (Verdict, Vec<Output>) {
+        self.core(|r, now| {
+            let v = r.on_gossip(now, &from.to_string(), &author.to_string(), msg, store);
+            (v, std::iter::from_fn(|| r.poll_output()).collect())
+        })
+    }
+
+    /// Starts a session with `peer` now; false if one is running.
+    pub fn reconcile_now(&self, peer: PeerId, store: &SyncEngine) -> (bool, Vec<Output>) {
+        self.core(|r, now| {
+            let started = r.reconcile_now(now, &peer.to_string(), store);
+            (started, std::iter::from_fn(|| r.poll_output()).collect())
+        })
+    }
+
+    /// SWIM's members and the clock offsets measured.
+    pub fn membership(&self) -> (Vec<MemberView>, ClockOffsets) {
+        let r = self.lock();
+        (r.membership().members(), r.offsets().clone())
+    }
+
+    /// Members alive or suspect.
+    pub fn active_members(&self) -> Vec<MemberId> {
+        self.lock().membership().active().cloned().collect()
     }
 
     pub fn connected(&self, peer: PeerId, on: bool) {
@@ -143,43 +183,35 @@ impl Peers {
     }
 
     pub fn is_forgotten(&self, peer: PeerId) -> bool {
-        self.table().is_forgotten(&peer.to_string())
+        self.with(|t, _| t.is_forgotten(&peer.to_string()))
     }
 
     pub fn joined(&self) -> bool {
-        self.table().joined()
+        self.with(|t, _| t.joined())
     }
 
     pub fn mark_joined(&self, by: &str, how: &str) {
-        self.table().mark_joined(by, how);
+        self.with(|t, _| t.mark_joined(by, how));
     }
 
     pub fn mark_met_member(&self) {
-        self.table().mark_met_member();
+        self.with(|t, _| t.mark_met_member());
     }
 
     pub fn met_member(&self) -> bool {
-        self.table().met_member()
+        self.with(|t, _| t.met_member())
     }
 
     pub fn ledger_learned(&self) -> bool {
-        self.table().ledger_learned()
-    }
-
-    pub fn set_ledger_learned(&self) {
-        self.table().set_ledger_learned();
-    }
-
-    pub fn next_bump(&self, wall_ms: u64) -> u64 {
-        self.table().next_bump(wall_ms)
+        self.with(|t, _| t.ledger_learned())
     }
 
     pub fn all_connected_empty(&self) -> bool {
-        self.table().all_connected_empty()
+        self.with(|t, _| t.all_connected_empty())
     }
 
     pub fn must_resync(&self, peer: PeerId) -> bool {
-        self.table().must_resync(&peer.to_string())
+        self.with(|t, _| t.must_resync(&peer.to_string()))
     }
 
     pub fn set_region(&self, peer: PeerId, region: Option<String>) {
@@ -190,18 +222,6 @@ impl Peers {
         self.with(|t, now| t.on_roots(&peer.to_string(), theirs, mine, now));
     }
 
-    /// Peers to start a session with now: those whose root differed twice
-    /// in a row; and while the purge ledger is not learned (CDC is ignored
-    /// until it is), one connected member even if roots agree.
-    pub fn due_for_session(&self) -> Vec<PeerId> {
-        let t = self.table();
-        let mut due = t.due_for_session();
-        if !t.ledger_learned() && due.is_empty() && !t.any_session() {
-            due.extend(t.connected_members().into_iter().take(1));
-        }
-        due.iter().filter_map(|p| p.parse().ok()).collect()
-    }
-
     pub fn prove_member(&self, peer: PeerId, watermark: u64) {
         self.with(|t, now| t.prove_member(&peer.to_string(), watermark, now));
     }
@@ -210,19 +230,22 @@ impl Peers {
         self.with(|t, now| t.touch_member(&peer.to_string(), now));
     }
 
-    /// Writes the members file if it changed (or a minute passed).
-    /// Blocking: call it off the async threads.
+    /// Writes the members file now (shutdown, or a test). Blocking: call it
+    /// off the async threads.
     pub fn save_members(&self) {
-        let Some(path) = &self.members_file else { return };
         let wall = self.now().wall_ms;
-        let Some(file) = self.table().watermarks().take_dirty(wall) else {
-            return;
-        };
-        let saved = serde_json::to_vec_pretty(&file)
+        let file = self.with(|t, _| t.watermarks().snapshot(wall));
+        self.write_members(&file);
+    }
+
+    /// Writes `file` (what the core asked to persist). Blocking.
+    pub fn write_members(&self, file: &MembersFile) {
+        let Some(path) = &self.members_file else { return };
+        let saved = serde_json::to_vec_pretty(file)
             .map_err(std::io::Error::other)
             .and_then(|b| write_atomically(path, &b));
         if let Err(e) = saved {
-            self.table().watermarks().save_failed();
+            self.with(|t, _| t.watermarks().save_failed());
             tracing::warn!(error = %e, path = %path.display(), "could not save the members file");
         }
     }
@@ -232,50 +255,15 @@ impl Peers {
     }
 
     pub fn members(&self) -> BTreeMap<String, Member> {
-        self.table().members()
-    }
-
-    pub fn allow_gossip(&self, source: PeerId) -> bool {
-        self.with(|t, now| t.allow_gossip(&source.to_string(), now))
-    }
-
-    /// The core's admission rule for an inbound sync request; on `Ok` an
-    /// answer slot is held until `end_answer`.
-    pub fn admit_request(&self, peer: PeerId, push: bool) -> Result<(), Refusal> {
-        self.with(|t, now| t.admit_request(&peer.to_string(), push, now))
+        self.with(|t, _| t.members())
     }
 
     pub fn busy(&self, peer: PeerId) -> bool {
-        self.table().busy(&peer.to_string())
-    }
-
-    pub fn end_answer(&self, peer: PeerId) {
-        self.table().end_answer(&peer.to_string());
+        self.with(|t, _| t.busy(&peer.to_string()))
     }
 
     pub fn penalize(&self, peer: PeerId, why: &str) -> bool {
         self.with(|t, now| t.penalize(&peer.to_string(), why, now))
-    }
-
-    pub fn expired_bans(&self) -> Vec<PeerId> {
-        self.with(|t, now| t.expired_bans(now))
-            .iter()
-            .filter_map(|p| p.parse().ok())
-            .collect()
-    }
-
-    /// Marks the start of a session with `peer` (`our_hlc`: our clock now);
-    /// false if one is running.
-    pub fn session_started(&self, peer: PeerId, id: u64, our_hlc: u64) -> bool {
-        self.with(|t, now| t.session_started(&peer.to_string(), id, now, our_hlc))
-    }
-
-    pub fn session_progress(&self, peer: PeerId, p: &Progress) {
-        self.table().session_progress(&peer.to_string(), p);
-    }
-
-    pub fn session_finished(&self, peer: PeerId, result: Result<&Progress, String>) {
-        self.with(|t, now| t.session_finished(&peer.to_string(), result, now));
     }
 
     pub fn lags(&self) -> BTreeMap<String, u64> {
@@ -292,12 +280,29 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn config(expiry: Duration) -> ReplicaConfig {
+        ReplicaConfig {
+            me: MemberId::placeholder("me"),
+            gossip_interval_ms: 1_000,
+            anti_entropy_interval_ms: 1_000,
+            request_timeout_ms: 1_000,
+            tombstone_grace_ms: 1_000,
+            member_expiry_ms: expiry.as_millis() as u64,
+            ledger_retention_ms: expiry.as_millis() as u64,
+            probe_interval_ms: 1_000,
+            max_clock_skew_ms: 500,
+            limits: PeerLimits::default(),
+            seeded: true,
+            cdc_batch_ms: 0,
+        }
+    }
+
     #[test]
     fn a_flag_survives_swim_traffic_and_our_restart_but_not_our_own_absence() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("members.json");
         let short = Duration::from_millis(50);
-        let open = || Peers::new(PeerLimits::default(), Some(file.clone()), short, short);
+        let open = || Peers::new(config(short), Some(file.clone()));
         let (m, other) = (PeerId::random(), PeerId::random());
         let peers = open();
         peers.prove_member(m, 10);
@@ -344,13 +349,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("members.json");
         std::fs::write(&file, r#"{"12D3KooWx": {"watermark": 5, "last_seen_ms": 1}}"#).unwrap();
-        let peers = Peers::new(PeerLimits::default(), Some(file.clone()), Duration::MAX, Duration::MAX);
+        let long = Duration::from_secs(86_400);
+        let peers = Peers::new(config(long), Some(file.clone()));
         assert_eq!(peers.members()["12D3KooWx"].watermark, 5);
-        let bump = peers.next_bump(1_000);
+        let bump = peers.core(|r, _| r.me().bump);
         peers.save_members();
         reset_members_file(&file).unwrap();
-        let peers = Peers::new(PeerLimits::default(), Some(file), Duration::MAX, Duration::MAX);
+        let peers = Peers::new(config(long), Some(file));
         assert!(peers.members().is_empty());
-        assert!(peers.next_bump(0) > bump);
+        assert!(
+            peers.core(|r, _| r.me().bump) > bump,
+            "a restart outranks the last start"
+        );
     }
 }

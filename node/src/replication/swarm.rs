@@ -18,25 +18,25 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, identity, ping};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use syncnode_protocol::membership::{MAX_ADDRS, MemberId, MembershipConfig};
+use syncnode_protocol::membership::{MAX_ADDRS, MemberId};
+use syncnode_protocol::replica::{Gossip, Input, Output, ReplicaConfig, Verdict, run_task};
 use syncnode_protocol::session::Progress;
-use syncnode_protocol::wire::{CdcDelta, DEFAULT_MAX_FRAME, Request, Response};
-use syncnode_protocol::wire::{MemberAck, MemberPacket};
+use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Envelope, MemberAck, MemberPacket, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
 pub use super::addressing::peer_of;
 use super::addressing::{advertised, check_port_free};
-use super::anti_entropy::SyncError;
+use super::anti_entropy::wire_item;
 use super::connections::ConnectionLog;
-use super::gossip::{self, GOSSIP_MAX, Gossip};
+use super::gossip::{self, GOSSIP_MAX};
 use super::membership::{ClusterPacket, MEMBERS_PROTOCOL, MemberCodec, MemberTable};
-use super::peers::{PeerLimits, Peers, Refusal, ReplicationStats};
-use super::swim::{Blocked, Links, PacketRefusal, Swim, wall_ms};
+use super::peers::{PeerLimits, Peers, known_members};
+use super::swim::{Blocked, Links, PacketRefusal, Swim};
 use super::transport::{SYNC_PROTOCOL, SyncCodec, Traffic, tcp_transport};
 use crate::engine::SyncEngine;
 
@@ -62,11 +62,19 @@ enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Peers(oneshot::Sender<Vec<PeerId>>),
     Block(PeerId, bool),
-    Request(PeerId, Request, oneshot::Sender<Result<Response, String>>),
-    Respond(ResponseChannel<Response>, Response),
-    Publish(Topic, Vec<Vec<u8>>),
+    /// Local commits, for the core to publish as CDC.
+    Committed(Vec<crate::engine::SyncItem>),
+    /// Storage work the core asked for is done.
+    Done(u64, syncnode_protocol::replica::TaskResult),
+    /// Start sessions on their own every so often (`None`: only on request).
+    Sessions(Option<Duration>),
+    /// Run a session with this peer now and tell how it ended.
+    Reconcile(PeerId, oneshot::Sender<Result<Progress, String>>),
     /// Leave the cluster (SIGTERM): tell a few members we go.
     Leave(oneshot::Sender<()>),
+    /// Stop: the swarm task ends, its storage work is waited for, the
+    /// members file is written.
+    Shutdown(oneshot::Sender<()>),
 }
 
 /// How to start a node's network side.
@@ -91,6 +99,8 @@ pub struct NetworkConfig {
     pub members_file: Option<PathBuf>,
     /// Silence after which a member stops holding back purges.
     pub member_expiry: Duration,
+    /// How old a tombstone must be before it may be purged.
+    pub tombstone_grace: Duration,
     /// How long purge records are kept (a member away longer must resync).
     pub ledger_retention: Duration,
     /// Addresses other nodes dial; empty: the listen addresses, with
@@ -121,6 +131,7 @@ impl NetworkConfig {
             limits: PeerLimits::default(),
             members_file: None,
             member_expiry: Duration::from_secs(7 * 86_400),
+            tombstone_grace: Duration::from_secs(3_600),
             ledger_retention: Duration::from_secs(30 * 86_400),
             advertise: Vec::new(),
             max_peers: 32,
@@ -152,8 +163,6 @@ pub struct NodeHandle {
     pub member_traffic: Arc<Traffic>,
     /// Peer roots, lag, sessions, penalties, members, counters.
     pub peers: Arc<Peers>,
-    sessions: Arc<AtomicU64>,
-    cluster: String,
 }
 
 impl NodeHandle {
@@ -223,16 +232,6 @@ impl NodeHandle {
         rx.await.map_err(|_| "node stopped".to_string())?
     }
 
-    /// Sends one anti-entropy request and waits for its answer.
-    pub async fn request(&self, peer: PeerId, req: Request) -> Result<Response, String> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Request(peer, req, tx))
-            .await
-            .map_err(|_| "node stopped".to_string())?;
-        rx.await.map_err(|_| "node stopped".to_string())?
-    }
-
     /// Cuts (`true`) or restores (`false`) the link to a peer: a blocked peer
     /// is disconnected and its connections are refused (partitions).
     pub async fn block(&self, peer: PeerId, blocked: bool) {
@@ -248,49 +247,19 @@ impl NodeHandle {
         rx.await.unwrap_or_default()
     }
 
-    /// Runs anti-entropy in the background: every `interval` it starts a
-    /// session with each connected peer whose announced root differed from
-    /// ours twice in a row (the first difference may be writes still in
-    /// flight). One session per peer at a time; sessions with different
-    /// peers run side by side.
-    pub fn spawn_anti_entropy(&self, engine: Arc<SyncEngine>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let handle = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let jitter = Duration::from_millis(rand::random::<u64>() % (interval.as_millis() as u64 / 4 + 1));
-                tokio::time::sleep(interval + jitter).await;
-                if handle.commands.is_closed() {
-                    return;
-                }
-                for peer in handle.peers.due_for_session() {
-                    let id = handle.sessions.fetch_add(1, Ordering::Relaxed) + 1;
-                    if !handle.peers.session_started(peer, id, engine.clock()) {
-                        continue;
-                    }
-                    let (h, e) = (handle.clone(), engine.clone());
-                    tokio::spawn(async move {
-                        let bootstrap = e.merkle_summary().1 == 0;
-                        let result = h.reconcile(&e, peer, id).await;
-                        match &result {
-                            Ok(p) => tracing::info!(
-                                %peer, bootstrap, pulled = p.pulled, pushed = p.pushed, rounds = p.round_trips,
-                                "anti-entropy session done"
-                            ),
-                            Err(err) => tracing::warn!(%peer, error = %err, "anti-entropy session failed"),
-                        }
-                        h.peers
-                            .session_finished(peer, result.as_ref().map_err(|e| e.to_string()));
-                    });
-                }
-            }
-        })
+    /// Runs anti-entropy on its own: every `interval` (jittered) the core
+    /// starts a session with each connected peer whose announced root
+    /// differed from ours twice in a row (the first difference may be
+    /// writes still in flight). One session per peer at a time.
+    pub async fn spawn_anti_entropy(&self, interval: Duration) {
+        let _ = self.commands.send(Command::Sessions(Some(interval))).await;
     }
 
-    /// Publishes this node's committed writes as CDC deltas. Batches the
-    /// swarm could not keep up with are left to anti-entropy.
+    /// Publishes this node's committed writes as CDC deltas (the core packs
+    /// them). Batches the swarm could not keep up with are left to
+    /// anti-entropy.
     pub fn spawn_cdc(&self, engine: Arc<SyncEngine>) -> tokio::task::JoinHandle<()> {
-        let handle = self.clone();
-        let cluster = self.cluster.clone();
+        let commands = self.commands.clone();
         let mut commits = engine.subscribe_commits();
         tokio::spawn(async move {
             loop {
@@ -302,68 +271,32 @@ impl NodeHandle {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                let msgs = gossip::encode_deltas(&cluster, &batch);
-                if handle.commands.send(Command::Publish(Topic::Cdc, msgs)).await.is_err() {
+                if commands.send(Command::Committed(batch.to_vec())).await.is_err() {
                     return;
                 }
             }
         })
     }
 
-    /// Runs an anti-entropy session with `peer` for `engine`, reporting its
-    /// progress in the peer table as it goes.
-    /// An empty node's first session (a bootstrap) logs its progress.
-    pub async fn reconcile(&self, engine: &SyncEngine, peer: PeerId, session: u64) -> Result<Progress, SyncError> {
-        let peers = self.peers.clone();
-        let bootstrap = engine.merkle_summary().1 == 0;
-        if bootstrap || !self.peers.ledger_learned() {
-            self.learn_ledger(engine, peer).await?;
-            self.peers.set_ledger_learned();
-        }
-        let mut logged = 0;
-        engine
-            .reconcile_observed(
-                session,
-                |req| self.request(peer, req),
-                |p| {
-                    peers.session_progress(peer, p);
-                    if bootstrap && p.pulled >= logged + 10_000 {
-                        logged = p.pulled;
-                        tracing::info!(%peer, pulled = p.pulled, to_pull = p.to_pull, "bootstrap progress");
-                    }
-                },
-            )
+    /// Runs one anti-entropy session with `peer` now (after learning its
+    /// purge ledger when this node has not yet) and waits for its end.
+    pub async fn reconcile(&self, peer: PeerId) -> Result<Progress, String> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Reconcile(peer, tx))
             .await
+            .map_err(|_| "node stopped".to_string())?;
+        rx.await.map_err(|_| "node stopped".to_string())?
     }
 
-    /// Copies `peer`'s purge ledger into ours (DESIGN §6): a node that joins
-    /// after a purge must refuse the versions those deletes beat, or it
-    /// would be the way back for them.
-    async fn learn_ledger(&self, engine: &SyncEngine, peer: PeerId) -> Result<(), SyncError> {
-        let mut after: Option<String> = None;
-        let mut learned = 0;
-        loop {
-            match self
-                .request(peer, Request::Ledger { after: after.clone() })
-                .await
-                .map_err(SyncError::Transport)?
-            {
-                Response::Ledger { entries, next } => {
-                    learned += engine.import_purge_ledger(entries).await?;
-                    // The cursor must move forward, or the peer is stalling us.
-                    match next {
-                        Some(n) if after.as_ref().is_none_or(|a| n > *a) => after = Some(n),
-                        Some(_) => return Err(SyncError::Transport("ledger cursor did not advance".into())),
-                        None => break,
-                    }
-                }
-                other => return Err(SyncError::Transport(format!("ledger answered with {other:?}"))),
-            }
+    /// Stops the network side: the swarm task ends once the storage work
+    /// it started is done, and the members file is written. Call it before
+    /// the engine's shutdown.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
         }
-        if learned > 0 {
-            tracing::info!(%peer, learned, "purge ledger learned from the bootstrap peer");
-        }
-        Ok(())
     }
 }
 
@@ -490,32 +423,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
             Some(other) => early.push(other),
         }
     }
-    let advertise = advertised(&config.advertise, &listen_addrs);
-    let peer_id = *swarm.local_peer_id();
-    let (tx, rx) = mpsc::channel(1024);
-    let (cdc_tx, cdc_rx) = mpsc::channel(8192);
-    let peers = Arc::new(Peers::new(
-        config.limits.clone(),
-        config.members_file.clone(),
-        config.member_expiry,
-        config.ledger_retention,
-    ));
-    // Seeds: the bootstrap list, and the members known before a restart
-    // (at their last addresses), so a node finds the cluster again even
-    // when its bootstrap peers are gone.
-    let mut seeds: Vec<(Multiaddr, bool)> = config.bootstrap.iter().map(|a| (a.clone(), true)).collect();
-    for (peer, m) in peers.members() {
-        let Ok(id) = peer.parse::<PeerId>() else { continue };
-        for a in m.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
-            seeds.push((a.with(libp2p::multiaddr::Protocol::P2p(id)), false));
-        }
-    }
-    let seeded = !seeds.is_empty();
-    if !seeded {
-        // The first node: there is no ledger to learn.
-        peers.set_ledger_learned();
-    }
-    let mut advertise = advertise;
+    let mut advertise = advertised(&config.advertise, &listen_addrs);
     if advertise.len() > MAX_ADDRS {
         tracing::warn!(
             addresses = advertise.len(),
@@ -524,36 +432,54 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         );
         advertise.truncate(MAX_ADDRS);
     }
-    let me = MemberId {
-        peer: peer_id.to_string(),
-        addrs: advertise.iter().map(|a| a.to_string()).collect(),
-        region: config.region.clone(),
-        // A restart takes over the entry of the run before it.
-        bump: peers.next_bump(wall_ms()),
+    let peer_id = *swarm.local_peer_id();
+    // Seeds: the bootstrap list, and the members known before a restart
+    // (at their last addresses), so a node finds the cluster again even
+    // when its bootstrap peers are gone.
+    let members_file = config.members_file.clone();
+    let known = members_file.as_deref().map(known_members).unwrap_or_default();
+    let mut seeds: Vec<(Multiaddr, bool)> = config.bootstrap.iter().map(|a| (a.clone(), true)).collect();
+    for (peer, m) in &known {
+        let Ok(id) = peer.parse::<PeerId>() else { continue };
+        for a in m.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+            seeds.push((a.with(libp2p::multiaddr::Protocol::P2p(id)), false));
+        }
+    }
+    let seeded = !seeds.is_empty();
+    let ms = |d: Duration| d.as_millis() as u64;
+    let core = ReplicaConfig {
+        me: MemberId {
+            peer: peer_id.to_string(),
+            addrs: advertise.iter().map(|a| a.to_string()).collect(),
+            region: config.region.clone(),
+            // Set by the core: a restart takes over the entry of the run before it.
+            bump: 0,
+        },
+        gossip_interval_ms: ms(config.gossip_interval),
+        anti_entropy_interval_ms: ms(config.gossip_interval),
+        request_timeout_ms: ms(config.request_timeout),
+        tombstone_grace_ms: ms(config.tombstone_grace),
+        member_expiry_ms: ms(config.member_expiry),
+        ledger_retention_ms: ms(config.ledger_retention),
+        probe_interval_ms: ms(config.probe_interval),
+        max_clock_skew_ms: engine.config().max_clock_skew_ms,
+        limits: config.limits.clone(),
+        seeded,
+        cdc_batch_ms: 0,
     };
+    let peers = Arc::new(Peers::new(core, members_file));
+    // Sessions start on their own once `spawn_anti_entropy` says how often.
+    peers.core(|r, now| r.set_session_interval(now, None));
+    let (tx, rx) = mpsc::channel(4096);
     let members = Arc::new(MemberTable::default());
     let swim = Swim::new(
-        me,
-        MembershipConfig {
-            probe_period: config.probe_interval,
-        },
         members.clone(),
         peers.clone(),
-        engine.clone(),
         config.cluster.clone(),
         config.max_peers,
+        config.probe_interval,
+        engine.config().max_clock_skew_ms,
     );
-    {
-        // Member watermarks reach the disk every few seconds, off the swarm task.
-        let peers = peers.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                let p = peers.clone();
-                let _ = tokio::task::spawn_blocking(move || p.save_members()).await;
-            }
-        });
-    }
     let handle = NodeHandle {
         peer_id,
         listen_addrs,
@@ -567,24 +493,27 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         traffic,
         member_traffic,
         peers: peers.clone(),
-        sessions: Arc::new(AtomicU64::new(0)),
-        cluster: config.cluster.clone(),
     };
-    tokio::spawn(super::cdc::apply_cdc(engine.clone(), handle.clone(), cdc_rx));
     let node = SwarmTask {
         engine,
         peers,
         own: tx,
-        cdc: cdc_tx,
         cluster: config.cluster.clone(),
         traffic: handle.traffic.clone(),
         topics: [gossip::roots_topic(&config.cluster), gossip::cdc_topic(&config.cluster)],
-        pending: HashMap::new(),
+        outbound: HashMap::new(),
+        inbound: HashMap::new(),
+        next_inbound: 0,
+        member_channel: None,
+        waiters: HashMap::new(),
+        queue: VecDeque::new(),
+        work: tokio::task::JoinSet::new(),
+        last_save: Instant::now(),
+        unsaved: None,
         dials: HashMap::new(),
         manual_blocks: HashSet::new(),
         bans: HashSet::new(),
         allow: config.allow_peers.iter().copied().collect(),
-        answering: Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERING)),
         swim,
         log: ConnectionLog::default(),
         redial: seeds
@@ -598,7 +527,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
             })
             .collect(),
     };
-    tokio::spawn(node.run(swarm, rx, config.gossip_interval, early));
+    tokio::spawn(node.run(swarm, rx, early));
     Ok(handle)
 }
 
@@ -644,19 +573,6 @@ impl Links for Swarm<NodeBehaviour> {
     }
 }
 
-/// An answer in progress: its global permit and its place in the peer's cap.
-struct AnswerSlot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    peers: Arc<Peers>,
-    peer: PeerId,
-}
-
-impl Drop for AnswerSlot {
-    fn drop(&mut self) {
-        self.peers.end_answer(self.peer);
-    }
-}
-
 /// A bootstrap address redialed with exponential backoff while its peer is
 /// not connected.
 struct Redial {
@@ -669,28 +585,44 @@ struct Redial {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Inbound sync requests answered at once (each may hold a frame of items).
-const MAX_ANSWERING: usize = 32;
+/// The members file reaches the disk at most this often (and at shutdown).
+const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// How long shutdown waits for storage work in flight.
+const DRAIN_FOR: Duration = Duration::from_secs(10);
 
+/// The swarm task: the I/O driver of the replication core. It turns swarm
+/// events and commands into core inputs and the core's outputs into swarm
+/// calls, storage tasks and files.
 struct SwarmTask {
-    /// Membership: SWIM and what follows from it.
+    /// Membership's I/O side: packet checks, member connections.
     swim: Swim,
     log: ConnectionLog,
     engine: Arc<SyncEngine>,
     peers: Arc<Peers>,
     own: mpsc::Sender<Command>,
-    cdc: mpsc::Sender<(PeerId, CdcDelta)>,
     cluster: String,
     traffic: Arc<Traffic>,
     topics: [IdentTopic; 2],
-    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, String>>>,
+    /// Our requests in flight: the core's id for each.
+    outbound: HashMap<OutboundRequestId, (PeerId, u64)>,
+    /// Peers' requests being answered, by the id the core knows them by.
+    inbound: HashMap<u64, ResponseChannel<Response>>,
+    next_inbound: u64,
+    /// The membership packet being handled: where its ack goes.
+    member_channel: Option<ResponseChannel<MemberAck>>,
+    /// Who waits for the end of a session with a peer.
+    waiters: HashMap<PeerId, Vec<oneshot::Sender<Result<Progress, String>>>>,
+    /// Inputs the core's outputs led to, fed in turn.
+    queue: VecDeque<Input>,
+    /// Storage work in flight (waited for at shutdown).
+    work: tokio::task::JoinSet<()>,
+    last_save: Instant,
+    unsaved: Option<syncnode_protocol::replica::MembersFile>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), String>>>>,
     manual_blocks: HashSet<PeerId>,
     bans: HashSet<PeerId>,
     redial: Vec<Redial>,
     allow: HashSet<PeerId>,
-    /// Inbound requests being answered; more are refused as busy.
-    answering: Arc<tokio::sync::Semaphore>,
 }
 
 impl SwarmTask {
@@ -698,71 +630,178 @@ impl SwarmTask {
         mut self,
         mut swarm: Swarm<NodeBehaviour>,
         mut commands: mpsc::Receiver<Command>,
-        gossip_every: Duration,
         early: Vec<SwarmEvent<NodeBehaviourEvent>>,
     ) {
         for event in early {
             self.on_event(&mut swarm, event);
         }
-        let mut announce = tokio::time::interval(gossip_every);
-        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
-        let mut swim = tokio::time::interval(Duration::from_millis(20));
-        swim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let done = loop {
             tokio::select! {
-                _ = swim.tick() => {
-                    let blocked = Blocked { manual: &self.manual_blocks, bans: &self.bans };
-                    self.swim.tick(&mut swarm, &blocked);
-                }
+                _ = tick.tick() => self.feed(&mut swarm, Input::Tick),
                 cmd = commands.recv() => match cmd {
-                    None => return,
+                    None => break None,
+                    Some(Command::Shutdown(done)) => break Some(done),
                     Some(cmd) => self.on_command(&mut swarm, cmd),
                 },
-                _ = announce.tick() => {
-                    if self.engine.is_ready() {
-                        let msg = gossip::encode_roots(&self.cluster, self.engine.root_announcement());
-                        self.publish(&mut swarm, Topic::Roots, vec![msg]);
-                    }
-                }
                 _ = housekeeping.tick() => self.housekeeping(&mut swarm),
                 event = swarm.select_next_some() => self.on_event(&mut swarm, event),
+                Some(_) = self.work.join_next(), if !self.work.is_empty() => {}
+            }
+        };
+        // Storage work in flight finishes (or is cut off), then the members
+        // file is written: nothing the core learned is lost.
+        let drained = tokio::time::timeout(DRAIN_FOR, async { while self.work.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("storage work still running at shutdown; stopped");
+            self.work.abort_all();
+        }
+        let peers = self.peers.clone();
+        let _ = tokio::task::spawn_blocking(move || peers.save_members()).await;
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+    }
+
+    /// Feeds `input` to the core, carries out what it asks, and feeds in
+    /// turn whatever that leads to.
+    fn feed(&mut self, swarm: &mut Swarm<NodeBehaviour>, input: Input) {
+        self.queue.push_back(input);
+        while let Some(input) = self.queue.pop_front() {
+            for out in self.peers.handle(input, &self.engine) {
+                self.act(swarm, out);
             }
         }
     }
 
-    fn publish(&self, swarm: &mut Swarm<NodeBehaviour>, topic: Topic, msgs: Vec<Vec<u8>>) {
+    fn act_all(&mut self, swarm: &mut Swarm<NodeBehaviour>, outs: Vec<Output>) {
+        for out in outs {
+            self.act(swarm, out);
+        }
+        while let Some(input) = self.queue.pop_front() {
+            for out in self.peers.handle(input, &self.engine) {
+                self.act(swarm, out);
+            }
+        }
+    }
+
+    fn act(&mut self, swarm: &mut Swarm<NodeBehaviour>, out: Output) {
+        match out {
+            Output::Publish(Gossip::Roots(r)) => {
+                if self.engine.is_ready() {
+                    let msg = gossip::encode_roots(&self.cluster, r);
+                    self.publish(swarm, Topic::Roots, msg);
+                }
+            }
+            Output::Publish(Gossip::Cdc(deltas)) => {
+                let msg = Envelope::new(self.cluster.clone(), Body::Cdc(deltas)).encode();
+                self.publish(swarm, Topic::Cdc, msg);
+            }
+            Output::Send { peer, id, req } => match peer.parse::<PeerId>() {
+                Ok(p) if swarm.is_connected(&p) => {
+                    let rid = swarm.behaviour_mut().sync.send_request(&p, req);
+                    self.outbound.insert(rid, (p, id));
+                }
+                _ => self.queue.push_back(Input::Response {
+                    peer: peer.clone(),
+                    id,
+                    result: Err(format!("peer {peer} is not connected")),
+                }),
+            },
+            Output::Respond { id, resp, .. } => {
+                if let Some(channel) = self.inbound.remove(&id)
+                    && swarm.behaviour_mut().sync.send_response(channel, resp).is_err()
+                {
+                    tracing::debug!("peer went away before our answer");
+                }
+            }
+            Output::SendMember { peer, addrs, packet } => {
+                if let Ok(p) = peer.parse::<PeerId>() {
+                    let blocked = Blocked {
+                        manual: &self.manual_blocks,
+                        bans: &self.bans,
+                    };
+                    self.swim.send(swarm, &blocked, p, &addrs, packet);
+                }
+            }
+            Output::AckMember { ack, .. } => {
+                if let Some(channel) = self.member_channel.take() {
+                    let _ = swarm.behaviour_mut().members.send_response(channel, ack);
+                }
+            }
+            Output::Run { task, work } => {
+                let (engine, own) = (self.engine.clone(), self.own.clone());
+                self.work.spawn(async move {
+                    let result = run_task(&*engine, work).await;
+                    let _ = own.send(Command::Done(task, result)).await;
+                });
+            }
+            Output::Dial { peer, addrs } => {
+                if let Ok(p) = peer.parse::<PeerId>() {
+                    let blocked = Blocked {
+                        manual: &self.manual_blocks,
+                        bans: &self.bans,
+                    };
+                    self.swim.dial(swarm, &blocked, p, &addrs);
+                }
+            }
+            Output::Ban { peer } => {
+                if let Ok(p) = peer.parse::<PeerId>() {
+                    self.bans.insert(p);
+                    swarm.behaviour_mut().blocked.block_peer(p);
+                }
+            }
+            Output::Unban { peer } => {
+                if let Ok(p) = peer.parse::<PeerId>() {
+                    self.bans.remove(&p);
+                    if !self.manual_blocks.contains(&p) {
+                        swarm.behaviour_mut().blocked.unblock_peer(p);
+                        tracing::info!(peer = %p, "ban lifted");
+                    }
+                }
+            }
+            Output::SaveMembers(file) => self.unsaved = Some(file),
+            Output::Fence(reason) => {
+                match &reason {
+                    Some(r) => tracing::error!("{r}: refusing local writes until it is back"),
+                    None => tracing::warn!("clock back within max_clock_skew of the members: taking writes again"),
+                }
+                self.engine.set_write_fence(reason);
+            }
+            Output::SessionFinished { peer, result } => {
+                if let Ok(p) = peer.parse::<PeerId>() {
+                    for w in self.waiters.remove(&p).unwrap_or_default() {
+                        let _ = w.send(result.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn publish(&self, swarm: &mut Swarm<NodeBehaviour>, topic: Topic, msg: Vec<u8>) {
+        self.traffic.sent.fetch_add(msg.len() as u64, Ordering::Relaxed);
         let t = match topic {
             Topic::Roots => &self.topics[0],
             Topic::Cdc => &self.topics[1],
         };
-        for m in msgs {
-            self.traffic.sent.fetch_add(m.len() as u64, Ordering::Relaxed);
-            match swarm.behaviour_mut().gossip.publish(t.clone(), m) {
-                Ok(_) => {
-                    if matches!(topic, Topic::Cdc) {
-                        ReplicationStats::add(&self.peers.stats.cdc_published, 1);
-                    }
-                }
-                // No subscribed peer yet (alone, or just started): anti-entropy covers it.
-                Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
-                Err(e) => tracing::debug!(error = %e, "gossip publish failed"),
-            }
+        match swarm.behaviour_mut().gossip.publish(t.clone(), msg) {
+            Ok(_) => {}
+            // No subscribed peer yet (alone, or just started): anti-entropy covers it.
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+            Err(e) => tracing::debug!(error = %e, "gossip publish failed"),
         }
     }
 
-    fn maintain_members(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
+    /// Keeps the member connections, redials bootstrap peers that are due,
+    /// writes the members file when the core changed it.
+    fn housekeeping(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
         let blocked = Blocked {
             manual: &self.manual_blocks,
             bans: &self.bans,
         };
         self.swim.maintain(swarm, &blocked, &mut self.log);
-    }
-
-    /// Keeps the member connections, redials bootstrap peers that are due,
-    /// lifts expired bans.
-    fn housekeeping(&mut self, swarm: &mut Swarm<NodeBehaviour>) {
-        self.maintain_members(swarm);
         let now = Instant::now();
         // A seed without a peer id is only needed while we know nobody.
         let alone = self.swim.alone();
@@ -780,12 +819,11 @@ impl SwarmTask {
             r.next = now + r.backoff;
             r.backoff = (r.backoff * 2).min(MAX_BACKOFF);
         }
-        for peer in self.peers.expired_bans() {
-            self.bans.remove(&peer);
-            if !self.manual_blocks.contains(&peer) {
-                swarm.behaviour_mut().blocked.unblock_peer(peer);
-                tracing::info!(%peer, "ban lifted");
-            }
+        if self.unsaved.is_some() && self.last_save.elapsed() >= SAVE_EVERY {
+            self.last_save = Instant::now();
+            let (peers, file) = (self.peers.clone(), self.unsaved.take().expect("checked"));
+            self.work
+                .spawn(async move { drop(tokio::task::spawn_blocking(move || peers.write_members(&file)).await) });
         }
     }
 
@@ -831,27 +869,29 @@ impl SwarmTask {
             Command::Peers(done) => {
                 let _ = done.send(swarm.connected_peers().copied().collect());
             }
-            Command::Request(peer, _, done) if !swarm.is_connected(&peer) => {
-                let _ = done.send(Err(format!("peer {peer} is not connected")));
+            Command::Committed(items) => {
+                let items = items.iter().map(wire_item).collect();
+                self.feed(swarm, Input::Committed(items));
             }
-            Command::Request(peer, req, done) => {
-                let id = swarm.behaviour_mut().sync.send_request(&peer, req);
-                self.pending.insert(id, done);
+            Command::Done(task, result) => self.feed(swarm, Input::Done { task, result }),
+            Command::Sessions(every) => {
+                let ms = every.map(|d| d.as_millis() as u64);
+                self.peers.core(|r, now| r.set_session_interval(now, ms));
             }
-            Command::Respond(channel, resp) => {
-                if swarm.behaviour_mut().sync.send_response(channel, resp).is_err() {
-                    tracing::debug!("peer went away before our answer");
+            Command::Reconcile(peer, done) => {
+                if !swarm.is_connected(&peer) {
+                    let _ = done.send(Err(format!("peer {peer} is not connected")));
+                    return;
                 }
+                self.waiters.entry(peer).or_default().push(done);
+                let (_, outs) = self.peers.reconcile_now(peer, &self.engine);
+                self.act_all(swarm, outs);
             }
-            Command::Publish(topic, msgs) => self.publish(swarm, topic, msgs),
             Command::Leave(done) => {
-                let blocked = Blocked {
-                    manual: &self.manual_blocks,
-                    bans: &self.bans,
-                };
-                self.swim.leave(swarm, &blocked);
+                self.feed(swarm, Input::Leave);
                 let _ = done.send(());
             }
+            Command::Shutdown(done) => drop(done.send(())),
         }
     }
 
@@ -867,15 +907,31 @@ impl SwarmTask {
                         manual: &self.manual_blocks,
                         bans: &self.bans,
                     };
-                    match self.swim.on_packet(swarm, &blocked, &mut self.log, peer, request) {
-                        Ok(ack) => {
-                            let _ = swarm.behaviour_mut().members.send_response(channel, ack);
+                    let checked = self.swim.check_packet(&blocked, &mut self.log, peer, request);
+                    match checked {
+                        Ok(packet) => {
+                            self.member_channel = Some(channel);
+                            self.feed(
+                                swarm,
+                                Input::Member {
+                                    peer: peer.to_string(),
+                                    packet,
+                                },
+                            );
+                            self.member_channel = None;
+                            self.swim.refresh(swarm);
                         }
                         Err(PacketRefusal::Penalize(why)) => self.penalize(swarm, peer, &why),
                         Err(PacketRefusal::Drop) => {}
                     }
                 }
-                request_response::Message::Response { response, .. } => self.swim.on_ack(peer, response),
+                request_response::Message::Response { response, .. } => self.feed(
+                    swarm,
+                    Input::MemberAck {
+                        peer: peer.to_string(),
+                        ack: response,
+                    },
+                ),
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 self.on_protocol_failure(swarm, peer, &error)
@@ -937,28 +993,17 @@ impl SwarmTask {
                 self.penalize(swarm, propagation_source, &why);
                 MessageAcceptance::Reject
             }
-            Ok(_) if !self.peers.allow_gossip(propagation_source) => MessageAcceptance::Ignore,
             // With an allowlist, only members may author anything.
             Ok(_) if !self.allow.is_empty() && !self.allow.contains(&author) && author != *swarm.local_peer_id() => {
                 MessageAcceptance::Ignore
             }
-            Ok(Gossip::Roots(theirs)) => {
-                if swarm.is_connected(&author) {
-                    self.peers.on_roots(author, theirs, &self.engine.root_announcement());
+            Ok(msg) => {
+                let (verdict, outs) = self.peers.on_gossip(propagation_source, author, msg, &self.engine);
+                self.act_all(swarm, outs);
+                match verdict {
+                    Verdict::Accept => MessageAcceptance::Accept,
+                    Verdict::Ignore => MessageAcceptance::Ignore,
                 }
-                MessageAcceptance::Accept
-            }
-            Ok(Gossip::Cdc(_)) if self.peers.must_resync(author) || !self.peers.ledger_learned() => {
-                MessageAcceptance::Ignore
-            }
-            Ok(Gossip::Cdc(deltas)) => {
-                for delta in deltas {
-                    if self.cdc.try_send((author, delta)).is_err() {
-                        // The applier is behind: anti-entropy will bring it.
-                        ReplicationStats::add(&self.peers.stats.cdc_dropped, 1);
-                    }
-                }
-                MessageAcceptance::Accept
             }
         };
         swarm
@@ -971,48 +1016,41 @@ impl SwarmTask {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
-                    let push = matches!(request, Request::Push { .. });
-                    let admitted = self.peers.admit_request(peer, push);
-                    let permit = match (admitted, self.answering.clone().try_acquire_owned()) {
-                        (Ok(()), Ok(p)) => p,
-                        (admitted, _) => {
-                            let refusal = match admitted {
-                                Ok(()) => {
-                                    self.peers.end_answer(peer);
-                                    Refusal::Busy
-                                }
-                                Err(r) => r,
-                            };
-                            let reason = refusal.reason().into();
-                            let _ = swarm
-                                .behaviour_mut()
-                                .sync
-                                .send_response(channel, Response::Refused { reason });
-                            return;
-                        }
-                    };
-                    let (engine, own) = (self.engine.clone(), self.own.clone());
-                    // Released however the answer ends (even by a panic).
-                    let slot = AnswerSlot {
-                        _permit: permit,
-                        peers: self.peers.clone(),
-                        peer,
-                    };
-                    tokio::spawn(async move {
-                        let resp = engine.answer_sync_request(request).await;
-                        drop(slot);
-                        let _ = own.send(Command::Respond(channel, resp)).await;
-                    });
+                    self.next_inbound += 1;
+                    let id = self.next_inbound;
+                    self.inbound.insert(id, channel);
+                    self.feed(
+                        swarm,
+                        Input::Request {
+                            peer: peer.to_string(),
+                            id,
+                            req: request,
+                        },
+                    );
                 }
                 request_response::Message::Response { request_id, response } => {
-                    if let Some(done) = self.pending.remove(&request_id) {
-                        let _ = done.send(Ok(response));
+                    if let Some((p, id)) = self.outbound.remove(&request_id) {
+                        self.feed(
+                            swarm,
+                            Input::Response {
+                                peer: p.to_string(),
+                                id,
+                                result: Ok(response),
+                            },
+                        );
                     }
                 }
             },
             request_response::Event::OutboundFailure { request_id, error, .. } => {
-                if let Some(done) = self.pending.remove(&request_id) {
-                    let _ = done.send(Err(error.to_string()));
+                if let Some((p, id)) = self.outbound.remove(&request_id) {
+                    self.feed(
+                        swarm,
+                        Input::Response {
+                            peer: p.to_string(),
+                            id,
+                            result: Err(error.to_string()),
+                        },
+                    );
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -1037,17 +1075,33 @@ impl SwarmTask {
                     .map(str::to_string);
                 self.peers.set_region(peer_id, region);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
                 tracing::info!(peer = %peer_id, "peer connected");
                 self.swim.connected(peer_id, endpoint.is_listener());
-                self.peers.connected(peer_id, true);
+                if num_established.get() == 1 {
+                    self.feed(
+                        swarm,
+                        Input::Connected {
+                            peer: peer_id.to_string(),
+                        },
+                    );
+                }
                 for r in self.redial.iter_mut().filter(|r| r.peer == Some(peer_id)) {
                     r.backoff = Duration::from_secs(1);
                 }
                 for done in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = done.send(Ok(()));
                 }
-                self.maintain_members(swarm);
+                let blocked = Blocked {
+                    manual: &self.manual_blocks,
+                    bans: &self.bans,
+                };
+                self.swim.maintain(swarm, &blocked, &mut self.log);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -1055,8 +1109,16 @@ impl SwarmTask {
                 ..
             } => {
                 tracing::info!(peer = %peer_id, "peer disconnected");
-                self.peers.connected(peer_id, false);
+                self.feed(
+                    swarm,
+                    Input::Disconnected {
+                        peer: peer_id.to_string(),
+                    },
+                );
                 self.swim.disconnected(peer_id);
+                for w in self.waiters.remove(&peer_id).unwrap_or_default() {
+                    let _ = w.send(Err("peer disconnected".into()));
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(peer = ?peer_id, ?error, "could not connect");

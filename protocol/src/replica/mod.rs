@@ -179,6 +179,11 @@ pub enum Output {
     SaveMembers(MembersFile),
     /// Fence local writes with this reason, or lift the fence.
     Fence(Option<String>),
+    /// A session we ran ended (for whoever waits on it).
+    SessionFinished {
+        peer: String,
+        result: Result<Progress, String>,
+    },
 }
 
 /// A session we run, in its phase.
@@ -193,6 +198,9 @@ enum Phase {
 struct Outgoing {
     id: u64,
     phase: Phase,
+    /// We held nothing when it started: its progress is logged.
+    bootstrap: bool,
+    logged: u64,
 }
 
 /// What an outstanding request of ours is for.
@@ -235,7 +243,8 @@ pub struct Replica {
     retries: Vec<(u64, String, Pending)>,
     announced: BTreeMap<String, u64>,
     next_gossip: u64,
-    next_session_round: u64,
+    /// When sessions are next started (`None`: only on request).
+    next_session_round: Option<u64>,
     next_purge: u64,
     next_housekeeping: u64,
     purging: bool,
@@ -271,7 +280,7 @@ impl Replica {
             now.mono_ms + cfg.anti_entropy_interval_ms + rng.random_range(0..=cfg.anti_entropy_interval_ms / 4);
         Self {
             next_gossip: now.mono_ms + cfg.gossip_interval_ms,
-            next_session_round: first_round,
+            next_session_round: Some(first_round),
             next_purge: now.mono_ms + purge_every(cfg.tombstone_grace_ms),
             next_housekeeping: now.mono_ms,
             cfg,
@@ -296,6 +305,10 @@ impl Replica {
         }
     }
 
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
     pub fn me(&self) -> &MemberId {
         self.swim.me()
     }
@@ -318,10 +331,26 @@ impl Replica {
         self.sessions.keys()
     }
 
-    /// Introduces this node to a peer it knows the address of (a seed).
-    pub fn announce(&mut self, now: Now, peer: &str) {
-        let _ = self.swim.announce(now.mono_ms, MemberId::placeholder(peer.to_string()));
-        self.flush_swim(now);
+    /// Starts sessions on their own every `every_ms` (jittered), or only
+    /// when asked (`None`).
+    pub fn set_session_interval(&mut self, now: Now, every_ms: Option<u64>) {
+        match every_ms {
+            Some(ms) => {
+                self.cfg.anti_entropy_interval_ms = ms.max(1);
+                self.next_session_round = Some(now.mono_ms + ms);
+            }
+            None => self.next_session_round = None,
+        }
+    }
+
+    /// Starts a session with `peer` now, unless one is running; its end
+    /// comes as `Output::SessionFinished`.
+    pub fn reconcile_now(&mut self, now: Now, peer: &str, store: &impl Store) -> bool {
+        if self.sessions.contains_key(peer) {
+            return false;
+        }
+        self.start_session(now, peer, store);
+        self.sessions.contains_key(peer)
     }
 
     /// The next output, if any.
@@ -331,11 +360,10 @@ impl Replica {
 
     /// When the core next needs a `Tick` (mono ms).
     pub fn poll_timeout(&self) -> u64 {
-        let mut t = self
-            .next_gossip
-            .min(self.next_session_round)
-            .min(self.next_purge)
-            .min(self.next_housekeeping);
+        let mut t = self.next_gossip.min(self.next_purge).min(self.next_housekeeping);
+        if let Some(r) = self.next_session_round {
+            t = t.min(r);
+        }
         if let Some(d) = self.swim.next_deadline() {
             t = t.min(d);
         }
@@ -370,7 +398,11 @@ impl Replica {
     pub fn handle(&mut self, now: Now, input: Input, store: &impl Store) {
         match input {
             Input::Tick => {}
-            Input::Connected { peer } => self.peers.connected(&peer, true, now),
+            Input::Connected { peer } => {
+                self.peers.connected(&peer, true, now);
+                // A peer SWIM does not list yet is asked to let us in at once.
+                self.next_housekeeping = now.mono_ms;
+            }
             Input::Disconnected { peer } => {
                 self.peers.connected(&peer, false, now);
                 self.lost_peer(now, &peer, "peer disconnected");
@@ -655,6 +687,8 @@ impl Replica {
             Outgoing {
                 id,
                 phase: Phase::Ledger { after: None },
+                bootstrap: ours.count == 0,
+                logged: 0,
             },
         );
         if ours.count == 0 || !self.peers.ledger_learned() {
@@ -677,10 +711,17 @@ impl Replica {
         let step = match self.sessions.get_mut(peer) {
             Some(Outgoing {
                 phase: Phase::Running(s),
+                bootstrap,
+                logged,
                 ..
             }) => {
                 let step = store.with_tree(|t| s.next_step(t));
-                self.peers.session_progress(peer, &s.progress());
+                let p = s.progress();
+                if *bootstrap && p.pulled >= *logged + 10_000 {
+                    *logged = p.pulled;
+                    tracing::info!(%peer, pulled = p.pulled, to_pull = p.to_pull, "bootstrap progress");
+                }
+                self.peers.session_progress(peer, &p);
                 step
             }
             _ => return,
@@ -736,17 +777,20 @@ impl Replica {
     }
 
     fn finish(&mut self, now: Now, peer: &str, result: Result<Progress, String>) {
-        if self.sessions.remove(peer).is_none() {
-            return;
-        }
+        let Some(o) = self.sessions.remove(peer) else { return };
         match &result {
-            Ok(p) => {
-                tracing::debug!(%peer, pulled = p.pulled, pushed = p.pushed, rounds = p.round_trips, "anti-entropy session done")
-            }
-            Err(e) => tracing::debug!(%peer, error = %e, "anti-entropy session failed"),
+            Ok(p) => tracing::info!(
+                %peer, bootstrap = o.bootstrap, pulled = p.pulled, pushed = p.pushed, rounds = p.round_trips,
+                "anti-entropy session done"
+            ),
+            Err(e) => tracing::warn!(%peer, error = %e, "anti-entropy session failed"),
         }
         self.peers
             .session_finished(peer, result.as_ref().map_err(|e| e.clone()), now);
+        self.out.push_back(Output::SessionFinished {
+            peer: peer.to_string(),
+            result: result.clone(),
+        });
         // Its outstanding request, if any, is no longer waited for.
         self.pending
             .retain(|_, (to, _, p)| !(to == peer && matches!(p, Pending::Session)));
@@ -806,9 +850,9 @@ impl Replica {
             self.out
                 .push_back(Output::Publish(Gossip::Roots(store.root_announcement())));
         }
-        if self.next_session_round <= mono {
+        if self.next_session_round.is_some_and(|t| t <= mono) {
             let every = self.cfg.anti_entropy_interval_ms;
-            self.next_session_round = mono + every + self.rng.random_range(0..=every / 4);
+            self.next_session_round = Some(mono + every + self.rng.random_range(0..=every / 4));
             let mut due = self.peers.due_for_session();
             if !self.peers.ledger_learned() && self.sessions.is_empty() && due.is_empty() {
                 // Deltas are ignored until the purge ledger is learned, so

@@ -92,6 +92,13 @@ impl Watermarks {
         Some(self.file.clone())
     }
 
+    /// The file to persist now, whatever changed (shutdown).
+    pub fn snapshot(&mut self, now: u64) -> MembersFile {
+        self.dirty = false;
+        self.file.alive_ms = now;
+        self.file.clone()
+    }
+
     pub fn save_failed(&mut self) {
         self.dirty = true;
     }
