@@ -168,10 +168,12 @@ impl MemoryStore {
                 tombstone: true,
                 content_hash: tombstone_hash(),
             };
-            // The purged tombstone itself, from a peer yet to purge it:
-            // not stored again (it would only be purged again).
+            // The purged tombstone itself, from a peer yet to purge it: not
+            // stored again (it would only be purged again) — unless we hold
+            // an older version, which it beats like any newer write.
             if dead == it.entry {
-                return false;
+                let older_held = self.items.get(&dead.id).is_some_and(|c| dead.newer_than(&c.entry));
+                return older_held && self.put(it);
             }
             if dead.newer_than(&it.entry) {
                 self.resurrections_refused += 1;
@@ -192,9 +194,8 @@ impl MemoryStore {
     }
 
     /// Purges up to `max` tombstones stamped below `below` and written here
-    /// more than `grace_ms` ago, recording each in the purge ledger.
-    pub fn purge(&mut self, below: u64, grace_ms: u64, max: usize) -> u64 {
-        let written_before = self.now_ms.saturating_sub(grace_ms);
+    /// before `written_before` (ms), recording each in the purge ledger.
+    pub fn purge(&mut self, below: u64, written_before: u64, max: usize) -> u64 {
         let victims: Vec<Entry> = self
             .items
             .values()
@@ -412,10 +413,10 @@ impl Store for Mutex<MemoryStore> {
     fn purge(
         &self,
         below: u64,
-        grace_ms: u64,
+        written_before_ms: u64,
         max: usize,
     ) -> impl std::future::Future<Output = Result<u64, String>> + Send {
-        let n = self.lock().expect("store lock").purge(below, grace_ms, max);
+        let n = self.lock().expect("store lock").purge(below, written_before_ms, max);
         std::future::ready(Ok(n))
     }
 

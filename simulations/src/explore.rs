@@ -99,6 +99,7 @@ pub fn scenario(seed: u64) -> Scenario {
             tombstone_grace_ms: 5_000,
             probe_interval_ms: 250,
             connection_timeout_ms: 3_000,
+            storage_ms: rng.random_range(0.0..30.0),
             ..Default::default()
         },
         faults,

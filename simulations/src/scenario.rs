@@ -141,6 +141,9 @@ pub struct ReplicaSettings {
     pub connection_timeout_ms: u64,
     /// How soon a node redials a reachable peer, ms.
     pub redial_ms: u64,
+    /// Storage work takes up to this long (uniform), ms: results come back
+    /// while the network moves on, as a disk's do (0: at once).
+    pub storage_ms: f64,
 }
 
 impl Default for ReplicaSettings {
@@ -158,6 +161,7 @@ impl Default for ReplicaSettings {
             depth: 4,
             connection_timeout_ms: 10_000,
             redial_ms: 1_000,
+            storage_ms: 2.0,
         }
     }
 }

@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use syncnode_protocol::membership::MemberId;
 use syncnode_protocol::memory::MemoryStore;
 use syncnode_protocol::replica::{
-    Gossip, Input, MembersFile, Now, Output, Replica, ReplicaConfig, Store, Verdict, run_ready, run_task,
+    Gossip, Input, MembersFile, Now, Output, Replica, ReplicaConfig, Store, Task, Verdict, run_ready, run_task,
 };
 use syncnode_protocol::wire::{Body, Envelope, MemberAck, MemberPacket, Request, Response, WireItem};
 
@@ -116,6 +116,13 @@ enum Ev {
         a: usize,
         b: usize,
         epochs: (u64, u64),
+    },
+    /// Storage work of a node's incarnation finishes.
+    Task {
+        node: usize,
+        epoch: u64,
+        task: u64,
+        work: Task,
     },
     Sample,
     End,
@@ -511,8 +518,23 @@ impl Sim {
                 }
             }
             Output::Run { task, work } => {
-                let result = run_ready(run_task(&self.nodes[i].store, work));
-                inputs.push_back(Input::Done { task, result });
+                let max = self.sc.replica.storage_ms;
+                if max <= 0.0 {
+                    let result = run_ready(run_task(&self.nodes[i].store, work));
+                    inputs.push_back(Input::Done { task, result });
+                } else {
+                    let delay = (self.rng.random_range(0.0..max) * 1000.0) as u64;
+                    let epoch = self.nodes[i].epoch;
+                    self.at(
+                        self.now_us + delay,
+                        Ev::Task {
+                            node: i,
+                            epoch,
+                            task,
+                            work,
+                        },
+                    );
+                }
             }
             // Reachable peers are connected by the network model.
             Output::Dial { .. } => {}
@@ -1054,6 +1076,23 @@ impl Sim {
                     self.at(t + LINKS_EVERY_US, Ev::Links);
                 }
                 Ev::Connect { a, b, epochs } => self.connect(a, b, epochs),
+                Ev::Task {
+                    node,
+                    epoch,
+                    task,
+                    work,
+                } => {
+                    self.trace.update([2]);
+                    self.trace.update((node as u32).to_be_bytes());
+                    // A crash loses the work in flight with the memory.
+                    if self.up(node) && self.nodes[node].epoch == epoch {
+                        let now = self.nodes[node].clock.now(t);
+                        self.nodes[node].store.lock().expect("store").now_ms = now.wall_ms;
+                        let result = run_ready(run_task(&self.nodes[node].store, work));
+                        self.journal(node);
+                        self.feed(node, Input::Done { task, result });
+                    }
+                }
                 Ev::Sample => {
                     self.sample();
                     self.at(t + SAMPLE_EVERY_US, Ev::Sample);

@@ -29,13 +29,25 @@ impl SyncEngine {
         grace: std::time::Duration,
         limit: usize,
     ) -> Result<u64, StorageError> {
+        let written_before = super::item::now_ms() - grace.as_millis() as i64;
+        self.purge_tombstones_written_before(below, written_before, limit).await
+    }
+
+    /// `purge_tombstones`, for tombstones written here before
+    /// `written_before` (ms): the replication core passes the earliest time
+    /// its members' watermarks were proven at.
+    pub async fn purge_tombstones_written_before(
+        &self,
+        below: u64,
+        written_before: i64,
+        limit: usize,
+    ) -> Result<u64, StorageError> {
         let core = &self.core;
         let b = core.backends()?;
         let _guard = core.apply_lock.lock().await;
         if b.log.as_ref().is_some_and(|l| !l.is_empty()) || core.tree_unverified.load(Ordering::Acquire) {
             return Ok(0);
         }
-        let written_before = super::item::now_ms() - grace.as_millis() as i64;
         let victims = b.l3.tombstones_below(below, written_before, limit).await?;
         if victims.is_empty() {
             return Ok(0);

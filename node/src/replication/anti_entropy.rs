@@ -230,8 +230,8 @@ impl Store for SyncEngine {
         self.import_purge_ledger(entries).await
     }
 
-    async fn purge(&self, below: u64, grace_ms: u64, max: usize) -> Result<u64, StorageError> {
-        self.purge_tombstones(below, std::time::Duration::from_millis(grace_ms), max)
+    async fn purge(&self, below: u64, written_before_ms: u64, max: usize) -> Result<u64, StorageError> {
+        self.purge_tombstones_written_before(below, written_before_ms as i64, max)
             .await
     }
 

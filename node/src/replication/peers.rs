@@ -89,6 +89,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub struct Peers {
     replica: Mutex<Replica>,
     members_file: Option<PathBuf>,
+    /// One members-file write at a time (they share a temporary file).
+    writing: Mutex<()>,
     /// The monotonic clock's origin.
     epoch: Instant,
     pub stats: Arc<ReplicationStats>,
@@ -104,6 +106,7 @@ impl Peers {
             stats: replica.peers.stats.clone(),
             replica: Mutex::new(replica),
             members_file,
+            writing: Mutex::new(()),
             epoch,
         }
     }
@@ -241,6 +244,7 @@ impl Peers {
     /// Writes `file` (what the core asked to persist). Blocking.
     pub fn write_members(&self, file: &MembersFile) {
         let Some(path) = &self.members_file else { return };
+        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let saved = serde_json::to_vec_pretty(file)
             .map_err(std::io::Error::other)
             .and_then(|b| write_atomically(path, &b));
@@ -250,7 +254,7 @@ impl Peers {
         }
     }
 
-    pub fn purge_watermark(&self) -> Option<u64> {
+    pub fn purge_watermark(&self) -> Option<syncnode_protocol::replica::watermarks::Proven> {
         self.with(|t, now| t.purge_watermark(now))
     }
 

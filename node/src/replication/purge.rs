@@ -16,8 +16,9 @@ use syncnode_protocol::replica::Now;
 use super::peers::Peers;
 
 /// The version below which tombstones may be purged at `wall_ms`, if any
-/// (the core's rule over this node's members).
+/// (the core's rule over this node's members; the core also keeps to
+/// tombstones written here before the members' proofs).
 pub fn purge_bound(peers: &Peers, wall_ms: u64, grace: Duration) -> Option<u64> {
     let now = Now { wall_ms, ..peers.now() };
-    syncnode_protocol::replica::purge_bound(peers.purge_watermark(), now, grace.as_millis() as u64)
+    syncnode_protocol::replica::purge_bound(peers.purge_watermark(), now, grace.as_millis() as u64).map(|b| b.0)
 }

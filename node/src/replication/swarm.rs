@@ -8,7 +8,7 @@
 //! task, so a slow answer never stalls the swarm; outbound sessions run on
 //! their own tasks, each request going through the swarm and back.
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use libp2p::allow_block_list::{self, AllowedPeers, BlockedPeers};
 use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use syncnode_protocol::membership::{MAX_ADDRS, MemberId};
-use syncnode_protocol::replica::{Gossip, Input, Output, ReplicaConfig, Verdict, run_task};
+use syncnode_protocol::replica::{Gossip, Input, Output, ReplicaConfig, TaskResult, Verdict, run_task};
 use syncnode_protocol::session::Progress;
 use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Envelope, MemberAck, MemberPacket, Request, Response};
 use tokio::sync::{mpsc, oneshot};
@@ -65,7 +65,7 @@ enum Command {
     /// Local commits, for the core to publish as CDC.
     Committed(Vec<crate::engine::SyncItem>),
     /// Storage work the core asked for is done.
-    Done(u64, syncnode_protocol::replica::TaskResult),
+    Done(u64, TaskResult),
     /// Start sessions on their own every so often (`None`: only on request).
     Sessions(Option<Duration>),
     /// Run a session with this peer now and tell how it ended.
@@ -734,7 +734,16 @@ impl SwarmTask {
             Output::Run { task, work } => {
                 let (engine, own) = (self.engine.clone(), self.own.clone());
                 self.work.spawn(async move {
-                    let result = run_task(&*engine, work).await;
+                    // A panic still answers the core, or the session, the
+                    // answer slot or the CDC intake waiting on it would stay
+                    // taken for good.
+                    let result = std::panic::AssertUnwindSafe(run_task(&*engine, work))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::error!("a storage task panicked");
+                            TaskResult::Failed("storage task panicked".into())
+                        });
                     let _ = own.send(Command::Done(task, result)).await;
                 });
             }
@@ -1029,34 +1038,29 @@ impl SwarmTask {
                     );
                 }
                 request_response::Message::Response { request_id, response } => {
-                    if let Some((p, id)) = self.outbound.remove(&request_id) {
-                        self.feed(
-                            swarm,
-                            Input::Response {
-                                peer: p.to_string(),
-                                id,
-                                result: Ok(response),
-                            },
-                        );
-                    }
+                    self.answered(swarm, request_id, Ok(response))
                 }
             },
             request_response::Event::OutboundFailure { request_id, error, .. } => {
-                if let Some((p, id)) = self.outbound.remove(&request_id) {
-                    self.feed(
-                        swarm,
-                        Input::Response {
-                            peer: p.to_string(),
-                            id,
-                            result: Err(error.to_string()),
-                        },
-                    );
-                }
+                self.answered(swarm, request_id, Err(error.to_string()))
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 self.on_protocol_failure(swarm, peer, &error)
             }
             request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// The answer to one of our requests (or why there is none), for the core.
+    fn answered(
+        &mut self,
+        swarm: &mut Swarm<NodeBehaviour>,
+        request: OutboundRequestId,
+        result: Result<Response, String>,
+    ) {
+        if let Some((p, id)) = self.outbound.remove(&request) {
+            let peer = p.to_string();
+            self.feed(swarm, Input::Response { peer, id, result });
         }
     }
 

@@ -43,6 +43,10 @@ use crate::wire::{CdcDelta, MemberAck, MemberPacket, Request, Response, RootsAnn
 pub const MAX_ANSWERING: u32 = 32;
 /// Tombstones purged per pass (one storage transaction).
 pub const PURGE_PER_PASS: usize = 10_000;
+/// Received deltas waiting to be applied, at most (more are dropped and
+/// left to anti-entropy), and how many one storage task applies.
+const MAX_CDC_INBOX: usize = 16_384;
+const CDC_BATCH: usize = 4_096;
 /// How often bans, announcements, timeouts and the members file are seen to.
 const HOUSEKEEPING_MS: u64 = 500;
 
@@ -213,10 +217,22 @@ enum Pending {
 /// Who waits for a task.
 #[derive(Debug, Clone)]
 enum Waiter {
-    Answer { peer: String, id: u64 },
+    Answer {
+        peer: String,
+        id: u64,
+    },
     Cdc,
-    SessionStep { peer: String },
-    Ledger { peer: String, next: Option<String> },
+    /// A step of session `session` with `peer` (a result for an earlier
+    /// session with the same peer is dropped).
+    SessionStep {
+        peer: String,
+        session: u64,
+    },
+    Ledger {
+        peer: String,
+        session: u64,
+        next: Option<String>,
+    },
     Fetched,
     Purge,
 }
@@ -346,7 +362,7 @@ impl Replica {
     /// Starts a session with `peer` now, unless one is running; its end
     /// comes as `Output::SessionFinished`.
     pub fn reconcile_now(&mut self, now: Now, peer: &str, store: &impl Store) -> bool {
-        if self.sessions.contains_key(peer) {
+        if self.sessions.contains_key(peer) || self.peers.must_resync(peer) || self.peers.banned(peer) {
             return false;
         }
         self.start_session(now, peer, store);
@@ -470,8 +486,14 @@ impl Replica {
             }
             Gossip::Cdc(_) if self.peers.must_resync(author) || !self.peers.ledger_learned() => Verdict::Ignore,
             Gossip::Cdc(deltas) => {
+                let room = MAX_CDC_INBOX.saturating_sub(self.cdc_inbox.len());
+                let n = deltas.len();
                 self.cdc_inbox
-                    .extend(deltas.into_iter().map(|d| (author.to_string(), d)));
+                    .extend(deltas.into_iter().take(room).map(|d| (author.to_string(), d)));
+                if n > room {
+                    // The applier is behind: anti-entropy will bring these.
+                    ReplicationStats::add(&self.peers.stats.cdc_dropped, (n - room) as u64);
+                }
                 self.start_cdc();
                 Verdict::Accept
             }
@@ -483,7 +505,8 @@ impl Replica {
         if self.cdc_running.is_some() || self.cdc_inbox.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.cdc_inbox);
+        let rest = self.cdc_inbox.split_off(self.cdc_inbox.len().min(CDC_BATCH));
+        let batch = std::mem::replace(&mut self.cdc_inbox, rest);
         let mut authors = BTreeMap::new();
         let mut deltas = Vec::with_capacity(batch.len());
         for (author, d) in batch {
@@ -532,14 +555,18 @@ impl Replica {
     }
 
     fn on_response(&mut self, now: Now, id: u64, peer: &str, result: Result<Response, String>, store: &impl Store) {
-        let Some((to, _, purpose)) = self.pending.remove(&id) else {
-            return; // timed out already, or not ours
-        };
-        if to != peer {
-            self.peers
-                .penalize(peer, "answer to a request sent to another peer", now);
-            return;
+        match self.pending.get(&id) {
+            None => return, // timed out already, or not ours
+            Some((to, _, _)) if to != peer => {
+                self.peers
+                    .penalize(peer, "answer to a request sent to another peer", now);
+                return;
+            }
+            Some(_) => {}
         }
+        let Some((_, _, purpose)) = self.pending.remove(&id) else {
+            return;
+        };
         match purpose {
             Pending::Session => match result {
                 Err(e) => self.finish(now, peer, Err(format!("transport: {e}"))),
@@ -637,7 +664,9 @@ impl Replica {
                     other => tracing::warn!(?other, "tombstone purge failed; retrying later"),
                 }
             }
-            (Waiter::Ledger { peer, next }, TaskResult::Imported(n)) => {
+            (Waiter::Ledger { peer, session, .. } | Waiter::SessionStep { peer, session }, _)
+                if self.sessions.get(&peer).map(|o| o.id) != Some(session) => {}
+            (Waiter::Ledger { peer, next, .. }, TaskResult::Imported(n)) => {
                 if n > 0 {
                     tracing::info!(%peer, learned = n, "purge ledger learned from a peer");
                 }
@@ -649,7 +678,7 @@ impl Replica {
                     }
                 }
             }
-            (Waiter::SessionStep { peer }, result) => {
+            (Waiter::SessionStep { peer, .. }, result) => {
                 let Some(Outgoing {
                     phase: Phase::Running(s),
                     ..
@@ -728,8 +757,8 @@ impl Replica {
         };
         match step {
             Step::Send(req) => self.send(now, peer, req, Pending::Session),
-            Step::NeedLocalEntries(paths) => self.run(Task::Entries(paths), Waiter::SessionStep { peer: peer.into() }),
-            Step::NeedLocalItems(ids) => self.run(Task::Items(ids), Waiter::SessionStep { peer: peer.into() }),
+            Step::NeedLocalEntries(paths) => self.run(Task::Entries(paths), self.step_waiter(peer)),
+            Step::NeedLocalItems(ids) => self.run(Task::Items(ids), self.step_waiter(peer)),
             Step::Waiting => {}
             Step::Done => {
                 let progress = match self.sessions.get(peer) {
@@ -756,10 +785,12 @@ impl Replica {
                         }
                         *after = Some(n.clone());
                     }
+                    let session = o.id;
                     self.run(
                         Task::ImportLedger(entries),
                         Waiter::Ledger {
                             peer: peer.to_string(),
+                            session,
                             next,
                         },
                     );
@@ -767,12 +798,22 @@ impl Replica {
                 other => self.finish(now, peer, Err(format!("ledger answered with {other:?}"))),
             },
             Phase::Running(s) => match store.with_tree(|t| s.on_response(resp, t)) {
-                Ok(Some(items)) => self.run(Task::Apply(items), Waiter::SessionStep { peer: peer.into() }),
+                Ok(Some(items)) => {
+                    let waiter = self.step_waiter(peer);
+                    self.run(Task::Apply(items), waiter)
+                }
                 Ok(None) => self.drive(now, peer, store),
                 Err(e @ SessionError::Refused(_)) | Err(e @ SessionError::Protocol(_)) => {
                     self.finish(now, peer, Err(format!("session: {e}")))
                 }
             },
+        }
+    }
+
+    fn step_waiter(&self, peer: &str) -> Waiter {
+        Waiter::SessionStep {
+            peer: peer.to_string(),
+            session: self.sessions.get(peer).map_or(0, |o| o.id),
         }
     }
 
@@ -867,14 +908,15 @@ impl Replica {
         if self.next_purge <= mono {
             self.next_purge = mono + purge_every(self.cfg.tombstone_grace_ms);
             if !self.purging
-                && let Some(below) = purge_bound(self.peers.purge_watermark(now), now, self.cfg.tombstone_grace_ms)
+                && let Some((below, written_before_ms)) =
+                    purge_bound(self.peers.purge_watermark(now), now, self.cfg.tombstone_grace_ms)
             {
-                tracing::debug!(below, "purge pass");
+                tracing::debug!(below, written_before_ms, "purge pass");
                 self.purging = true;
                 self.run(
                     Task::Purge {
                         below,
-                        grace_ms: self.cfg.tombstone_grace_ms,
+                        written_before_ms,
                         max: PURGE_PER_PASS,
                         retention_ms: self.cfg.ledger_retention_ms,
                     },
@@ -972,11 +1014,13 @@ pub fn purge_every(grace_ms: u64) -> u64 {
     (grace_ms / 2).clamp(1_000, 300_000)
 }
 
-/// The version below which tombstones may be purged (DESIGN §6): under
-/// every counted member's watermark and older than the grace; none while
-/// there is no member.
-pub fn purge_bound(members: Option<u64>, now: Now, grace_ms: u64) -> Option<u64> {
+/// Which tombstones may be purged (DESIGN §6): those stamped below every
+/// counted member's watermark and below `now - grace`, and written here
+/// before every member's proof and before `now - grace`; none while there
+/// is no member. Returns (version bound, written-before bound in wall ms).
+pub fn purge_bound(members: Option<watermarks::Proven>, now: Now, grace_ms: u64) -> Option<(u64, u64)> {
+    let p = members?;
+    let cutoff = now.wall_ms.saturating_sub(grace_ms);
     // HLC versions carry wall-clock ms in their high bits.
-    let grace = from_physical(now.wall_ms.saturating_sub(grace_ms));
-    Some(members?.min(grace))
+    Some((p.below.min(from_physical(cutoff)), p.held_at_ms.min(cutoff)))
 }

@@ -380,8 +380,12 @@ impl PeerTable {
         if equal && !self.must_resync(peer) {
             // Both hold the same set: everything either will write later is
             // stamped above both clocks, so all up to the lower one is shared.
-            self.marks
-                .prove(peer, their_hlc.min(mine.hlc).saturating_add(1), now.wall_ms);
+            self.marks.prove(
+                peer,
+                their_hlc.min(mine.hlc).saturating_add(1),
+                now.wall_ms,
+                now.wall_ms,
+            );
         }
     }
 
@@ -420,7 +424,7 @@ impl PeerTable {
 
     /// Records that `peer` holds everything we hold stamped below `watermark`.
     pub fn prove_member(&mut self, peer: &str, watermark: u64, now: Now) {
-        self.marks.prove(peer, watermark, now.wall_ms);
+        self.marks.prove(peer, watermark, now.wall_ms, now.wall_ms);
     }
 
     /// A member was heard from (roots, or SWIM traffic). One flagged or
@@ -432,7 +436,7 @@ impl PeerTable {
         self.marks.touch(peer, now.wall_ms);
     }
 
-    pub fn purge_watermark(&self, now: Now) -> Option<u64> {
+    pub fn purge_watermark(&self, now: Now) -> Option<super::watermarks::Proven> {
         self.marks.purge_watermark(now.wall_ms)
     }
 
@@ -603,8 +607,7 @@ impl PeerTable {
             Err(_) => ReplicationStats::add(&stats.session_failures, 1),
         }
         let proves = self.with(peer, now, |s| {
-            let info = s.session.take()?;
-            let mut info = info;
+            let mut info = s.session.take()?;
             info.finished_ms = Some(now.wall_ms);
             match result {
                 Ok(p) => info.progress = p.clone(),
@@ -612,14 +615,14 @@ impl PeerTable {
             }
             s.sessions_done += 1;
             s.differed = 0;
-            let proves = info.proves;
+            let proves = (info.proves, info.started_ms);
             s.last_session = Some(info);
             Some(proves)
         });
         if ok && !self.must_resync(peer) {
             self.mark_joined(peer, "session finished");
-            if let Some(w) = proves.filter(|w| *w > 1) {
-                self.marks.prove(peer, w, now.wall_ms);
+            if let Some((w, at)) = proves.filter(|(w, _)| *w > 1) {
+                self.marks.prove(peer, w, at, now.wall_ms);
             }
         }
     }

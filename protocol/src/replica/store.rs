@@ -52,9 +52,14 @@ pub trait Store: Sync {
     ) -> impl Future<Output = Result<(Vec<PurgedEntry>, Option<String>), Self::Error>> + Send;
     /// Takes in a peer's purge records; returns how many were new.
     fn import_ledger(&self, entries: Vec<PurgedEntry>) -> impl Future<Output = Result<u64, Self::Error>> + Send;
-    /// Purges tombstones stamped below `below` and written here more than
-    /// `grace_ms` ago, at most `max`; returns how many.
-    fn purge(&self, below: u64, grace_ms: u64, max: usize) -> impl Future<Output = Result<u64, Self::Error>> + Send;
+    /// Purges tombstones stamped below `below` and written here before
+    /// `written_before_ms` (wall clock), at most `max`; returns how many.
+    fn purge(
+        &self,
+        below: u64,
+        written_before_ms: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
     /// Drops purge records older than `retention_ms`.
     fn prune_ledger(&self, retention_ms: u64) -> impl Future<Output = Result<u64, Self::Error>> + Send;
 }
@@ -77,7 +82,7 @@ pub enum Task {
     /// Tombstone purge below a version, then ledger pruning.
     Purge {
         below: u64,
-        grace_ms: u64,
+        written_before_ms: u64,
         max: usize,
         retention_ms: u64,
     },
@@ -128,11 +133,11 @@ pub async fn run_task<S: Store>(store: &S, task: Task) -> TaskResult {
             .map_or_else(failed, TaskResult::Imported),
         Task::Purge {
             below,
-            grace_ms,
+            written_before_ms,
             max,
             retention_ms,
         } => {
-            let purged = match store.purge(below, grace_ms, max).await {
+            let purged = match store.purge(below, written_before_ms, max).await {
                 Ok(n) => n,
                 Err(e) => return failed(e),
             };

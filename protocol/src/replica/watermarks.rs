@@ -20,6 +20,10 @@ pub struct Member {
     pub last_seen_ms: u64,
     #[serde(default)]
     pub addrs: Vec<String>,
+    /// When (our wall clock, ms) the watermark was proven: it covers what
+    /// we held then, not tombstones that reach us later with older stamps.
+    #[serde(default)]
+    pub proven_at_ms: u64,
 }
 
 /// What survives a restart: the members, the peers an operator forgot,
@@ -42,6 +46,14 @@ pub struct MembersFile {
     /// was the one away, not its members.
     #[serde(default)]
     pub alive_ms: u64,
+}
+
+/// What the members are proven to hold: every version stamped below
+/// `below` that we held at `held_at_ms` (our wall clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proven {
+    pub below: u64,
+    pub held_at_ms: u64,
 }
 
 /// Saved at least this often (ms), so `alive_ms` tells how long we were away.
@@ -123,6 +135,7 @@ impl Watermarks {
             watermark: 0,
             last_seen_ms: now,
             addrs: Vec::new(),
+            proven_at_ms: 0,
         });
         if !addrs.is_empty() {
             e.addrs = addrs.to_vec();
@@ -179,8 +192,10 @@ impl Watermarks {
             .any(|(p, m)| p != peer && now.saturating_sub(m.last_seen_ms) <= self.ledger_retention_ms)
     }
 
-    /// Records that `peer` holds everything we hold stamped below `watermark`.
-    pub fn prove(&mut self, peer: &str, watermark: u64, now: u64) {
+    /// Records that `peer` held, at `at` (wall ms), everything we held
+    /// then stamped below `watermark`. A proof below the one kept is
+    /// ignored (it would weaken the pair).
+    pub fn prove(&mut self, peer: &str, watermark: u64, at: u64, now: u64) {
         if self.file.forgotten.contains_key(peer) {
             return;
         }
@@ -188,8 +203,12 @@ impl Watermarks {
             watermark,
             last_seen_ms: 0,
             addrs: Vec::new(),
+            proven_at_ms: at,
         });
-        e.watermark = e.watermark.max(watermark);
+        if watermark >= e.watermark {
+            e.watermark = watermark;
+            e.proven_at_ms = e.proven_at_ms.max(at);
+        }
         e.last_seen_ms = now;
         self.dirty = true;
     }
@@ -210,17 +229,25 @@ impl Watermarks {
         }
     }
 
-    /// The HLC below which every member still counted holds everything we
-    /// hold, or `None` when there is no member yet. Members silent longer
+    /// What every member still counted is proven to hold: everything we
+    /// held at the earliest proof time (wall ms) stamped below the lowest
+    /// watermark; `None` when there is no member yet. Members silent longer
     /// than `member_expiry` drop out, with a warning.
-    pub fn purge_watermark(&self, now: u64) -> Option<u64> {
-        let mut min = None::<u64>;
-        for (peer, member) in &self.file.members {
-            if now.saturating_sub(member.last_seen_ms) > self.member_expiry_ms {
+    pub fn purge_watermark(&self, now: u64) -> Option<Proven> {
+        let mut min = None::<Proven>;
+        for (peer, m) in &self.file.members {
+            if now.saturating_sub(m.last_seen_ms) > self.member_expiry_ms {
                 tracing::warn!(%peer, "member silent past member_expiry: no longer holds back tombstone purge");
                 continue;
             }
-            min = Some(min.map_or(member.watermark, |w: u64| w.min(member.watermark)));
+            let p = Proven {
+                below: m.watermark,
+                held_at_ms: m.proven_at_ms,
+            };
+            min = Some(min.map_or(p, |q| Proven {
+                below: q.below.min(p.below),
+                held_at_ms: q.held_at_ms.min(p.held_at_ms),
+            }));
         }
         min
     }
@@ -270,16 +297,34 @@ mod tests {
     #[test]
     fn the_purge_watermark_is_the_minimum_over_fresh_members() {
         let mut w = Watermarks::load(MembersFile::default(), 0, 1_000, 2_000);
-        assert_eq!(w.purge_watermark(0), None);
-        w.prove("a", 50, 0);
-        w.prove("b", 30, 500);
-        assert_eq!(w.purge_watermark(900), Some(30));
+        let below = |w: &Watermarks, now| w.purge_watermark(now).map(|p| p.below);
+        assert_eq!(below(&w, 0), None);
+        w.prove("a", 50, 0, 0);
+        w.prove("b", 30, 500, 500);
+        assert_eq!(
+            w.purge_watermark(900),
+            Some(Proven {
+                below: 30,
+                held_at_ms: 0
+            })
+        );
         // a's silence passes member_expiry: only b counts.
-        assert_eq!(w.purge_watermark(1_200), Some(30));
-        assert_eq!(w.purge_watermark(1_600), None);
+        assert_eq!(
+            w.purge_watermark(1_200),
+            Some(Proven {
+                below: 30,
+                held_at_ms: 500
+            })
+        );
+        assert_eq!(below(&w, 1_600), None);
         // A new member holds purges back at watermark 0.
         w.add("c", &[], 1_600);
-        assert_eq!(w.purge_watermark(1_600), Some(0));
+        assert_eq!(below(&w, 1_600), Some(0));
+        // A weaker proof does not replace a stronger one.
+        w.prove("c", 40, 1_700, 1_700);
+        w.prove("c", 35, 1_800, 1_800);
+        assert_eq!(w.members()["c"].watermark, 40);
+        assert_eq!(w.members()["c"].proven_at_ms, 1_700);
     }
 
     #[test]
@@ -308,6 +353,7 @@ mod tests {
                 watermark: 1,
                 last_seen_ms: 10,
                 addrs: vec![],
+                proven_at_ms: 10,
             },
         );
         file.alive_ms = 10;
