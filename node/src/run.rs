@@ -41,6 +41,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             members_file: Some(cfg.data_dir.join("members.json")),
             member_expiry: cfg.member_expiry,
             tombstone_grace: cfg.tombstone_grace,
+            cdc_batch: std::time::Duration::from_millis(10),
             ledger_retention: cfg.ledger_retention,
             advertise: cfg.advertise.clone(),
             max_peers: cfg.max_peers,

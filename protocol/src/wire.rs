@@ -154,6 +154,12 @@ pub enum Request {
     /// The purge ledger (DESIGN §6), in id order after `after`: a joining
     /// node learns which versions purged deletes beat before it takes items.
     Ledger { after: Option<String> },
+    /// CDC deltas passed along the dissemination tree (DESIGN §5.3, §5.7);
+    /// acknowledged with `Response::Pushed`.
+    Cdc { deltas: Vec<CdcDelta> },
+    /// The asker's roots, for the peer to compare; answered with the
+    /// peer's (`Response::Root`): one exchange serves both sides.
+    Roots(RootsAnnouncement),
 }
 
 /// A purged delete as the purge ledger keeps it.

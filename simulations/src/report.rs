@@ -34,7 +34,10 @@ pub struct Report {
     pub visibility_unseen: u64,
     /// Per heal: time until each node held the root all agreed on (ms).
     pub heal_to_equal_ms: Spread,
+    /// Messages of every kind sent while the workload ran, per write.
     pub messages_per_write: f64,
+    /// The same over the whole run (joins and the final settle too).
+    pub messages_per_write_run: f64,
     pub cdc_messages_per_write: f64,
     pub bytes_per_write: f64,
     pub traffic: crate::sim::Traffic,
@@ -90,6 +93,7 @@ impl Report {
             ("heal_to_equal_p99", h.p99, "ms"),
             ("heal_to_equal_max", h.max, "ms"),
             ("messages_per_write", self.messages_per_write, "messages"),
+            ("messages_per_write_run", self.messages_per_write_run, "messages"),
             ("cdc_messages_per_write", self.cdc_messages_per_write, "messages"),
             ("bytes_per_write", self.bytes_per_write, "bytes"),
             ("speed", self.speed, "x_real_time"),
@@ -151,7 +155,12 @@ pub fn run(sc: &Scenario, seed: u64, progress: impl FnMut(f64)) -> Report {
         visibility_ms,
         visibility_unseen,
         heal_to_equal_ms: Spread::of(sim.heal_to_equal_ms.iter().flatten().copied().collect()),
-        messages_per_write: per_write(messages),
+        messages_per_write: per_write(
+            sim.messages_at_last_write
+                .unwrap_or(messages)
+                .saturating_sub(sim.messages_at_first_write.unwrap_or(0)),
+        ),
+        messages_per_write_run: per_write(messages),
         cdc_messages_per_write: per_write(cdc),
         bytes_per_write: per_write(bytes),
         traffic: sim.traffic.clone(),

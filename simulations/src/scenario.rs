@@ -157,7 +157,7 @@ impl Default for ReplicaSettings {
             ledger_retention_ms: 30 * 86_400_000,
             probe_interval_ms: 1_000,
             max_clock_skew_ms: 500,
-            cdc_batch_ms: 0,
+            cdc_batch_ms: 10,
             depth: 4,
             connection_timeout_ms: 10_000,
             redial_ms: 1_000,

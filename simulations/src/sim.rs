@@ -10,9 +10,9 @@
 //! link's bandwidth queue, and may lose, duplicate or hold it back. Links
 //! are cut by partitions (both ways or one way) and flaps; a connection
 //! over a cut link drops after `connection_timeout_ms`, a crashed node's at
-//! once, and reachable peers redial. Gossip is modelled as gossipsub:
-//! the author sends to every connected peer, each receiver forwards a new
-//! message to up to six mesh peers. A crash loses the core's memory and
+//! once, and reachable peers redial. Everything the cores send is a
+//! request or an answer on a connection, as in the node (CDC along the
+//! core's relay tree, roots in one exchange per pair). A crash loses the core's memory and
 //! keeps the store and the members file; each node's clock has its own
 //! offset and drift.
 
@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use syncnode_protocol::membership::MemberId;
 use syncnode_protocol::memory::MemoryStore;
 use syncnode_protocol::replica::{
-    Gossip, Input, MembersFile, Now, Output, Replica, ReplicaConfig, Store, Task, Verdict, run_ready, run_task,
+    Input, MembersFile, Now, Output, Replica, ReplicaConfig, Store, Task, run_ready, run_task,
 };
 use syncnode_protocol::wire::{Body, Envelope, MemberAck, MemberPacket, Request, Response, WireItem};
 
@@ -35,8 +35,6 @@ use crate::scenario::{FaultKind, Scenario};
 
 /// Wall clock at the start of every run (ms), 2026.
 pub const BASE_WALL_MS: u64 = 1_780_000_000_000;
-/// Mesh peers a gossip receiver forwards to (gossipsub's D).
-const MESH: usize = 6;
 /// Connection upkeep and sampling periods (µs).
 const LINKS_EVERY_US: u64 = 250_000;
 const SAMPLE_EVERY_US: u64 = 20_000;
@@ -46,7 +44,6 @@ const QUIET_US: u64 = 2_000_000;
 
 #[derive(Debug, Clone)]
 enum Msg {
-    Gossip { author: usize, id: u64, body: Gossip },
     Request { id: u64, req: Request },
     Response { id: u64, resp: Response },
     Member(MemberPacket),
@@ -57,12 +54,6 @@ impl Msg {
     /// Bytes on the wire (the real encoding).
     fn size(&self) -> usize {
         let body = match self {
-            Msg::Gossip {
-                body: Gossip::Roots(r), ..
-            } => Body::Roots(r.clone()),
-            Msg::Gossip {
-                body: Gossip::Cdc(d), ..
-            } => Body::Cdc(d.clone()),
             Msg::Request { req, .. } => Body::Request(req.clone()),
             Msg::Response { resp, .. } => Body::Response(resp.clone()),
             Msg::Member(p) => Body::Member(p.clone()),
@@ -71,12 +62,16 @@ impl Msg {
         Envelope::new("sim", body).encode().len() + 4
     }
 
+    /// What a request is for (an answer is counted with its request).
     fn kind(&self) -> MsgKind {
         match self {
-            Msg::Gossip {
-                body: Gossip::Cdc(_), ..
+            Msg::Request {
+                req: Request::Cdc { .. },
+                ..
             } => MsgKind::Cdc,
-            Msg::Gossip { .. } => MsgKind::Roots,
+            Msg::Request {
+                req: Request::Roots(_), ..
+            } => MsgKind::Roots,
             Msg::Request { .. } | Msg::Response { .. } => MsgKind::Sync,
             Msg::Member(_) | Msg::MemberAck(_) => MsgKind::Member,
         }
@@ -169,9 +164,6 @@ struct SimNode {
     started: bool,
     removed: bool,
     tick_at: Option<u64>,
-    /// Gossip message ids seen, with when (µs).
-    seen: BTreeMap<u64, u64>,
-    mesh: Vec<usize>,
 }
 
 /// Counters of what crossed the network.
@@ -203,10 +195,15 @@ pub struct Sim {
     /// When each directed link is free to send again (bandwidth).
     busy_until: BTreeMap<(usize, usize), u64>,
     flapping: bool,
-    next_gossip_id: u64,
+    /// What each request in flight is for: its answer counts the same.
+    req_kinds: BTreeMap<(usize, usize, u64), MsgKind>,
     trace: Sha256,
     pub events_processed: u64,
     pub traffic: Traffic,
+    /// Messages sent when the workload began and ended: what the writes
+    /// cost is measured between the two.
+    pub messages_at_first_write: Option<u64>,
+    pub messages_at_last_write: Option<u64>,
     pub history: History,
     /// Per 100 ms: divergent nodes, bytes sent.
     pub series: Vec<(f64, usize, u64)>,
@@ -256,8 +253,6 @@ impl Sim {
                 started: false,
                 removed: false,
                 tick_at: None,
-                seen: BTreeMap::new(),
-                mesh: Vec::new(),
             });
         }
         // The preloaded items: the same versions on every node (one store
@@ -312,10 +307,12 @@ impl Sim {
             connecting: BTreeSet::new(),
             busy_until: BTreeMap::new(),
             flapping: false,
-            next_gossip_id: 0,
+            req_kinds: BTreeMap::new(),
             trace: Sha256::new(),
             events_processed: 0,
             traffic: Traffic::default(),
+            messages_at_first_write: None,
+            messages_at_last_write: None,
             series: Vec::new(),
             bytes_this_slot: 0,
             keys_written: Vec::new(),
@@ -398,8 +395,6 @@ impl Sim {
         node.started = true;
         node.tick_at = None;
         node.fenced = false;
-        node.seen.clear();
-        node.mesh.clear();
         self.drain(i, VecDeque::new());
     }
 
@@ -471,23 +466,6 @@ impl Sim {
 
     fn act(&mut self, i: usize, out: Output, inputs: &mut VecDeque<Input>) {
         match out {
-            Output::Publish(body) => {
-                self.next_gossip_id += 1;
-                let id = self.next_gossip_id;
-                self.nodes[i].seen.insert(id, self.now_us);
-                let peers: Vec<usize> = self.peers_of(i);
-                for p in peers {
-                    self.send(
-                        i,
-                        p,
-                        Msg::Gossip {
-                            author: i,
-                            id,
-                            body: body.clone(),
-                        },
-                    );
-                }
-            }
             Output::Send { peer, id, req } => {
                 if let Some(&p) = self.by_name.get(&peer) {
                     if self.connected.contains(&pair(i, p)) {
@@ -556,21 +534,6 @@ impl Sim {
         }
     }
 
-    fn peers_of(&self, i: usize) -> Vec<usize> {
-        self.connected
-            .iter()
-            .filter_map(|&(a, b)| {
-                if a == i {
-                    Some(b)
-                } else if b == i {
-                    Some(a)
-                } else {
-                    None
-                }
-            })
-            .collect()
-    }
-
     fn latency_us(&mut self, a: usize, b: usize) -> u64 {
         let l = &self.sc.latency;
         let (mean, jitter) = if self.nodes[a].region == self.nodes[b].region {
@@ -589,7 +552,16 @@ impl Sim {
         if from == to || !self.up(to) {
             return;
         }
-        let kind = format!("{:?}", msg.kind()).to_lowercase();
+        let kind = match &msg {
+            Msg::Request { id, .. } => {
+                let k = msg.kind();
+                self.req_kinds.insert((from, to, *id), k);
+                k
+            }
+            Msg::Response { id, .. } => self.req_kinds.remove(&(to, from, *id)).unwrap_or(MsgKind::Sync),
+            _ => msg.kind(),
+        };
+        let kind = format!("{kind:?}").to_lowercase();
         let size = msg.size() as u64;
         *self.traffic.messages.entry(kind.clone()).or_default() += 1;
         *self.traffic.bytes.entry(kind).or_default() += size;
@@ -646,7 +618,7 @@ impl Sim {
         if !self.up(to) || self.nodes[to].epoch != to_epoch {
             return;
         }
-        let connection = matches!(msg, Msg::Request { .. } | Msg::Response { .. } | Msg::Gossip { .. });
+        let connection = matches!(msg, Msg::Request { .. } | Msg::Response { .. });
         if connection && !self.connected.contains(&pair(from, to)) {
             self.traffic.dropped_unconnected += 1;
             return;
@@ -664,40 +636,6 @@ impl Sim {
             ),
             Msg::Member(packet) => self.feed(to, Input::Member { peer, packet }),
             Msg::MemberAck(ack) => self.feed(to, Input::MemberAck { peer, ack }),
-            Msg::Gossip { author, id, body } => {
-                if self.nodes[to].seen.contains_key(&id) {
-                    return;
-                }
-                self.nodes[to].seen.insert(id, self.now_us);
-                let now = self.nodes[to].clock.now(self.now_us);
-                let author_name = self.nodes[author].name.clone();
-                let verdict = {
-                    let node = &mut self.nodes[to];
-                    let Some(replica) = node.replica.as_mut() else { return };
-                    node.store.lock().expect("store").now_ms = now.wall_ms;
-                    replica.on_gossip(now, &peer, &author_name, body.clone(), &node.store)
-                };
-                self.drain(to, VecDeque::new());
-                if verdict == Verdict::Accept {
-                    let mesh: Vec<usize> = self.nodes[to]
-                        .mesh
-                        .iter()
-                        .copied()
-                        .filter(|&p| p != from && p != author)
-                        .collect();
-                    for p in mesh {
-                        self.send(
-                            to,
-                            p,
-                            Msg::Gossip {
-                                author,
-                                id,
-                                body: body.clone(),
-                            },
-                        );
-                    }
-                }
-            }
         }
     }
 
@@ -718,8 +656,7 @@ impl Sim {
         }
     }
 
-    /// Connection upkeep: cut links time out, reachable peers redial, and
-    /// each node's gossip mesh is refreshed.
+    /// Connection upkeep: cut links time out, reachable peers redial.
     fn links(&mut self) {
         let n = self.nodes.len();
         let timeout = self.sc.replica.connection_timeout_ms * 1000;
@@ -745,19 +682,6 @@ impl Sim {
                 }
             }
         }
-        for i in 0..n {
-            let peers = self.peers_of(i);
-            let node = &mut self.nodes[i];
-            node.mesh.retain(|p| peers.contains(p));
-            let mut candidates: Vec<usize> = peers.into_iter().filter(|p| !node.mesh.contains(p)).collect();
-            while node.mesh.len() < MESH && !candidates.is_empty() {
-                let k = self.rng.random_range(0..candidates.len());
-                node.mesh.push(candidates.swap_remove(k));
-            }
-            // Forget gossip ids after two minutes.
-            let horizon = self.now_us.saturating_sub(120_000_000);
-            node.seen.retain(|_, t| *t >= horizon);
-        }
     }
 
     fn connect(&mut self, a: usize, b: usize, epochs: (u64, u64)) {
@@ -777,8 +701,12 @@ impl Sim {
         let w = self.sc.workload.clone();
         let stop = secs(w.stop_s.unwrap_or(self.sc.duration_s));
         let gap = (-self.rng.random_range(f64::EPSILON..1.0f64).ln() / w.writes_per_s * 1e6) as u64;
+        let sent: u64 = self.traffic.messages.values().sum();
+        self.messages_at_first_write.get_or_insert(sent);
         if self.now_us + gap < stop && !self.ending {
             self.at(self.now_us + gap.max(1), Ev::Write);
+        } else {
+            self.messages_at_last_write = Some(sent);
         }
         let candidates: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| self.up(i) && w.region.as_ref().is_none_or(|r| *r == self.nodes[i].region))
@@ -986,6 +914,9 @@ impl Sim {
     /// writes stop, and the cluster gets `settle_s` to converge.
     fn end(&mut self) {
         self.ending = true;
+        if self.messages_at_last_write.is_none() {
+            self.messages_at_last_write = Some(self.traffic.messages.values().sum());
+        }
         self.heal();
         for i in 0..self.nodes.len() {
             if self.nodes[i].started && !self.up(i) && !self.nodes[i].removed {

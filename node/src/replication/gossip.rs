@@ -32,21 +32,28 @@ pub fn decode(cluster: &str, topic: &TopicHash, data: &[u8]) -> Result<Gossip, S
     match env.body {
         Body::Roots(r) if *topic == roots_topic(cluster).hash() => Ok(Gossip::Roots(r)),
         Body::Cdc(ds) if *topic == cdc_topic(cluster).hash() => {
-            cdc::check(
-                &ds,
-                |id| crate::engine::item::validate_id(id).map_err(|e| e.to_string()),
-                |origin| {
-                    if origin.is_empty() || origin.len() > crate::engine::item::MAX_ORIGIN_BYTES {
-                        Err("delta origin is empty or too long".into())
-                    } else {
-                        Ok(())
-                    }
-                },
-            )?;
+            check_deltas(&ds)?;
             Ok(Gossip::Cdc(ds))
         }
         _ => Err("message body does not belong on this topic".into()),
     }
+}
+
+/// Checks deltas a peer sent (gossip, or passed along the relay tree):
+/// a count within bounds, valid ids and origins, inlined items that match
+/// their entries.
+pub fn check_deltas(ds: &[CdcDelta]) -> Result<(), String> {
+    cdc::check(
+        ds,
+        |id| crate::engine::item::validate_id(id).map_err(|e| e.to_string()),
+        |origin| {
+            if origin.is_empty() || origin.len() > crate::engine::item::MAX_ORIGIN_BYTES {
+                Err("delta origin is empty or too long".into())
+            } else {
+                Ok(())
+            }
+        },
+    )
 }
 
 /// The encoded roots announcement.

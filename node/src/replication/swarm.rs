@@ -11,7 +11,7 @@
 use futures::{FutureExt, StreamExt};
 use libp2p::allow_block_list::{self, AllowedPeers, BlockedPeers};
 use libp2p::connection_limits::{self, ConnectionLimits};
-use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
+use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::pnet::PreSharedKey;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use syncnode_protocol::membership::{MAX_ADDRS, MemberId};
-use syncnode_protocol::replica::{Gossip, Input, Output, ReplicaConfig, TaskResult, Verdict, run_task};
+use syncnode_protocol::replica::{Input, Output, ReplicaConfig, TaskResult, Verdict, run_task};
 use syncnode_protocol::session::Progress;
-use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Envelope, MemberAck, MemberPacket, Request, Response};
+use syncnode_protocol::wire::{DEFAULT_MAX_FRAME, MemberAck, MemberPacket, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
 pub use super::addressing::peer_of;
@@ -50,12 +50,6 @@ pub struct NodeBehaviour {
     gossip: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Topic {
-    Roots,
-    Cdc,
 }
 
 enum Command {
@@ -101,6 +95,9 @@ pub struct NetworkConfig {
     pub member_expiry: Duration,
     /// How old a tombstone must be before it may be purged.
     pub tombstone_grace: Duration,
+    /// CDC deltas to pass on are batched this long (one message carries
+    /// many writes).
+    pub cdc_batch: Duration,
     /// How long purge records are kept (a member away longer must resync).
     pub ledger_retention: Duration,
     /// Addresses other nodes dial; empty: the listen addresses, with
@@ -132,6 +129,7 @@ impl NetworkConfig {
             members_file: None,
             member_expiry: Duration::from_secs(7 * 86_400),
             tombstone_grace: Duration::from_secs(3_600),
+            cdc_batch: Duration::from_millis(10),
             ledger_retention: Duration::from_secs(30 * 86_400),
             advertise: Vec::new(),
             max_peers: 32,
@@ -465,7 +463,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         max_clock_skew_ms: engine.config().max_clock_skew_ms,
         limits: config.limits.clone(),
         seeded,
-        cdc_batch_ms: 0,
+        cdc_batch_ms: ms(config.cdc_batch),
     };
     let peers = Arc::new(Peers::new(core, members_file));
     // Sessions start on their own once `spawn_anti_entropy` says how often.
@@ -500,7 +498,6 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         own: tx,
         cluster: config.cluster.clone(),
         traffic: handle.traffic.clone(),
-        topics: [gossip::roots_topic(&config.cluster), gossip::cdc_topic(&config.cluster)],
         outbound: HashMap::new(),
         inbound: HashMap::new(),
         next_inbound: 0,
@@ -602,7 +599,6 @@ struct SwarmTask {
     own: mpsc::Sender<Command>,
     cluster: String,
     traffic: Arc<Traffic>,
-    topics: [IdentTopic; 2],
     /// Our requests in flight: the core's id for each.
     outbound: HashMap<OutboundRequestId, (PeerId, u64)>,
     /// Peers' requests being answered, by the id the core knows them by.
@@ -689,16 +685,6 @@ impl SwarmTask {
 
     fn act(&mut self, swarm: &mut Swarm<NodeBehaviour>, out: Output) {
         match out {
-            Output::Publish(Gossip::Roots(r)) => {
-                if self.engine.is_ready() {
-                    let msg = gossip::encode_roots(&self.cluster, r);
-                    self.publish(swarm, Topic::Roots, msg);
-                }
-            }
-            Output::Publish(Gossip::Cdc(deltas)) => {
-                let msg = Envelope::new(self.cluster.clone(), Body::Cdc(deltas)).encode();
-                self.publish(swarm, Topic::Cdc, msg);
-            }
             Output::Send { peer, id, req } => match peer.parse::<PeerId>() {
                 Ok(p) if swarm.is_connected(&p) => {
                     let rid = swarm.behaviour_mut().sync.send_request(&p, req);
@@ -786,20 +772,6 @@ impl SwarmTask {
                     }
                 }
             }
-        }
-    }
-
-    fn publish(&self, swarm: &mut Swarm<NodeBehaviour>, topic: Topic, msg: Vec<u8>) {
-        self.traffic.sent.fetch_add(msg.len() as u64, Ordering::Relaxed);
-        let t = match topic {
-            Topic::Roots => &self.topics[0],
-            Topic::Cdc => &self.topics[1],
-        };
-        match swarm.behaviour_mut().gossip.publish(t.clone(), msg) {
-            Ok(_) => {}
-            // No subscribed peer yet (alone, or just started): anti-entropy covers it.
-            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
-            Err(e) => tracing::debug!(error = %e, "gossip publish failed"),
         }
     }
 
@@ -1025,6 +997,16 @@ impl SwarmTask {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
+                    if let Request::Cdc { deltas } = &request
+                        && let Err(why) = gossip::check_deltas(deltas)
+                    {
+                        self.penalize(swarm, peer, &why);
+                        let _ = swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_response(channel, Response::Refused { reason: why });
+                        return;
+                    }
                     self.next_inbound += 1;
                     let id = self.next_inbound;
                     self.inbound.insert(id, channel);

@@ -42,6 +42,28 @@ pub fn pack(items: impl IntoIterator<Item = WireItem>) -> Vec<Vec<CdcDelta>> {
     out
 }
 
+/// Deltas packed into message-sized groups (as `pack` does for items).
+pub fn pack_deltas(deltas: Vec<CdcDelta>) -> Vec<Vec<CdcDelta>> {
+    let mut out = Vec::new();
+    let (mut group, mut bytes) = (Vec::new(), 0);
+    for d in deltas {
+        let size = 128
+            + 2 * d.entry.id.len()
+            + 2 * d.entry.origin.len()
+            + d.item.as_ref().map_or(0, |i| i.state.len() + i.content.len());
+        if !group.is_empty() && (bytes + size > PACK_BYTES || group.len() >= MAX_DELTAS) {
+            out.push(std::mem::take(&mut group));
+            bytes = 0;
+        }
+        bytes += size;
+        group.push(d);
+    }
+    if !group.is_empty() {
+        out.push(group);
+    }
+    out
+}
+
 /// Checks received deltas: a count within bounds, and every inlined item
 /// matching its entry and within the inline limit. `valid_id` and
 /// `valid_origin` are the store's rules for names.

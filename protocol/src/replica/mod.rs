@@ -18,10 +18,12 @@
 //! - `peers`: the peer table (roots, lag, sessions, budgets, penalties);
 //! - `watermarks`: members' purge watermarks and the must-resync rule;
 //! - `store`: the storage trait and the tasks run against it;
-//! - `cdc`: packing and checking CDC deltas.
+//! - `cdc`: packing and checking CDC deltas;
+//! - `relay`: where a delta goes next (a tree per region, hubs between regions).
 
 pub mod cdc;
 pub mod peers;
+pub mod relay;
 pub mod store;
 pub mod watermarks;
 
@@ -34,7 +36,7 @@ pub use store::{CdcOutcome, Store, Task, TaskResult, run_ready, run_task};
 pub use watermarks::{Member, MembersFile};
 
 use crate::clock_offset::{ClockOffsets, Sample};
-use crate::hlc::from_physical;
+use crate::hlc::{from_physical, physical_ms};
 use crate::membership::{MemberEvent, MemberId, Membership, MembershipConfig};
 use crate::session::{MAX_ITEMS, Progress, Session, SessionError, Step};
 use crate::wire::{CdcDelta, MemberAck, MemberPacket, Request, Response, RootsAnnouncement, WireItem};
@@ -144,7 +146,6 @@ pub enum Input {
 /// What the core asks the driver to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
-    Publish(Gossip),
     Send {
         peer: String,
         id: u64,
@@ -205,13 +206,22 @@ struct Outgoing {
     /// We held nothing when it started: its progress is logged.
     bootstrap: bool,
     logged: u64,
+    /// The oldest version (wall ms in it) pulled or pushed so far.
+    oldest_moved_ms: Option<u64>,
 }
 
 /// What an outstanding request of ours is for.
 #[derive(Debug, Clone)]
 enum Pending {
     Session,
-    Fetch { ids: Vec<String>, tries: u32 },
+    Fetch {
+        ids: Vec<String>,
+        tries: u32,
+    },
+    /// Deltas passed on (what becomes of them is the peer's business).
+    Cdc,
+    /// Our roots, answered with theirs.
+    Roots,
 }
 
 /// Who waits for a task.
@@ -252,9 +262,10 @@ pub struct Replica {
     /// Received deltas waiting for the CDC task in flight, with their authors.
     cdc_inbox: Vec<(String, CdcDelta)>,
     cdc_running: Option<BTreeMap<String, String>>,
-    /// Local commits held for packing.
-    cdc_outbox: Vec<WireItem>,
+    /// When the deltas waiting in `cdc_pending` go.
     cdc_due: Option<u64>,
+    /// Deltas to pass on, per next hop, until the batch goes.
+    cdc_pending: BTreeMap<String, Vec<CdcDelta>>,
     /// Fetches refused as busy, to send again.
     retries: Vec<(u64, String, Pending)>,
     announced: BTreeMap<String, u64>,
@@ -311,8 +322,8 @@ impl Replica {
             answering: 0,
             cdc_inbox: Vec::new(),
             cdc_running: None,
-            cdc_outbox: Vec::new(),
             cdc_due: None,
+            cdc_pending: BTreeMap::new(),
             retries: Vec::new(),
             announced: BTreeMap::new(),
             purging: false,
@@ -416,8 +427,10 @@ impl Replica {
             Input::Tick => {}
             Input::Connected { peer } => {
                 self.peers.connected(&peer, true, now);
-                // A peer SWIM does not list yet is asked to let us in at once.
+                // A peer SWIM does not list yet is asked to let us in at
+                // once, and roots are compared at once (a heal).
                 self.next_housekeeping = now.mono_ms;
+                self.next_gossip = now.mono_ms;
             }
             Input::Disconnected { peer } => {
                 self.peers.connected(&peer, false, now);
@@ -426,7 +439,7 @@ impl Replica {
             Input::Gossip { from, author, msg } => {
                 self.on_gossip(now, &from, &author, msg, store);
             }
-            Input::Request { peer, id, req } => self.on_request(now, peer, id, req),
+            Input::Request { peer, id, req } => self.on_request(now, peer, id, req, store),
             Input::Response { peer, id, result } => self.on_response(now, id, &peer, result, store),
             Input::Member { peer, packet } => {
                 let received_ms = now.wall_ms;
@@ -451,12 +464,8 @@ impl Replica {
                 self.peers.touch_member(&peer, now);
             }
             Input::Committed(items) => {
-                self.cdc_outbox.extend(items);
-                if self.cfg.cdc_batch_ms == 0 {
-                    self.publish_cdc();
-                } else if self.cdc_due.is_none() {
-                    self.cdc_due = Some(now.mono_ms + self.cfg.cdc_batch_ms);
-                }
+                let deltas: Vec<CdcDelta> = cdc::pack(items).into_iter().flatten().collect();
+                self.pass_on(now, deltas.into_iter().map(|d| (None, d)));
             }
             Input::Done { task, result } => self.on_done(now, task, result, store),
             Input::Forget { peer } => {
@@ -486,15 +495,7 @@ impl Replica {
             }
             Gossip::Cdc(_) if self.peers.must_resync(author) || !self.peers.ledger_learned() => Verdict::Ignore,
             Gossip::Cdc(deltas) => {
-                let room = MAX_CDC_INBOX.saturating_sub(self.cdc_inbox.len());
-                let n = deltas.len();
-                self.cdc_inbox
-                    .extend(deltas.into_iter().take(room).map(|d| (author.to_string(), d)));
-                if n > room {
-                    // The applier is behind: anti-entropy will bring these.
-                    ReplicationStats::add(&self.peers.stats.cdc_dropped, (n - room) as u64);
-                }
-                self.start_cdc();
+                self.queue_deltas(author, deltas);
                 Verdict::Accept
             }
         }
@@ -517,19 +518,93 @@ impl Replica {
         self.run(Task::Cdc(deltas), Waiter::Cdc);
     }
 
-    fn publish_cdc(&mut self) {
-        self.cdc_due = None;
-        if self.cdc_outbox.is_empty() {
-            return;
+    /// Queues deltas for their next hops (`from`: who sent each, `None`
+    /// for our own writes); the batch goes after `cdc_batch_ms`.
+    fn pass_on(&mut self, now: Now, deltas: impl IntoIterator<Item = (Option<String>, CdcDelta)>) {
+        let me = self.swim.me().clone();
+        let members: Vec<MemberId> = self.swim.active().cloned().collect();
+        for (from, d) in deltas {
+            for hop in relay::next_hops(&me, &members, from.as_deref()) {
+                self.cdc_pending.entry(hop).or_default().push(d.clone());
+            }
         }
-        let items = std::mem::take(&mut self.cdc_outbox);
-        for group in cdc::pack(items) {
-            ReplicationStats::add(&self.peers.stats.cdc_published, 1);
-            self.out.push_back(Output::Publish(Gossip::Cdc(group)));
+        if !self.cdc_pending.is_empty() && self.cdc_due.is_none() {
+            self.cdc_due = Some(now.mono_ms + self.cfg.cdc_batch_ms);
         }
     }
 
-    fn on_request(&mut self, now: Now, peer: String, id: u64, req: Request) {
+    /// Sends each next hop its batch of deltas, packed into messages.
+    fn flush_cdc(&mut self, now: Now) {
+        self.cdc_due = None;
+        for (peer, deltas) in std::mem::take(&mut self.cdc_pending) {
+            if !self.peers.is_connected(&peer) {
+                // Not reachable now: anti-entropy brings these.
+                ReplicationStats::add(&self.peers.stats.cdc_dropped, deltas.len() as u64);
+                continue;
+            }
+            for group in cdc::pack_deltas(deltas) {
+                ReplicationStats::add(&self.peers.stats.cdc_published, 1);
+                self.send(now, &peer, Request::Cdc { deltas: group }, Pending::Cdc);
+            }
+        }
+    }
+
+    /// Deltas a peer passed to us: taken in (once the purge ledger is
+    /// learned, and not from a member that must resync), acknowledged at
+    /// once, applied in turn.
+    fn take_deltas(&mut self, now: Now, from: &str, deltas: Vec<CdcDelta>) -> Result<(), Refusal> {
+        if self.peers.must_resync(from) {
+            return Err(Refusal::MustResync);
+        }
+        if !self.peers.ledger_learned() {
+            return Err(Refusal::LedgerNotLearned);
+        }
+        if !self.peers.allow_request(from, now) {
+            return Err(Refusal::RateLimited);
+        }
+        self.queue_deltas(from, deltas);
+        Ok(())
+    }
+
+    fn queue_deltas(&mut self, from: &str, deltas: Vec<CdcDelta>) {
+        let room = MAX_CDC_INBOX.saturating_sub(self.cdc_inbox.len());
+        let n = deltas.len();
+        self.cdc_inbox
+            .extend(deltas.into_iter().take(room).map(|d| (from.to_string(), d)));
+        if n > room {
+            // The applier is behind: anti-entropy will bring these.
+            ReplicationStats::add(&self.peers.stats.cdc_dropped, (n - room) as u64);
+        }
+        self.start_cdc();
+    }
+
+    fn on_request(&mut self, now: Now, peer: String, id: u64, req: Request, store: &impl Store) {
+        let req = match req {
+            Request::Cdc { deltas } => {
+                let resp = match self.take_deltas(now, &peer, deltas) {
+                    Ok(()) => Response::Pushed { applied: 0 },
+                    Err(r) => Response::Refused {
+                        reason: r.reason().into(),
+                    },
+                };
+                return self.out.push_back(Output::Respond { peer, id, resp });
+            }
+            Request::Roots(theirs) => {
+                let mine = store.root_announcement();
+                let resp = if self.peers.allow_request(&peer, now) {
+                    if self.peers.is_connected(&peer) {
+                        self.peers.on_roots(&peer, theirs, &mine, now);
+                    }
+                    Response::Root(mine)
+                } else {
+                    Response::Refused {
+                        reason: Refusal::RateLimited.reason().into(),
+                    }
+                };
+                return self.out.push_back(Output::Respond { peer, id, resp });
+            }
+            other => other,
+        };
         let push = matches!(req, Request::Push { .. });
         let admitted = self.peers.admit_request(&peer, push, now).and_then(|()| {
             if self.answering >= MAX_ANSWERING {
@@ -572,6 +647,14 @@ impl Replica {
                 Err(e) => self.finish(now, peer, Err(format!("transport: {e}"))),
                 Ok(resp) => self.session_answer(now, peer, resp, store),
             },
+            Pending::Cdc => {}
+            Pending::Roots => {
+                if let Ok(Response::Root(theirs)) = result
+                    && self.peers.is_connected(peer)
+                {
+                    self.peers.on_roots(peer, theirs, &store.root_announcement(), now);
+                }
+            }
             Pending::Fetch { ids, tries } => match result {
                 Ok(Response::Fetch { items, deferred }) => {
                     ReplicationStats::add(&self.peers.stats.cdc_fetched, 1);
@@ -630,12 +713,26 @@ impl Replica {
                     TaskResult::Cdc(outcome) => {
                         ReplicationStats::add(&self.peers.stats.cdc_applied, outcome.applied);
                         ReplicationStats::add(&self.peers.stats.cdc_dropped, outcome.dropped);
+                        // Content not inlined comes from the writer when we
+                        // reach it, else from whoever passed the delta on.
+                        let origins: BTreeMap<&str, &str> = outcome
+                            .fresh
+                            .iter()
+                            .map(|d| (d.entry.id.as_str(), d.entry.origin.as_str()))
+                            .collect();
                         let mut by_author: BTreeMap<String, Vec<String>> = BTreeMap::new();
                         for id in outcome.fetch {
-                            if let Some(a) = authors.get(&id) {
-                                by_author.entry(a.clone()).or_default().push(id);
+                            let origin = origins.get(id.as_str()).copied().filter(|o| self.peers.is_connected(o));
+                            if let Some(a) = origin.map(str::to_string).or_else(|| authors.get(&id).cloned()) {
+                                by_author.entry(a).or_default().push(id);
                             }
                         }
+                        let fresh: Vec<(Option<String>, CdcDelta)> = outcome
+                            .fresh
+                            .into_iter()
+                            .map(|d| (authors.get(&d.entry.id).cloned(), d))
+                            .collect();
+                        self.pass_on(now, fresh);
                         for (author, ids) in by_author {
                             for chunk in ids.chunks(MAX_ITEMS) {
                                 let ids = chunk.to_vec();
@@ -718,6 +815,7 @@ impl Replica {
                 phase: Phase::Ledger { after: None },
                 bootstrap: ours.count == 0,
                 logged: 0,
+                oldest_moved_ms: None,
             },
         );
         if ours.count == 0 || !self.peers.ledger_learned() {
@@ -756,7 +854,12 @@ impl Replica {
             _ => return,
         };
         match step {
-            Step::Send(req) => self.send(now, peer, req, Pending::Session),
+            Step::Send(req) => {
+                if let Request::Push { items, .. } = &req {
+                    self.moved(peer, items);
+                }
+                self.send(now, peer, req, Pending::Session)
+            }
             Step::NeedLocalEntries(paths) => self.run(Task::Entries(paths), self.step_waiter(peer)),
             Step::NeedLocalItems(ids) => self.run(Task::Items(ids), self.step_waiter(peer)),
             Step::Waiting => {}
@@ -799,6 +902,7 @@ impl Replica {
             },
             Phase::Running(s) => match store.with_tree(|t| s.on_response(resp, t)) {
                 Ok(Some(items)) => {
+                    self.moved(peer, &items);
                     let waiter = self.step_waiter(peer);
                     self.run(Task::Apply(items), waiter)
                 }
@@ -807,6 +911,15 @@ impl Replica {
                     self.finish(now, peer, Err(format!("session: {e}")))
                 }
             },
+        }
+    }
+
+    /// Notes the versions a session moves (see `finish`).
+    fn moved(&mut self, peer: &str, items: &[WireItem]) {
+        if let Some(o) = self.sessions.get_mut(peer)
+            && let Some(oldest) = items.iter().map(|i| physical_ms(i.entry.version)).min()
+        {
+            o.oldest_moved_ms = Some(o.oldest_moved_ms.map_or(oldest, |m| m.min(oldest)));
         }
     }
 
@@ -819,6 +932,12 @@ impl Replica {
 
     fn finish(&mut self, now: Now, peer: &str, result: Result<Progress, String>) {
         let Some(o) = self.sessions.remove(peer) else { return };
+        // Moving only versions younger than a few intervals is CDC in
+        // flight, not divergence: the next session may wait.
+        let recent = now
+            .wall_ms
+            .saturating_sub(self.cfg.anti_entropy_interval_ms.max(self.cfg.gossip_interval_ms) * 3);
+        let settled = o.oldest_moved_ms.is_none_or(|t| t >= recent);
         match &result {
             Ok(p) => tracing::info!(
                 %peer, bootstrap = o.bootstrap, pulled = p.pulled, pushed = p.pushed, rounds = p.round_trips,
@@ -827,7 +946,7 @@ impl Replica {
             Err(e) => tracing::warn!(%peer, error = %e, "anti-entropy session failed"),
         }
         self.peers
-            .session_finished(peer, result.as_ref().map_err(|e| e.clone()), now);
+            .session_finished(peer, result.as_ref().map_err(|e| e.clone()), now, settled);
         self.out.push_back(Output::SessionFinished {
             peer: peer.to_string(),
             result: result.clone(),
@@ -884,17 +1003,16 @@ impl Replica {
             self.flush_swim(now);
         }
         if self.cdc_due.is_some_and(|d| d <= mono) {
-            self.publish_cdc();
+            self.flush_cdc(now);
         }
         if self.next_gossip <= mono {
             self.next_gossip = mono + self.cfg.gossip_interval_ms;
-            self.out
-                .push_back(Output::Publish(Gossip::Roots(store.root_announcement())));
+            self.exchange_roots(now, store);
         }
         if self.next_session_round.is_some_and(|t| t <= mono) {
             let every = self.cfg.anti_entropy_interval_ms;
             self.next_session_round = Some(mono + every + self.rng.random_range(0..=every / 4));
-            let mut due = self.peers.due_for_session();
+            let mut due = self.peers.due_for_session(now, every);
             if !self.peers.ledger_learned() && self.sessions.is_empty() && due.is_empty() {
                 // Deltas are ignored until the purge ledger is learned, so
                 // a node that has not learned it syncs with a member now,
@@ -927,6 +1045,18 @@ impl Replica {
         if self.next_housekeeping <= mono {
             self.next_housekeeping = mono + HOUSEKEEPING_MS;
             self.housekeeping(now, store);
+        }
+    }
+
+    /// Roots go to every connected peer each `gossip_interval`, in one
+    /// exchange per pair (the lower peer id asks, the answer carries the
+    /// other side's), so each side compares and may start a session.
+    fn exchange_roots(&mut self, now: Now, store: &impl Store) {
+        let mine = store.root_announcement();
+        let me = self.swim.me().peer.clone();
+        let peers: Vec<String> = self.peers.lags(now).into_keys().filter(|p| *p > me).collect();
+        for peer in peers {
+            self.send(now, &peer, Request::Roots(mine.clone()), Pending::Roots);
         }
     }
 

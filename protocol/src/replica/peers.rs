@@ -126,6 +126,11 @@ struct PeerState {
     must_resync: bool,
     /// Inbound requests of this peer being answered.
     answering: u32,
+    /// Sessions in a row that found nothing to move (the difference was
+    /// CDC in flight): the next one waits longer.
+    quiet_sessions: u32,
+    /// When the last session ended (mono ms).
+    last_session_end: u64,
 }
 
 /// A session with a peer, running or finished.
@@ -256,6 +261,7 @@ impl PeerTable {
             // Nothing of ours is in flight to a peer just (re)connected: its
             // first differing root is enough to start a session.
             s.differed = u32::from(on);
+            s.quiet_sessions = 0;
             if expired && !s.must_resync {
                 s.must_resync = true;
                 tracing::error!(%peer, forgotten, "member away past ledger_retention is back: nothing is taken from it until it rejoins empty (`syncnode resync --from PEER` on it)");
@@ -390,12 +396,22 @@ impl PeerTable {
     }
 
     /// Connected peers whose root differed twice in a row, with no session
-    /// running, not banned and not flagged.
-    pub fn due_for_session(&self) -> Vec<String> {
+    /// running, not banned and not flagged. After sessions that moved
+    /// nothing but recent writes — under a steady write load roots differ
+    /// by the CDC in flight — the next waits `interval_ms` × 1, 3, 7, 15
+    /// longer; a session that moves an older version, or a new
+    /// connection, resets it.
+    pub fn due_for_session(&self, now: Now, interval_ms: u64) -> Vec<String> {
         self.peers
             .iter()
             .filter(|(_, s)| {
-                s.connected && s.differed >= 2 && s.session.is_none() && s.banned_until.is_none() && !s.must_resync
+                let wait = interval_ms.saturating_mul((1u64 << s.quiet_sessions.min(4)) - 1);
+                s.connected
+                    && s.differed >= 2
+                    && s.session.is_none()
+                    && s.banned_until.is_none()
+                    && !s.must_resync
+                    && now.mono_ms >= s.last_session_end.saturating_add(wait)
             })
             .map(|(p, _)| p.clone())
             .collect()
@@ -594,7 +610,9 @@ impl PeerTable {
         }
     }
 
-    pub fn session_finished(&mut self, peer: &str, result: Result<&Progress, String>, now: Now) {
+    /// A session with `peer` ended. `settled`: it moved nothing older than
+    /// the CDC in flight (see `due_for_session`).
+    pub fn session_finished(&mut self, peer: &str, result: Result<&Progress, String>, now: Now, settled: bool) {
         let ok = result.is_ok();
         let stats = &self.stats;
         ReplicationStats::add(&stats.sessions, 1);
@@ -610,9 +628,13 @@ impl PeerTable {
             let mut info = s.session.take()?;
             info.finished_ms = Some(now.wall_ms);
             match result {
-                Ok(p) => info.progress = p.clone(),
+                Ok(p) => {
+                    s.quiet_sessions = if settled { s.quiet_sessions.saturating_add(1) } else { 0 };
+                    info.progress = p.clone()
+                }
                 Err(e) => info.error = Some(e),
             }
+            s.last_session_end = now.mono_ms;
             s.sessions_done += 1;
             s.differed = 0;
             let proves = (info.proves, info.started_ms);
@@ -711,7 +733,7 @@ mod tests {
             peers.on_roots("m", full.clone(), &roots(0, None), at(160));
         }
         assert!(
-            !peers.due_for_session().contains(&"m".to_string()),
+            !peers.due_for_session(at(160), 1).contains(&"m".to_string()),
             "no session takes from it"
         );
         assert_eq!(peers.admit_request("m", true, at(160)), Err(Refusal::MustResync));
@@ -727,11 +749,11 @@ mod tests {
         let mine = roots(3, Some([2; 16]));
         // A fresh connection: one differing root is enough.
         peers.on_roots("p", roots(2, Some([1; 16])), &mine, at(1));
-        assert_eq!(peers.due_for_session(), vec!["p".to_string()]);
+        assert_eq!(peers.due_for_session(at(1), 1_000), vec!["p".to_string()]);
         assert!(peers.session_started("p", 1, at(2), 5));
         assert!(!peers.session_started("p", 2, at(2), 5), "one session per peer");
-        assert!(peers.due_for_session().is_empty());
-        peers.session_finished("p", Ok(&Progress::default()), at(3));
+        assert!(peers.due_for_session(at(2), 1_000).is_empty());
+        peers.session_finished("p", Ok(&Progress::default()), at(3), true);
         assert!(peers.joined());
         peers.on_roots("p", mine.clone(), &mine, at(4));
         assert_eq!(peers.members()["p"].watermark, 2);

@@ -110,6 +110,9 @@ pub struct CdcOutcome {
     pub dropped: u64,
     /// Newer than ours but without content: to fetch from the author.
     pub fetch: Vec<String>,
+    /// The deltas that were news here (not held already), in order: the
+    /// ones to pass on.
+    pub fresh: Vec<CdcDelta>,
 }
 
 /// Runs one task against `store`.
@@ -185,6 +188,11 @@ pub async fn answer<S: Store>(store: &S, req: Request) -> Response {
                 let (entries, next) = store.ledger_page(after.as_deref(), LEDGER_PAGE).await?;
                 Response::Ledger { entries, next }
             }
+            // Outside the core (which forwards them), deltas are just applied.
+            Request::Cdc { deltas } => Response::Pushed {
+                applied: receive_cdc(store, deltas).await?.applied,
+            },
+            Request::Roots(_) => Response::Root(store.root_announcement()),
         })
     }
     .await;
@@ -213,7 +221,7 @@ pub async fn receive_cdc<S: Store>(store: &S, deltas: Vec<CdcDelta>) -> Result<C
     for delta in deltas {
         // A lookup that fails drops this delta only.
         match held_already(store, &delta).await {
-            Ok(false) => {}
+            Ok(false) => out.fresh.push(delta.clone()),
             Ok(true) | Err(_) => {
                 out.dropped += 1;
                 continue;
