@@ -274,11 +274,8 @@ pub fn check_request(req: &Request, tree: &MerkleTree) -> Result<(), String> {
         Request::Ledger { .. } => Err("ledger cursor too long".into()),
         Request::Fetch { ids, .. } if ids.len() <= MAX_ITEMS => Ok(()),
         Request::Push { items, .. } if items.len() <= MAX_ITEMS => Ok(()),
-        Request::Cdc { deltas } if deltas.len() <= crate::replica::cdc::MAX_DELTAS => Ok(()),
-        Request::Cdc { .. } => Err(format!(
-            "at most {} deltas per message",
-            crate::replica::cdc::MAX_DELTAS
-        )),
+        Request::Cdc { deltas } if !deltas.is_empty() && deltas.len() <= crate::replica::cdc::MAX_DELTAS => Ok(()),
+        Request::Cdc { .. } => Err(format!("1 to {} deltas per message", crate::replica::cdc::MAX_DELTAS)),
         Request::Roots(_) => Ok(()),
         _ => Err(format!("at most {MAX_ITEMS} items per request")),
     }

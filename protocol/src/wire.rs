@@ -402,6 +402,25 @@ mod tests {
                 .prop_map(|items| Body::Request(Request::Push { session: 1, items })),
             Just(Body::Request(Request::Root)),
             proptest::option::of("[a-z]{0,8}").prop_map(|after| Body::Request(Request::Ledger { after })),
+            (any::<u64>(), any::<bool>()).prop_map(|(version, tombstone)| Body::Request(Request::Cdc {
+                deltas: vec![CdcDelta {
+                    entry: Entry {
+                        id: "x".into(),
+                        version,
+                        origin: "n".into(),
+                        tombstone,
+                        content_hash: [7; 32],
+                    },
+                    item: None,
+                }],
+            })),
+            (any::<u64>(), any::<u64>()).prop_map(|(count, hlc)| Body::Request(Request::Roots(RootsAnnouncement {
+                node: "n".into(),
+                root: Some([3; 16]),
+                count,
+                hlc,
+                depth: 4,
+            }))),
             (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
                 .prop_map(|(sent_ms, payload)| Body::Member(MemberPacket { sent_ms, payload })),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(asked_ms, received_ms, answered_ms)| {

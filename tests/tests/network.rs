@@ -149,7 +149,7 @@ async fn writes_are_pushed_to_peers_as_they_commit() {
     hb.spawn_cdc(b.clone());
     let addr = hb.dial_addr();
     ha.dial(addr).await.unwrap();
-    // Let the gossip subscriptions cross before publishing.
+    // Let the nodes list each other as members (CDC goes to members).
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     // No anti-entropy runs here: only CDC can carry these.
     a.submit(SyncItem::new("pushed", &b"hello"[..])).await.unwrap();

@@ -148,7 +148,15 @@ impl Swim {
         let now = Instant::now();
         let active = self.peers.active_members();
         let me = links.local_peer().to_string();
-        let want = connection_targets(&me, &active, self.max_peers);
+        let mut want = connection_targets(&me, &active, self.max_peers);
+        // The relay tree's edges carry CDC: they are kept whatever max_peers says.
+        for hop in self.peers.core(|r, _| r.relay_neighbours()) {
+            if !want.iter().any(|m| m.peer == hop)
+                && let Some(m) = active.iter().find(|m| m.peer == hop)
+            {
+                want.push(m.clone());
+            }
+        }
         for m in &want {
             let Ok(peer) = m.peer.parse::<PeerId>() else { continue };
             if links.linked(&peer) {

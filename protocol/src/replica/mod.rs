@@ -37,7 +37,7 @@ pub use watermarks::{Member, MembersFile};
 
 use crate::clock_offset::{ClockOffsets, Sample};
 use crate::hlc::{from_physical, physical_ms};
-use crate::membership::{MemberEvent, MemberId, Membership, MembershipConfig};
+use crate::membership::{MemberEvent, MemberId, MemberState, Membership, MembershipConfig};
 use crate::session::{MAX_ITEMS, Progress, Session, SessionError, Step};
 use crate::wire::{CdcDelta, MemberAck, MemberPacket, Request, Response, RootsAnnouncement, WireItem};
 
@@ -48,6 +48,8 @@ pub const PURGE_PER_PASS: usize = 10_000;
 /// Received deltas waiting to be applied, at most (more are dropped and
 /// left to anti-entropy), and how many one storage task applies.
 const MAX_CDC_INBOX: usize = 16_384;
+/// Versions remembered as passed on.
+const MAX_PASSED: usize = 65_536;
 const CDC_BATCH: usize = 4_096;
 /// How often bans, announcements, timeouts and the members file are seen to.
 const HOUSEKEEPING_MS: u64 = 500;
@@ -266,6 +268,10 @@ pub struct Replica {
     cdc_due: Option<u64>,
     /// Deltas to pass on, per next hop, until the batch goes.
     cdc_pending: BTreeMap<String, Vec<CdcDelta>>,
+    /// Versions passed on lately (oldest first): never twice, whatever
+    /// views of the membership the nodes hold for a moment.
+    passed: VecDeque<(String, u64)>,
+    passed_set: BTreeSet<(String, u64)>,
     /// Fetches refused as busy, to send again.
     retries: Vec<(u64, String, Pending)>,
     announced: BTreeMap<String, u64>,
@@ -324,6 +330,8 @@ impl Replica {
             cdc_running: None,
             cdc_due: None,
             cdc_pending: BTreeMap::new(),
+            passed: VecDeque::new(),
+            passed_set: BTreeSet::new(),
             retries: Vec::new(),
             announced: BTreeMap::new(),
             purging: false,
@@ -522,9 +530,23 @@ impl Replica {
     /// for our own writes); the batch goes after `cdc_batch_ms`.
     fn pass_on(&mut self, now: Now, deltas: impl IntoIterator<Item = (Option<String>, CdcDelta)>) {
         let me = self.swim.me().clone();
-        let members: Vec<MemberId> = self.swim.active().cloned().collect();
+        let members = self.relay_members();
         for (from, d) in deltas {
-            for hop in relay::next_hops(&me, &members, from.as_deref()) {
+            let key = (d.entry.id.clone(), d.entry.version);
+            if !self.passed_set.insert(key.clone()) {
+                continue;
+            }
+            self.passed.push_back(key);
+            if self.passed.len() > MAX_PASSED
+                && let Some(old) = self.passed.pop_front()
+            {
+                self.passed_set.remove(&old);
+            }
+            let hops = relay::next_hops(&me, &members, from.as_deref());
+            if hops.is_empty() && !members.is_empty() {
+                ReplicationStats::add(&self.peers.stats.cdc_dropped, 1);
+            }
+            for hop in hops {
                 self.cdc_pending.entry(hop).or_default().push(d.clone());
             }
         }
@@ -533,13 +555,32 @@ impl Replica {
         }
     }
 
+    /// The members deltas are relayed through: alive (a suspect hub would
+    /// swallow a region's deltas until declared down), and not flagged to
+    /// resync (its relaying is refused).
+    fn relay_members(&self) -> Vec<MemberId> {
+        self.swim
+            .members()
+            .into_iter()
+            .filter(|v| v.state == MemberState::Alive && !self.peers.must_resync(&v.id.peer))
+            .map(|v| v.id)
+            .collect()
+    }
+
+    /// The peers this node passes deltas to and gets them from: kept
+    /// connected whatever `max_peers` says.
+    pub fn relay_neighbours(&self) -> Vec<String> {
+        relay::next_hops(self.swim.me(), &self.relay_members(), None)
+    }
+
     /// Sends each next hop its batch of deltas, packed into messages.
     fn flush_cdc(&mut self, now: Now) {
         self.cdc_due = None;
         for (peer, deltas) in std::mem::take(&mut self.cdc_pending) {
             if !self.peers.is_connected(&peer) {
-                // Not reachable now: anti-entropy brings these.
+                // Not reachable now: anti-entropy brings these, soon.
                 ReplicationStats::add(&self.peers.stats.cdc_dropped, deltas.len() as u64);
+                self.peers.cdc_lost(&peer);
                 continue;
             }
             for group in cdc::pack_deltas(deltas) {
@@ -559,7 +600,8 @@ impl Replica {
         if !self.peers.ledger_learned() {
             return Err(Refusal::LedgerNotLearned);
         }
-        if !self.peers.allow_request(from, now) {
+        // Deltas and roots have the gossip budget, apart from sessions'.
+        if !self.peers.allow_gossip(from, now) {
             return Err(Refusal::RateLimited);
         }
         self.queue_deltas(from, deltas);
@@ -591,7 +633,7 @@ impl Replica {
             }
             Request::Roots(theirs) => {
                 let mine = store.root_announcement();
-                let resp = if self.peers.allow_request(&peer, now) {
+                let resp = if self.peers.allow_gossip(&peer, now) {
                     if self.peers.is_connected(&peer) {
                         self.peers.on_roots(&peer, theirs, &mine, now);
                     }
@@ -647,7 +689,13 @@ impl Replica {
                 Err(e) => self.finish(now, peer, Err(format!("transport: {e}"))),
                 Ok(resp) => self.session_answer(now, peer, resp, store),
             },
-            Pending::Cdc => {}
+            Pending::Cdc => {
+                if !matches!(result, Ok(Response::Pushed { .. })) {
+                    // Lost on the way: anti-entropy with that peer, soon.
+                    ReplicationStats::add(&self.peers.stats.cdc_dropped, 1);
+                    self.peers.cdc_lost(peer);
+                }
+            }
             Pending::Roots => {
                 if let Ok(Response::Root(theirs)) = result
                     && self.peers.is_connected(peer)

@@ -433,6 +433,14 @@ impl PeerTable {
             .collect()
     }
 
+    /// Deltas to or from `peer` were lost: the next session with it need
+    /// not wait out a backoff.
+    pub fn cdc_lost(&mut self, peer: &str) {
+        if let Some(s) = self.peers.get_mut(peer) {
+            s.quiet_sessions = 0;
+        }
+    }
+
     /// Whether a session with any peer is running.
     pub fn any_session(&self) -> bool {
         self.peers.values().any(|s| s.session.is_some())

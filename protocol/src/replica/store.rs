@@ -218,18 +218,25 @@ async fn held_already<S: Store>(store: &S, delta: &CdcDelta) -> Result<bool, S::
 pub async fn receive_cdc<S: Store>(store: &S, deltas: Vec<CdcDelta>) -> Result<CdcOutcome, S::Error> {
     let mut out = CdcOutcome::default();
     let mut items = Vec::new();
+    let mut offered = Vec::new();
     for delta in deltas {
         // A lookup that fails drops this delta only.
         match held_already(store, &delta).await {
-            Ok(false) => out.fresh.push(delta.clone()),
+            Ok(false) => {}
             Ok(true) | Err(_) => {
                 out.dropped += 1;
                 continue;
             }
         }
-        match delta.item {
-            Some(item) => items.push(item),
-            None => out.fetch.push(delta.entry.id),
+        match &delta.item {
+            Some(item) => {
+                items.push(item.clone());
+                offered.push(delta);
+            }
+            None => {
+                out.fetch.push(delta.entry.id.clone());
+                out.fresh.push(delta);
+            }
         }
     }
     if !items.is_empty() {
@@ -237,6 +244,13 @@ pub async fn receive_cdc<S: Store>(store: &S, deltas: Vec<CdcDelta>) -> Result<C
         let applied = store.apply(items).await?;
         out.applied += applied;
         out.dropped += n - applied.min(n);
+        // News is what is stored now: a version that lost, or was
+        // deferred or refused, goes no further.
+        for delta in offered {
+            if store.current(&delta.entry.id).await.ok().flatten().as_ref() == Some(&delta.entry) {
+                out.fresh.push(delta);
+            }
+        }
     }
     Ok(out)
 }
