@@ -142,6 +142,32 @@ impl History {
         v
     }
 
+    /// The slowest (write, node) pair seen before the settle, for the report.
+    pub fn slowest(&self) -> Option<String> {
+        let mut worst: Option<(u64, &Write, usize)> = None;
+        for w in self.writes.iter().filter(|w| w.at_us < self.settle_from) {
+            for (n, seen) in w.visible.iter().enumerate() {
+                if let Some(us) = seen
+                    && n != w.node
+                    && w.at_us + us <= self.settle_from
+                    && worst.is_none_or(|(u, _, _)| *us > u)
+                {
+                    worst = Some((*us, w, n));
+                }
+            }
+        }
+        worst.map(|(us, w, n)| {
+            format!(
+                "{} v{} written on n{} at {:.3} s reached n{n} after {:.1} ms",
+                w.entry.id,
+                w.entry.version,
+                w.node,
+                w.at_us as f64 / 1e6,
+                us as f64 / 1000.0
+            )
+        })
+    }
+
     /// Checks the final stores against every acknowledged write.
     pub fn check<S: std::ops::Deref<Target = MemoryStore>>(&self, finals: &[(usize, S)]) -> Vec<Violation> {
         let mut out = Vec::new();

@@ -32,6 +32,8 @@ pub struct Report {
     /// Visibility latency of a write on the other nodes (ms).
     pub visibility_ms: Spread,
     pub visibility_unseen: u64,
+    /// The slowest write to reach a node, and where.
+    pub visibility_slowest: Option<String>,
     /// Per heal: time until each node held the root all agreed on (ms).
     pub heal_to_equal_ms: Spread,
     /// Messages of every kind sent while the workload ran, per write.
@@ -154,6 +156,7 @@ pub fn run(sc: &Scenario, seed: u64, progress: impl FnMut(f64)) -> Report {
         visibility_samples: sim.history.visibility_samples(),
         visibility_ms,
         visibility_unseen,
+        visibility_slowest: sim.history.slowest(),
         heal_to_equal_ms: Spread::of(sim.heal_to_equal_ms.iter().flatten().copied().collect()),
         messages_per_write: per_write(
             sim.messages_at_last_write

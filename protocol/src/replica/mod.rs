@@ -50,6 +50,9 @@ pub const PURGE_PER_PASS: usize = 10_000;
 const MAX_CDC_INBOX: usize = 16_384;
 /// Versions remembered as passed on.
 const MAX_PASSED: usize = 65_536;
+
+/// A version passed on: id, version, origin.
+type Passed = (String, u64, String);
 const CDC_BATCH: usize = 4_096;
 /// How often bans, announcements, timeouts and the members file are seen to.
 const HOUSEKEEPING_MS: u64 = 500;
@@ -270,8 +273,8 @@ pub struct Replica {
     cdc_pending: BTreeMap<String, Vec<CdcDelta>>,
     /// Versions passed on lately (oldest first): never twice, whatever
     /// views of the membership the nodes hold for a moment.
-    passed: VecDeque<(String, u64)>,
-    passed_set: BTreeSet<(String, u64)>,
+    passed: VecDeque<Passed>,
+    passed_set: BTreeSet<Passed>,
     /// Fetches refused as busy, to send again.
     retries: Vec<(u64, String, Pending)>,
     announced: BTreeMap<String, u64>,
@@ -532,7 +535,8 @@ impl Replica {
         let me = self.swim.me().clone();
         let members = self.relay_members();
         for (from, d) in deltas {
-            let key = (d.entry.id.clone(), d.entry.version);
+            // Two writers can stamp the same version: the origin tells them apart.
+            let key = (d.entry.id.clone(), d.entry.version, d.entry.origin.clone());
             if !self.passed_set.insert(key.clone()) {
                 continue;
             }
@@ -636,6 +640,7 @@ impl Replica {
                 let resp = if self.peers.allow_gossip(&peer, now) {
                     if self.peers.is_connected(&peer) {
                         self.peers.on_roots(&peer, theirs, &mine, now);
+                        self.session_if_due(now, &peer, store);
                     }
                     Response::Root(mine)
                 } else {
@@ -701,6 +706,7 @@ impl Replica {
                     && self.peers.is_connected(peer)
                 {
                     self.peers.on_roots(peer, theirs, &store.root_announcement(), now);
+                    self.session_if_due(now, peer, store);
                 }
             }
             Pending::Fetch { ids, tries } => match result {
@@ -844,6 +850,19 @@ impl Replica {
                 self.drive(now, &peer, store);
             }
             (Waiter::Ledger { peer, .. }, other) => self.finish(now, &peer, Err(format!("ledger: {other:?}"))),
+        }
+    }
+
+    /// Starts a session with `peer` as soon as a roots comparison makes it
+    /// due (when sessions run on their own): a heal is repaired without
+    /// waiting for the next round.
+    fn session_if_due(&mut self, now: Now, peer: &str, store: &impl Store) {
+        if self.next_session_round.is_none() || self.sessions.contains_key(peer) {
+            return;
+        }
+        let every = self.cfg.anti_entropy_interval_ms;
+        if self.peers.due_for_session(now, every).iter().any(|p| p == peer) {
+            self.start_session(now, peer, store);
         }
     }
 

@@ -110,8 +110,9 @@ pub struct CdcOutcome {
     pub dropped: u64,
     /// Newer than ours but without content: to fetch from the author.
     pub fetch: Vec<String>,
-    /// The deltas that were news here (not held already), in order: the
-    /// ones to pass on.
+    /// The deltas whose version is the one stored here now (or to fetch):
+    /// the ones to pass on (the core passes each version on once). One
+    /// held already counts too: a session may have brought it first.
     pub fresh: Vec<CdcDelta>,
 }
 
@@ -223,7 +224,14 @@ pub async fn receive_cdc<S: Store>(store: &S, deltas: Vec<CdcDelta>) -> Result<C
         // A lookup that fails drops this delta only.
         match held_already(store, &delta).await {
             Ok(false) => {}
-            Ok(true) | Err(_) => {
+            Ok(true) => {
+                out.dropped += 1;
+                if store.current(&delta.entry.id).await.ok().flatten().as_ref() == Some(&delta.entry) {
+                    out.fresh.push(delta);
+                }
+                continue;
+            }
+            Err(_) => {
                 out.dropped += 1;
                 continue;
             }
