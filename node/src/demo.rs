@@ -295,9 +295,22 @@ pub async fn run_cluster(items: usize) -> anyhow::Result<()> {
         );
     }
     println!("conflict.7 = \"n3 says 7\" on every node (the later write wins); deleted items stay deleted");
-    // Replication stops, its storage work done, before the engines do.
+    // No new sessions anywhere, the running ones finish, then replication
+    // stops (its storage work done) before the engines do.
     for n in &nodes {
         n.cdc.abort();
+        n.net.stop_anti_entropy().await;
+    }
+    for _ in 0..100 {
+        if nodes
+            .iter()
+            .all(|n| n.net.peers.view().iter().all(|p| p.session.is_none()))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in &nodes {
         n.net.shutdown().await;
     }
     for n in &nodes {

@@ -253,6 +253,11 @@ impl NodeHandle {
         let _ = self.commands.send(Command::Sessions(Some(interval))).await;
     }
 
+    /// Stops starting sessions on their own (running ones finish).
+    pub async fn stop_anti_entropy(&self) {
+        let _ = self.commands.send(Command::Sessions(None)).await;
+    }
+
     /// Publishes this node's committed writes as CDC deltas (the core packs
     /// them). Batches the swarm could not keep up with are left to
     /// anti-entropy.
