@@ -15,34 +15,21 @@ pub const PACK_BYTES: usize = 24 * 1024;
 /// Most deltas in one message.
 pub const MAX_DELTAS: usize = 1024;
 
-/// The deltas of committed items, packed into message-sized groups.
+/// The deltas of committed items (content inlined up to
+/// `CDC_INLINE_MAX`), packed into message-sized groups.
 pub fn pack(items: impl IntoIterator<Item = WireItem>) -> Vec<Vec<CdcDelta>> {
-    let mut out = Vec::new();
-    let (mut group, mut bytes) = (Vec::new(), 0);
-    for w in items {
-        let inline = w.content.len() <= CDC_INLINE_MAX;
-        let size = 128
-            + 2 * w.entry.id.len()
-            + 2 * w.entry.origin.len()
-            + w.state.len()
-            + if inline { w.content.len() } else { 0 };
-        if !group.is_empty() && (bytes + size > PACK_BYTES || group.len() >= MAX_DELTAS) {
-            out.push(std::mem::take(&mut group));
-            bytes = 0;
-        }
-        bytes += size;
-        group.push(CdcDelta {
-            entry: w.entry.clone(),
-            item: inline.then_some(w),
-        });
-    }
-    if !group.is_empty() {
-        out.push(group);
-    }
-    out
+    pack_deltas(
+        items
+            .into_iter()
+            .map(|w| CdcDelta {
+                entry: w.entry.clone(),
+                item: (w.content.len() <= CDC_INLINE_MAX).then_some(w),
+            })
+            .collect(),
+    )
 }
 
-/// Deltas packed into message-sized groups (as `pack` does for items).
+/// Deltas packed into message-sized groups of about `PACK_BYTES`.
 pub fn pack_deltas(deltas: Vec<CdcDelta>) -> Vec<Vec<CdcDelta>> {
     let mut out = Vec::new();
     let (mut group, mut bytes) = (Vec::new(), 0);
