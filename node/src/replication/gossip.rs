@@ -1,22 +1,23 @@
-//! Gossip: roots announcements on `syncnode/{cluster}/roots/1` and CDC deltas
-//! on `syncnode/{cluster}/cdc/1` (gossipsub, strict signing). Every message
-//! is an `Envelope` naming the cluster and is validated before gossipsub may
-//! forward it: size, version, cluster, a body that fits its topic, and an
-//! inlined item that matches its entry.
+//! Received deltas and the gossipsub topics. Deltas reach a node along the
+//! core's relay tree (`Request::Cdc`) or, from a node of the previous
+//! release, on the gossipsub topics `syncnode/{cluster}/roots/1` and
+//! `syncnode/{cluster}/cdc/1` (still subscribed, strict signing, no longer
+//! published to). Either way they are checked here before the core sees
+//! them: a count within bounds, valid ids and origins, inlined items that
+//! match their entries; gossip also by size, version, cluster and topic.
 //!
 //! On receipt of a delta (DESIGN §5.3): `definitely_missing` → apply at once;
 //! `is_current` → drop; otherwise apply only if newer (LWW); a delta without
-//! its content (too large to inline) is fetched from its author.
+//! its content (too large to inline) is fetched from its writer.
 
 use libp2p::gossipsub::{IdentTopic, TopicHash};
 use syncnode_protocol::replica::cdc;
-use syncnode_protocol::wire::{Body, CdcDelta, Envelope, RootsAnnouncement};
+use syncnode_protocol::wire::{Body, CdcDelta, Envelope};
 
 pub use syncnode_protocol::replica::cdc::{CDC_INLINE_MAX, GOSSIP_MAX, MAX_DELTAS};
 pub use syncnode_protocol::replica::{CdcOutcome, Gossip};
 
-use super::anti_entropy::wire_item;
-use crate::engine::{StorageError, SyncEngine, SyncItem};
+use crate::engine::{StorageError, SyncEngine};
 
 pub fn roots_topic(cluster: &str) -> IdentTopic {
     IdentTopic::new(format!("syncnode/{cluster}/roots/1"))
@@ -54,20 +55,6 @@ pub fn check_deltas(ds: &[CdcDelta]) -> Result<(), String> {
             }
         },
     )
-}
-
-/// The encoded roots announcement.
-pub fn encode_roots(cluster: &str, roots: RootsAnnouncement) -> Vec<u8> {
-    Envelope::new(cluster, Body::Roots(roots)).encode()
-}
-
-/// The encoded deltas of committed items (content inlined when small),
-/// packed several to a message (the core's packing).
-pub fn encode_deltas(cluster: &str, items: &[SyncItem]) -> Vec<Vec<u8>> {
-    cdc::pack(items.iter().map(wire_item))
-        .into_iter()
-        .map(|group| Envelope::new(cluster, Body::Cdc(group)).encode())
-        .collect()
 }
 
 impl SyncEngine {
@@ -128,7 +115,9 @@ mod tests {
                 })
                 .collect();
             let mut seen = 0;
-            for m in encode_deltas("c", &items) {
+            let wire: Vec<_> = items.iter().map(crate::replication::anti_entropy::wire_item).collect();
+            for group in cdc::pack(wire) {
+                let m = Envelope::new("c", Body::Cdc(group)).encode();
                 proptest::prop_assert!(m.len() <= GOSSIP_MAX, "{} bytes", m.len());
                 match decode("c", &cdc_topic("c").hash(), &m) {
                     Ok(Gossip::Cdc(ds)) => {
