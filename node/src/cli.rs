@@ -1,4 +1,4 @@
-//! The `syncnode` command line: `run`, `resync`, `keygen`, `psk`, `status`,
+//! The `syncnode` command line: `run`, `resync`, `keygen`, `psk`, `status`, `ready`,
 //! `members`, `put`, `get`, `del` and `demo`. In the library so the test crate runs the very
 //! same program as real processes.
 
@@ -79,6 +79,12 @@ enum Command {
         target: Target,
         #[arg(long, value_name = "SECONDS")]
         watch: Option<u64>,
+    },
+    /// Exits 0 when the node is ready (`/readyz` 200), else prints why and
+    /// exits 1: a container HEALTHCHECK or a script's wait, with no curl.
+    Ready {
+        #[command(flatten)]
+        target: Target,
     },
     /// Writes an item (the value, or --file; JSON when it parses as JSON).
     Put {
@@ -276,6 +282,19 @@ pub async fn main() -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
                 },
             }
+        }
+        Command::Ready { target } => {
+            let r = target.client().get("/readyz").await?;
+            let v = r.json().unwrap_or_default();
+            if r.status.is_success() {
+                println!("ready");
+                return Ok(());
+            }
+            let reasons = v["reasons"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join("; "))
+                .unwrap_or_else(|| r.text());
+            anyhow::bail!("not ready (HTTP {}): {reasons}", r.status)
         }
         Command::Put {
             target,

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod process;
 pub mod replication;
 pub mod run;
+pub mod service;
 
 pub use engine::{
     AckMode, BackpressureLevel, BatchResult, CacheTtl, ContentType, EngineState, FilterTrust, HealthCheck, ItemStatus,

@@ -75,11 +75,13 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         region: cfg.region.clone(),
     };
     let server = tokio::spawn(crate::api::serve(listener, api));
+    let ready = tokio::spawn(notify_when_ready(engine.clone(), net.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
         r = server => {
+            ready.abort();
             cdc.abort();
             net.shutdown().await;
             engine.shutdown().await;
@@ -91,6 +93,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down: leaving the cluster");
+    ready.abort();
+    crate::service::notify("STOPPING=1");
     net.leave().await;
     // Replication stops (its storage work finished, the members file
     // written) before the engine does.
@@ -114,4 +118,29 @@ pub async fn wipe(cfg: &NodeConfig) -> anyhow::Result<()> {
     crate::replication::peers::reset_members_file(&cfg.data_dir.join("members.json"))?;
     tracing::warn!(%peer_id, erased, "local copy erased; joining again through the given peer");
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) the node is ready once it has caught up,
+/// with the reason it waits as the unit's status until then.
+async fn notify_when_ready(engine: Arc<SyncEngine>, net: swarm::NodeHandle) {
+    let mut last = String::new();
+    loop {
+        let why = if !engine.is_ready() {
+            Some(format!("engine is {:?}", engine.state()))
+        } else {
+            net.not_ready(engine.merkle_summary().1)
+        };
+        match why {
+            None => {
+                crate::service::notify("READY=1\nSTATUS=serving");
+                return;
+            }
+            Some(why) if why != last => {
+                crate::service::notify(&format!("STATUS={why}"));
+                last = why;
+            }
+            Some(_) => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }

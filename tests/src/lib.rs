@@ -10,3 +10,6 @@ pub fn key(i: u64) -> String {
 pub fn value(i: u64) -> Vec<u8> {
     format!("value-{i}-").repeat(40).into_bytes()
 }
+
+pub mod history;
+pub mod lan;

@@ -58,7 +58,10 @@ async fn put(p: &Proc, id: &str, value: &str) -> anyhow::Result<Receipt> {
 
 async fn del(p: &Proc, id: &str) {
     let r = p.api.ok_json(p.api.delete_item(id).await).await.unwrap();
-    assert!(r["version"].as_u64().is_some(), "delete of {id} gave {r}");
+    assert!(
+        r["version"].as_u64().is_some() && r["origin"].is_string(),
+        "delete of {id} gave {r}"
+    );
 }
 
 async fn root(p: &Proc) -> (Option<String>, u64) {

@@ -144,9 +144,10 @@ pub(super) async fn delete_item(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<Value>> {
     let Path(id) = id?;
-    let deleted = api.engine.delete(&id).await?;
-    let version = api.engine.current_entry(&id).await?.map(|e| e.version);
-    Ok(Json(json!({"deleted": deleted, "version": version})))
+    let (deleted, receipt) = api.engine.delete_receipt(&id).await?;
+    Ok(Json(
+        json!({"deleted": deleted, "version": receipt.version, "origin": receipt.origin}),
+    ))
 }
 
 pub(super) async fn item_status(

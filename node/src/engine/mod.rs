@@ -933,11 +933,36 @@ impl SyncEngine {
 
     /// Deletes `id` by writing a tombstone. Returns whether a live item existed.
     pub async fn delete(&self, id: &str) -> Result<bool, StorageError> {
-        Ok(self.delete_many(&[id]).await?.succeeded == 1)
+        Ok(self.delete_receipt(id).await?.0)
+    }
+
+    /// Deletes `id`; returns whether a live item existed and the receipt of
+    /// the tombstone written (its version and origin, what LWW compares).
+    pub async fn delete_receipt(&self, id: &str) -> Result<(bool, WriteReceipt), StorageError> {
+        let (found, mut receipts) = self.write_tombstones(&[id]).await?;
+        let receipt = receipts.pop().expect("one tombstone per id")?;
+        Ok((found == 1, receipt))
     }
 
     /// Deletes many ids in one batch; `succeeded` counts those that existed.
     pub async fn delete_many(&self, ids: &[&str]) -> Result<BatchResult, StorageError> {
+        let (found, results) = self.write_tombstones(ids).await?;
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+            return Err(e);
+        }
+        Ok(BatchResult {
+            total: ids.len(),
+            succeeded: found,
+            failed: 0,
+        })
+    }
+
+    /// Writes a fresh tombstone per id, in order; returns how many ids were
+    /// live and each tombstone's result.
+    async fn write_tombstones(
+        &self,
+        ids: &[&str],
+    ) -> Result<(usize, Vec<Result<WriteReceipt, StorageError>>), StorageError> {
         self.check_writable()?;
         for id in ids {
             validate_id(id)?;
@@ -960,15 +985,7 @@ impl SyncEngine {
                 }
             }
         }
-        let results = self.submit_batch(tombstones, &SubmitOptions::default()).await?;
-        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
-            return Err(e);
-        }
-        Ok(BatchResult {
-            total: ids.len(),
-            succeeded: found,
-            failed: 0,
-        })
+        Ok((found, self.submit_batch(tombstones, &SubmitOptions::default()).await?))
     }
 
     /// Deletes every live item whose id starts with `prefix`. Returns how many.
