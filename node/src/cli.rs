@@ -1,5 +1,5 @@
 //! The `syncnode` command line: `run`, `resync`, `keygen`, `psk`, `status`, `ready`,
-//! `members`, `put`, `get`, `del` and `demo`. In the library so the test crate runs the very
+//! `members`, `put`, `get`, `del`, `load` and `demo`. In the library so the test crate runs the very
 //! same program as real processes.
 
 use crate::client::ApiClient;
@@ -29,7 +29,7 @@ struct Target {
 
 impl Target {
     fn client(&self) -> ApiClient {
-        ApiClient::new(self.api.clone(), self.token.clone())
+        ApiClient::new(crate::client::base_url(&self.api), self.token.clone())
     }
 }
 
@@ -106,6 +106,48 @@ enum Command {
         #[command(flatten)]
         target: Target,
         id: String,
+    },
+    /// Sends a bounded, open-loop load of puts (and deletes) to nodes'
+    /// APIs and reports acknowledged operations, errors and latency.
+    Load {
+        /// Node APIs, used round robin (repeat the flag or separate with commas).
+        #[arg(
+            long = "api",
+            env = "SYNCNODE_API",
+            value_delimiter = ',',
+            default_value = "http://127.0.0.1:8080"
+        )]
+        targets: Vec<String>,
+        /// Bearer token of the API.
+        #[arg(long, env = "SYNCNODE_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Operations started per second.
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        /// How long to send (`10s`, `2m`).
+        #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
+        duration: Duration,
+        /// Distinct ids written (`load.0` … `load.<keys-1>`).
+        #[arg(long, default_value_t = 1_000)]
+        keys: u64,
+        /// Bytes per value.
+        #[arg(long, default_value_t = 100)]
+        value_bytes: usize,
+        /// Every Nth operation is a delete (0: none).
+        #[arg(long, default_value_t = 0)]
+        delete_every: u64,
+        /// Operations waiting for an answer at most; the excess is skipped and counted.
+        #[arg(long, default_value_t = 256)]
+        max_in_flight: usize,
+        /// Give up on an answer after this long.
+        #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
+        timeout: Duration,
+        /// Writes every acknowledged operation with its receipt, one JSON line each.
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+        /// Prints the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Three nodes over loopback: writes, a partition, conflicting writes, the heal.
     Demo {
@@ -323,6 +365,39 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Del { target, id } => {
             let client = target.client();
             println!("{}", client.ok_json(client.delete_item(&id).await).await?);
+            Ok(())
+        }
+        Command::Load {
+            targets,
+            token,
+            rate,
+            duration,
+            keys,
+            value_bytes,
+            delete_every,
+            max_in_flight,
+            timeout,
+            record,
+            json,
+        } => {
+            let report = crate::load::run(crate::load::LoadConfig {
+                targets,
+                token,
+                rate,
+                duration,
+                keys,
+                value_bytes,
+                delete_every,
+                max_in_flight,
+                record,
+                timeout,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.summary());
+            }
             Ok(())
         }
         Command::Demo { items, engine: true } => crate::demo::run_engine(items).await,

@@ -41,6 +41,16 @@ pub fn encode_id(id: &str) -> String {
     utf8_percent_encode(id, NON_ALPHANUMERIC).to_string()
 }
 
+/// A node's API base URL from what an operator types: `http://host:port`,
+/// or `host:port` with the scheme left out.
+pub fn base_url(api: &str) -> String {
+    if api.contains("://") {
+        api.to_string()
+    } else {
+        format!("http://{api}")
+    }
+}
+
 impl ApiClient {
     /// `base` like `http://127.0.0.1:8080`.
     pub fn new(base: impl Into<String>, token: Option<String>) -> Self {
@@ -50,6 +60,12 @@ impl ApiClient {
             http: Client::builder(TokioExecutor::new()).build_http(),
             timeout: Duration::from_secs(30),
         }
+    }
+
+    /// Gives up on an answer after `timeout` (30 s by default).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     pub async fn call(&self, method: Method, path: &str, body: Option<(&str, Bytes)>) -> anyhow::Result<Answer> {
@@ -70,7 +86,7 @@ impl ApiClient {
         let resp = tokio::time::timeout(self.timeout, self.http.request(req))
             .await
             .map_err(|_| anyhow::anyhow!("{method} {path}: no answer within {:?}", self.timeout))?
-            .map_err(|e| anyhow::anyhow!("{method} {}{path}: {e}", self.base))?;
+            .map_err(|e| anyhow::Error::new(e).context(format!("{method} {}{path}", self.base)))?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();

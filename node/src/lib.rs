@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod identity;
+pub mod load;
 pub mod metrics;
 pub mod process;
 pub mod replication;

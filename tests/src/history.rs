@@ -7,6 +7,11 @@
 //! put, or absent for a delete. A put that reads as something else is a
 //! lost acknowledged write; a delete that reads as a value is a resurrected
 //! delete.
+//!
+//! An operation that failed in a way that may still have applied it (a
+//! timeout, a connection lost mid-request) is recorded as indeterminate: the
+//! id may then read as that operation instead, provided the version read
+//! beats the greatest acknowledged one (what LWW would do had it applied).
 
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -24,6 +29,8 @@ struct Op {
 #[derive(Default)]
 pub struct History {
     ops: Mutex<BTreeMap<String, Vec<Op>>>,
+    /// Per id, what indeterminate operations would have left (`None`: a delete).
+    maybe: Mutex<BTreeMap<String, Vec<Option<Bytes>>>>,
 }
 
 /// How the cluster disagrees with what clients were told.
@@ -68,6 +75,16 @@ impl History {
         Ok(())
     }
 
+    /// Records an operation whose outcome is unknown (`None`: a delete).
+    pub fn record_indeterminate(&self, id: &str, value: Option<Bytes>) {
+        self.maybe
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_default()
+            .push(value);
+    }
+
     /// Acknowledged operations recorded.
     pub fn len(&self) -> usize {
         self.ops.lock().unwrap().values().map(Vec::len).sum()
@@ -77,8 +94,8 @@ impl History {
         self.len() == 0
     }
 
-    /// Each id's winning operation: its value, or `None` when deleted.
-    pub fn expected(&self) -> BTreeMap<String, Option<Bytes>> {
+    /// Each id's winning acknowledged operation.
+    fn winners(&self) -> BTreeMap<String, Op> {
         self.ops
             .lock()
             .unwrap()
@@ -88,34 +105,74 @@ impl History {
                     .iter()
                     .max_by(|a, b| (a.version, a.origin.as_bytes()).cmp(&(b.version, b.origin.as_bytes())))
                     .expect("an id is recorded with an operation");
-                (id.clone(), win.value.clone())
+                (id.clone(), win.clone())
             })
             .collect()
     }
 
-    /// Reads every recorded id from `node` and compares with [`expected`](Self::expected).
+    /// Each id's winning acknowledged operation: its value, or `None` when deleted.
+    pub fn expected(&self) -> BTreeMap<String, Option<Bytes>> {
+        self.winners().into_iter().map(|(id, op)| (id, op.value)).collect()
+    }
+
+    /// Reads every recorded id from `node` and compares with what clients were told.
     pub async fn check(&self, node: &NodeProcess) -> anyhow::Result<Violations> {
+        let winners = self.winners();
+        let maybe = self.maybe.lock().unwrap().clone();
+        let ids: std::collections::BTreeSet<&String> = winners.keys().chain(maybe.keys()).collect();
         let mut v = Violations::default();
-        for (id, want) in self.expected() {
-            let got = node.api.get_item(&id).await?;
-            let got = match got.status.as_u16() {
-                200 => Some(got.body),
+        for id in ids {
+            let a = node.api.get_item(id).await?;
+            let got = match a.status.as_u16() {
+                200 => {
+                    let header = |h: &str| a.headers.get(h).and_then(|x| x.to_str().ok()).map(str::to_string);
+                    let version: u64 = header("x-version").and_then(|x| x.parse().ok()).unwrap_or(0);
+                    Some((a.body.clone(), version, header("x-origin").unwrap_or_default()))
+                }
                 404 => None,
-                s => anyhow::bail!("GET {id} on {}: HTTP {s}: {}", node.http, got.text()),
+                s => anyhow::bail!("GET {id} on {}: HTTP {s}: {}", node.http, a.text()),
             };
-            match (&want, &got) {
-                (Some(w), g) if g.as_ref() != Some(w) => v.lost_writes.push(format!(
-                    "{id} on {}: acknowledged {:?}, reads {:?}",
+            let win = winners.get(id);
+            let unknown = maybe.get(id).map(Vec::as_slice).unwrap_or_default();
+            let explained = match (&got, win) {
+                (Some((body, version, origin)), w) => {
+                    let is_winner = w.is_some_and(|w| {
+                        w.value.as_ref() == Some(body) && (w.version, w.origin.as_str()) == (*version, origin.as_str())
+                    });
+                    let beats_winner =
+                        w.is_none_or(|w| (*version, origin.as_bytes()) > (w.version, w.origin.as_bytes()));
+                    is_winner || (beats_winner && unknown.iter().any(|u| u.as_ref() == Some(body)))
+                }
+                (None, None) => true,
+                (None, Some(w)) => w.value.is_none() || unknown.iter().any(Option::is_none),
+            };
+            if explained {
+                continue;
+            }
+            let read = got
+                .as_ref()
+                .map(|(b, ver, org)| format!("{:?} (version {ver}, origin {org})", String::from_utf8_lossy(b)));
+            match win {
+                Some(Op { value: None, .. }) => v.resurrected_deletes.push(format!(
+                    "{id} on {}: deleted, reads {}",
+                    node.http,
+                    read.unwrap_or_default()
+                )),
+                Some(Op {
+                    value: Some(w),
+                    version,
+                    origin,
+                }) => v.lost_writes.push(format!(
+                    "{id} on {}: acknowledged {:?} (version {version}, origin {origin}), reads {}",
                     node.http,
                     String::from_utf8_lossy(w),
-                    g.as_ref().map(|g| String::from_utf8_lossy(g).into_owned())
+                    read.unwrap_or_else(|| "nothing".into())
                 )),
-                (None, Some(g)) => v.resurrected_deletes.push(format!(
-                    "{id} on {}: deleted, reads {:?}",
+                None => v.lost_writes.push(format!(
+                    "{id} on {}: reads {} which no client wrote",
                     node.http,
-                    String::from_utf8_lossy(g)
+                    read.unwrap_or_default()
                 )),
-                _ => {}
             }
         }
         Ok(v)

@@ -13,3 +13,4 @@ pub fn value(i: u64) -> Vec<u8> {
 
 pub mod history;
 pub mod lan;
+pub mod services;

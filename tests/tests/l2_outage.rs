@@ -12,44 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use syncnode::{Query, SearchIndex, SearchTier, SyncEngine, SyncItem};
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through ./scripts/test"))
-}
-
-fn stop_redis() {
-    let f = env("SYNCNODE_TEST_REDIS_PIDFILE");
-    let pid: i32 = std::fs::read_to_string(&f).unwrap().trim().parse().unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.is_empty() || stat.split_whitespace().nth(2) == Some("Z") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "Redis did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn start_redis() {
-    let cmd = env("SYNCNODE_TEST_REDIS_START");
-    assert!(
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("{cmd} >/dev/null 2>&1 &"))
-            .status()
-            .unwrap()
-            .success()
-    );
-}
+use syncnode_tests::services::{start_redis, stop_redis};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fails_nothing_and_heals() {

@@ -13,50 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use syncnode::{StorageError, SyncEngine, SyncItem};
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through ./scripts/test"))
-}
-
-fn mysql_pid() -> i32 {
-    let f = env("SYNCNODE_TEST_MYSQL_PIDFILE");
-    std::fs::read_to_string(&f)
-        .unwrap_or_else(|e| panic!("read {f}: {e}"))
-        .trim()
-        .parse()
-        .expect("pid")
-}
-
-fn stop_mysql() {
-    let pid = mysql_pid();
-    let ok = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "could not signal MariaDB pid {pid}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        // A stopped child of scripts/test lingers as a zombie; check its state.
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.split_whitespace().nth(2) == Some("Z") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "MariaDB did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start_mysql() {
-    let cmd = env("SYNCNODE_TEST_MYSQL_START");
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{cmd} >/dev/null 2>&1 &"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
+use syncnode_tests::services::{start_mysql, stop_mysql};
 
 async fn wait_until(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -134,6 +91,14 @@ async fn mariadb_outage_fails_no_write_and_drains_in_order() {
         "got {r:?}"
     );
     eprintln!("L3-only read failed after {:?}: {r:?}", t.elapsed());
+    // A delete is a write: it goes to the log even when L3 cannot say what
+    // it replaces.
+    let (existed, receipt) = engine
+        .delete_receipt("old.000008")
+        .await
+        .expect("a delete while L3 is down");
+    assert_eq!(existed, None, "L3 could not tell whether it existed");
+    assert!(receipt.version > 0);
 
     stop.store(true, Ordering::Relaxed);
     let acked = load.await.unwrap();
@@ -179,6 +144,10 @@ async fn mariadb_outage_fails_no_write_and_drains_in_order() {
         assert_eq!(&it.content[..], format!("load-{i}").as_bytes());
     }
     assert!(fresh.get("old.000007").await.unwrap().is_some());
+    assert!(
+        fresh.get("old.000008").await.unwrap().is_none(),
+        "the delete made while L3 was down holds"
+    );
     eprintln!("{} writes acknowledged across the outage, all in L3", acked.len());
     fresh.shutdown().await;
 }

@@ -106,6 +106,9 @@ pub(crate) struct Backends {
     pub drain_kick: Arc<Notify>,
     pub drain_lock: tokio::sync::Mutex<()>,
     pub sql_up: AtomicBool,
+    /// An inline drain outran its wait: acks stand on the commit log alone
+    /// until a drain empties it again (writer.rs).
+    pub drain_late: AtomicBool,
 }
 
 /// State shared by the engine handle and its background tasks.
@@ -405,6 +408,7 @@ impl SyncEngine {
             drain_kick: Arc::new(Notify::new()),
             drain_lock: tokio::sync::Mutex::new(()),
             sql_up: AtomicBool::new(true),
+            drain_late: AtomicBool::new(false),
         };
         if core.backends.set(backends).is_err() {
             return Err(StorageError::NotReady("already started".into()));
@@ -902,6 +906,13 @@ impl SyncEngine {
 
     /// The versions we hold of `ids` (tombstones included): L1 first, then
     /// one L3 lookup for the ids the filter does not rule out.
+    /// What L1 holds of `ids`.
+    fn l1_entries(&self, ids: &[&str]) -> HashMap<String, EntryMeta> {
+        ids.iter()
+            .filter_map(|id| Some((id.to_string(), EntryMeta::of(&self.core.l1.get(id)?))))
+            .collect()
+    }
+
     async fn current_entries(&self, ids: &[&str]) -> Result<HashMap<String, EntryMeta>, StorageError> {
         let mut out = HashMap::with_capacity(ids.len());
         let mut ask = Vec::new();
@@ -931,20 +942,23 @@ impl SyncEngine {
         Ok(self.core.backends()?.l3.meta_of(&[id]).await?.remove(id))
     }
 
-    /// Deletes `id` by writing a tombstone. Returns whether a live item existed.
+    /// Deletes `id` by writing a tombstone. Returns whether a live item
+    /// existed (`false` also when L3 was unreachable to tell).
     pub async fn delete(&self, id: &str) -> Result<bool, StorageError> {
-        Ok(self.delete_receipt(id).await?.0)
+        Ok(self.delete_receipt(id).await?.0 == Some(true))
     }
 
-    /// Deletes `id`; returns whether a live item existed and the receipt of
-    /// the tombstone written (its version and origin, what LWW compares).
-    pub async fn delete_receipt(&self, id: &str) -> Result<(bool, WriteReceipt), StorageError> {
+    /// Deletes `id`; returns whether a live item existed (`None`: L3 was
+    /// unreachable to tell, the tombstone is written all the same) and the
+    /// receipt of the tombstone (its version and origin, what LWW compares).
+    pub async fn delete_receipt(&self, id: &str) -> Result<(Option<bool>, WriteReceipt), StorageError> {
         let (found, mut receipts) = self.write_tombstones(&[id]).await?;
         let receipt = receipts.pop().expect("one tombstone per id")?;
-        Ok((found == 1, receipt))
+        Ok((found.map(|n| n == 1), receipt))
     }
 
-    /// Deletes many ids in one batch; `succeeded` counts those that existed.
+    /// Deletes many ids in one batch; `succeeded` counts those known to have
+    /// existed.
     pub async fn delete_many(&self, ids: &[&str]) -> Result<BatchResult, StorageError> {
         let (found, results) = self.write_tombstones(ids).await?;
         if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
@@ -952,27 +966,42 @@ impl SyncEngine {
         }
         Ok(BatchResult {
             total: ids.len(),
-            succeeded: found,
+            succeeded: found.unwrap_or(0),
             failed: 0,
         })
     }
 
     /// Writes a fresh tombstone per id, in order; returns how many ids were
-    /// live and each tombstone's result.
+    /// live (`None` when L3 could not tell) and each tombstone's result.
     async fn write_tombstones(
         &self,
         ids: &[&str],
-    ) -> Result<(usize, Vec<Result<WriteReceipt, StorageError>>), StorageError> {
+    ) -> Result<(Option<usize>, Vec<Result<WriteReceipt, StorageError>>), StorageError> {
         self.check_writable()?;
         for id in ids {
             validate_id(id)?;
         }
+        // A delete is a write: while a MySQL L3 is down it goes to the commit
+        // log like any other, without waiting to learn what it replaces.
+        let b = self.core.backends()?;
+        let mut l3_up = b.sql_up.load(Ordering::Relaxed) && !b.drain_late.load(Ordering::Relaxed);
         // A tombstone also for ids not here (yet): the delete must win over
         // a version still on its way from a peer.
         let mut tombstones = Vec::new();
         let mut found = 0;
         for chunk in ids.chunks(500) {
-            let current = self.current_entries(chunk).await?;
+            let current = if l3_up {
+                match self.current_entries(chunk).await {
+                    Ok(c) => c,
+                    Err(StorageError::Connection(_)) => {
+                        l3_up = false;
+                        self.l1_entries(chunk)
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                self.l1_entries(chunk)
+            };
             for id in chunk {
                 // Always a fresh tombstone, even over an old one: this delete
                 // must beat any version made before it, wherever it is.
@@ -985,7 +1014,8 @@ impl SyncEngine {
                 }
             }
         }
-        Ok((found, self.submit_batch(tombstones, &SubmitOptions::default()).await?))
+        let results = self.submit_batch(tombstones, &SubmitOptions::default()).await?;
+        Ok((l3_up.then_some(found), results))
     }
 
     /// Deletes every live item whose id starts with `prefix`. Returns how many.

@@ -4,9 +4,9 @@
 //! `batch_flush_count` items / `batch_flush_bytes`) as one batch, so concurrent
 //! callers share one fsync. With SQLite as L3 the batch's L3 transaction is the
 //! commit; with MySQL the batch is appended to the commit log (fsynced) and then
-//! moved to MySQL in log order before the ack; while MySQL is down the ack
-//! stands on the log alone and the drainer task moves the backlog once MySQL
-//! is back. Either way one function,
+//! moved to MySQL in log order before the ack (waiting at most a second);
+//! while MySQL is down or slow the ack stands on the log alone and the
+//! drainer task moves the backlog once MySQL is back. Either way one function,
 //! [`Core::apply_to_l3`], writes to L3 and then updates the existence filter,
 //! the Merkle tree and L1, in that order, so an item is never absent from all of
 //! pending, filter and L3 at once.
@@ -228,6 +228,10 @@ async fn finish(core: &Arc<Core>, carry: Vec<SyncItem>) {
     }
 }
 
+/// How long an acknowledgement waits for its batch to reach a MySQL L3 once
+/// it is in the commit log (a healthy server takes milliseconds).
+const INLINE_DRAIN_WAIT: Duration = Duration::from_secs(1);
+
 /// Makes a batch durable: into the commit log (MySQL) or straight into L3 (SQLite).
 async fn commit(core: &Arc<Core>, items: Vec<SyncItem>) -> Result<(), StorageError> {
     let b = core.backends()?;
@@ -237,11 +241,25 @@ async fn commit(core: &Arc<Core>, items: Vec<SyncItem>) -> Result<(), StorageErr
             // While L3 is up, move the batch on at once, so an acknowledged write
             // is in L3 (read-your-writes); when it is down the ack stands on the
             // log alone and the drainer catches up later.
-            if b.sql_up.load(Ordering::Relaxed)
-                && let Err(e) = drain_log(core).await
-            {
-                tracing::warn!(error = %e, "L3 unreachable; writes stay in the commit log");
-                b.drain_kick.notify_one();
+            // The drain runs as a task of its own and the ack waits for it
+            // at most INLINE_DRAIN_WAIT: a server that just went away costs
+            // the pool's whole acquire timeout to notice, and those waiting
+            // must not pay it. The drain is never cancelled midway (L3 could
+            // end up ahead of the tree); it finishes or fails on its own.
+            if b.sql_up.load(Ordering::Relaxed) && !b.drain_late.load(Ordering::Relaxed) {
+                let task = core.clone();
+                let drain = tokio::spawn(async move {
+                    if let Err(e) = drain_log(&task).await {
+                        tracing::warn!(error = %e, "L3 unreachable; writes stay in the commit log");
+                        if let Ok(b) = task.backends() {
+                            b.drain_kick.notify_one();
+                        }
+                    }
+                });
+                if tokio::time::timeout(INLINE_DRAIN_WAIT, drain).await.is_err() {
+                    tracing::debug!("L3 slow to answer; acks stand on the commit log until it is drained");
+                    b.drain_late.store(true, Ordering::Relaxed);
+                }
             }
             Ok(())
         }
@@ -259,6 +277,7 @@ pub(crate) async fn drain_log(core: &Core) -> Result<u64, StorageError> {
     loop {
         let entries = log.read(batch).await?;
         let Some(last) = entries.last().map(|e| e.seq) else {
+            b.drain_late.store(false, Ordering::Relaxed);
             return Ok(drained);
         };
         let n = entries.len() as u64;
