@@ -1,5 +1,5 @@
 //! The `syncnode` command line: `run`, `resync`, `keygen`, `psk`, `status`, `ready`,
-//! `members`, `put`, `get`, `del`, `load` and `demo`. In the library so the test crate runs the very
+//! `members`, `put`, `get`, `del`, `backup`, `restore`, `load` and `demo`. In the library so the test crate runs the very
 //! same program as real processes.
 
 use crate::client::ApiClient;
@@ -79,6 +79,25 @@ enum Command {
         target: Target,
         #[arg(long, value_name = "SECONDS")]
         watch: Option<u64>,
+    },
+    /// Saves a consistent copy of a running node's SQLite database
+    /// (`GET /v1/backup`) to a new file.
+    Backup {
+        #[command(flatten)]
+        target: Target,
+        /// The file to write (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Puts a backup into a new, empty data dir; then `run` it with a
+    /// `--bootstrap` to a live member to catch up what came after it.
+    Restore {
+        /// The data dir to create (must not hold a database yet).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The backup file (`syncnode backup`).
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
     },
     /// Exits 0 when the node is ready (`/readyz` 200), else prints why and
     /// exits 1: a container HEALTHCHECK or a script's wait, with no curl.
@@ -324,6 +343,20 @@ pub async fn main() -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
                 },
             }
+        }
+        Command::Backup { target, out } => {
+            let n = target.client().download("/v1/backup", &out).await?;
+            println!("wrote {} ({n} bytes)", out.display());
+            Ok(())
+        }
+        Command::Restore { data_dir, from } => {
+            let items = crate::run::restore(&data_dir, &from).await?;
+            println!(
+                "restored {items} entries into {}; start it with `syncnode run --data-dir {} --bootstrap <a live member>`",
+                data_dir.display(),
+                data_dir.display()
+            );
+            Ok(())
         }
         Command::Ready { target } => {
             let r = target.client().get("/readyz").await?;

@@ -93,6 +93,49 @@ impl ApiClient {
         Ok(Answer { status, headers, body })
     }
 
+    /// GETs `path` into the file `out` as it arrives (no size limit, no
+    /// timeout on the body); returns the bytes written. `out` is created
+    /// new, fsynced, and removed again when the download fails.
+    pub async fn download(&self, path: &str, out: &std::path::Path) -> anyhow::Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        let mut req = Request::builder().uri(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let resp = tokio::time::timeout(self.timeout, self.http.request(req.body(Full::new(Bytes::new()))?))
+            .await
+            .map_err(|_| anyhow::anyhow!("GET {path}: no answer within {:?}", self.timeout))?
+            .map_err(|e| anyhow::Error::new(e).context(format!("GET {}{path}", self.base)))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let text = body.collect().await?.to_bytes();
+            anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&text));
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(out)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+        let copied = async {
+            let mut n = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    file.write_all(&data).await?;
+                    n += data.len() as u64;
+                }
+            }
+            file.sync_all().await?;
+            anyhow::Ok(n)
+        }
+        .await;
+        if copied.is_err() {
+            let _ = tokio::fs::remove_file(out).await;
+        }
+        copied.map_err(|e| e.context(format!("download to {}", out.display())))
+    }
+
     pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
         self.call(Method::GET, path, None).await
     }

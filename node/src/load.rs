@@ -102,8 +102,8 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
             continue;
         };
         let client = clients[(seq % clients.len() as u64) as usize].clone();
-        // A cheap spread over the keys that is the same on every run.
-        let id = format!("load.{}", seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) % cfg.keys);
+        // Keys drawn the same way on every run (splitmix64 of the sequence).
+        let id = format!("load.{}", splitmix64(seq) % cfg.keys);
         let delete = cfg.delete_every > 0 && seq % cfg.delete_every == cfg.delete_every - 1;
         let value = (!delete).then(|| value_of(seq, cfg.value_bytes));
         let (tally, record) = (tally.clone(), record.clone());
@@ -183,6 +183,13 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         max: at(1.0),
     };
     Ok(report)
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// The value of operation `seq`: names the operation, padded to `bytes`.

@@ -144,3 +144,41 @@ async fn notify_when_ready(engine: Arc<SyncEngine>, net: swarm::NodeHandle) {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
+
+/// `syncnode restore`: copies a backup into a new data dir as its SQLite L3
+/// and opens it once, to check it is one (and to count what it holds). The
+/// node gets a new identity at its first `run`.
+pub async fn restore(data_dir: &std::path::Path, backup: &std::path::Path) -> anyhow::Result<u64> {
+    let mut header = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(backup).map_err(|e| anyhow::anyhow!("backup {}: {e}", backup.display()))?,
+            16,
+        ),
+        &mut header,
+    )
+    .map_err(|e| anyhow::anyhow!("backup {}: {e}", backup.display()))?;
+    anyhow::ensure!(
+        header == b"SQLite format 3\0",
+        "{} is not a SQLite database (a `syncnode backup` file)",
+        backup.display()
+    );
+    let db = data_dir.join("l3.sqlite");
+    anyhow::ensure!(
+        !db.exists(),
+        "{} already holds a database: restore into a new data dir",
+        data_dir.display()
+    );
+    std::fs::create_dir_all(data_dir).map_err(|e| anyhow::anyhow!("data dir {}: {e}", data_dir.display()))?;
+    std::fs::copy(backup, &db).map_err(|e| anyhow::anyhow!("copy {} to {}: {e}", backup.display(), db.display()))?;
+    std::fs::File::open(&db)?.sync_all()?;
+    let engine = SyncEngine::with_config(crate::engine::SyncEngineConfig::for_dir(data_dir, "restore"));
+    let opened = engine.start().await;
+    let items = engine.merkle_summary().1;
+    engine.shutdown().await;
+    if let Err(e) = opened {
+        let _ = std::fs::remove_file(&db);
+        anyhow::bail!("{} is not a usable backup: {e}", backup.display());
+    }
+    Ok(items)
+}

@@ -1,10 +1,11 @@
 //! The HTTP API of DESIGN §7 (axum), one file per group of endpoints:
 //! `items` (items, batches, scans, Merkle nodes), `search` (indexes),
-//! `peers` (peers, partitions, sessions), `members` (membership) and `probes` (`/livez`, `/readyz`,
+//! `peers` (peers, partitions, sessions), `members` (membership), `backup` and `probes` (`/livez`, `/readyz`,
 //! `/health`, `/metrics`); `error` turns every failure into a JSON
 //! `{error, detail}` with its status, never a crash. With `api_token` set,
 //! everything but `/livez` and `/readyz` needs `Authorization: Bearer <token>`.
 
+mod backup;
 mod error;
 mod items;
 mod members;
@@ -61,6 +62,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/sync", get(peers::sync))
         .route("/v1/members", get(members::members))
         .route("/v1/members/{peer}", axum::routing::delete(members::forget_member))
+        .route("/v1/backup", get(backup::backup))
         .route("/health", get(probes::health))
         .route("/metrics", get(probes::metrics))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token));

@@ -470,6 +470,20 @@ impl L3Store {
         Ok(Some(int(&row, 0, "max_allowed_packet")?.max(0) as u64))
     }
 
+    /// SQLite only: a consistent copy of the whole database at `path`.
+    pub async fn vacuum_into(&self, path: &std::path::Path) -> Result<(), StorageError> {
+        let target = path
+            .to_str()
+            .ok_or_else(|| StorageError::InvalidInput(format!("backup path {path:?} is not UTF-8")))?;
+        // A copy of any size: no statement timeout.
+        sqlx::query("VACUUM INTO ?")
+            .bind(target)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StorageError::sql("backup (VACUUM INTO)", e))?;
+        Ok(())
+    }
+
     /// `SELECT 1`; returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, StorageError> {
         let start = Instant::now();

@@ -13,6 +13,7 @@
 //! them in batches (see `writer`).
 
 pub mod backpressure;
+pub mod backup;
 pub mod commit_log;
 pub mod config;
 pub mod error;
