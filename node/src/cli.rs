@@ -271,6 +271,18 @@ async fn status(client: &ApiClient) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The program: runs [`main`] and prints an error with its causes on one
+/// line (never a Debug dump); exit code 1 on error.
+pub async fn program() -> std::process::ExitCode {
+    match main().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("syncnode: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Parses the command line and runs the command.
 pub async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

@@ -1,8 +1,8 @@
 //! The `syncnode` program, built inside the test crate so process-level
 //! tests can start it (`CARGO_BIN_EXE_node`): same code as the `syncnode`
-//! binary, `syncnode::cli::main`.
+//! binary, `syncnode::cli::program`.
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    syncnode::cli::main().await
+async fn main() -> std::process::ExitCode {
+    syncnode::cli::program().await
 }
