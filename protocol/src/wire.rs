@@ -5,11 +5,22 @@
 //! big-endian length, then the encoded envelope. Decoders never allocate more
 //! than the configured limit, reject truncated, oversized and unknown input
 //! with a typed error, and never panic (property and fuzz tested).
+//!
+//! Versions (DESIGN §5): wire version N and N+1 interoperate, so a cluster
+//! upgrades one node at a time. A message is stamped with the oldest
+//! version that has it, so a peer one version older reads every message it
+//! can understand; messages new in N+1 go only to peers that speak N+1
+//! (they list `/syncnode/sync/<N+1>`). Versions further apart refuse each
+//! other by name. Version 1: sessions, fetches and pushes over requests,
+//! CDC and roots over gossipsub. Version 2 adds `Request::Cdc` and
+//! `Request::Roots` (CDC along the relay tree, roots in one exchange).
 
 use serde::{Deserialize, Serialize};
 
-/// Version byte of this encoding.
-pub const WIRE_VERSION: u8 = 1;
+/// The wire version this node speaks.
+pub const WIRE_VERSION: u8 = 2;
+/// The oldest wire version it still reads and writes (N and N+1 interoperate).
+pub const MIN_WIRE_VERSION: u8 = WIRE_VERSION - 1;
 /// Largest frame a node accepts by default (bytes, without the length prefix).
 pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
 /// Longest cluster id.
@@ -21,8 +32,12 @@ pub enum WireError {
     TooLarge { size: usize, max: usize },
     #[error("truncated input")]
     Truncated,
-    #[error("unsupported wire version {0}")]
+    #[error(
+        "wire version {0} is not spoken here (this node speaks {MIN_WIRE_VERSION} to {WIRE_VERSION}; upgrade one version at a time)"
+    )]
     Version(u8),
+    #[error("a wire version {needs} message stamped version {stamped}")]
+    Stamp { needs: u8, stamped: u8 },
     #[error("malformed message: {0}")]
     Malformed(String),
     #[error("message for cluster {got:?}, expected {expected:?}")]
@@ -231,6 +246,16 @@ pub enum Body {
     MemberAck(MemberAck),
 }
 
+impl Body {
+    /// The oldest wire version that has this message.
+    pub fn since(&self) -> u8 {
+        match self {
+            Body::Request(Request::Cdc { .. } | Request::Roots(_)) => 2,
+            _ => 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     pub cluster: String,
@@ -245,9 +270,10 @@ impl Envelope {
         }
     }
 
-    /// Version byte followed by the postcard encoding.
+    /// Version byte (the oldest version that has this body) followed by
+    /// the postcard encoding.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![WIRE_VERSION];
+        let mut out = vec![self.body.since()];
         out.extend(postcard::to_stdvec(self).expect("envelopes always encode"));
         out
     }
@@ -258,13 +284,19 @@ impl Envelope {
             return Err(WireError::TooLarge { size: bytes.len(), max });
         }
         let (&version, rest) = bytes.split_first().ok_or(WireError::Truncated)?;
-        if version != WIRE_VERSION {
+        if !(MIN_WIRE_VERSION..=WIRE_VERSION).contains(&version) {
             return Err(WireError::Version(version));
         }
         let env: Envelope = postcard::from_bytes(rest).map_err(|e| match e {
             postcard::Error::DeserializeUnexpectedEnd => WireError::Truncated,
             other => WireError::Malformed(other.to_string()),
         })?;
+        if env.body.since() > version {
+            return Err(WireError::Stamp {
+                needs: env.body.since(),
+                stamped: version,
+            });
+        }
         if env.cluster.len() > MAX_CLUSTER_ID {
             return Err(WireError::Malformed("cluster id too long".into()));
         }
@@ -503,5 +535,29 @@ mod tests {
         assert_eq!(Envelope::decode(&bytes, 100), Err(WireError::Version(9)));
         let long = Envelope::new("x".repeat(65), Body::Response(Response::Pushed { applied: 1 })).encode();
         assert!(matches!(Envelope::decode(&long, 1000), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
+    fn messages_carry_the_oldest_version_that_has_them() {
+        let old = Envelope::new("c", Body::Request(Request::Root));
+        assert_eq!(old.encode()[0], 1, "a version 1 peer reads it");
+        let new = Envelope::new("c", Body::Request(Request::Cdc { deltas: vec![] }));
+        let mut bytes = new.encode();
+        assert_eq!(bytes[0], 2);
+        assert_eq!(Envelope::decode(&bytes, 100), Ok(new));
+        // A version 2 message stamped 1 is refused, not misread.
+        bytes[0] = 1;
+        assert_eq!(
+            Envelope::decode(&bytes, 100),
+            Err(WireError::Stamp { needs: 2, stamped: 1 })
+        );
+        // Two versions apart: refused by name.
+        let mut far = old.encode();
+        far[0] = WIRE_VERSION + 1;
+        let err = Envelope::decode(&far, 100).unwrap_err();
+        assert_eq!(err, WireError::Version(WIRE_VERSION + 1));
+        assert!(err.to_string().contains("one version at a time"), "{err}");
+        far[0] = 0;
+        assert_eq!(Envelope::decode(&far, 100), Err(WireError::Version(0)));
     }
 }

@@ -27,7 +27,12 @@ fn systemd_analyze(args: &[&str]) -> std::process::Output {
 #[test]
 fn the_unit_verifies_and_is_hardened() {
     let unit = unit();
-    for key in ["Type=notify", "Restart=on-failure", "KillSignal=SIGTERM", "NoNewPrivileges=yes"] {
+    for key in [
+        "Type=notify",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+        "NoNewPrivileges=yes",
+    ] {
         assert!(unit.lines().any(|l| l == key), "the unit sets {key}");
     }
     // verify checks ExecStart's binary exists: point it at the built one.

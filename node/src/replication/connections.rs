@@ -90,6 +90,17 @@ impl ConnectionLog {
     }
 
     /// A message of another cluster (the codec refused it).
+    /// A peer with no wire version in common: they cannot replicate.
+    pub fn wrong_wire(&mut self, peer: PeerId, theirs: &[u8]) {
+        if self.allow(&format!("wire {peer}")) {
+            use syncnode_protocol::wire::{MIN_WIRE_VERSION, WIRE_VERSION};
+            tracing::warn!(
+                %peer,
+                "peer speaks wire versions {theirs:?}, this node {MIN_WIRE_VERSION} to {WIRE_VERSION}: they cannot replicate; upgrade one version at a time"
+            );
+        }
+    }
+
     pub fn wrong_cluster(&mut self, peer: PeerId, error: &str) {
         if self.allow(&format!("cluster {peer}")) {
             tracing::warn!(%peer, %error, "peer belongs to another cluster (cluster_id differs); its messages are refused");

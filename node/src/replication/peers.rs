@@ -221,6 +221,11 @@ impl Peers {
         self.with(|t, now| t.set_region(&peer.to_string(), region, now));
     }
 
+    /// The newest wire version `peer` and we both speak.
+    pub fn set_wire(&self, peer: PeerId, version: u8) {
+        self.with(|t, now| t.set_wire(&peer.to_string(), version, now));
+    }
+
     pub fn on_roots(&self, peer: PeerId, theirs: RootsAnnouncement, mine: &RootsAnnouncement) {
         self.with(|t, now| t.on_roots(&peer.to_string(), theirs, mine, now));
     }

@@ -37,7 +37,7 @@ use super::gossip::{self, GOSSIP_MAX};
 use super::membership::{ClusterPacket, MEMBERS_PROTOCOL, MemberCodec, MemberTable};
 use super::peers::{PeerLimits, Peers, known_members};
 use super::swim::{Blocked, Links, PacketRefusal, Swim};
-use super::transport::{SYNC_PROTOCOL, SyncCodec, Traffic, tcp_transport};
+use super::transport::{SYNC_PROTOCOLS, SyncCodec, Traffic, common_wire, tcp_transport};
 use crate::engine::SyncEngine;
 
 #[derive(NetworkBehaviour)]
@@ -359,7 +359,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
                 blocked: allow_block_list::Behaviour::default(),
                 sync: request_response::Behaviour::with_codec(
                     codec,
-                    [(SYNC_PROTOCOL, ProtocolSupport::Full)],
+                    SYNC_PROTOCOLS.map(|p| (p, ProtocolSupport::Full)),
                     request_response::Config::default()
                         .with_request_timeout(timeout)
                         .with_max_concurrent_streams(64),
@@ -1065,6 +1065,12 @@ impl SwarmTask {
                     .find_map(|w| w.strip_prefix("region="))
                     .map(str::to_string);
                 self.peers.set_region(peer_id, region);
+                match common_wire(info.protocols.iter().map(|p| p.as_ref())) {
+                    Ok(v) => self.peers.set_wire(peer_id, v),
+                    // No sync protocol at all: not a syncnode peer; nothing to say.
+                    Err(theirs) if theirs.is_empty() => {}
+                    Err(theirs) => self.log.wrong_wire(peer_id, &theirs),
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,

@@ -1,7 +1,9 @@
 //! The request-response codec for anti-entropy over libp2p: each request and
 //! response is one frame (4-byte big-endian length, then an `Envelope`) on its
 //! own stream. Frames past the size limit and messages of another cluster are
-//! refused before any work is done.
+//! refused before any work is done. One protocol name per wire version
+//! spoken (`/syncnode/sync/2`, `/syncnode/sync/1`); a request newer than
+//! the negotiated version is neither sent nor taken.
 //!
 //! Also the TCP stack under it: DNS names (`/dns4`, `/dns6`, `/dns`)
 //! resolved at each dial, so a container back with a new IP is found again;
@@ -17,10 +19,33 @@ use libp2p::{PeerId, StreamProtocol, Transport, dns, identity, noise, tcp, yamux
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use syncnode_protocol::wire::{Body, Envelope, Request, Response};
+use syncnode_protocol::wire::{Body, Envelope, MIN_WIRE_VERSION, Request, Response, WIRE_VERSION};
 
-/// The anti-entropy protocol name.
-pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/syncnode/sync/1");
+/// The sync protocol, once per wire version spoken, newest first: dialing a
+/// peer negotiates the newest both speak, and identify tells each side which
+/// versions the other has (`wire::WIRE_VERSION`, `MIN_WIRE_VERSION`).
+pub const SYNC_PROTOCOLS: [StreamProtocol; 2] = [
+    StreamProtocol::new("/syncnode/sync/2"),
+    StreamProtocol::new("/syncnode/sync/1"),
+];
+const SYNC_PREFIX: &str = "/syncnode/sync/";
+
+/// The wire version of a sync protocol name (`/syncnode/sync/<N>`).
+pub fn wire_of(protocol: &str) -> Option<u8> {
+    protocol.strip_prefix(SYNC_PREFIX)?.parse().ok()
+}
+
+/// The newest wire version both speak, given the protocols a peer lists;
+/// `Err` with the versions it speaks when there is none.
+pub fn common_wire<'a>(theirs: impl IntoIterator<Item = &'a str>) -> Result<u8, Vec<u8>> {
+    let versions: Vec<u8> = theirs.into_iter().filter_map(wire_of).collect();
+    versions
+        .iter()
+        .copied()
+        .filter(|v| (MIN_WIRE_VERSION..=WIRE_VERSION).contains(v))
+        .max()
+        .ok_or(versions)
+}
 
 #[derive(Debug, Clone)]
 pub struct SyncCodec {
@@ -108,10 +133,13 @@ impl libp2p::request_response::Codec for SyncCodec {
 
     async fn read_request<T: AsyncRead + Unpin + Send>(
         &mut self,
-        _: &StreamProtocol,
+        protocol: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Request> {
         match self.read_body(io).await? {
+            b @ Body::Request(_) if b.since() > stream_wire(protocol) => {
+                Err(invalid(format!("a wire version {} request on {protocol}", b.since())))
+            }
             Body::Request(r) => Ok(r),
             _ => Err(invalid("expected a request")),
         }
@@ -130,11 +158,19 @@ impl libp2p::request_response::Codec for SyncCodec {
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
         &mut self,
-        _: &StreamProtocol,
+        protocol: &StreamProtocol,
         io: &mut T,
         req: Request,
     ) -> io::Result<()> {
-        self.write_body(io, Body::Request(req)).await
+        let body = Body::Request(req);
+        if body.since() > stream_wire(protocol) {
+            // Our own message: the peer speaks an older version, no fault of its.
+            return Err(io::Error::other(format!(
+                "the peer speaks {protocol}; this request needs wire version {}",
+                body.since()
+            )));
+        }
+        self.write_body(io, body).await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(
@@ -145,6 +181,11 @@ impl libp2p::request_response::Codec for SyncCodec {
     ) -> io::Result<()> {
         self.write_body(io, Body::Response(res)).await
     }
+}
+
+/// The wire version a negotiated stream carries.
+fn stream_wire(protocol: &StreamProtocol) -> u8 {
+    wire_of(protocol.as_ref()).unwrap_or(MIN_WIRE_VERSION)
 }
 
 /// TCP (+ DNS, + pnet with `psk`) + Noise + Yamux.

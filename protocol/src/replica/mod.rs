@@ -566,7 +566,10 @@ impl Replica {
         self.swim
             .members()
             .into_iter()
-            .filter(|v| v.state == MemberState::Alive && !self.peers.must_resync(&v.id.peer))
+            // Version 1 peers read no `Request::Cdc`: not part of the tree.
+            .filter(|v| {
+                v.state == MemberState::Alive && !self.peers.must_resync(&v.id.peer) && self.peers.speaks(&v.id.peer, 2)
+            })
             .map(|v| v.id)
             .collect()
     }
@@ -1118,12 +1121,19 @@ impl Replica {
     /// Roots go to every connected peer each `gossip_interval`, in one
     /// exchange per pair (the lower peer id asks, the answer carries the
     /// other side's), so each side compares and may start a session.
+    ///
+    /// A version 1 peer gossips its roots and reads no `Request::Roots`: we
+    /// ask it for its root (`Request::Root`) whatever the ids, and start the
+    /// sessions that bring it our writes.
     fn exchange_roots(&mut self, now: Now, store: &impl Store) {
         let mine = store.root_announcement();
         let me = self.swim.me().peer.clone();
-        let peers: Vec<String> = self.peers.lags(now).into_keys().filter(|p| *p > me).collect();
-        for peer in peers {
-            self.send(now, &peer, Request::Roots(mine.clone()), Pending::Roots);
+        for peer in self.peers.lags(now).into_keys() {
+            if !self.peers.speaks(&peer, 2) {
+                self.send(now, &peer, Request::Root, Pending::Roots);
+            } else if peer > me {
+                self.send(now, &peer, Request::Roots(mine.clone()), Pending::Roots);
+            }
         }
     }
 

@@ -107,6 +107,9 @@ impl Refusal {
 struct PeerState {
     connected: bool,
     region: Option<String>,
+    /// The wire version this peer and we have in common, once it said
+    /// (identify); unknown is taken as ours.
+    wire: Option<u8>,
     root: Option<RootsAnnouncement>,
     /// Announcements in a row whose root differed from ours.
     differed: u32,
@@ -348,6 +351,17 @@ impl PeerTable {
         self.with(peer, now, |s| s.region = region);
     }
 
+    /// The newest wire version `peer` and we both speak.
+    pub fn set_wire(&mut self, peer: &str, version: u8, now: Now) {
+        self.with(peer, now, |s| s.wire = Some(version));
+    }
+
+    /// Whether `peer` reads wire version `version` messages (unknown: yes;
+    /// a request it cannot read fails like a lost one).
+    pub fn speaks(&self, peer: &str, version: u8) -> bool {
+        self.peers.get(peer).and_then(|s| s.wire).is_none_or(|w| w >= version)
+    }
+
     /// Records a peer's roots announcement against our own root.
     pub fn on_roots(&mut self, peer: &str, theirs: RootsAnnouncement, mine: &RootsAnnouncement, now: Now) {
         ReplicationStats::add(&self.stats.roots_received, 1);
@@ -405,7 +419,10 @@ impl PeerTable {
         self.peers
             .iter()
             .filter(|(_, s)| {
-                let wait = interval_ms.saturating_mul((1u64 << s.quiet_sessions.min(4)) - 1);
+                // A version 1 peer gets no CDC from us: sessions are all it
+                // has, so they never back off.
+                let backoff = if s.wire == Some(1) { 0 } else { s.quiet_sessions.min(4) };
+                let wait = interval_ms.saturating_mul((1u64 << backoff) - 1);
                 s.connected
                     && s.differed >= 2
                     && s.session.is_none()
