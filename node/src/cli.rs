@@ -357,7 +357,9 @@ pub async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Backup { target, out } => {
-            let n = target.client().download("/v1/backup", &out).await?;
+            // The node answers once its copy is made: minutes for a large database.
+            let client = target.client().with_timeout(Duration::from_secs(6 * 3600));
+            let n = client.download("/v1/backup", &out).await?;
             println!("wrote {} ({n} bytes)", out.display());
             Ok(())
         }

@@ -55,7 +55,7 @@ pub struct Settings {
     /// L2 Redis URL. [default: none]
     #[arg(long, env = "SYNCNODE_REDIS_URL")]
     pub redis_url: Option<String>,
-    /// Key prefix in Redis. [default: the cluster id]
+    /// Key prefix in Redis. [default: `<cluster_id>:`]
     #[arg(long, env = "SYNCNODE_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
     /// Cluster id, carried by every message. [default: default]

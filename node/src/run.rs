@@ -164,9 +164,11 @@ pub async fn restore(data_dir: &std::path::Path, backup: &std::path::Path) -> an
         backup.display()
     );
     let db = data_dir.join("l3.sqlite");
+    // A used data dir would keep its old identity and members file.
+    let used = std::fs::read_dir(data_dir).is_ok_and(|mut d| d.next().is_some());
     anyhow::ensure!(
-        !db.exists(),
-        "{} already holds a database: restore into a new data dir",
+        !used,
+        "{} is not empty: restore into a new data dir",
         data_dir.display()
     );
     std::fs::create_dir_all(data_dir).map_err(|e| anyhow::anyhow!("data dir {}: {e}", data_dir.display()))?;

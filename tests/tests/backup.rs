@@ -95,7 +95,7 @@ async fn a_sqlite_backup_restored_into_a_fresh_node_catches_up() {
         ])
         .output()
         .unwrap();
-    assert!(!again.status.success(), "restore overwrote a database");
+    assert!(!again.status.success(), "restore into a used data dir");
 
     let c = Proc::spawn(bin(), &c_dir, args(&[&a], &[])).await.unwrap();
     converge(&[&a, &b, &c], Duration::from_secs(60)).await.unwrap();

@@ -43,11 +43,17 @@ impl SyncEngine {
             .unwrap_or_default()
             .as_nanos();
         let path = self.config().data_dir.join(format!("backup-{nanos}.sqlite.tmp"));
-        let written = self.backup_to(&path).await;
-        let opened = std::fs::File::open(&path);
-        let _ = std::fs::remove_file(&path);
-        let size = written?;
-        let file = opened.map_err(|e| StorageError::Backend(format!("backup {}: {e}", path.display())))?;
+        // Removed however this ends, a dropped request included.
+        struct Remove<'a>(&'a Path);
+        impl Drop for Remove<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+        let _remove = Remove(&path);
+        let size = self.backup_to(&path).await?;
+        let file =
+            std::fs::File::open(&path).map_err(|e| StorageError::Backend(format!("backup {}: {e}", path.display())))?;
         Ok((file, size))
     }
 }
