@@ -129,41 +129,8 @@ enum Command {
     /// Sends a bounded, open-loop load of puts (and deletes) to nodes'
     /// APIs and reports acknowledged operations, errors and latency.
     Load {
-        /// Node APIs, used round robin (repeat the flag or separate with commas).
-        #[arg(
-            long = "api",
-            env = "SYNCNODE_API",
-            value_delimiter = ',',
-            default_value = "http://127.0.0.1:8080"
-        )]
-        targets: Vec<String>,
-        /// Bearer token of the API.
-        #[arg(long, env = "SYNCNODE_API_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// Operations started per second.
-        #[arg(long, default_value_t = 100)]
-        rate: u32,
-        /// How long to send (`10s`, `2m`).
-        #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
-        duration: Duration,
-        /// Distinct ids written (`load.0` … `load.<keys-1>`).
-        #[arg(long, default_value_t = 1_000)]
-        keys: u64,
-        /// Bytes per value.
-        #[arg(long, default_value_t = 100)]
-        value_bytes: usize,
-        /// Every Nth operation is a delete (0: none).
-        #[arg(long, default_value_t = 0)]
-        delete_every: u64,
-        /// Operations waiting for an answer at most; the excess is skipped and counted.
-        #[arg(long, default_value_t = 256)]
-        max_in_flight: usize,
-        /// Give up on an answer after this long.
-        #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
-        timeout: Duration,
-        /// Writes every acknowledged operation with its receipt, one JSON line each.
-        #[arg(long, value_name = "FILE")]
-        record: Option<PathBuf>,
+        #[command(flatten)]
+        load: crate::load::LoadConfig,
         /// Prints the report as JSON.
         #[arg(long)]
         json: bool,
@@ -414,32 +381,8 @@ pub async fn main() -> anyhow::Result<()> {
             println!("{}", client.ok_json(client.delete_item(&id).await).await?);
             Ok(())
         }
-        Command::Load {
-            targets,
-            token,
-            rate,
-            duration,
-            keys,
-            value_bytes,
-            delete_every,
-            max_in_flight,
-            timeout,
-            record,
-            json,
-        } => {
-            let report = crate::load::run(crate::load::LoadConfig {
-                targets,
-                token,
-                rate,
-                duration,
-                keys,
-                value_bytes,
-                delete_every,
-                max_in_flight,
-                record,
-                timeout,
-            })
-            .await?;
+        Command::Load { load, json } => {
+            let report = crate::load::run(load).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {

@@ -21,22 +21,42 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct LoadConfig {
+    /// Node APIs, used round robin (repeat the flag or separate with commas).
+    #[arg(
+        long = "api",
+        env = "SYNCNODE_API",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub targets: Vec<String>,
+    /// Bearer token of the API.
+    #[arg(long, env = "SYNCNODE_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Operations started per second.
+    #[arg(long, default_value_t = 100)]
     pub rate: u32,
+    /// How long to send (`10s`, `2m`).
+    #[arg(long, default_value = "10s", value_parser = crate::config::parse_duration)]
     pub duration: Duration,
-    /// Ids are `load.<0..keys>`.
+    /// Distinct ids written (`load.0` … `load.<keys-1>`).
+    #[arg(long, default_value_t = 1_000)]
     pub keys: u64,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 100)]
     pub value_bytes: usize,
-    /// One operation in `delete_every` is a delete (0: none).
+    /// Every Nth operation is a delete (0: none).
+    #[arg(long, default_value_t = 0)]
     pub delete_every: u64,
-    /// Operations in flight at most; the schedule's excess is counted as skipped.
+    /// Operations waiting for an answer at most; the excess is skipped and counted.
+    #[arg(long, default_value_t = 256)]
     pub max_in_flight: usize,
+    /// Writes every acknowledged operation with its receipt, one JSON line each.
+    #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
     /// Give up on an answer after this long.
+    #[arg(long, default_value = "5s", value_parser = crate::config::parse_duration)]
     pub timeout: Duration,
 }
 

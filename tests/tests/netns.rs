@@ -18,15 +18,7 @@ fn bin() -> &'static Path {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("ip {args:?}: {e}; iproute2 comes with ./scripts/test"));
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    syncnode_tests::lan::sh("ip", args);
 }
 
 /// A namespace linked to this one by a veth pair (`10.77.N.1` here,
@@ -40,12 +32,7 @@ struct Host {
 
 impl Host {
     fn new() -> Host {
-        let euid = Command::new("id").arg("-u").output().expect("id -u");
-        assert_eq!(
-            String::from_utf8_lossy(&euid.stdout).trim(),
-            "0",
-            "network namespaces need root: run ./scripts/test as root (as CI does)"
-        );
+        syncnode_tests::lan::require_root("network namespaces");
         let n = std::process::id() % 250 + 1;
         let (ns, link, peer) = (format!("sn{n}"), format!("sna{n}"), format!("snb{n}"));
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
