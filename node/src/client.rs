@@ -85,7 +85,7 @@ impl ApiClient {
         let req = req.body(body)?;
         let resp = tokio::time::timeout(self.timeout, self.http.request(req))
             .await
-            .map_err(|_| anyhow::anyhow!("{method} {path}: no answer within {:?}", self.timeout))?
+            .map_err(|_| anyhow::anyhow!("{method} {}{path}: no answer within {:?}", self.base, self.timeout))?
             .map_err(|e| anyhow::Error::new(e).context(format!("{method} {}{path}", self.base)))?;
         let status = resp.status();
         let headers = resp.headers().clone();
@@ -94,19 +94,28 @@ impl ApiClient {
     }
 
     /// GETs `path` into the file `out` as it arrives (no size limit, no
-    /// timeout on the body); returns the bytes written. `out` is created
-    /// new, fsynced, and removed again when the download fails.
+    /// timeout on the body); returns the bytes written. The body goes to
+    /// `out.partial` first and becomes `out` only complete (its length
+    /// checked against `Content-Length`) and fsynced; `out` must not exist.
     pub async fn download(&self, path: &str, out: &std::path::Path) -> anyhow::Result<u64> {
         use tokio::io::AsyncWriteExt;
+        anyhow::ensure!(!out.exists(), "{} exists", out.display());
+        let mut partial = out.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = std::path::PathBuf::from(partial);
         let mut req = Request::builder().uri(format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let resp = tokio::time::timeout(self.timeout, self.http.request(req.body(Full::new(Bytes::new()))?))
             .await
-            .map_err(|_| anyhow::anyhow!("GET {path}: no answer within {:?}", self.timeout))?
+            .map_err(|_| anyhow::anyhow!("GET {}{path}: no answer within {:?}", self.base, self.timeout))?
             .map_err(|e| anyhow::Error::new(e).context(format!("GET {}{path}", self.base)))?;
         let status = resp.status();
+        let expected: Option<u64> = resp
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let mut body = resp.into_body();
         if !status.is_success() {
             let text = body.collect().await?.to_bytes();
@@ -115,9 +124,9 @@ impl ApiClient {
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(out)
+            .open(&partial)
             .await
-            .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: {e}", partial.display()))?;
         let copied = async {
             let mut n = 0u64;
             while let Some(frame) = body.frame().await {
@@ -126,12 +135,19 @@ impl ApiClient {
                     n += data.len() as u64;
                 }
             }
+            if let Some(len) = expected {
+                anyhow::ensure!(n == len, "the answer ended after {n} of {len} bytes");
+            }
             file.sync_all().await?;
+            tokio::fs::rename(&partial, out).await?;
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                tokio::fs::File::open(dir).await?.sync_all().await?;
+            }
             anyhow::Ok(n)
         }
         .await;
         if copied.is_err() {
-            let _ = tokio::fs::remove_file(out).await;
+            let _ = tokio::fs::remove_file(&partial).await;
         }
         copied.map_err(|e| e.context(format!("download to {}", out.display())))
     }

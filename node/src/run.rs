@@ -121,9 +121,12 @@ pub async fn wipe(cfg: &NodeConfig) -> anyhow::Result<()> {
 }
 
 /// Tells systemd (`Type=notify`) the node is ready once it has caught up,
-/// with the reason it waits as the unit's status until then.
+/// with the reason it waits as the unit's status until then; while the
+/// catch-up makes progress it extends the start timeout, so a large copy is
+/// not killed halfway (a stalled one still is).
 async fn notify_when_ready(engine: Arc<SyncEngine>, net: swarm::NodeHandle) {
     let mut last = String::new();
+    let mut progress = (std::time::Instant::now(), engine.merkle_summary().1);
     loop {
         let why = if !engine.is_ready() {
             Some(format!("engine is {:?}", engine.state()))
@@ -140,6 +143,13 @@ async fn notify_when_ready(engine: Arc<SyncEngine>, net: swarm::NodeHandle) {
                 last = why;
             }
             Some(_) => {}
+        }
+        let items = engine.merkle_summary().1;
+        if progress.0.elapsed() >= std::time::Duration::from_secs(10) {
+            if items != progress.1 {
+                crate::service::notify("EXTEND_TIMEOUT_USEC=120000000");
+            }
+            progress = (std::time::Instant::now(), items);
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
@@ -172,15 +182,38 @@ pub async fn restore(data_dir: &std::path::Path, backup: &std::path::Path) -> an
         data_dir.display()
     );
     std::fs::create_dir_all(data_dir).map_err(|e| anyhow::anyhow!("data dir {}: {e}", data_dir.display()))?;
-    std::fs::copy(backup, &db).map_err(|e| anyhow::anyhow!("copy {} to {}: {e}", backup.display(), db.display()))?;
-    std::fs::File::open(&db)?.sync_all()?;
-    let engine = SyncEngine::with_config(crate::engine::SyncEngineConfig::for_dir(data_dir, "restore"));
-    let opened = engine.start().await;
-    let items = engine.merkle_summary().1;
-    engine.shutdown().await;
-    if let Err(e) = opened {
-        let _ = std::fs::remove_file(&db);
-        anyhow::bail!("{} is not a usable backup: {e}", backup.display());
+    let restored = async {
+        std::fs::copy(backup, &db)
+            .map_err(|e| anyhow::anyhow!("copy {} to {}: {e}", backup.display(), db.display()))?;
+        std::fs::File::open(&db)?.sync_all()?;
+        // A truncated or damaged copy is refused here, not found out later.
+        check_sqlite(&db)
+            .await
+            .map_err(|e| anyhow::anyhow!("{} is damaged: {e:#}", backup.display()))?;
+        let engine = SyncEngine::with_config(crate::engine::SyncEngineConfig::for_dir(data_dir, "restore"));
+        let opened = engine.start().await;
+        let items = engine.merkle_summary().1;
+        engine.shutdown().await;
+        opened.map_err(|e| anyhow::anyhow!("{} is not a usable backup: {e}", backup.display()))?;
+        anyhow::Ok(items)
     }
-    Ok(items)
+    .await;
+    if restored.is_err() {
+        // Leave the data dir as empty as it was, so the restore can be retried.
+        for entry in std::fs::read_dir(data_dir).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    restored
+}
+
+/// `PRAGMA quick_check` on a SQLite file, read-only.
+async fn check_sqlite(db: &std::path::Path) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&format!("sqlite://{}?mode=ro", db.display())).await?;
+    let (verdict,): (String,) = sqlx::query_as("PRAGMA quick_check").fetch_one(&mut conn).await?;
+    conn.close().await?;
+    anyhow::ensure!(verdict == "ok", "{verdict}");
+    Ok(())
 }

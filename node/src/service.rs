@@ -14,22 +14,22 @@ pub fn notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    let sent = (|| -> std::io::Result<()> {
-        let bytes = path.as_encoded_bytes();
-        // `@name` is a socket in the abstract namespace.
-        let addr = match bytes.strip_prefix(b"@") {
-            Some(name) => {
-                use std::os::linux::net::SocketAddrExt;
-                SocketAddr::from_abstract_name(name)?
-            }
-            None => SocketAddr::from_pathname(&path)?,
-        };
-        UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
-        Ok(())
-    })();
-    if let Err(e) = sent {
+    if let Err(e) = notify_to(&path, state) {
         tracing::warn!(socket = ?path, "sd_notify {state:?}: {e}");
     }
+}
+
+/// Sends `state` to the notification socket at `path` (`@name`: abstract).
+pub fn notify_to(path: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    let addr = match path.as_encoded_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)?
+        }
+        None => SocketAddr::from_pathname(path)?,
+    };
+    UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -37,16 +37,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_notification_reaches_the_socket_named_by_notify_socket() {
+    fn a_notification_reaches_a_path_socket_and_an_abstract_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let sock = UnixDatagram::bind(&path).unwrap();
-        // SAFETY: this test is the only one in the crate touching NOTIFY_SOCKET.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-        notify("READY=1\nSTATUS=caught up");
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        notify_to(path.as_os_str(), "READY=1\nSTATUS=caught up").unwrap();
         let mut buf = [0u8; 64];
         let n = sock.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=caught up");
+
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("syncnode-test-{}", std::process::id());
+        let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        notify_to(std::ffi::OsStr::new(&format!("@{name}")), "STOPPING=1").unwrap();
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1");
     }
 }

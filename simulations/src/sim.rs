@@ -519,7 +519,8 @@ impl Sim {
             Output::Ban { .. } | Output::Unban { .. } => {}
             Output::SaveMembers(file) => self.nodes[i].members_file = file,
             Output::Fence(reason) => self.nodes[i].fenced = reason.is_some(),
-            Output::SessionFinished { .. } => {}
+            // Every simulated node speaks the current wire version.
+            Output::SessionFinished { .. } | Output::GossipRoots(_) => {}
         }
     }
 

@@ -46,6 +46,15 @@ impl Violations {
     }
 }
 
+/// The tombstone `node` holds for `id` (`/v1/items/{id}/status`), if any.
+async fn tombstone(node: &NodeProcess, id: &str) -> anyhow::Result<Option<(u64, String)>> {
+    let path = format!("/v1/items/{}/status", syncnode::client::encode_id(id));
+    let v = node.api.ok_json(node.api.get(&path).await).await?;
+    Ok(v["deleted"]["version"]
+        .as_u64()
+        .map(|version| (version, v["deleted"]["origin"].as_str().unwrap_or_default().to_string())))
+}
+
 impl History {
     /// Puts through `node`; records the write when acknowledged.
     pub async fn put(&self, node: &NodeProcess, id: &str, value: &str) -> anyhow::Result<()> {
@@ -144,7 +153,16 @@ impl History {
                     is_winner || (beats_winner && unknown.iter().any(|u| u.as_ref() == Some(body)))
                 }
                 (None, None) => true,
-                (None, Some(w)) => w.value.is_none() || unknown.iter().any(Option::is_none),
+                (None, Some(w)) if w.value.is_none() => true,
+                // Absent where a put won: only an indeterminate delete with a
+                // later version explains it (a purged tombstone cannot say).
+                (None, Some(w)) => {
+                    unknown.iter().any(Option::is_none)
+                        && match tombstone(node, id).await? {
+                            Some((version, origin)) => (version, origin.as_bytes()) > (w.version, w.origin.as_bytes()),
+                            None => true,
+                        }
+                }
             };
             if explained {
                 continue;

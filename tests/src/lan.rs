@@ -59,16 +59,26 @@ impl Lan {
     pub fn new(hosts: usize) -> Lan {
         require_root("a LAN of network namespaces");
         assert!(hosts <= 60);
-        // Distinct per test process and per LAN within it.
-        let n = (std::process::id() % 50) * 5 + NEXT.fetch_add(1, Ordering::Relaxed) % 5;
+        // A LAN number is claimed by creating its switch namespace, which
+        // fails while another test (of any process) holds it.
+        let start = (std::process::id() % 50) * 5 + NEXT.fetch_add(1, Ordering::Relaxed);
+        let n = (0..250)
+            .map(|k| (start + k) % 250)
+            .find(|n| {
+                Command::new("ip")
+                    .args(["netns", "add", &format!("snsw{n}")])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .expect("a free LAN number (250 switch namespaces snsw* exist: remove stale ones with `ip netns del`)");
         let lan = Lan {
             n,
             switch: format!("snsw{n}"),
             hosts,
         };
-        lan.remove();
+        // Hosts a crashed run may have left with this number.
+        lan.remove_hosts();
         let sw = lan.switch.as_str();
-        sh("ip", &["netns", "add", sw]);
         sh("ip", &["-n", sw, "link", "add", "br0", "type", "bridge"]);
         sh("ip", &["-n", sw, "link", "set", "br0", "up"]);
         for i in 0..hosts {
@@ -180,6 +190,26 @@ impl Lan {
     pub fn abort_connections(&self, i: usize) {
         let net = format!("10.78.{}.0/24", self.n);
         sh("ip", &["netns", "exec", &self.ns(i), "ss", "-K", "dst", &net]);
+        // Without kernel support `ss -K` kills nothing and still exits 0.
+        let left = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(i),
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                "dst",
+                &net,
+            ])
+            .output()
+            .expect("ss");
+        assert!(
+            left.stdout.is_empty(),
+            "ss -K left connections open (kernel without SOCK_DESTROY?): {}",
+            String::from_utf8_lossy(&left.stdout)
+        );
     }
 
     /// Host `to` drops every packet from host `from` (`on`), or stops doing so.
@@ -225,17 +255,18 @@ impl Lan {
             .unwrap_or(false)
     }
 
-    fn remove(&self) {
+    fn remove_hosts(&self) {
         for i in 0..self.hosts {
             quiet("ip", &["link", "del", &self.mgmt_link(i)]);
             quiet("ip", &["netns", "del", &self.ns(i)]);
         }
-        quiet("ip", &["netns", "del", &self.switch]);
     }
 }
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        self.remove();
+        self.remove_hosts();
+        // Last: it frees the number.
+        quiet("ip", &["netns", "del", &self.switch]);
     }
 }

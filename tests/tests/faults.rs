@@ -220,6 +220,7 @@ async fn a_node_cut_off_past_tombstone_grace_while_the_others_purge_brings_back_
     }
     settle(&n, "before the cut", Duration::from_secs(60)).await;
 
+    assert!(lan.reachable(2, 0, 7070));
     lan.unplug(2, true);
     assert!(!lan.reachable(2, 0, 7070), "the cut is not a cut");
     for k in 0..10 {

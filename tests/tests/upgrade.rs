@@ -2,9 +2,10 @@
 //! version 1 node is `syncnode` built from the last version 1 commit
 //! (`scripts/test` builds it and exports `SYNCNODE_TEST_V1_BIN`). A mixed
 //! cluster replicates both ways (version 2 nodes talk to the version 1 node
-//! in version 1 terms: sessions instead of `Request::Cdc`, `Request::Root`
-//! instead of `Request::Roots`), nobody is penalized for the other's
-//! messages, and the old node then restarts on the new binary with its data.
+//! in version 1 terms: sessions instead of `Request::Cdc`, roots on its
+//! gossip topic instead of `Request::Roots`), nobody is penalized for the
+//! other's messages, the old node restarted among new ones still joins, and
+//! it then restarts on the new binary with its data.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,18 +87,43 @@ async fn a_version_1_node_and_version_2_nodes_replicate_and_the_old_one_upgrades
         }
     }
 
+    // The old node restarts on version 1 among version 2 peers only: it
+    // must still join (roots reach it on its gossip topic) and replicate.
+    let old = stop(old).await;
+    writes(&h, &[&b, &c], &[&b, &c], "while.old.restarts").await;
+    let old = old.restart(&v1()).await.unwrap();
+    syncnode::process::eventually(
+        "the restarted version 1 node ready",
+        Duration::from_secs(60),
+        || async {
+            let r = old.api.get("/readyz").await.map_err(|e| e.to_string())?;
+            if r.status == 200 { Ok(()) } else { Err(r.text()) }
+        },
+    )
+    .await;
+    writes(&h, &[&old, &b, &c], &[&b, &c], "again.mixed").await;
+    converge(&[&old, &b, &c], Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("after the version 1 restart: {e:#}\nold node's log:\n{}", log(&old)));
+    h.assert_held(&[&old, &b, &c]).await;
+
     // The rolling upgrade: the old node stops (SIGTERM), comes back on the
     // new binary with its data dir, and the cluster goes on.
-    let mut old = old;
-    let pid = old.child.id().unwrap();
-    std::process::Command::new("kill")
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(30), old.child.wait()).await;
+    let old = stop(old).await;
     writes(&h, &[&b, &c], &[&b, &c], "during").await;
     let upgraded = old.restart(v2()).await.unwrap();
     writes(&h, &[&upgraded, &b, &c], &[&upgraded, &b, &c], "after").await;
     converge(&[&upgraded, &b, &c], Duration::from_secs(60)).await.unwrap();
     h.assert_held(&[&upgraded, &b, &c]).await;
+}
+
+/// SIGTERM, and wait until it is gone.
+async fn stop(mut p: Proc) -> Proc {
+    let pid = p.child.id().unwrap();
+    std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await;
+    p
 }

@@ -905,8 +905,6 @@ impl SyncEngine {
         Ok(out)
     }
 
-    /// The versions we hold of `ids` (tombstones included): L1 first, then
-    /// one L3 lookup for the ids the filter does not rule out.
     /// What L1 holds of `ids`.
     fn l1_entries(&self, ids: &[&str]) -> HashMap<String, EntryMeta> {
         ids.iter()
@@ -914,6 +912,8 @@ impl SyncEngine {
             .collect()
     }
 
+    /// The versions we hold of `ids` (tombstones included): L1 first, then
+    /// one L3 lookup for the ids the filter does not rule out.
     async fn current_entries(&self, ids: &[&str]) -> Result<HashMap<String, EntryMeta>, StorageError> {
         let mut out = HashMap::with_capacity(ids.len());
         let mut ask = Vec::new();
@@ -984,8 +984,7 @@ impl SyncEngine {
         }
         // A delete is a write: while a MySQL L3 is down it goes to the commit
         // log like any other, without waiting to learn what it replaces.
-        let b = self.core.backends()?;
-        let mut l3_up = b.sql_up.load(Ordering::Relaxed) && !b.drain_late.load(Ordering::Relaxed);
+        let mut l3_up = self.core.backends()?.sql_up.load(Ordering::Relaxed);
         // A tombstone also for ids not here (yet): the delete must win over
         // a version still on its way from a peer.
         let mut tombstones = Vec::new();
@@ -1027,16 +1026,25 @@ impl SyncEngine {
         ids.extend(self.core.l1.pending_ids_with_prefix(prefix));
         ids.sort();
         ids.dedup();
+        self.delete_listed(&ids).await
+    }
+
+    /// Deletes ids L3 just listed as live; returns how many (all of them
+    /// when L3 goes away before it can tell).
+    async fn delete_listed(&self, ids: &[String]) -> Result<u64, StorageError> {
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        Ok(self.delete_many(&refs).await?.succeeded as u64)
+        let (found, results) = self.write_tombstones(&refs).await?;
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+            return Err(e);
+        }
+        Ok(found.unwrap_or(refs.len()) as u64)
     }
 
     /// Deletes every live item in `state`. Returns how many.
     pub async fn delete_by_state(&self, state: &str) -> Result<u64, StorageError> {
         validate_state(state)?;
         let ids = self.core.backends()?.l3.state_ids(state, usize::MAX >> 1).await?;
-        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-        Ok(self.delete_many(&refs).await?.succeeded as u64)
+        self.delete_listed(&ids).await
     }
 
     /// Moves a live item to `new_state` (a new version, so it replicates).

@@ -259,6 +259,9 @@ async fn commit(core: &Arc<Core>, items: Vec<SyncItem>) -> Result<(), StorageErr
                 if tokio::time::timeout(INLINE_DRAIN_WAIT, drain).await.is_err() {
                     tracing::debug!("L3 slow to answer; acks stand on the commit log until it is drained");
                     b.drain_late.store(true, Ordering::Relaxed);
+                    // The drain may have ended (and cleared the flag) just
+                    // before: the drainer's next pass clears it again.
+                    b.drain_kick.notify_one();
                 }
             }
             Ok(())

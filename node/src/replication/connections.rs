@@ -89,7 +89,6 @@ impl ConnectionLog {
         }
     }
 
-    /// A message of another cluster (the codec refused it).
     /// A peer with no wire version in common: they cannot replicate.
     pub fn wrong_wire(&mut self, peer: PeerId, theirs: &[u8]) {
         if self.allow(&format!("wire {peer}")) {
@@ -101,6 +100,7 @@ impl ConnectionLog {
         }
     }
 
+    /// A message of another cluster (the codec refused it).
     pub fn wrong_cluster(&mut self, peer: PeerId, error: &str) {
         if self.allow(&format!("cluster {peer}")) {
             tracing::warn!(%peer, %error, "peer belongs to another cluster (cluster_id differs); its messages are refused");

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use syncnode_protocol::membership::{MAX_ADDRS, MemberId};
 use syncnode_protocol::replica::{Input, Output, ReplicaConfig, TaskResult, Verdict, run_task};
 use syncnode_protocol::session::Progress;
-use syncnode_protocol::wire::{DEFAULT_MAX_FRAME, MemberAck, MemberPacket, Request, Response};
+use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Envelope, MemberAck, MemberPacket, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
 pub use super::addressing::peer_of;
@@ -763,6 +763,13 @@ impl SwarmTask {
                 }
             }
             Output::SaveMembers(file) => self.unsaved = Some(file),
+            Output::GossipRoots(roots) => {
+                let msg = Envelope::new(self.cluster.clone(), Body::Roots(roots)).encode();
+                let topic = gossip::roots_topic(&self.cluster);
+                if let Err(e) = swarm.behaviour_mut().gossip.publish(topic, msg) {
+                    tracing::debug!(error = %e, "roots for version 1 peers not published");
+                }
+            }
             Output::Fence(reason) => {
                 match &reason {
                     Some(r) => tracing::error!("{r}: refusing local writes until it is back"),

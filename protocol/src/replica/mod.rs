@@ -189,6 +189,9 @@ pub enum Output {
     SaveMembers(MembersFile),
     /// Fence local writes with this reason, or lift the fence.
     Fence(Option<String>),
+    /// Publish our roots on the wire version 1 gossip topic: a version 1
+    /// peer is connected, and it hears roots nowhere else.
+    GossipRoots(RootsAnnouncement),
     /// A session we ran ended (for whoever waits on it).
     SessionFinished {
         peer: String,
@@ -1122,16 +1125,18 @@ impl Replica {
     /// exchange per pair (the lower peer id asks, the answer carries the
     /// other side's), so each side compares and may start a session.
     ///
-    /// A version 1 peer gossips its roots and reads no `Request::Roots`: we
-    /// ask it for its root (`Request::Root`) whatever the ids, and start the
-    /// sessions that bring it our writes.
+    /// A version 1 peer reads no `Request::Roots`: it gossips its roots
+    /// (which start our sessions with it, the way our writes reach it), and
+    /// while one is connected we publish ours on that topic too (its own
+    /// sessions and its readiness start from there).
     fn exchange_roots(&mut self, now: Now, store: &impl Store) {
         let mine = store.root_announcement();
         let me = self.swim.me().peer.clone();
+        if self.peers.any_connected_on(1) {
+            self.out.push_back(Output::GossipRoots(mine.clone()));
+        }
         for peer in self.peers.lags(now).into_keys() {
-            if !self.peers.speaks(&peer, 2) {
-                self.send(now, &peer, Request::Root, Pending::Roots);
-            } else if peer > me {
+            if peer > me && self.peers.speaks(&peer, 2) {
                 self.send(now, &peer, Request::Roots(mine.clone()), Pending::Roots);
             }
         }

@@ -261,6 +261,10 @@ impl PeerTable {
         }
         self.with(peer, now, |s| {
             s.connected = on;
+            if !on {
+                // It may come back upgraded: identify says again.
+                s.wire = None;
+            }
             // Nothing of ours is in flight to a peer just (re)connected: its
             // first differing root is enough to start a session.
             s.differed = u32::from(on);
@@ -354,6 +358,11 @@ impl PeerTable {
     /// The newest wire version `peer` and we both speak.
     pub fn set_wire(&mut self, peer: &str, version: u8, now: Now) {
         self.with(peer, now, |s| s.wire = Some(version));
+    }
+
+    /// Whether a connected peer is known to speak exactly wire version `version`.
+    pub fn any_connected_on(&self, version: u8) -> bool {
+        self.peers.values().any(|s| s.connected && s.wire == Some(version))
     }
 
     /// Whether `peer` reads wire version `version` messages (unknown: yes;
