@@ -223,6 +223,26 @@ async fn status(client: &ApiClient) -> anyhow::Result<()> {
             r["bootstrap"]["sync_bytes_received"]
         );
     }
+    let regions = client.ok_json(client.get("/v1/regions").await).await?;
+    for r in regions["regions"].as_array().into_iter().flatten() {
+        println!(
+            "region {}{}: {} alive, {} connected, lag {}, sent {} B, received {} B",
+            r["region"].as_str().unwrap_or("?"),
+            if r["region"] == regions["region"] {
+                " (ours)"
+            } else {
+                ""
+            },
+            r["members_alive"],
+            r["connected"],
+            r["lag_ms"]
+                .as_u64()
+                .map(|l| format!("{l} ms"))
+                .unwrap_or_else(|| "?".into()),
+            r["bytes_sent"],
+            r["bytes_received"]
+        );
+    }
     println!("members {} (alive or suspect)", h["members"]);
     for p in peers.as_array().into_iter().flatten() {
         println!(

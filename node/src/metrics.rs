@@ -4,7 +4,7 @@
 //! into a fresh registry, so nothing is counted twice.
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
@@ -16,6 +16,11 @@ use crate::replication::swarm::NodeHandle;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabel {
     peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegionLabel {
+    region: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -200,6 +205,35 @@ pub async fn render(engine: &SyncEngine, net: &NodeHandle) -> String {
         "writes_fenced",
         "1 while local writes are refused because this node's clock is ahead of most members",
         ConstGauge::new(engine.write_fence().is_some() as i64),
+    );
+    let alive = Family::<RegionLabel, Gauge>::default();
+    let region_lag = Family::<RegionLabel, Gauge<f64, AtomicU64>>::default();
+    let sent = Family::<RegionLabel, Counter>::default();
+    let received = Family::<RegionLabel, Counter>::default();
+    for v in net.peers.regions() {
+        let label = RegionLabel { region: v.region };
+        alive.get_or_create(&label).set(v.members_alive as i64);
+        if let Some(ms) = v.lag_ms {
+            region_lag.get_or_create(&label).set(ms as f64 / 1000.0);
+        }
+        sent.get_or_create(&label).inc_by(v.bytes_sent);
+        received.get_or_create(&label).inc_by(v.bytes_received);
+    }
+    r.register("region_members_alive", "Members SWIM holds alive, per region", alive);
+    r.register(
+        "region_lag_seconds",
+        "Per region: time since a connected peer there last held what we hold",
+        region_lag,
+    );
+    r.register(
+        "region_sent_bytes",
+        "Sync bytes sent to the region's members (WAN bytes for other regions)",
+        sent,
+    );
+    r.register(
+        "region_received_bytes",
+        "Sync bytes received from the region's members",
+        received,
     );
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &r) {

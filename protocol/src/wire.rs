@@ -246,6 +246,35 @@ pub enum Body {
     MemberAck(MemberAck),
 }
 
+/// Bytes a request or response takes as a frame on a sync stream (length
+/// prefix, version byte, envelope with `cluster`), counted without
+/// building it: what per-peer and per-region byte counters add up.
+pub fn frame_len<T: Serialize>(cluster: &str, message: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let _ = postcard::to_io(message, &mut n);
+    // 4-byte length, version byte, cluster id (varint length + bytes), body tag.
+    4 + 1 + varint_len(cluster.len()) + cluster.len() + 1 + n.0
+}
+
+fn varint_len(mut v: usize) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
 impl Body {
     /// The oldest wire version that has this message.
     pub fn since(&self) -> u8 {
@@ -535,6 +564,24 @@ mod tests {
         assert_eq!(Envelope::decode(&bytes, 100), Err(WireError::Version(9)));
         let long = Envelope::new("x".repeat(65), Body::Response(Response::Pushed { applied: 1 })).encode();
         assert!(matches!(Envelope::decode(&long, 1000), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
+    fn frame_len_is_the_length_of_the_frame() {
+        let cluster = "a-cluster";
+        for req in [
+            Request::Root,
+            Request::Ledger {
+                after: Some("x".repeat(300)),
+            },
+            Request::Cdc { deltas: vec![] },
+        ] {
+            let frame = Envelope::new(cluster, Body::Request(req.clone())).to_frame();
+            assert_eq!(frame_len(cluster, &req), frame.len(), "{req:?}");
+        }
+        let resp = Response::Pushed { applied: 7 };
+        let frame = Envelope::new(cluster, Body::Response(resp.clone())).to_frame();
+        assert_eq!(frame_len(cluster, &resp), frame.len());
     }
 
     #[test]

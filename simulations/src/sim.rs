@@ -361,6 +361,7 @@ impl Sim {
                 region: self.nodes[i].region.clone(),
                 bump: 0,
             },
+            cluster: self.sc.name.clone(),
             gossip_interval_ms: r.gossip_interval_ms,
             anti_entropy_interval_ms: r.anti_entropy_interval_ms,
             request_timeout_ms: r.request_timeout_ms,

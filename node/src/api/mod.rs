@@ -55,6 +55,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/indexes/{name}", axum::routing::delete(search::drop_index))
         .route("/v1/indexes/{name}/search", post(search::search))
         .route("/v1/peers", get(peers::peers))
+        .route("/v1/regions", get(peers::regions))
         .route(
             "/v1/peers/{peer}/block",
             put(peers::block_peer).delete(peers::unblock_peer),

@@ -12,6 +12,13 @@ pub(super) async fn peers(State(api): State<Api>) -> Json<Value> {
     Json(json!(api.net.peers.view()))
 }
 
+/// Per region: members alive, connected peers, lag (time since a peer of
+/// the region last held what we hold) and sync bytes (WAN bytes for the
+/// other regions).
+pub(super) async fn regions(State(api): State<Api>) -> Json<Value> {
+    Json(json!({"region": api.region, "regions": api.net.peers.regions()}))
+}
+
 pub(super) fn peer_param(peer: Result<Path<String>, PathRejection>) -> ApiResult<libp2p::PeerId> {
     let Path(peer) = peer?;
     peer.parse()

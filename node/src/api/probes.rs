@@ -44,6 +44,8 @@ pub(super) struct ReadyParams {
     max_lag_ms: Option<u64>,
     /// 503 with fewer connected peers.
     min_peers: Option<usize>,
+    /// 503 when a region with connected peers lags more than this.
+    max_region_lag_ms: Option<u64>,
 }
 
 pub(super) async fn readyz(
@@ -71,6 +73,13 @@ pub(super) async fn readyz(
         for (peer, lag) in &lags {
             if *lag > max {
                 reasons.push(format!("peer {peer} lags {lag} ms (max {max})"));
+            }
+        }
+    }
+    if let Some(max) = p.max_region_lag_ms {
+        for r in api.net.peers.regions() {
+            if let Some(lag) = r.lag_ms.filter(|l| *l > max) {
+                reasons.push(format!("region {} lags {lag} ms (max {max})", r.region));
             }
         }
     }

@@ -17,7 +17,7 @@ use syncnode_protocol::clock_offset::ClockOffsets;
 use syncnode_protocol::membership::{MemberId, MemberView};
 use syncnode_protocol::replica::watermarks::reset;
 use syncnode_protocol::replica::{
-    Gossip, Input, Member, MembersFile, Now, Output, PeerTable, Replica, ReplicaConfig, Verdict,
+    Gossip, Input, Member, MembersFile, Now, Output, PeerTable, RegionView, Replica, ReplicaConfig, Verdict,
 };
 use syncnode_protocol::wire::RootsAnnouncement;
 
@@ -282,6 +282,11 @@ impl Peers {
     pub fn view(&self) -> Vec<PeerView> {
         self.with(|t, now| t.view(now))
     }
+
+    /// Per region: members alive, connected peers, lag and bytes.
+    pub fn regions(&self) -> Vec<RegionView> {
+        self.core(|r, now| r.regions(now))
+    }
 }
 
 #[cfg(test)]
@@ -292,6 +297,7 @@ mod tests {
     fn config(expiry: Duration) -> ReplicaConfig {
         ReplicaConfig {
             me: MemberId::placeholder("me"),
+            cluster: "test".into(),
             gossip_interval_ms: 1_000,
             anti_entropy_interval_ms: 1_000,
             request_timeout_ms: 1_000,

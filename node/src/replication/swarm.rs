@@ -451,6 +451,7 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
     let seeded = !seeds.is_empty();
     let ms = |d: Duration| d.as_millis() as u64;
     let core = ReplicaConfig {
+        cluster: config.cluster.clone(),
         me: MemberId {
             peer: peer_id.to_string(),
             addrs: advertise.iter().map(|a| a.to_string()).collect(),

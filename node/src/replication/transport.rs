@@ -196,17 +196,18 @@ pub fn tcp_transport(
     let noise = noise::Config::new(key)?;
     let plain = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     // The system resolver (resolv.conf, hosts); a fallback where it has none.
-    let tcp = match dns::tokio::Transport::system(plain) {
-        Ok(t) => t,
+    let (cfg, mut opts) = match hickory_resolver::system_conf::read_system_conf() {
+        Ok(conf) => conf,
         Err(e) => {
             tracing::warn!(error = %e, "no system DNS configuration; using the default resolver");
-            dns::tokio::Transport::custom(
-                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true)),
-                dns::ResolverConfig::default(),
-                dns::ResolverOpts::default(),
-            )
+            (dns::ResolverConfig::default(), dns::ResolverOpts::default())
         }
     };
+    // Resolved at every dial, whatever the TTL (Docker's DNS says 600 s): a
+    // container back with a new address is found at once, not in minutes.
+    opts.positive_max_ttl = Some(std::time::Duration::from_secs(1));
+    opts.negative_max_ttl = Some(std::time::Duration::from_secs(1));
+    let tcp = dns::tokio::Transport::custom(plain, cfg, opts);
     Ok(match psk {
         Some(psk) => tcp
             .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))

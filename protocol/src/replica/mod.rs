@@ -31,7 +31,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-pub use peers::{Now, PeerLimits, PeerTable, Refusal, ReplicationStats};
+pub use peers::{Now, PeerLimits, PeerTable, Refusal, RegionView, ReplicationStats};
 pub use store::{CdcOutcome, Store, Task, TaskResult, run_ready, run_task};
 pub use watermarks::{Member, MembersFile};
 
@@ -39,7 +39,7 @@ use crate::clock_offset::{ClockOffsets, Sample};
 use crate::hlc::{from_physical, physical_ms};
 use crate::membership::{MemberEvent, MemberId, MemberState, Membership, MembershipConfig};
 use crate::session::{MAX_ITEMS, Progress, Session, SessionError, Step};
-use crate::wire::{CdcDelta, MemberAck, MemberPacket, Request, Response, RootsAnnouncement, WireItem};
+use crate::wire::{self, CdcDelta, MemberAck, MemberPacket, Request, Response, RootsAnnouncement, WireItem};
 
 /// Inbound requests answered at once, over all peers.
 pub const MAX_ANSWERING: u32 = 32;
@@ -78,6 +78,8 @@ pub enum Verdict {
 pub struct ReplicaConfig {
     /// This node as SWIM names it (`bump` is set by the core at start).
     pub me: MemberId,
+    /// The cluster id (what every envelope carries; counted in byte totals).
+    pub cluster: String,
     pub gossip_interval_ms: u64,
     pub anti_entropy_interval_ms: u64,
     pub request_timeout_ms: u64,
@@ -289,6 +291,8 @@ pub struct Replica {
     purging: bool,
     fenced: bool,
     out: VecDeque<Output>,
+    /// The time of the last input (byte counters of outputs use it).
+    last_now: Now,
 }
 
 impl Replica {
@@ -306,6 +310,7 @@ impl Replica {
             // The first node: there is no ledger to learn.
             peers.set_ledger_learned();
         }
+        peers.set_gossip_interval(cfg.gossip_interval_ms);
         cfg.me.bump = peers.next_bump(now.wall_ms);
         let swim = Membership::new(
             cfg.me.clone(),
@@ -343,6 +348,7 @@ impl Replica {
             purging: false,
             fenced: false,
             out: VecDeque::new(),
+            last_now: now,
         }
     }
 
@@ -396,7 +402,43 @@ impl Replica {
 
     /// The next output, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        let out = self.out.pop_front()?;
+        let sent = match &out {
+            Output::Send { peer, req, .. } => Some((peer, wire::frame_len(&self.cfg.cluster, req))),
+            Output::Respond { peer, resp, .. } => Some((peer, wire::frame_len(&self.cfg.cluster, resp))),
+            _ => None,
+        };
+        if let Some((peer, n)) = sent {
+            self.peers.add_bytes(peer, n as u64, 0, self.last_now);
+        }
+        Some(out)
+    }
+
+    /// Per region: members alive (SWIM), connected peers, lag and bytes.
+    pub fn regions(&self, now: Now) -> Vec<RegionView> {
+        let mut regions = self.peers.regions(now);
+        let me = self.swim.me();
+        regions.entry(me.region.clone()).or_insert_with(|| RegionView {
+            region: me.region.clone(),
+            ..Default::default()
+        });
+        let alive = self
+            .swim
+            .members()
+            .into_iter()
+            .filter(|v| v.state == MemberState::Alive)
+            .map(|v| v.id.region)
+            .chain(std::iter::once(me.region.clone()));
+        for region in alive {
+            regions
+                .entry(region.clone())
+                .or_insert_with(|| RegionView {
+                    region,
+                    ..Default::default()
+                })
+                .members_alive += 1;
+        }
+        regions.into_values().collect()
     }
 
     /// When the core next needs a `Tick` (mono ms).
@@ -437,6 +479,17 @@ impl Replica {
 
     /// Handles one input.
     pub fn handle(&mut self, now: Now, input: Input, store: &impl Store) {
+        self.last_now = now;
+        let received = match &input {
+            Input::Request { peer, req, .. } => Some((peer, wire::frame_len(&self.cfg.cluster, req))),
+            Input::Response {
+                peer, result: Ok(resp), ..
+            } => Some((peer, wire::frame_len(&self.cfg.cluster, resp))),
+            _ => None,
+        };
+        if let Some((peer, n)) = received {
+            self.peers.add_bytes(peer, 0, n as u64, now);
+        }
         match input {
             Input::Tick => {}
             Input::Connected { peer } => {

@@ -113,6 +113,8 @@ struct PeerState {
     root: Option<RootsAnnouncement>,
     /// Announcements in a row whose root differed from ours.
     differed: u32,
+    /// When its last roots arrived (mono ms).
+    roots_at: u64,
     /// When this peer was last known to hold what we hold (mono ms).
     equal_since: Option<u64>,
     first_seen: u64,
@@ -134,6 +136,9 @@ struct PeerState {
     quiet_sessions: u32,
     /// When the last session ended (mono ms).
     last_session_end: u64,
+    /// Sync frames sent to and received from it (bytes, as encoded).
+    bytes_sent: u64,
+    bytes_received: u64,
 }
 
 /// A session with a peer, running or finished.
@@ -166,6 +171,24 @@ pub struct PeerView {
     pub session: Option<SessionInfo>,
     pub last_session: Option<SessionInfo>,
     pub must_resync: bool,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// A region as this node sees it (`/v1/regions`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RegionView {
+    pub region: String,
+    /// Members SWIM holds alive in it (this node included in its own).
+    pub members_alive: usize,
+    /// Of those, the ones this node is connected to.
+    pub connected: usize,
+    /// Time since a connected peer of the region last held what we hold
+    /// (its digest equalled ours); `None` with no connected peer there.
+    pub lag_ms: Option<u64>,
+    /// Sync bytes to and from its members (WAN bytes for another region).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// Counters of the replication layer (exported by `/metrics`).
@@ -204,6 +227,9 @@ pub struct PeerTable {
     joined: bool,
     /// Whether any member was connected since the start.
     met_member: bool,
+    /// A peer whose roots are older than this is not in sync, whatever
+    /// they said (a link that went quiet).
+    roots_stale_ms: u64,
     pub stats: Arc<ReplicationStats>,
 }
 
@@ -221,8 +247,15 @@ impl PeerTable {
             marks: Watermarks::load(file, now.wall_ms, member_expiry_ms, ledger_retention_ms),
             joined: false,
             met_member: false,
+            roots_stale_ms: 3_000,
             stats: Arc::default(),
         }
+    }
+
+    /// Roots come every `gossip_interval_ms`: three missed, a peer's last
+    /// word no longer counts as in sync.
+    pub fn set_gossip_interval(&mut self, gossip_interval_ms: u64) {
+        self.roots_stale_ms = gossip_interval_ms.saturating_mul(3).max(1);
     }
 
     pub fn watermarks(&mut self) -> &mut Watermarks {
@@ -387,6 +420,7 @@ impl PeerTable {
                 resynced = true;
             }
             s.root = Some(theirs);
+            s.roots_at = now.mono_ms;
             if equal {
                 s.differed = 0;
                 s.equal_since = Some(now.mono_ms);
@@ -685,17 +719,50 @@ impl PeerTable {
 
     /// How far behind `peer` is, ms: 0 while its root equals ours, else the
     /// time since it last did (or since we first saw it).
-    fn lag_of(s: &PeerState, now_mono: u64) -> u64 {
-        if Self::in_sync(s) {
+    fn lag_of(&self, s: &PeerState, now_mono: u64) -> u64 {
+        if self.in_sync(s, now_mono) {
             return 0;
         }
         now_mono.saturating_sub(s.equal_since.unwrap_or(s.first_seen))
     }
 
-    /// In sync: connected, and its last root equalled ours. A peer gone is
-    /// never in sync: nothing says what it holds now.
-    fn in_sync(s: &PeerState) -> bool {
-        s.connected && s.differed == 0 && s.equal_since.is_some()
+    /// In sync: connected, and its last root, recent, equalled ours. A
+    /// peer gone or gone quiet is never in sync: nothing says what it
+    /// holds now.
+    fn in_sync(&self, s: &PeerState, now_mono: u64) -> bool {
+        s.connected
+            && s.differed == 0
+            && s.equal_since.is_some()
+            && now_mono.saturating_sub(s.roots_at) <= self.roots_stale_ms
+    }
+
+    /// Counts sync bytes sent to (`sent`) and received from `peer`.
+    pub fn add_bytes(&mut self, peer: &str, sent: u64, received: u64, now: Now) {
+        self.with(peer, now, |s| {
+            s.bytes_sent += sent;
+            s.bytes_received += received;
+        });
+    }
+
+    /// Per region (by the region each peer announced): connected peers,
+    /// the freshest lag among them, and bytes; members come from SWIM.
+    pub fn regions(&self, now: Now) -> BTreeMap<String, RegionView> {
+        let mut out: BTreeMap<String, RegionView> = BTreeMap::new();
+        for s in self.peers.values() {
+            let Some(region) = &s.region else { continue };
+            let r = out.entry(region.clone()).or_insert_with(|| RegionView {
+                region: region.clone(),
+                ..Default::default()
+            });
+            r.bytes_sent += s.bytes_sent;
+            r.bytes_received += s.bytes_received;
+            if s.connected {
+                r.connected += 1;
+                let lag = self.lag_of(s, now.mono_ms);
+                r.lag_ms = Some(r.lag_ms.map_or(lag, |l| l.min(lag)));
+            }
+        }
+        out
     }
 
     /// Lag per connected peer.
@@ -703,7 +770,7 @@ impl PeerTable {
         self.peers
             .iter()
             .filter(|(_, s)| s.connected)
-            .map(|(p, s)| (p.clone(), Self::lag_of(s, now.mono_ms)))
+            .map(|(p, s)| (p.clone(), self.lag_of(s, now.mono_ms)))
             .collect()
     }
 
@@ -716,14 +783,16 @@ impl PeerTable {
                 region: s.region.clone(),
                 root: s.root.as_ref().map(|r| r.root.map(hex::encode).unwrap_or_default()),
                 count: s.root.as_ref().map(|r| r.count),
-                in_sync: Self::in_sync(s),
-                lag_ms: Self::lag_of(s, now.mono_ms),
+                in_sync: self.in_sync(s, now.mono_ms),
+                lag_ms: self.lag_of(s, now.mono_ms),
                 penalty: s.penalty,
                 banned: s.banned_until.is_some(),
                 sessions: s.sessions_done,
                 session: s.session.clone(),
                 last_session: s.last_session.clone(),
                 must_resync: s.must_resync,
+                bytes_sent: s.bytes_sent,
+                bytes_received: s.bytes_received,
             })
             .collect()
     }
