@@ -250,6 +250,12 @@ pub enum Body {
 /// prefix, version byte, envelope with `cluster`), counted without
 /// building it: what per-peer and per-region byte counters add up.
 pub fn frame_len<T: Serialize>(cluster: &str, message: &T) -> usize {
+    // 4-byte length, version byte, cluster id (varint length + bytes), body tag.
+    4 + 1 + varint_len(cluster.len()) + cluster.len() + 1 + encoded_len(message)
+}
+
+/// Bytes `value` takes in postcard, counted without building it.
+pub fn encoded_len<T: Serialize>(value: &T) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -261,9 +267,8 @@ pub fn frame_len<T: Serialize>(cluster: &str, message: &T) -> usize {
         }
     }
     let mut n = Count(0);
-    let _ = postcard::to_io(message, &mut n);
-    // 4-byte length, version byte, cluster id (varint length + bytes), body tag.
-    4 + 1 + varint_len(cluster.len()) + cluster.len() + 1 + n.0
+    let _ = postcard::to_io(value, &mut n);
+    n.0
 }
 
 fn varint_len(mut v: usize) -> usize {

@@ -122,6 +122,12 @@ fn goal_misses(sc: &Scenario, r: &Report) -> Vec<String> {
     want("visibility_p50_ms", r.visibility_ms.p50, g.visibility_p50_ms);
     want("visibility_max_ms", r.visibility_ms.max, g.visibility_max_ms);
     want("messages_per_write", r.messages_per_write, g.messages_per_write);
+    want("visibility_p99_ms", r.visibility_ms.p99, g.visibility_p99_ms);
+    want(
+        "wan_bytes_per_delta_byte",
+        r.wan_bytes_per_delta_byte,
+        g.wan_bytes_per_delta_byte,
+    );
     out
 }
 

@@ -42,6 +42,12 @@ pub struct Report {
     pub messages_per_write_run: f64,
     pub cdc_messages_per_write: f64,
     pub bytes_per_write: f64,
+    /// Bytes that crossed region boundaries while writes ran, per byte of
+    /// the writes' CDC deltas.
+    pub wan_bytes_per_delta_byte: f64,
+    /// The same in a run of the same seed with regions ignored (when the
+    /// scenario has the goal).
+    pub wan_bytes_per_delta_byte_baseline: Option<f64>,
     pub traffic: crate::sim::Traffic,
     pub counters: BTreeMap<String, u64>,
     /// (seconds, divergent nodes, bytes in the 100 ms before).
@@ -71,6 +77,15 @@ impl Report {
             self.events,
             &self.trace_hash[..16]
         );
+        if self.traffic.wan_bytes > 0 {
+            let kinds: Vec<String> = self
+                .traffic
+                .wan_bytes_by_kind
+                .iter()
+                .map(|(k, b)| format!("{k} {b}"))
+                .collect();
+            s += &format!("  WAN bytes {} ({})\n", self.traffic.wan_bytes, kinds.join(", "));
+        }
         s += &format!(
             "  writes acked {}, unavailable {}, fenced {}; converged {}; violations {}\n",
             self.acked_writes,
@@ -98,10 +113,17 @@ impl Report {
             ("messages_per_write_run", self.messages_per_write_run, "messages"),
             ("cdc_messages_per_write", self.cdc_messages_per_write, "messages"),
             ("bytes_per_write", self.bytes_per_write, "bytes"),
+            ("wan_bytes_per_delta_byte", self.wan_bytes_per_delta_byte, "x"),
             ("speed", self.speed, "x_real_time"),
         ];
         for (metric, value, unit) in lines {
             s += &format!("bench={name} metric={metric} value={value:.3} unit={unit}\n");
+        }
+        if let Some(base) = self.wan_bytes_per_delta_byte_baseline {
+            s += &format!(
+                "bench={name} metric=wan_bytes_per_delta_byte_regions_ignored value={base:.3} unit=x\nbench={name} metric=wan_bytes_ratio_to_regions_ignored value={:.3} unit=x\n",
+                self.wan_bytes_per_delta_byte / base.max(1e-9)
+            );
         }
         s
     }
@@ -166,6 +188,18 @@ pub fn run(sc: &Scenario, seed: u64, progress: impl FnMut(f64)) -> Report {
         messages_per_write_run: per_write(messages),
         cdc_messages_per_write: per_write(cdc),
         bytes_per_write: per_write(bytes),
+        wan_bytes_per_delta_byte: sim
+            .wan_at_last_write
+            .unwrap_or(sim.traffic.wan_bytes)
+            .saturating_sub(sim.wan_at_first_write.unwrap_or(0)) as f64
+            / sim.delta_bytes.max(1) as f64,
+        wan_bytes_per_delta_byte_baseline: sc.goals.wan_bytes_per_delta_byte.is_some().then(|| {
+            let mut base = sc.clone();
+            base.replica.ignore_regions = true;
+            base.goals.wan_bytes_per_delta_byte = None;
+            // A fn pointer, so the nested run is the same instantiation.
+            run(&base, seed, (|_| {}) as fn(f64)).wan_bytes_per_delta_byte
+        }),
         traffic: sim.traffic.clone(),
         counters,
         series: sim.series.clone(),

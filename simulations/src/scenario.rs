@@ -144,6 +144,9 @@ pub struct ReplicaSettings {
     /// Storage work takes up to this long (uniform), ms: results come back
     /// while the network moves on, as a disk's do (0: at once).
     pub storage_ms: f64,
+    /// Nodes announce no region (all "default") while the network keeps
+    /// its regions' latencies: the baseline of the WAN-bytes goal.
+    pub ignore_regions: bool,
 }
 
 impl Default for ReplicaSettings {
@@ -162,6 +165,7 @@ impl Default for ReplicaSettings {
             connection_timeout_ms: 10_000,
             redial_ms: 1_000,
             storage_ms: 2.0,
+            ignore_regions: false,
         }
     }
 }
@@ -252,6 +256,11 @@ pub struct Goals {
     pub visibility_p50_ms: Option<f64>,
     pub visibility_max_ms: Option<f64>,
     pub messages_per_write: Option<f64>,
+    /// Bytes crossing region boundaries while writes run, per byte of the
+    /// writes' CDC deltas; checked against a same-seed run with regions
+    /// ignored, reported beside it.
+    pub wan_bytes_per_delta_byte: Option<f64>,
+    pub visibility_p99_ms: Option<f64>,
 }
 
 impl Scenario {

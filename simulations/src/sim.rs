@@ -171,6 +171,9 @@ struct SimNode {
 pub struct Traffic {
     pub messages: BTreeMap<String, u64>,
     pub bytes: BTreeMap<String, u64>,
+    /// Bytes between nodes of different regions, and per message kind.
+    pub wan_bytes: u64,
+    pub wan_bytes_by_kind: BTreeMap<String, u64>,
     pub lost: u64,
     pub duplicated: u64,
     pub dropped_unconnected: u64,
@@ -203,6 +206,11 @@ pub struct Sim {
     /// Messages sent when the workload began and ended: what the writes
     /// cost is measured between the two.
     pub messages_at_first_write: Option<u64>,
+    /// WAN bytes when the first and the last write were made.
+    pub wan_at_first_write: Option<u64>,
+    pub wan_at_last_write: Option<u64>,
+    /// Bytes of the CDC deltas of the writes made (content inlined).
+    pub delta_bytes: u64,
     pub messages_at_last_write: Option<u64>,
     pub history: History,
     /// Per 100 ms: divergent nodes, bytes sent.
@@ -312,6 +320,9 @@ impl Sim {
             events_processed: 0,
             traffic: Traffic::default(),
             messages_at_first_write: None,
+            wan_at_first_write: None,
+            wan_at_last_write: None,
+            delta_bytes: 0,
             messages_at_last_write: None,
             series: Vec::new(),
             bytes_this_slot: 0,
@@ -358,7 +369,11 @@ impl Sim {
             me: MemberId {
                 peer: self.nodes[i].name.clone(),
                 addrs: vec![format!("/sim/{}", self.nodes[i].name)],
-                region: self.nodes[i].region.clone(),
+                region: if r.ignore_regions {
+                    "default".into()
+                } else {
+                    self.nodes[i].region.clone()
+                },
                 bump: 0,
             },
             cluster: self.sc.name.clone(),
@@ -566,6 +581,10 @@ impl Sim {
         let kind = format!("{kind:?}").to_lowercase();
         let size = msg.size() as u64;
         *self.traffic.messages.entry(kind.clone()).or_default() += 1;
+        if self.nodes[from].region != self.nodes[to].region {
+            self.traffic.wan_bytes += size;
+            *self.traffic.wan_bytes_by_kind.entry(kind.clone()).or_default() += size;
+        }
         *self.traffic.bytes.entry(kind).or_default() += size;
         self.bytes_this_slot += size;
         if self.cut.contains(&(from, to)) {
@@ -705,10 +724,12 @@ impl Sim {
         let gap = (-self.rng.random_range(f64::EPSILON..1.0f64).ln() / w.writes_per_s * 1e6) as u64;
         let sent: u64 = self.traffic.messages.values().sum();
         self.messages_at_first_write.get_or_insert(sent);
+        self.wan_at_first_write.get_or_insert(self.traffic.wan_bytes);
         if self.now_us + gap < stop && !self.ending {
             self.at(self.now_us + gap.max(1), Ev::Write);
         } else {
             self.messages_at_last_write = Some(sent);
+            self.wan_at_last_write = Some(self.traffic.wan_bytes);
         }
         let candidates: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| self.up(i) && w.region.as_ref().is_none_or(|r| *r == self.nodes[i].region))
@@ -744,6 +765,11 @@ impl Sim {
             s.write(&key, content)
         };
         self.history.acked(i, &item.entry, self.now_us);
+        let inline = (item.content.len() <= syncnode_protocol::replica::cdc::CDC_INLINE_MAX).then(|| item.clone());
+        self.delta_bytes += syncnode_protocol::wire::encoded_len(&syncnode_protocol::wire::CdcDelta {
+            entry: item.entry.clone(),
+            item: inline,
+        }) as u64;
         self.journal(i);
         self.feed(i, Input::Committed(vec![item]));
     }

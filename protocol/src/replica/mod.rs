@@ -920,9 +920,32 @@ impl Replica {
             return;
         }
         let every = self.cfg.anti_entropy_interval_ms;
-        if self.peers.due_for_session(now, every).iter().any(|p| p == peer) {
+        if self.peers.due_for_session(now, every).iter().any(|p| p == peer) && self.may_sync_with(now, peer) {
             self.start_session(now, peer, store);
         }
+    }
+
+    /// Sessions across a region boundary (DESIGN §5.7) run between the
+    /// regions' hubs, at most one per remote region: CDC crosses once per
+    /// region through them, and a session between any other pair would
+    /// carry the same writes over the WAN again. A member of another region
+    /// is also synced with when its purge watermark has gone unproven for
+    /// half of `tombstone_grace` (so purges go on under a steady load).
+    fn may_sync_with(&self, now: Now, peer: &str) -> bool {
+        let me = self.swim.me();
+        let members = self.relay_members();
+        let Some(theirs) = members.iter().find(|m| m.peer == peer).map(|m| m.region.clone()) else {
+            return true;
+        };
+        if theirs == me.region {
+            return true;
+        }
+        let hubs = relay::hubs(me, &members);
+        let hub_to_hub = hubs.get(&me.region) == Some(&me.peer) && hubs.get(&theirs).is_some_and(|h| h == peer);
+        hub_to_hub
+            || self
+                .peers
+                .watermark_older_than(peer, self.cfg.tombstone_grace_ms / 2, now)
     }
 
     /// Starts a session with `peer`: first the purge ledger when this node
@@ -1139,6 +1162,7 @@ impl Replica {
             let every = self.cfg.anti_entropy_interval_ms;
             self.next_session_round = Some(mono + every + self.rng.random_range(0..=every / 4));
             let mut due = self.peers.due_for_session(now, every);
+            due.retain(|p| self.may_sync_with(now, p));
             if !self.peers.ledger_learned() && self.sessions.is_empty() && due.is_empty() {
                 // Deltas are ignored until the purge ledger is learned, so
                 // a node that has not learned it syncs with a member now,

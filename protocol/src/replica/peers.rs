@@ -528,6 +528,15 @@ impl PeerTable {
         self.marks.members().clone()
     }
 
+    /// Whether `peer`'s purge watermark was last proven longer than
+    /// `max_age_ms` ago (or never).
+    pub fn watermark_older_than(&self, peer: &str, max_age_ms: u64, now: Now) -> bool {
+        self.marks
+            .members()
+            .get(peer)
+            .is_none_or(|m| now.wall_ms.saturating_sub(m.proven_at_ms) > max_age_ms)
+    }
+
     /// Takes a request token from `peer`'s budget.
     pub fn allow_request(&mut self, peer: &str, now: Now) -> bool {
         let rate = self.limits.requests_per_sec;

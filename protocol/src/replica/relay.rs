@@ -54,6 +54,20 @@ pub fn next_hops(me: &MemberId, members: &[MemberId], from: Option<&str>) -> Vec
         .collect()
 }
 
+/// Each region's hub (its first member by peer id), `me` included: the
+/// relays between regions, and the only members that run anti-entropy
+/// sessions across a region boundary as a rule.
+pub fn hubs(me: &MemberId, members: &[MemberId]) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for m in std::iter::once(me).chain(members) {
+        let hub = out.entry(m.region.clone()).or_insert_with(|| m.peer.clone());
+        if m.peer < *hub {
+            *hub = m.peer.clone();
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
