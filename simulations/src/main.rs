@@ -128,6 +128,11 @@ fn goal_misses(sc: &Scenario, r: &Report) -> Vec<String> {
         r.wan_bytes_per_delta_byte,
         g.wan_bytes_per_delta_byte,
     );
+    want(
+        "recovery_wan_bytes_per_delta_byte",
+        r.recovery_wan_bytes_per_delta_byte,
+        g.recovery_wan_bytes_per_delta_byte,
+    );
     out
 }
 

@@ -48,6 +48,9 @@ pub struct Report {
     /// The same in a run of the same seed with regions ignored (when the
     /// scenario has the goal).
     pub wan_bytes_per_delta_byte_baseline: Option<f64>,
+    /// WAN bytes from each heal until the roots agreed, per byte of the
+    /// deltas written while links were cut.
+    pub recovery_wan_bytes_per_delta_byte: f64,
     pub traffic: crate::sim::Traffic,
     pub counters: BTreeMap<String, u64>,
     /// (seconds, divergent nodes, bytes in the 100 ms before).
@@ -114,6 +117,11 @@ impl Report {
             ("cdc_messages_per_write", self.cdc_messages_per_write, "messages"),
             ("bytes_per_write", self.bytes_per_write, "bytes"),
             ("wan_bytes_per_delta_byte", self.wan_bytes_per_delta_byte, "x"),
+            (
+                "recovery_wan_bytes_per_delta_byte",
+                self.recovery_wan_bytes_per_delta_byte,
+                "x",
+            ),
             ("speed", self.speed, "x_real_time"),
         ];
         for (metric, value, unit) in lines {
@@ -193,6 +201,10 @@ pub fn run(sc: &Scenario, seed: u64, progress: impl FnMut(f64)) -> Report {
             .unwrap_or(sim.traffic.wan_bytes)
             .saturating_sub(sim.wan_at_first_write.unwrap_or(0)) as f64
             / sim.delta_bytes.max(1) as f64,
+        recovery_wan_bytes_per_delta_byte: match sim.delta_bytes_during_cuts {
+            0 => 0.0,
+            cut => sim.recovery_wan_bytes as f64 / cut as f64,
+        },
         wan_bytes_per_delta_byte_baseline: sc.goals.wan_bytes_per_delta_byte.is_some().then(|| {
             let mut base = sc.clone();
             base.replica.ignore_regions = true;

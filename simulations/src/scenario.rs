@@ -260,6 +260,9 @@ pub struct Goals {
     /// writes' CDC deltas; checked against a same-seed run with regions
     /// ignored, reported beside it.
     pub wan_bytes_per_delta_byte: Option<f64>,
+    /// WAN bytes from each heal until the roots agree, per byte of the
+    /// deltas written while links were cut.
+    pub recovery_wan_bytes_per_delta_byte: Option<f64>,
     pub visibility_p99_ms: Option<f64>,
 }
 

@@ -209,8 +209,14 @@ pub struct Sim {
     /// WAN bytes when the first and the last write were made.
     pub wan_at_first_write: Option<u64>,
     pub wan_at_last_write: Option<u64>,
-    /// Bytes of the CDC deltas of the writes made (content inlined).
+    /// Bytes of the CDC deltas of the writes made (content inlined), and
+    /// of those made while some link was cut (what a heal must carry).
     pub delta_bytes: u64,
+    pub delta_bytes_during_cuts: u64,
+    /// WAN bytes at the last heal, and those spent from each heal until the
+    /// roots agreed.
+    wan_at_heal: u64,
+    pub recovery_wan_bytes: u64,
     pub messages_at_last_write: Option<u64>,
     pub history: History,
     /// Per 100 ms: divergent nodes, bytes sent.
@@ -323,6 +329,9 @@ impl Sim {
             wan_at_first_write: None,
             wan_at_last_write: None,
             delta_bytes: 0,
+            delta_bytes_during_cuts: 0,
+            wan_at_heal: 0,
+            recovery_wan_bytes: 0,
             messages_at_last_write: None,
             series: Vec::new(),
             bytes_this_slot: 0,
@@ -766,10 +775,14 @@ impl Sim {
         };
         self.history.acked(i, &item.entry, self.now_us);
         let inline = (item.content.len() <= syncnode_protocol::replica::cdc::CDC_INLINE_MAX).then(|| item.clone());
-        self.delta_bytes += syncnode_protocol::wire::encoded_len(&syncnode_protocol::wire::CdcDelta {
+        let delta = syncnode_protocol::wire::encoded_len(&syncnode_protocol::wire::CdcDelta {
             entry: item.entry.clone(),
             item: inline,
         }) as u64;
+        self.delta_bytes += delta;
+        if !self.cut.is_empty() {
+            self.delta_bytes_during_cuts += delta;
+        }
         self.journal(i);
         self.feed(i, Input::Committed(vec![item]));
     }
@@ -880,6 +893,7 @@ impl Sim {
     fn heal(&mut self) {
         if !self.cut.is_empty() || self.flapping {
             self.heal_at = Some(self.now_us);
+            self.wan_at_heal = self.traffic.wan_bytes;
             self.root_since.iter_mut().for_each(|r| r.1 = self.now_us);
         }
         self.cut.clear();
@@ -919,6 +933,7 @@ impl Sim {
                 .map(|&i| self.root_since[i].1.saturating_sub(heal) as f64 / 1000.0)
                 .collect();
             self.heal_to_equal_ms.push(per_node);
+            self.recovery_wan_bytes += self.traffic.wan_bytes - self.wan_at_heal;
         }
         if self.ending {
             let idle = live.iter().all(|&i| {

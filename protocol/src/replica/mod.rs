@@ -291,6 +291,8 @@ pub struct Replica {
     purging: bool,
     fenced: bool,
     out: VecDeque<Output>,
+    /// When this node started (wall ms).
+    started_wall_ms: u64,
     /// The time of the last input (byte counters of outputs use it).
     last_now: Now,
 }
@@ -348,6 +350,7 @@ impl Replica {
             purging: false,
             fenced: false,
             out: VecDeque::new(),
+            started_wall_ms: now.wall_ms,
             last_now: now,
         }
     }
@@ -933,19 +936,30 @@ impl Replica {
     /// half of `tombstone_grace` (so purges go on under a steady load).
     fn may_sync_with(&self, now: Now, peer: &str) -> bool {
         let me = self.swim.me();
-        let members = self.relay_members();
-        let Some(theirs) = members.iter().find(|m| m.peer == peer).map(|m| m.region.clone()) else {
+        // Members SWIM holds alive, or that we are connected to (after a
+        // heal SWIM may still hold the other side down for a while).
+        let reachable: Vec<MemberId> = self
+            .swim
+            .members()
+            .into_iter()
+            .filter(|v| {
+                (v.state == MemberState::Alive || self.peers.is_connected(&v.id.peer))
+                    && !self.peers.must_resync(&v.id.peer)
+            })
+            .map(|v| v.id)
+            .collect();
+        let Some(theirs) = reachable.iter().find(|m| m.peer == peer).map(|m| m.region.clone()) else {
             return true;
         };
         if theirs == me.region {
             return true;
         }
-        let hubs = relay::hubs(me, &members);
+        let hubs = relay::hubs(me, &reachable);
         let hub_to_hub = hubs.get(&me.region) == Some(&me.peer) && hubs.get(&theirs).is_some_and(|h| h == peer);
         hub_to_hub
             || self
                 .peers
-                .watermark_older_than(peer, self.cfg.tombstone_grace_ms / 2, now)
+                .watermark_older_than(peer, self.cfg.tombstone_grace_ms / 2, self.started_wall_ms, now)
     }
 
     /// Starts a session with `peer`: first the purge ledger when this node

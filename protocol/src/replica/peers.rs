@@ -529,12 +529,11 @@ impl PeerTable {
     }
 
     /// Whether `peer`'s purge watermark was last proven longer than
-    /// `max_age_ms` ago (or never).
-    pub fn watermark_older_than(&self, peer: &str, max_age_ms: u64, now: Now) -> bool {
-        self.marks
-            .members()
-            .get(peer)
-            .is_none_or(|m| now.wall_ms.saturating_sub(m.proven_at_ms) > max_age_ms)
+    /// `max_age_ms` ago, counting from `since_ms` at the earliest (this
+    /// node's start: one never proven is not stale at once).
+    pub fn watermark_older_than(&self, peer: &str, max_age_ms: u64, since_ms: u64, now: Now) -> bool {
+        let proven = self.marks.members().get(peer).map_or(0, |m| m.proven_at_ms);
+        now.wall_ms.saturating_sub(proven.max(since_ms)) > max_age_ms
     }
 
     /// Takes a request token from `peer`'s budget.
