@@ -216,6 +216,8 @@ pub struct Sim {
     /// WAN bytes at the last heal, and those spent from each heal until the
     /// roots agreed.
     wan_at_heal: u64,
+    /// A cut was healed and the roots have not agreed since.
+    recovering: bool,
     pub recovery_wan_bytes: u64,
     pub messages_at_last_write: Option<u64>,
     pub history: History,
@@ -331,6 +333,7 @@ impl Sim {
             delta_bytes: 0,
             delta_bytes_during_cuts: 0,
             wan_at_heal: 0,
+            recovering: false,
             recovery_wan_bytes: 0,
             messages_at_last_write: None,
             series: Vec::new(),
@@ -590,16 +593,17 @@ impl Sim {
         let kind = format!("{kind:?}").to_lowercase();
         let size = msg.size() as u64;
         *self.traffic.messages.entry(kind.clone()).or_default() += 1;
+        if self.cut.contains(&(from, to)) {
+            // Never left the host: counted as lost, not as traffic.
+            self.traffic.lost += 1;
+            return;
+        }
         if self.nodes[from].region != self.nodes[to].region {
             self.traffic.wan_bytes += size;
             *self.traffic.wan_bytes_by_kind.entry(kind.clone()).or_default() += size;
         }
         *self.traffic.bytes.entry(kind).or_default() += size;
         self.bytes_this_slot += size;
-        if self.cut.contains(&(from, to)) {
-            self.traffic.lost += 1;
-            return;
-        }
         let link = self.sc.link.clone();
         if link.loss > 0.0 && self.rng.random_bool(link.loss) {
             self.traffic.lost += 1;
@@ -894,6 +898,7 @@ impl Sim {
         if !self.cut.is_empty() || self.flapping {
             self.heal_at = Some(self.now_us);
             self.wan_at_heal = self.traffic.wan_bytes;
+            self.recovering = true;
             self.root_since.iter_mut().for_each(|r| r.1 = self.now_us);
         }
         self.cut.clear();
@@ -933,7 +938,9 @@ impl Sim {
                 .map(|&i| self.root_since[i].1.saturating_sub(heal) as f64 / 1000.0)
                 .collect();
             self.heal_to_equal_ms.push(per_node);
-            self.recovery_wan_bytes += self.traffic.wan_bytes - self.wan_at_heal;
+            if std::mem::take(&mut self.recovering) {
+                self.recovery_wan_bytes += self.traffic.wan_bytes - self.wan_at_heal;
+            }
         }
         if self.ending {
             let idle = live.iter().all(|&i| {
@@ -1042,6 +1049,8 @@ impl Sim {
                         self.cut.remove(&(a, b));
                         self.cut.remove(&(b, a));
                         self.heal_at = Some(t);
+                        self.wan_at_heal = self.traffic.wan_bytes;
+                        self.recovering = true;
                         self.flapping = false;
                     }
                 }

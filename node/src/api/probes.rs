@@ -44,7 +44,7 @@ pub(super) struct ReadyParams {
     max_lag_ms: Option<u64>,
     /// 503 with fewer connected peers.
     min_peers: Option<usize>,
-    /// 503 when a region with connected peers lags more than this.
+    /// 503 when a region lags more than this.
     max_region_lag_ms: Option<u64>,
 }
 

@@ -954,8 +954,15 @@ impl Replica {
         if theirs == me.region {
             return true;
         }
+        // Our hub from every member we know is there; theirs only from those
+        // we can reach (a remote hub alive but cut off from us is no hub to us).
         let hubs = relay::hubs(me, &reachable);
-        let hub_to_hub = hubs.get(&me.region) == Some(&me.peer) && hubs.get(&theirs).is_some_and(|h| h == peer);
+        let their_hub = reachable
+            .iter()
+            .filter(|m| m.region == theirs && self.peers.is_connected(&m.peer) && !self.peers.banned(&m.peer))
+            .map(|m| m.peer.as_str())
+            .min();
+        let hub_to_hub = hubs.get(&me.region) == Some(&me.peer) && their_hub == Some(peer);
         hub_to_hub
             || self
                 .peers

@@ -183,8 +183,8 @@ pub struct RegionView {
     pub members_alive: usize,
     /// Of those, the ones this node is connected to.
     pub connected: usize,
-    /// Time since a connected peer of the region last held what we hold
-    /// (its digest equalled ours); `None` with no connected peer there.
+    /// Time since a peer of the region last held what we hold (its digest
+    /// equalled ours); `None` before any peer there was known.
     pub lag_ms: Option<u64>,
     /// Sync bytes to and from its members (WAN bytes for another region).
     pub bytes_sent: u64,
@@ -766,9 +766,10 @@ impl PeerTable {
             r.bytes_received += s.bytes_received;
             if s.connected {
                 r.connected += 1;
-                let lag = self.lag_of(s, now.mono_ms);
-                r.lag_ms = Some(r.lag_ms.map_or(lag, |l| l.min(lag)));
             }
+            // Connected or not: a region cut off keeps a lag, and it grows.
+            let lag = self.lag_of(s, now.mono_ms);
+            r.lag_ms = Some(r.lag_ms.map_or(lag, |l| l.min(lag)));
         }
         out
     }
