@@ -171,6 +171,39 @@ impl Lan {
         path
     }
 
+    /// Runs one `syncnode` per host (`bin` inside each namespace, data in
+    /// `dir/n<i>`): p2p on the LAN, HTTP on the management link, host 0 the
+    /// first node and the others joining through it, `extra(i)` added.
+    pub async fn start_nodes(
+        &self,
+        bin: &Path,
+        dir: &Path,
+        cluster: &str,
+        extra: impl Fn(usize) -> Vec<String>,
+    ) -> Vec<syncnode::process::NodeProcess> {
+        let mut nodes = Vec::new();
+        for i in 0..self.hosts {
+            let mut args: Vec<String> = vec![
+                "--listen".into(),
+                format!("/ip4/{}/tcp/7070", self.ip(i)),
+                "--http".into(),
+                self.http(i),
+                "--cluster-id".into(),
+                cluster.into(),
+            ];
+            if i > 0 {
+                args.extend(["--bootstrap".into(), format!("/ip4/{}/tcp/7070", self.ip(0))]);
+            }
+            args.extend(extra(i));
+            let wrapper = self.wrapper(i, bin, dir);
+            let node = syncnode::process::NodeProcess::spawn(&wrapper, &dir.join(format!("n{i}")), args)
+                .await
+                .unwrap_or_else(|e| panic!("node {i}: {e:#}"));
+            nodes.push(node);
+        }
+        nodes
+    }
+
     /// Unplugs host `i` from the switch. With `abort`, also resets every TCP
     /// connection it has across the LAN, as a rebooted router or a NAT
     /// timeout would; without, connections stall and may resume on heal.

@@ -18,33 +18,14 @@ fn bin() -> &'static Path {
 
 /// One node per host; host 0 is the first node, the others join through it.
 async fn cluster(lan: &Lan, dir: &Path, extra: &[&str]) -> Vec<Proc> {
-    let mut nodes = Vec::new();
-    for i in 0..lan.hosts() {
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("/ip4/{}/tcp/7070", lan.ip(i)),
-            "--http",
-            &lan.http(i),
-            "--cluster-id",
-            "faults",
-            "--gossip-interval",
-            "200ms",
-            "--probe-interval",
-            "200ms",
-        ]
-        .map(String::from)
-        .to_vec();
-        if i > 0 {
-            args.extend(["--bootstrap".into(), format!("/ip4/{}/tcp/7070", lan.ip(0))]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let wrapper = lan.wrapper(i, bin(), dir);
-        let node = Proc::spawn(&wrapper, &dir.join(format!("n{i}")), args)
-            .await
-            .unwrap_or_else(|e| panic!("node {i}: {e:#}"));
-        nodes.push(node);
-    }
-    nodes
+    lan.start_nodes(bin(), dir, "faults", |_| {
+        ["--gossip-interval", "200ms", "--probe-interval", "200ms"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    })
+    .await
 }
 
 fn refs(nodes: &[Proc]) -> Vec<&Proc> {

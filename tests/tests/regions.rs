@@ -33,34 +33,20 @@ async fn wan_sent(p: &Proc, own: &str) -> u64 {
 async fn each_write_crosses_to_each_remote_region_about_once() {
     let lan = Lan::new(REGIONS.len());
     let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for (i, region) in REGIONS.iter().enumerate() {
-        let mut args: Vec<String> = [
-            "--listen",
-            &format!("/ip4/{}/tcp/7070", lan.ip(i)),
-            "--http",
-            &lan.http(i),
-            "--cluster-id",
-            "regions",
-            "--region",
-            region,
-            "--gossip-interval",
-            "500ms",
-            "--probe-interval",
-            "500ms",
-        ]
-        .map(String::from)
-        .to_vec();
-        if i > 0 {
-            args.extend(["--bootstrap".into(), format!("/ip4/{}/tcp/7070", lan.ip(0))]);
-        }
-        let wrapper = lan.wrapper(i, bin(), tmp.path());
-        nodes.push(
-            Proc::spawn(&wrapper, &tmp.path().join(format!("n{i}")), args)
-                .await
-                .unwrap(),
-        );
-    }
+    let nodes = lan
+        .start_nodes(bin(), tmp.path(), "regions", |i| {
+            [
+                "--region",
+                REGIONS[i],
+                "--gossip-interval",
+                "500ms",
+                "--probe-interval",
+                "500ms",
+            ]
+            .map(String::from)
+            .to_vec()
+        })
+        .await;
     let refs: Vec<&Proc> = nodes.iter().collect();
     // Everyone knows everyone, and every region is seen.
     syncnode::process::eventually("six members in three regions", Duration::from_secs(60), || async {
