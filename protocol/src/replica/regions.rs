@@ -1,0 +1,77 @@
+//! Regions as this node sees them (DESIGN §5.7): the per-region view
+//! `/v1/regions` shows (members alive, lag, bytes), and which members a
+//! session may cross a region boundary to (hub to hub, so writes cross the
+//! WAN about once per region).
+
+use super::{Now, RegionView, Replica, relay};
+use crate::membership::{MemberId, MemberState};
+
+impl Replica {
+    /// Per region: members alive (SWIM), connected peers, lag and bytes.
+    pub fn regions(&self, now: Now) -> Vec<RegionView> {
+        let mut regions = self.peers.regions(now);
+        let me = self.swim.me();
+        regions.entry(me.region.clone()).or_insert_with(|| RegionView {
+            region: me.region.clone(),
+            ..Default::default()
+        });
+        let alive = self
+            .swim
+            .members()
+            .into_iter()
+            .filter(|v| v.state == MemberState::Alive)
+            .map(|v| v.id.region)
+            .chain(std::iter::once(me.region.clone()));
+        for region in alive {
+            regions
+                .entry(region.clone())
+                .or_insert_with(|| RegionView {
+                    region,
+                    ..Default::default()
+                })
+                .members_alive += 1;
+        }
+        regions.into_values().collect()
+    }
+
+    /// Sessions across a region boundary (DESIGN §5.7) run between the
+    /// regions' hubs, at most one per remote region: CDC crosses once per
+    /// region through them, and a session between any other pair would
+    /// carry the same writes over the WAN again. A member of another region
+    /// is also synced with when its purge watermark has gone unproven for
+    /// half of `tombstone_grace` (so purges go on under a steady load).
+    pub(super) fn may_sync_with(&self, now: Now, peer: &str) -> bool {
+        let me = self.swim.me();
+        // Members SWIM holds alive, or that we are connected to (after a
+        // heal SWIM may still hold the other side down for a while).
+        let reachable: Vec<MemberId> = self
+            .swim
+            .members()
+            .into_iter()
+            .filter(|v| {
+                (v.state == MemberState::Alive || self.peers.is_connected(&v.id.peer))
+                    && !self.peers.must_resync(&v.id.peer)
+            })
+            .map(|v| v.id)
+            .collect();
+        let Some(theirs) = reachable.iter().find(|m| m.peer == peer).map(|m| m.region.clone()) else {
+            return true;
+        };
+        if theirs == me.region {
+            return true;
+        }
+        // Our hub from every member we know is there; theirs only from those
+        // we can reach (a remote hub alive but cut off from us is no hub to us).
+        let hubs = relay::hubs(me, &reachable);
+        let their_hub = reachable
+            .iter()
+            .filter(|m| m.region == theirs && self.peers.is_connected(&m.peer) && !self.peers.banned(&m.peer))
+            .map(|m| m.peer.as_str())
+            .min();
+        let hub_to_hub = hubs.get(&me.region) == Some(&me.peer) && their_hub == Some(peer);
+        hub_to_hub
+            || self
+                .peers
+                .watermark_older_than(peer, self.cfg.tombstone_grace_ms / 2, self.started_wall_ms, now)
+    }
+}
