@@ -55,7 +55,7 @@ async fn until_all(nodes: &[&NodeProcess], peer: &str, state: &str, limit: Durat
 }
 
 async fn membership_bytes(n: &NodeProcess) -> anyhow::Result<u64> {
-    Ok(n.metric("syncnode_membership_bytes_sent_total").await? as u64)
+    Ok(n.metric("syncnode_membership_sent_bytes_total").await? as u64)
 }
 
 async fn run(probe: Duration) -> anyhow::Result<()> {

@@ -84,7 +84,7 @@ async fn sync_bytes(node: &syncnode::process::NodeProcess) -> anyhow::Result<u64
     let text = node.api.get("/metrics").await?.text();
     Ok(text
         .lines()
-        .find_map(|l| l.strip_prefix("syncnode_sync_bytes_sent_total "))
+        .find_map(|l| l.strip_prefix("syncnode_sync_sent_bytes_total "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0))
 }

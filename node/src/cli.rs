@@ -1,19 +1,73 @@
 //! The `syncnode` command line: `run`, `resync`, `keygen`, `psk`, `status`, `ready`,
-//! `members`, `put`, `get`, `del`, `backup`, `restore`, `load` and `demo`. In the library so the test crate runs the very
-//! same program as real processes.
+//! `members`, `peers`, `put`, `get`, `del`, `scan`, `search`, `backup`, `restore`,
+//! `load` and `demo`. In the library so the test crate runs the very same
+//! program as real processes.
+//!
+//! Exit codes: 0 done; 1 the operation failed (node unreachable, an error
+//! answer, not ready); 2 usage error (unknown flag, missing argument);
+//! 3 invalid configuration or input (a bad config key or value, a value the
+//! node refused with 400 or 422).
 
 use crate::client::ApiClient;
 use crate::config::{NodeConfig, Settings};
+use crate::logging::LogFormat;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Exit code of an operation that failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code of a usage error (clap's).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code of invalid configuration or input.
+pub const EXIT_INVALID: u8 = 3;
+
+/// An error in what the user gave (config, arguments, a refused value):
+/// exit code 3.
+#[derive(Debug)]
+pub struct Invalid(pub anyhow::Error);
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+fn invalid(e: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(Invalid(e))
+}
+
 #[derive(Parser)]
-#[command(name = "syncnode", version, about = "Peer-to-peer anti-entropy replication node")]
+#[command(
+    name = "syncnode",
+    version,
+    about = "Peer-to-peer anti-entropy replication node",
+    after_help = "Exit codes: 0 done, 1 failed, 2 usage error, 3 invalid configuration or input."
+)]
 struct Cli {
+    /// Log level (error, warn, info, debug, trace) or tracing directives;
+    /// RUST_LOG wins when set. [default: info for run and resync, warn otherwise]
+    #[arg(long, global = true, env = "SYNCNODE_LOG_LEVEL", value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log lines on stderr as text or JSON. [default: text]
+    #[arg(long, global = true, env = "SYNCNODE_LOG_FORMAT", value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Output of the read commands (status, members, peers, get, scan, search): text or json.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "text")]
+    output: Output,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How read commands print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 /// Where a client command finds the node.
@@ -56,6 +110,47 @@ enum Command {
         #[command(flatten)]
         settings: Box<Settings>,
     },
+    /// Lists the peers this node knows: connection, region, roots, lag, sessions, bytes.
+    Peers {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Lists live items in id order, page by page (`--all` follows every page).
+    Scan {
+        #[command(flatten)]
+        target: Target,
+        /// Only ids starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Only items in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Items per page, 1..=10000.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Starts after this cursor (the `next` of a previous page).
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
+        /// Follows every page to the end.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Searches an index with a query in JSON (see the README's search bodies),
+    /// e.g. `search users '{"eq":{"field":"city","value":"Oslo"}}'`.
+    Search {
+        #[command(flatten)]
+        target: Target,
+        /// The index's name.
+        index: String,
+        /// The query, JSON.
+        query: String,
+        /// Which tier answers: redis, sql, or redis-then-sql.
+        #[arg(long)]
+        tier: Option<String>,
+        /// Most ids, 1..=10000.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Lists the cluster's members, or forgets one (`members forget PEER`).
     Members {
         #[command(flatten)]
@@ -65,20 +160,23 @@ enum Command {
     },
     /// Creates the node identity in a data dir (if absent) and prints its peer id.
     Keygen {
+        /// The node's data dir (where `identity.key` is kept).
         #[arg(long, default_value = "./syncnode-data")]
         data_dir: PathBuf,
     },
     /// Makes a pre-shared cluster key: prints it, or writes it to --out (mode 0600).
     Psk {
-        #[arg(long)]
+        /// The file to write (mode 0600); printed to stdout when left out.
+        #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Shows a node's health (`--watch` repeats every N seconds).
+    /// Shows a node's health, readiness, regions and peers.
     Status {
         #[command(flatten)]
         target: Target,
-        #[arg(long, value_name = "SECONDS")]
-        watch: Option<u64>,
+        /// Repeats every interval (e.g. `2s`); the screen is redrawn only on a terminal.
+        #[arg(long, value_name = "INTERVAL", value_parser = crate::config::parse_duration)]
+        watch: Option<Duration>,
     },
     /// Saves a consistent copy of a running node's SQLite database
     /// (`GET /v1/backup`) to a new file.
@@ -105,25 +203,31 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Writes an item (the value, or --file; JSON when it parses as JSON).
+    /// Writes an item: the value, `-` for stdin, or --file; stored as JSON
+    /// when it parses as JSON.
     Put {
         #[command(flatten)]
         target: Target,
+        /// The item's id.
         id: String,
+        /// The content; `-` reads it from stdin.
         value: Option<String>,
-        #[arg(long)]
+        /// Reads the content from this file.
+        #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
     },
-    /// Prints an item's content.
+    /// Prints an item's content (`-o json`: the item with its version and origin).
     Get {
         #[command(flatten)]
         target: Target,
+        /// The item's id.
         id: String,
     },
-    /// Deletes an item.
+    /// Deletes an item; prints the tombstone's receipt.
     Del {
         #[command(flatten)]
         target: Target,
+        /// The item's id.
         id: String,
     },
     /// Sends a bounded, open-loop load of puts (and deletes) to nodes'
@@ -137,7 +241,7 @@ enum Command {
     },
     /// Three nodes over loopback: writes, a partition, conflicting writes, the heal.
     Demo {
-        /// Items to write.
+        /// Items to write in all.
         #[arg(long, default_value_t = 3_000)]
         items: usize,
         /// Walk through one engine instead (writes, overwrites, deletes, restart).
@@ -151,11 +255,23 @@ enum MembersAction {
     /// Removes a member that is gone for good (a wiped identity, a
     /// decommissioned host) from the purge watermarks at once; if it ever
     /// returns holding data it must resync.
-    Forget { peer: String },
+    Forget {
+        /// The member's peer id.
+        peer: String,
+    },
 }
 
-async fn members(client: &ApiClient) -> anyhow::Result<()> {
+/// Prints a JSON answer, pretty.
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+async fn members(client: &ApiClient, output: Output) -> anyhow::Result<()> {
     let v = client.ok_json(client.get("/v1/members").await).await?;
+    if output == Output::Json {
+        print_json(&v);
+        return Ok(());
+    }
     let me = &v["self"];
     println!(
         "self   {} region {} {}",
@@ -182,7 +298,86 @@ async fn members(client: &ApiClient) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(client: &ApiClient) -> anyhow::Result<()> {
+async fn peers(client: &ApiClient, output: Output) -> anyhow::Result<()> {
+    let v = client.ok_json(client.get("/v1/peers").await).await?;
+    if output == Output::Json {
+        print_json(&v);
+        return Ok(());
+    }
+    for p in v.as_array().into_iter().flatten() {
+        println!(
+            "{} connected {} region {} in_sync {} lag {} ms sessions {} sent {} B received {} B",
+            p["peer_id"].as_str().unwrap_or("?"),
+            p["connected"],
+            p["region"].as_str().unwrap_or("?"),
+            p["in_sync"],
+            p["lag_ms"],
+            p["sessions"],
+            p["bytes_sent"],
+            p["bytes_received"]
+        );
+    }
+    Ok(())
+}
+
+/// One page of a scan, or every page with `all`.
+async fn scan(
+    client: &ApiClient,
+    output: Output,
+    query: &[(&str, String)],
+    mut after: Option<String>,
+    all: bool,
+) -> anyhow::Result<()> {
+    let mut items = Vec::new();
+    let next = loop {
+        let mut q: Vec<(&str, String)> = query.to_vec();
+        if let Some(a) = &after {
+            q.push(("after", a.clone()));
+        }
+        let path = format!("/v1/items?{}", crate::client::query_string(&q));
+        let page = client.ok_json(client.get(&path).await).await?;
+        let next = page["next"].as_str().map(str::to_string);
+        for it in page["items"].as_array().into_iter().flatten() {
+            if output == Output::Json {
+                items.push(it.clone());
+            } else {
+                println!(
+                    "{}\t{}\t{}",
+                    it["id"].as_str().unwrap_or("?"),
+                    it["version"],
+                    it["content"]
+                );
+            }
+        }
+        match next {
+            Some(n) if all => after = Some(n),
+            other => break other,
+        }
+    };
+    if output == Output::Json {
+        print_json(&serde_json::json!({"items": items, "next": next}));
+    } else if let Some(n) = next {
+        eprintln!("more: --after {n}");
+    }
+    Ok(())
+}
+
+/// The node's health, readiness, regions and peers in one JSON object.
+async fn status_json(client: &ApiClient) -> anyhow::Result<serde_json::Value> {
+    let ready = client.get("/readyz").await?;
+    Ok(serde_json::json!({
+        "health": client.ok_json(client.get("/health").await).await?,
+        "ready": ready.json().unwrap_or_default(),
+        "regions": client.ok_json(client.get("/v1/regions").await).await?,
+        "peers": client.ok_json(client.get("/v1/peers").await).await?,
+    }))
+}
+
+async fn status(client: &ApiClient, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        print_json(&status_json(client).await?);
+        return Ok(());
+    }
     let h = client.ok_json(client.get("/health").await).await?;
     let peers = client.ok_json(client.get("/v1/peers").await).await?;
     println!(
@@ -259,48 +454,146 @@ async fn status(client: &ApiClient) -> anyhow::Result<()> {
 }
 
 /// The program: runs [`main`] and prints an error with its causes on one
-/// line (never a Debug dump); exit code 1 on error.
+/// line (never a Debug dump); the exit code says what kind of error.
 pub async fn program() -> std::process::ExitCode {
     match main().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("syncnode: {e:#}");
-            std::process::ExitCode::FAILURE
+            let refused = e
+                .downcast_ref::<crate::client::HttpError>()
+                .is_some_and(|h| h.is_invalid_input());
+            let code = if refused || e.downcast_ref::<Invalid>().is_some() {
+                EXIT_INVALID
+            } else {
+                EXIT_FAILED
+            };
+            std::process::ExitCode::from(code)
         }
     }
 }
 
+/// Reads the settings of `run`: the config file, then the environment and flags.
+fn settings(config: Option<&std::path::Path>, flags: Settings) -> anyhow::Result<Settings> {
+    let file = match config {
+        Some(path) => Settings::from_file(path).map_err(invalid)?,
+        None => Settings::default(),
+    };
+    Ok(file.overlay(flags))
+}
+
 /// Parses the command line and runs the command.
 pub async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,yamux=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
-        Command::Run { config, settings } => {
-            let file = match config {
-                Some(path) => Settings::from_file(&path)?,
-                None => Settings::default(),
+    let cli = Cli::parse();
+    let output = cli.output;
+    let format = cli.log_format;
+    let log = |level: Option<&str>, format: Option<LogFormat>, default: &str| {
+        crate::logging::init(level.unwrap_or(default), format.unwrap_or_default()).map_err(invalid)
+    };
+    match cli.command {
+        Command::Run {
+            config,
+            settings: flags,
+        } => {
+            let s = settings(config.as_deref(), *flags.clone())?;
+            let cfg = NodeConfig::resolve(s).map_err(invalid)?;
+            log(
+                cli.log_level.as_deref().or(cfg.log_level.as_deref()),
+                format.or(cfg.log_format),
+                "info",
+            )?;
+            let level_flag = cli.log_level.clone();
+            // SIGHUP: the config file and environment read again, the flags kept.
+            let reload = move || {
+                let s = settings(config.as_deref(), *flags.clone())?;
+                let mut cfg = NodeConfig::resolve(s)?;
+                if level_flag.is_some() {
+                    cfg.log_level = level_flag.clone();
+                }
+                Ok(cfg)
             };
-            crate::run::run(NodeConfig::resolve(file.overlay(*settings))?).await
+            crate::run::run(cfg, Box::new(reload)).await
         }
-        Command::Resync { from, config, settings } => {
-            let file = match config {
-                Some(path) => Settings::from_file(&path)?,
-                None => Settings::default(),
-            };
-            let mut s = file.overlay(*settings);
+        Command::Resync {
+            from,
+            config,
+            settings: flags,
+        } => {
+            let mut s = settings(config.as_deref(), *flags)?;
             s.bootstrap = Some(vec![from]);
-            let cfg = NodeConfig::resolve(s)?;
+            let cfg = NodeConfig::resolve(s).map_err(invalid)?;
+            log(
+                cli.log_level.as_deref().or(cfg.log_level.as_deref()),
+                format.or(cfg.log_format),
+                "info",
+            )?;
             crate::run::wipe(&cfg).await?;
-            crate::run::run(cfg).await
+            let fixed = cfg.clone();
+            crate::run::run(cfg, Box::new(move || Ok(fixed.clone()))).await
+        }
+        command => {
+            log(cli.log_level.as_deref(), format, "warn")?;
+            client_command(command, output).await
+        }
+    }
+}
+
+/// The commands other than `run` and `resync`.
+async fn client_command(command: Command, output: Output) -> anyhow::Result<()> {
+    match command {
+        Command::Run { .. } | Command::Resync { .. } => unreachable!("handled by main"),
+        Command::Peers { target } => peers(&target.client(), output).await,
+        Command::Scan {
+            target,
+            prefix,
+            state,
+            limit,
+            after,
+            all,
+        } => {
+            let mut q = vec![("prefix", prefix), ("limit", limit.to_string())];
+            if let Some(st) = state {
+                q.push(("state", st));
+            }
+            scan(&target.client(), output, &q, after, all).await
+        }
+        Command::Search {
+            target,
+            index,
+            query,
+            tier,
+            limit,
+        } => {
+            let query: serde_json::Value =
+                serde_json::from_str(&query).map_err(|e| invalid(anyhow::anyhow!("the query is not JSON: {e}")))?;
+            let mut body = serde_json::json!({ "query": query });
+            if let Some(t) = tier {
+                body["tier"] = t.into();
+            }
+            if let Some(l) = limit {
+                body["limit"] = l.into();
+            }
+            let client = target.client();
+            let path = format!("/v1/indexes/{}/search", crate::client::encode_id(&index));
+            let v = client.ok_json(client.post_json(&path, &body).await).await?;
+            if output == Output::Json {
+                print_json(&v);
+            } else {
+                for it in v["items"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{}\t{}",
+                        it["id"].as_str().unwrap_or("?"),
+                        it["version"],
+                        it["content"]
+                    );
+                }
+            }
+            Ok(())
         }
         Command::Members { target, action } => {
             let client = target.client();
             match action {
-                None => members(&client).await,
+                None => members(&client, output).await,
                 Some(MembersAction::Forget { peer }) => {
                     let path = format!("/v1/members/{}", crate::client::encode_id(&peer));
                     println!(
@@ -333,14 +626,23 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Status { target, watch } => {
             let client = target.client();
             match watch {
-                None => status(&client).await,
-                Some(secs) => loop {
-                    print!("\x1b[2J\x1b[H");
-                    if let Err(e) = status(&client).await {
-                        println!("{e}");
+                None => status(&client, output).await,
+                Some(every) => {
+                    // Screen codes only for a terminal; a pipe gets one report after another.
+                    let terminal = std::io::stdout().is_terminal();
+                    loop {
+                        if terminal {
+                            print!("\x1b[2J\x1b[H");
+                        }
+                        if let Err(e) = status(&client, output).await {
+                            println!("{e:#}");
+                        }
+                        if !terminal {
+                            println!();
+                        }
+                        tokio::time::sleep(every.max(Duration::from_millis(100))).await;
                     }
-                    tokio::time::sleep(Duration::from_secs(secs.max(1))).await;
-                },
+                }
             }
         }
         Command::Backup { target, out } => {
@@ -379,9 +681,22 @@ pub async fn main() -> anyhow::Result<()> {
             file,
         } => {
             let bytes = match (value, file) {
+                (Some(v), None) if v == "-" => {
+                    let mut buf = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                        .map_err(|e| anyhow::anyhow!("stdin: {e}"))?;
+                    Bytes::from(buf)
+                }
                 (Some(v), None) => Bytes::from(v),
                 (None, Some(f)) => Bytes::from(std::fs::read(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?),
-                _ => anyhow::bail!("give the value or --file, not both"),
+                (None, None) => {
+                    return Err(invalid(anyhow::anyhow!(
+                        "put {id}: no value: give it after the id, `-` to read stdin, or --file"
+                    )));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(invalid(anyhow::anyhow!("put {id}: give the value or --file, not both")));
+                }
             };
             let json = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();
             let client = target.client();
@@ -390,7 +705,17 @@ pub async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Get { target, id } => {
-            let a = target.client().get_item(&id).await?;
+            let client = target.client();
+            if output == Output::Json {
+                let v = client
+                    .ok_json(client.post_json("/v1/get", &serde_json::json!({ "ids": [id] })).await)
+                    .await?;
+                let item = v.get(0).cloned().unwrap_or_default();
+                anyhow::ensure!(!item.is_null(), "{id}: not found");
+                print_json(&item);
+                return Ok(());
+            }
+            let a = client.get_item(&id).await?;
             anyhow::ensure!(a.status.is_success(), "HTTP {}: {}", a.status, a.text());
             use std::io::Write;
             std::io::stdout().write_all(&a.body)?;

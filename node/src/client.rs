@@ -191,7 +191,50 @@ impl ApiClient {
     /// A call that must succeed, as JSON.
     pub async fn ok_json(&self, a: anyhow::Result<Answer>) -> anyhow::Result<serde_json::Value> {
         let a = a?;
-        anyhow::ensure!(a.status.is_success(), "HTTP {}: {}", a.status, a.text());
+        if !a.status.is_success() {
+            return Err(HttpError {
+                status: a.status,
+                body: a.text(),
+            }
+            .into());
+        }
         a.json()
     }
+}
+
+/// An error answer of the node.
+#[derive(Debug)]
+pub struct HttpError {
+    pub status: StatusCode,
+    pub body: String,
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {}: {}", self.status, self.body)
+    }
+}
+
+impl std::error::Error for HttpError {}
+
+impl HttpError {
+    /// The node refused the input itself (400, 422), not failed at it.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self.status.as_u16(), 400 | 422)
+    }
+}
+
+/// A version from JSON: a decimal string (how the API writes them, since
+/// they exceed 2^53) or a number.
+pub fn version(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| v.as_str()?.parse().ok())
+}
+
+/// `k=v&…`, each part percent-encoded.
+pub fn query_string(pairs: &[(&str, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode_id(k), encode_id(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }

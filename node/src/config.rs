@@ -98,6 +98,51 @@ pub struct Settings {
     /// Largest item content, bytes. [default: 16777216]
     #[arg(long, env = "SYNCNODE_MAX_PAYLOAD_BYTES")]
     pub max_payload_bytes: Option<usize>,
+    /// Most items in one group commit. [default: 1000]
+    #[arg(long, env = "SYNCNODE_BATCH_FLUSH_COUNT")]
+    pub batch_flush_count: Option<usize>,
+    /// Most bytes in one group commit. [default: 4194304]
+    #[arg(long, env = "SYNCNODE_BATCH_FLUSH_BYTES")]
+    pub batch_flush_bytes: Option<usize>,
+    /// Commit-log bound in items (MySQL L3): beyond it writes are refused. [default: 1000000]
+    #[arg(long, env = "SYNCNODE_COMMIT_LOG_MAX_ITEMS")]
+    pub commit_log_max_items: Option<u64>,
+    /// Commit-log bound in bytes (MySQL L3). [default: 1073741824]
+    #[arg(long, env = "SYNCNODE_COMMIT_LOG_MAX_BYTES")]
+    pub commit_log_max_bytes: Option<u64>,
+    /// Items per commit-log drain batch. [default: 500]
+    #[arg(long, env = "SYNCNODE_COMMIT_LOG_DRAIN_BATCH")]
+    pub commit_log_drain_batch: Option<usize>,
+    /// `max_clock_skew` in milliseconds (the engine's key); set one of the two. [default: 500]
+    #[arg(long, env = "SYNCNODE_MAX_CLOCK_SKEW_MS")]
+    pub max_clock_skew_ms: Option<u64>,
+    /// How often the Merkle tree and filter snapshots are saved when changed, seconds. [default: 30]
+    #[arg(long, env = "SYNCNODE_SNAPSHOT_INTERVAL_SECS")]
+    pub snapshot_interval_secs: Option<u64>,
+    /// Timeout of one L3 call, milliseconds. [default: 5000]
+    #[arg(long, env = "SYNCNODE_SQL_TIMEOUT_MS")]
+    pub sql_timeout_ms: Option<u64>,
+    /// Connections in the L3 pool. [default: 8]
+    #[arg(long, env = "SYNCNODE_SQL_MAX_CONNECTIONS")]
+    pub sql_max_connections: Option<u32>,
+    /// Items loaded into L1 at start. [default: 10000]
+    #[arg(long, env = "SYNCNODE_WARM_UP_ITEMS")]
+    pub warm_up_items: Option<usize>,
+    /// Time a client has to send a request's header before the connection is closed. [default: 10s]
+    #[arg(long, env = "SYNCNODE_HTTP_HEADER_TIMEOUT")]
+    pub http_header_timeout: Option<String>,
+    /// Time an idle keep-alive connection is kept open. [default: 60s]
+    #[arg(long, env = "SYNCNODE_HTTP_IDLE_TIMEOUT")]
+    pub http_idle_timeout: Option<String>,
+    /// Most HTTP connections open at once; more wait to be accepted. [default: 1024]
+    #[arg(long, env = "SYNCNODE_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// Log level or tracing directives (the config file's key; `--log-level` wins). [default: info]
+    #[arg(skip)]
+    pub log_level: Option<String>,
+    /// Log format, `text` or `json` (the config file's key; `--log-format` wins). [default: text]
+    #[arg(skip)]
+    pub log_format: Option<crate::logging::LogFormat>,
 }
 
 macro_rules! overlay {
@@ -113,7 +158,10 @@ impl Settings {
         overlay!(base, top; data_dir, node_id, listen, bootstrap, advertise, max_peers, probe_interval,
             join_timeout, http, sql_url, redis_url, redis_prefix, cluster_id, region, psk_file, allow_peers,
             api_token, gossip_interval, merkle_depth, tombstone_grace, member_expiry, ledger_retention,
-            max_clock_skew, l1_max_bytes, max_payload_bytes)
+            max_clock_skew, l1_max_bytes, max_payload_bytes, batch_flush_count, batch_flush_bytes,
+            commit_log_max_items, commit_log_max_bytes, commit_log_drain_batch, max_clock_skew_ms,
+            snapshot_interval_secs, sql_timeout_ms, sql_max_connections, warm_up_items,
+            http_header_timeout, http_idle_timeout, http_max_connections, log_level, log_format)
     }
 
     /// Reads a TOML config file.
@@ -124,7 +172,7 @@ impl Settings {
 }
 
 /// A checked node configuration with every default applied.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub node_id: Option<String>,
@@ -135,43 +183,41 @@ pub struct NodeConfig {
     pub probe_interval: Duration,
     pub join_timeout: Duration,
     pub http: SocketAddr,
-    pub sql_url: Option<String>,
-    pub redis_url: Option<String>,
-    pub redis_prefix: Option<String>,
     pub cluster_id: String,
     pub region: String,
     pub psk_file: Option<PathBuf>,
     pub allow_peers: Vec<PeerId>,
     pub api_token: Option<String>,
     pub gossip_interval: Duration,
-    pub merkle_depth: u8,
     pub tombstone_grace: Duration,
     pub member_expiry: Duration,
     pub ledger_retention: Duration,
     pub max_clock_skew: Duration,
-    pub l1_max_bytes: usize,
-    pub max_payload_bytes: usize,
+    pub http_header_timeout: Duration,
+    pub http_idle_timeout: Duration,
+    pub http_max_connections: usize,
+    pub log_level: Option<String>,
+    pub log_format: Option<crate::logging::LogFormat>,
+    /// The engine's keys (its `node_id` is set by `engine_config`).
+    pub engine: SyncEngineConfig,
 }
 
-/// Parses `250ms`, `1s`, `5m`, `1h`, `7d`.
+/// Keys a running node takes in on SIGHUP; the others need a restart.
+pub const RELOADABLE: &[&str] = &[
+    "max_payload_bytes",
+    "max_clock_skew",
+    "l1_max_bytes",
+    "snapshot_interval_secs",
+    "log_level",
+];
+
+/// Parses a duration: `250ms`, `1.5s`, `1m30s`, `1h`, `7d` (humantime).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 1s, 500ms, 5m, 1h, 7d"))?;
-    let ms = match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(format!("{s:?} has no unit (ms, s, m, h, d)")),
-    };
-    n.checked_mul(ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is too long"))
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!("{s:?} has no unit (ms, s, m, h, d), e.g. 500ms, 1.5s, 1m30s"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 500ms, 1.5s, 1m30s, 1h, 7d ({e})"))
 }
 
 /// A TCP address another node can dial: `/ip4|/ip6|/dns|/dns4|/dns6/…/tcp/<port>`,
@@ -247,7 +293,11 @@ impl NodeConfig {
             ledger_retention >= member_expiry,
             "ledger_retention: {ledger_retention:?} is shorter than member_expiry ({member_expiry:?}): a member expired from the purge watermarks must still find the purge records when it returns"
         );
-        let max_clock_skew = duration("max_clock_skew", s.max_clock_skew, "500ms")?;
+        let max_clock_skew = match (s.max_clock_skew, s.max_clock_skew_ms) {
+            (Some(_), Some(_)) => anyhow::bail!("max_clock_skew_ms: set max_clock_skew or max_clock_skew_ms, not both"),
+            (None, Some(ms)) => Duration::from_millis(ms),
+            (d, None) => duration("max_clock_skew", d, "500ms")?,
+        };
         anyhow::ensure!(
             max_clock_skew >= Duration::from_millis(1),
             "max_clock_skew: at least 1ms"
@@ -294,11 +344,80 @@ impl NodeConfig {
             "gossip_interval: at least 50ms"
         );
         let defaults = SyncEngineConfig::default();
+        let at_least_1 = |name: &str, v: Option<u64>, default: u64| -> anyhow::Result<u64> {
+            let v = v.unwrap_or(default);
+            anyhow::ensure!(v >= 1, "{name}: must be at least 1");
+            Ok(v)
+        };
+        let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from("./syncnode-data"));
+        let engine = SyncEngineConfig {
+            data_dir: data_dir.clone(),
+            node_id: String::new(),
+            sql_url: s.sql_url,
+            redis_url: s.redis_url,
+            redis_prefix: Some(s.redis_prefix.unwrap_or_else(|| format!("{cluster_id}:"))),
+            l1_max_bytes: at_least_1(
+                "l1_max_bytes",
+                s.l1_max_bytes.map(|v| v as u64),
+                defaults.l1_max_bytes as u64,
+            )? as usize,
+            max_payload_bytes: at_least_1(
+                "max_payload_bytes",
+                s.max_payload_bytes.map(|v| v as u64),
+                defaults.max_payload_bytes as u64,
+            )? as usize,
+            batch_flush_count: at_least_1(
+                "batch_flush_count",
+                s.batch_flush_count.map(|v| v as u64),
+                defaults.batch_flush_count as u64,
+            )? as usize,
+            batch_flush_bytes: at_least_1(
+                "batch_flush_bytes",
+                s.batch_flush_bytes.map(|v| v as u64),
+                defaults.batch_flush_bytes as u64,
+            )? as usize,
+            commit_log_max_items: at_least_1(
+                "commit_log_max_items",
+                s.commit_log_max_items,
+                defaults.commit_log_max_items,
+            )?,
+            commit_log_max_bytes: at_least_1(
+                "commit_log_max_bytes",
+                s.commit_log_max_bytes,
+                defaults.commit_log_max_bytes,
+            )?,
+            commit_log_drain_batch: at_least_1(
+                "commit_log_drain_batch",
+                s.commit_log_drain_batch.map(|v| v as u64),
+                defaults.commit_log_drain_batch as u64,
+            )? as usize,
+            merkle_depth,
+            max_clock_skew_ms: max_clock_skew.as_millis() as u64,
+            snapshot_interval_secs: at_least_1(
+                "snapshot_interval_secs",
+                s.snapshot_interval_secs,
+                defaults.snapshot_interval_secs,
+            )?,
+            sql_timeout_ms: at_least_1("sql_timeout_ms", s.sql_timeout_ms, defaults.sql_timeout_ms)?,
+            sql_max_connections: at_least_1(
+                "sql_max_connections",
+                s.sql_max_connections.map(u64::from),
+                u64::from(defaults.sql_max_connections),
+            )?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("sql_max_connections: too large"))?,
+            warm_up_items: s.warm_up_items.unwrap_or(defaults.warm_up_items),
+        };
+        let http_max_connections = s.http_max_connections.unwrap_or(1024);
+        anyhow::ensure!(http_max_connections >= 1, "http_max_connections: must be at least 1");
+        if let Some(level) = &s.log_level {
+            crate::logging::check_level(level)?;
+        }
         if let Some(t) = &s.api_token {
             anyhow::ensure!(!t.is_empty(), "api_token: empty (leave it unset for no token)");
         }
         Ok(NodeConfig {
-            data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("./syncnode-data")),
+            data_dir,
             node_id: s.node_id,
             listen,
             bootstrap,
@@ -310,15 +429,11 @@ impl NodeConfig {
                 "http",
                 s.http.as_deref().unwrap_or("127.0.0.1:8080").parse::<SocketAddr>(),
             )?,
-            sql_url: s.sql_url,
-            redis_url: s.redis_url,
-            redis_prefix: s.redis_prefix,
             region,
             psk_file: s.psk_file,
             allow_peers,
             api_token: s.api_token,
             gossip_interval,
-            merkle_depth,
             tombstone_grace: key(
                 "tombstone_grace",
                 parse_duration(s.tombstone_grace.as_deref().unwrap_or("1h")),
@@ -326,30 +441,53 @@ impl NodeConfig {
             member_expiry,
             ledger_retention,
             max_clock_skew,
-            l1_max_bytes: s.l1_max_bytes.unwrap_or(defaults.l1_max_bytes),
-            max_payload_bytes: s.max_payload_bytes.unwrap_or(defaults.max_payload_bytes),
+            http_header_timeout: duration("http_header_timeout", s.http_header_timeout, "10s")?,
+            http_idle_timeout: duration("http_idle_timeout", s.http_idle_timeout, "60s")?,
+            http_max_connections,
+            log_level: s.log_level,
+            log_format: s.log_format,
             cluster_id,
+            engine,
         })
     }
 
     /// The engine's config for this node (`node_id` is the peer id unless set).
     pub fn engine_config(&self, peer_id: &PeerId) -> SyncEngineConfig {
         SyncEngineConfig {
-            data_dir: self.data_dir.clone(),
             node_id: self.node_id.clone().unwrap_or_else(|| peer_id.to_string()),
-            sql_url: self.sql_url.clone(),
-            redis_url: self.redis_url.clone(),
-            redis_prefix: Some(
-                self.redis_prefix
-                    .clone()
-                    .unwrap_or_else(|| format!("{}:", self.cluster_id)),
-            ),
-            l1_max_bytes: self.l1_max_bytes,
-            max_payload_bytes: self.max_payload_bytes,
-            merkle_depth: self.merkle_depth,
-            max_clock_skew_ms: self.max_clock_skew.as_millis() as u64,
-            ..SyncEngineConfig::default()
+            ..self.engine.clone()
         }
+    }
+
+    /// The keys whose values differ from `other`'s, by name.
+    pub fn changed_keys(&self, other: &NodeConfig) -> Vec<&'static str> {
+        macro_rules! diff {
+            ($a:ident, $b:ident; $($($f:ident).+ => $name:literal),* $(,)?) => {{
+                let mut out = Vec::new();
+                $(if $a.$($f).+ != $b.$($f).+ { out.push($name); })*
+                out
+            }};
+        }
+        let (a, b) = (self, other);
+        diff!(a, b;
+            data_dir => "data_dir", node_id => "node_id", listen => "listen", bootstrap => "bootstrap",
+            advertise => "advertise", max_peers => "max_peers", probe_interval => "probe_interval",
+            join_timeout => "join_timeout", http => "http", cluster_id => "cluster_id", region => "region",
+            psk_file => "psk_file", allow_peers => "allow_peers", api_token => "api_token",
+            gossip_interval => "gossip_interval", tombstone_grace => "tombstone_grace",
+            member_expiry => "member_expiry", ledger_retention => "ledger_retention",
+            max_clock_skew => "max_clock_skew", http_header_timeout => "http_header_timeout",
+            http_idle_timeout => "http_idle_timeout", http_max_connections => "http_max_connections",
+            log_level => "log_level", log_format => "log_format",
+            engine.sql_url => "sql_url", engine.redis_url => "redis_url", engine.redis_prefix => "redis_prefix",
+            engine.l1_max_bytes => "l1_max_bytes", engine.max_payload_bytes => "max_payload_bytes",
+            engine.batch_flush_count => "batch_flush_count", engine.batch_flush_bytes => "batch_flush_bytes",
+            engine.commit_log_max_items => "commit_log_max_items",
+            engine.commit_log_max_bytes => "commit_log_max_bytes",
+            engine.commit_log_drain_batch => "commit_log_drain_batch", engine.merkle_depth => "merkle_depth",
+            engine.snapshot_interval_secs => "snapshot_interval_secs", engine.sql_timeout_ms => "sql_timeout_ms",
+            engine.sql_max_connections => "sql_max_connections", engine.warm_up_items => "warm_up_items",
+        )
     }
 }
 
@@ -369,12 +507,87 @@ mod tests {
         };
         let c = NodeConfig::resolve(file.overlay(flags)).unwrap();
         assert_eq!(
-            (c.cluster_id.as_str(), c.region.as_str(), c.merkle_depth),
+            (c.cluster_id.as_str(), c.region.as_str(), c.engine.merkle_depth),
             ("a", "us", 3)
         );
         assert_eq!(c.listen, vec!["/ip4/127.0.0.1/tcp/1".parse::<Multiaddr>().unwrap()]);
         assert_eq!(c.http, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.tombstone_grace, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn every_engine_key_of_the_readme_is_accepted() {
+        let file: Settings = toml::from_str(
+            "sql_timeout_ms = 700\ncommit_log_max_items = 9\ncommit_log_max_bytes = 99\n\
+             batch_flush_count = 7\nbatch_flush_bytes = 77\ncommit_log_drain_batch = 5\n\
+             snapshot_interval_secs = 3\nsql_max_connections = 2\nwarm_up_items = 1\n\
+             max_clock_skew_ms = 250\nl1_max_bytes = 1048576\nmax_payload_bytes = 4096\n\
+             log_level = \"debug\"\nlog_format = \"json\"",
+        )
+        .unwrap();
+        let c = NodeConfig::resolve(file).unwrap();
+        let e = c.engine_config(&PeerId::random());
+        assert_eq!(
+            (
+                e.sql_timeout_ms,
+                e.commit_log_max_items,
+                e.commit_log_max_bytes,
+                e.batch_flush_count
+            ),
+            (700, 9, 99, 7)
+        );
+        assert_eq!(
+            (e.batch_flush_bytes, e.commit_log_drain_batch, e.snapshot_interval_secs),
+            (77, 5, 3)
+        );
+        assert_eq!(
+            (e.sql_max_connections, e.warm_up_items, e.max_clock_skew_ms),
+            (2, 1, 250)
+        );
+        assert_eq!((e.l1_max_bytes, e.max_payload_bytes), (1048576, 4096));
+        assert_eq!(c.log_format, Some(crate::logging::LogFormat::Json));
+        let both = Settings {
+            max_clock_skew: Some("1s".into()),
+            max_clock_skew_ms: Some(5),
+            ..Default::default()
+        };
+        assert!(
+            NodeConfig::resolve(both)
+                .unwrap_err()
+                .to_string()
+                .starts_with("max_clock_skew_ms:")
+        );
+        let zero = Settings {
+            batch_flush_count: Some(0),
+            ..Default::default()
+        };
+        assert!(
+            NodeConfig::resolve(zero)
+                .unwrap_err()
+                .to_string()
+                .starts_with("batch_flush_count:")
+        );
+    }
+
+    #[test]
+    fn changed_keys_are_named() {
+        let a = NodeConfig::resolve(Settings::default()).unwrap();
+        let b = NodeConfig::resolve(Settings {
+            max_payload_bytes: Some(1000),
+            region: Some("eu".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(a.changed_keys(&b), vec!["region", "max_payload_bytes"]);
+        assert!(a.changed_keys(&a.clone()).is_empty());
+    }
+
+    #[test]
+    fn durations_take_fractions_and_compounds() {
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("5").unwrap_err().contains("no unit"));
     }
 
     #[test]
@@ -439,6 +652,6 @@ mod tests {
         );
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
-        assert!(parse_duration("1y").is_err() && parse_duration("").is_err());
+        assert!(parse_duration("1 fortnight").is_err() && parse_duration("").is_err());
     }
 }

@@ -99,6 +99,7 @@ pub async fn run_engine(items: usize) -> anyhow::Result<()> {
 }
 
 use crate::replication::swarm::{NetworkConfig, NodeHandle, start};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,19 +132,52 @@ async fn connect(from: &Node, to: &Node) -> anyhow::Result<()> {
     from.net.dial(addr).await.map_err(|e| anyhow::anyhow!(e))
 }
 
-/// Waits until every root is equal, printing progress; returns the time taken.
+/// Per node, how many entries it lacks of `winners` (the newest version of
+/// every id across the nodes when the wait began).
+async fn lacking(nodes: &[Node], winners: &HashMap<String, u64>) -> anyhow::Result<u64> {
+    let mut n = 0;
+    for node in nodes {
+        let held: HashMap<String, u64> = node
+            .engine
+            .merkle_entries("", usize::MAX >> 1)
+            .await?
+            .into_iter()
+            .map(|e| (e.id, e.version))
+            .collect();
+        n += winners.iter().filter(|(id, v)| held.get(*id) < Some(*v)).count() as u64;
+    }
+    Ok(n)
+}
+
+/// Waits until every root is equal; returns the time taken. The bar counts
+/// entries reconciled out of those the nodes lacked when it began, so it
+/// only moves forward (drawn on a terminal only).
 async fn converge(nodes: &[Node], label: &str) -> anyhow::Result<Duration> {
     let start = Instant::now();
+    let mut winners: HashMap<String, u64> = HashMap::new();
+    for node in nodes {
+        for e in node.engine.merkle_entries("", usize::MAX >> 1).await? {
+            let v = winners.entry(e.id).or_insert(e.version);
+            *v = (*v).max(e.version);
+        }
+    }
+    let to_reconcile = lacking(nodes, &winners).await?;
+    let bar = indicatif::ProgressBar::with_draw_target(Some(to_reconcile), indicatif::ProgressDrawTarget::stdout());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} entries reconciled")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(label.to_string());
     loop {
+        let left = lacking(nodes, &winners).await?;
+        bar.set_position(bar.position().max(to_reconcile.saturating_sub(left)));
         let r = roots(nodes).await?;
-        let c = counts(nodes).await?;
-        let agree = r.windows(2).filter(|w| w[0] == w[1]).count();
-        let bar = "#".repeat(agree * 10) + &"-".repeat((r.len() - 1 - agree) * 10);
-        print!("\r{label} [{bar}] live items per node {c:?}   ");
-        use std::io::Write;
-        std::io::stdout().flush()?;
-        if agree == r.len() - 1 {
-            println!();
+        if r.windows(2).all(|w| w[0] == w[1]) {
+            bar.finish_and_clear();
+            println!(
+                "{label}: {to_reconcile} entries reconciled; live items per node {:?}",
+                counts(nodes).await?
+            );
             return Ok(start.elapsed());
         }
         anyhow::ensure!(
@@ -179,8 +213,9 @@ pub async fn run_cluster(items: usize) -> anyhow::Result<()> {
     connect(&nodes[1], &nodes[2]).await?;
     connect(&nodes[0], &nodes[2]).await?;
 
-    let per = items / 3;
     for (i, n) in nodes.iter().enumerate() {
+        // `items` in all: the remainder goes to the first nodes.
+        let per = items / 3 + usize::from(i < items % 3);
         let batch: Vec<SyncItem> = (0..per)
             .map(|k| {
                 SyncItem::from_json(
@@ -193,8 +228,7 @@ pub async fn run_cluster(items: usize) -> anyhow::Result<()> {
     }
     let t = converge(&nodes, "replicating").await?;
     println!(
-        "{} items written across 3 nodes, all nodes equal after {:.0} ms",
-        per * 3,
+        "{items} items written across 3 nodes, all nodes equal after {:.0} ms",
         t.as_secs_f64() * 1000.0
     );
 

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod engine;
 pub mod identity;
 pub mod load;
+pub mod logging;
 pub mod metrics;
 pub mod process;
 pub mod replication;

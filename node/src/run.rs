@@ -1,8 +1,11 @@
 //! `syncnode run`: one node. Loads (or creates) the identity, starts the
 //! engine, the swarm and the replication core it drives (membership,
-//! gossip, anti-entropy, CDC, tombstone purge) and the HTTP API; on
-//! SIGINT/SIGTERM it leaves the cluster, stops replication (the members file
-//! written on the way out), then shuts the engine down cleanly.
+//! gossip, anti-entropy, CDC, tombstone purge) and the HTTP API. On SIGHUP
+//! it reads its config again and takes in the keys that can change at run
+//! time (`config::RELOADABLE`). On SIGINT/SIGTERM it stops taking HTTP
+//! requests and finishes those in flight, leaves the cluster, stops
+//! replication (the members file written on the way out), then shuts the
+//! engine down cleanly.
 
 use std::sync::Arc;
 
@@ -12,7 +15,10 @@ use crate::engine::SyncEngine;
 use crate::replication::peers::PeerLimits;
 use crate::replication::swarm::{self, NetworkConfig};
 
-pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+/// Reads the config again (SIGHUP).
+pub type Reload = Box<dyn Fn() -> anyhow::Result<NodeConfig> + Send + Sync>;
+
+pub async fn run(cfg: NodeConfig, reload: Reload) -> anyhow::Result<()> {
     let (keypair, created) = crate::identity::load_or_create(&cfg.data_dir)?;
     let peer_id = keypair.public().to_peer_id();
     if created {
@@ -23,8 +29,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await
         .map_err(|e| anyhow::anyhow!("http {}: port {} is not available: {e}", cfg.http, cfg.http.port()))?;
-    let engine = Arc::new(SyncEngine::with_config(cfg.engine_config(&peer_id)));
-    engine.start().await.map_err(|e| anyhow::anyhow!("engine start: {e}"))?;
+    let (config_tx, config_rx) = tokio::sync::watch::channel(cfg.engine_config(&peer_id));
+    let engine = Arc::new(SyncEngine::new(cfg.engine_config(&peer_id), config_rx));
+    engine
+        .start()
+        .await
+        .map_err(|e| anyhow::anyhow!("engine start (data dir {}): {e}", cfg.data_dir.display()))?;
     let net = swarm::start(
         engine.clone(),
         NetworkConfig {
@@ -60,7 +70,21 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     net.spawn_anti_entropy(cfg.gossip_interval).await;
     let cdc = net.spawn_cdc(engine.clone());
     let addrs: Vec<String> = net.advertised.iter().map(|a| format!("{a}/p2p/{peer_id}")).collect();
-    tracing::info!(%peer_id, advertise = ?addrs, listen = ?net.listen_addrs, http = %cfg.http, cluster = %cfg.cluster_id, "node running");
+    let engine_cfg = engine.config();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        %peer_id,
+        advertise = ?addrs,
+        listen = ?net.listen_addrs,
+        http = %cfg.http,
+        cluster = %cfg.cluster_id,
+        region = %cfg.region,
+        l3 = %backend_name(&engine_cfg.effective_sql_url()),
+        l2 = %engine_cfg.redis_url.as_deref().map_or_else(|| "none".to_string(), backend_name),
+        psk = %psk.as_ref().map_or_else(|| "none".to_string(), |k| format!("fingerprint {}", k.fingerprint())),
+        "node running"
+    );
+    warn_if_exposed(&cfg, psk.is_some());
     // One line on stdout for scripts and tests: where to reach this node.
     println!(
         "syncnode peer_id={peer_id} http={} listen={}",
@@ -73,25 +97,43 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         api_token: cfg.api_token.clone(),
         cluster_id: cfg.cluster_id.clone(),
         region: cfg.region.clone(),
+        http: Default::default(),
+        connections: Default::default(),
+        conditional: Default::default(),
     };
-    let server = tokio::spawn(crate::api::serve(listener, api));
+    let limits = crate::api::server::Limits {
+        header_timeout: cfg.http_header_timeout,
+        idle_timeout: cfg.http_idle_timeout,
+        max_connections: cfg.http_max_connections,
+        ..Default::default()
+    };
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(crate::api::serve(listener, api, limits, async {
+        let _ = http_stopped.await;
+    }));
     let ready = tokio::spawn(notify_when_ready(engine.clone(), net.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        r = server => {
-            ready.abort();
-            cdc.abort();
-            net.shutdown().await;
-            engine.shutdown().await;
-            return match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(anyhow::anyhow!("http server: {e}")),
-                Err(e) => Err(anyhow::anyhow!("http server: {e}")),
-            };
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut current = cfg;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                current = reconfigure(current, &reload, &config_tx, &engine, &peer_id).await;
+            }
+            r = &mut server => {
+                ready.abort();
+                cdc.abort();
+                net.shutdown().await;
+                engine.shutdown().await;
+                return Err(anyhow::anyhow!("http server stopped: {}", r.err().map_or_else(|| "no reason".into(), |e| e.to_string())));
+            }
         }
     }
+    tracing::info!("shutting down: finishing HTTP requests in flight");
+    let _ = stop_http.send(());
+    let _ = server.await;
     tracing::info!("shutting down: leaving the cluster");
     ready.abort();
     crate::service::notify("STOPPING=1");
@@ -102,6 +144,84 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     net.shutdown().await;
     engine.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP: reads the config again, takes in the keys that can change at
+/// run time, and says which changed keys need a restart. A config that
+/// does not check keeps the running one.
+async fn reconfigure(
+    current: NodeConfig,
+    reload: &Reload,
+    config_tx: &tokio::sync::watch::Sender<crate::engine::SyncEngineConfig>,
+    engine: &SyncEngine,
+    peer_id: &libp2p::PeerId,
+) -> NodeConfig {
+    let new = match reload() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("config reload failed, keeping the running config: {e:#}");
+            return current;
+        }
+    };
+    let changed = current.changed_keys(&new);
+    if changed.is_empty() {
+        tracing::info!("config reloaded: nothing changed");
+        return current;
+    }
+    let (now, later): (Vec<&str>, Vec<&str>) = changed.iter().partition(|k| crate::config::RELOADABLE.contains(k));
+    let mut applied = current.clone();
+    if now.contains(&"log_level") {
+        match crate::logging::set_level(new.log_level.as_deref().unwrap_or("info")) {
+            Ok(()) => applied.log_level = new.log_level.clone(),
+            Err(e) => tracing::warn!("log_level not changed: {e:#}"),
+        }
+    }
+    applied.max_clock_skew = new.max_clock_skew;
+    applied.engine.max_payload_bytes = new.engine.max_payload_bytes;
+    applied.engine.max_clock_skew_ms = new.engine.max_clock_skew_ms;
+    applied.engine.l1_max_bytes = new.engine.l1_max_bytes;
+    applied.engine.snapshot_interval_secs = new.engine.snapshot_interval_secs;
+    config_tx.send_replace(applied.engine_config(peer_id));
+    engine.tick().await;
+    if !now.is_empty() {
+        tracing::info!(changed = ?now, "config reloaded");
+    }
+    if !later.is_empty() {
+        tracing::warn!(keys = ?later, "config reloaded: these changed keys take effect at the next restart");
+    }
+    applied
+}
+
+/// A backend URL without its credentials: `mysql://db:3306/x`, `sqlite://…`.
+fn backend_name(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            format!("{scheme}://{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// WARNs when the API or p2p listens beyond loopback unprotected.
+fn warn_if_exposed(cfg: &NodeConfig, psk: bool) {
+    if !cfg.http.ip().is_loopback() && cfg.api_token.is_none() {
+        tracing::warn!(
+            http = %cfg.http,
+            "the HTTP API listens beyond loopback without api_token: anyone who reaches it can read and write"
+        );
+    }
+    let beyond_loopback = cfg.listen.iter().any(|a| match a.iter().next() {
+        Some(libp2p::multiaddr::Protocol::Ip4(ip)) => !ip.is_loopback(),
+        Some(libp2p::multiaddr::Protocol::Ip6(ip)) => !ip.is_loopback(),
+        _ => true,
+    });
+    if beyond_loopback && !psk {
+        tracing::warn!(
+            listen = ?cfg.listen,
+            "p2p listens beyond loopback without psk_file: any node that reaches it can join the cluster"
+        );
+    }
 }
 
 /// `syncnode resync`: erases this node's copy (items, tombstones, purge

@@ -50,8 +50,7 @@ impl Violations {
 async fn tombstone(node: &NodeProcess, id: &str) -> anyhow::Result<Option<(u64, String)>> {
     let path = format!("/v1/items/{}/status", syncnode::client::encode_id(id));
     let v = node.api.ok_json(node.api.get(&path).await).await?;
-    Ok(v["deleted"]["version"]
-        .as_u64()
+    Ok(syncnode::client::version(&v["deleted"]["version"])
         .map(|version| (version, v["deleted"]["origin"].as_str().unwrap_or_default().to_string())))
 }
 
@@ -73,7 +72,10 @@ impl History {
 
     /// Records an acknowledged operation from its receipt (`version`, `origin`).
     pub fn record(&self, id: &str, receipt: &serde_json::Value, value: Option<Bytes>) -> anyhow::Result<()> {
-        let (Some(version), Some(origin)) = (receipt["version"].as_u64(), receipt["origin"].as_str()) else {
+        let (Some(version), Some(origin)) = (
+            syncnode::client::version(&receipt["version"]),
+            receipt["origin"].as_str(),
+        ) else {
             anyhow::bail!("receipt without version and origin: {receipt}");
         };
         self.ops.lock().unwrap().entry(id.to_string()).or_default().push(Op {

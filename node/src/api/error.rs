@@ -81,7 +81,12 @@ macro_rules! rejection {
         impl From<$t> for ApiError {
             fn from(r: $t) -> Self {
                 let status = r.status();
-                let error = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_request" };
+                let error = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+                    StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+                    _ => "bad_request",
+                };
                 Self::new(status, error, r.body_text())
             }
         }

@@ -20,6 +20,7 @@ use crate::engine::{CacheTtl, ContentType, SubmitOptions, SyncItem};
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct ItemView {
     pub id: String,
+    #[serde(with = "crate::engine::item::version_json")]
     pub version: u64,
     pub origin: String,
     pub state: String,
@@ -98,6 +99,84 @@ fn is_json(headers: &HeaderMap) -> bool {
         })
 }
 
+/// `If-Match` / `If-None-Match` (RFC 9110 §13.1) against an item's ETag,
+/// the quoted content hash; `*` stands for "any live item".
+#[derive(Debug, Default)]
+struct Preconditions {
+    if_match: Option<Vec<String>>,
+    if_none_match: Option<Vec<String>>,
+}
+
+impl Preconditions {
+    fn of(headers: &HeaderMap) -> ApiResult<Self> {
+        let list = |name: header::HeaderName| -> ApiResult<Option<Vec<String>>> {
+            let values: Vec<&HeaderValue> = headers.get_all(&name).iter().collect();
+            if values.is_empty() {
+                return Ok(None);
+            }
+            let mut tags = Vec::new();
+            for v in values {
+                let v = v
+                    .to_str()
+                    .map_err(|_| ApiError::bad_request(format!("{name}: not ASCII")))?;
+                // Weak tags compare by their opaque part (this node's tags are all strong).
+                tags.extend(v.split(',').map(|t| t.trim().trim_start_matches("W/").to_string()));
+            }
+            Ok(Some(tags))
+        };
+        Ok(Self {
+            if_match: list(header::IF_MATCH)?,
+            if_none_match: list(header::IF_NONE_MATCH)?,
+        })
+    }
+
+    fn any(&self) -> bool {
+        self.if_match.is_some() || self.if_none_match.is_some()
+    }
+
+    /// Whether they hold for an item whose ETag is `current` (`None`: absent or deleted).
+    fn hold(&self, current: Option<&str>) -> bool {
+        let listed = |tags: &Vec<String>| match current {
+            Some(c) => tags.iter().any(|t| t == "*" || t == c),
+            None => false,
+        };
+        self.if_match.as_ref().is_none_or(listed) && self.if_none_match.as_ref().is_none_or(|t| !listed(t))
+    }
+}
+
+fn etag(it: &SyncItem) -> String {
+    format!("\"{}\"", it.content_hash)
+}
+
+/// Runs `write` if the request's preconditions hold for the item as it is
+/// now; 412 otherwise. Conditional writes on this node take turns, so two
+/// of them cannot both see the same ETag (a write replicated from another
+/// node may still land between: last writer wins across nodes).
+async fn conditionally<T>(
+    api: &Api,
+    id: &str,
+    headers: &HeaderMap,
+    write: impl std::future::Future<Output = ApiResult<T>>,
+) -> ApiResult<T> {
+    let pre = Preconditions::of(headers)?;
+    if !pre.any() {
+        return write.await;
+    }
+    let _turn = api.conditional.lock().await;
+    let current = api.engine.get(id).await?;
+    if !pre.hold(current.as_ref().map(etag).as_deref()) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            match &current {
+                Some(it) => format!("{id:?} is at ETag {}", etag(it)),
+                None => format!("{id:?} is absent or deleted"),
+            },
+        ));
+    }
+    write.await
+}
+
 pub(super) async fn put_item(
     State(api): State<Api>,
     id: Result<Path<String>, PathRejection>,
@@ -110,18 +189,34 @@ pub(super) async fn put_item(
     let item = if is_json(&headers) {
         let v: Value =
             serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
-        SyncItem::from_json(id, v)
+        SyncItem::from_json(id.clone(), v)
     } else {
-        SyncItem::new(id, body)
+        SyncItem::new(id.clone(), body)
     };
-    Ok(Json(api.engine.submit_with(item, options).await?))
+    let receipt = conditionally(&api, &id, &headers, async {
+        Ok(api.engine.submit_with(item, options).await?)
+    })
+    .await?;
+    Ok(Json(receipt))
 }
 
-pub(super) async fn get_item(State(api): State<Api>, id: Result<Path<String>, PathRejection>) -> ApiResult<Response> {
+pub(super) async fn get_item(
+    State(api): State<Api>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let Path(id) = id?;
     let Some(it) = api.engine.get(&id).await? else {
         return Err(ApiError::not_found(format!("{id:?} is absent or deleted")));
     };
+    let pre = Preconditions::of(&headers)?;
+    if pre.if_none_match.is_some() && !pre.hold(Some(&etag(&it))) {
+        let mut resp = axum::http::StatusCode::NOT_MODIFIED.into_response();
+        if let Ok(v) = HeaderValue::from_str(&etag(&it)) {
+            resp.headers_mut().insert(header::ETAG, v);
+        }
+        return Ok(resp);
+    }
     let ctype = match it.content_type {
         ContentType::Json => "application/json",
         _ => "application/octet-stream",
@@ -129,7 +224,7 @@ pub(super) async fn get_item(State(api): State<Api>, id: Result<Path<String>, Pa
     let mut resp = it.content.clone().into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-    let etag = HeaderValue::from_str(&format!("\"{}\"", it.content_hash));
+    let etag = HeaderValue::from_str(&etag(&it));
     let origin = HeaderValue::from_str(&it.origin);
     if let (Ok(etag), Ok(origin)) = (etag, origin) {
         h.insert(header::ETAG, etag);
@@ -142,11 +237,13 @@ pub(super) async fn get_item(State(api): State<Api>, id: Result<Path<String>, Pa
 pub(super) async fn delete_item(
     State(api): State<Api>,
     id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     let Path(id) = id?;
-    let (deleted, receipt) = api.engine.delete_receipt(&id).await?;
+    let (deleted, receipt) =
+        conditionally(&api, &id, &headers, async { Ok(api.engine.delete_receipt(&id).await?) }).await?;
     Ok(Json(
-        json!({"deleted": deleted, "version": receipt.version, "origin": receipt.origin}),
+        json!({"deleted": deleted, "version": receipt.version.to_string(), "origin": receipt.origin}),
     ))
 }
 
@@ -233,6 +330,25 @@ pub(super) struct ScanParams {
     prefix: Option<String>,
     state: Option<String>,
     limit: Option<usize>,
+    /// The `next` of the previous page.
+    after: Option<String>,
+}
+
+/// A page cursor: the last id of a page, hex-encoded (opaque to clients).
+pub(super) fn cursor_of(last: Option<&str>) -> Option<String> {
+    last.map(|id| hex::encode(id.as_bytes()))
+}
+
+/// The id a cursor stands for.
+pub(super) fn cursor_id(cursor: Option<&str>) -> Result<Option<String>, ApiError> {
+    cursor
+        .map(|c| {
+            hex::decode(c)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| ApiError::bad_request("after: not a cursor from a `next` of this API"))
+        })
+        .transpose()
 }
 
 pub(super) async fn scan(
@@ -240,16 +356,23 @@ pub(super) async fn scan(
     params: Result<Query<ScanParams>, QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(p) = params?;
-    let limit = p.limit.unwrap_or(100).min(10_000);
-    let items = match (&p.prefix, &p.state) {
-        (prefix, Some(state)) => {
-            api.engine
-                .get_by_state_with_prefix(state, prefix.as_deref().unwrap_or(""), limit)
-                .await?
-        }
-        (prefix, None) => api.engine.scan_prefix(prefix.as_deref().unwrap_or(""), limit).await?,
+    let limit = p.limit.unwrap_or(100).clamp(1, 10_000);
+    let after = cursor_id(p.after.as_deref())?;
+    let prefix = p.prefix.as_deref().unwrap_or("");
+    let items = match &p.state {
+        Some(state) => api.engine.page_by_state(state, prefix, after.as_deref(), limit).await?,
+        None => api.engine.scan_page(prefix, after.as_deref(), limit).await?,
     };
-    Ok(Json(items.iter().map(ItemView::from).collect::<Vec<_>>()))
+    // A full page may have more after it; a short one is the last.
+    let next = if items.len() == limit {
+        cursor_of(items.last().map(|i| i.object_id.as_str()))
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "items": items.iter().map(ItemView::from).collect::<Vec<_>>(),
+        "next": next,
+    })))
 }
 
 pub(super) async fn merkle_root(State(api): State<Api>) -> Json<Value> {

@@ -12,6 +12,7 @@ mod members;
 mod peers;
 mod probes;
 mod search;
+pub mod server;
 
 pub use error::ApiError;
 pub use items::ItemView;
@@ -35,6 +36,12 @@ pub struct Api {
     pub api_token: Option<String>,
     pub cluster_id: String,
     pub region: String,
+    /// Request durations by route (`/metrics`).
+    pub http: crate::metrics::HttpMetrics,
+    /// Open and accepted HTTP connections (`/metrics`).
+    pub connections: Arc<server::ConnectionStats>,
+    /// Conditional writes (`If-Match`, `If-None-Match`) take turns on it.
+    pub conditional: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The router, with a body limit sized to the largest accepted item.
@@ -51,7 +58,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/get", post(items::get_many))
         .route("/v1/merkle", get(items::merkle_root))
         .route("/v1/merkle/{path}", get(items::merkle_node))
-        .route("/v1/indexes", post(search::create_index))
+        .route("/v1/indexes", post(search::create_index).get(search::list_indexes))
         .route("/v1/indexes/{name}", axum::routing::delete(search::drop_index))
         .route("/v1/indexes/{name}/search", post(search::search))
         .route("/v1/peers", get(peers::peers))
@@ -72,13 +79,53 @@ pub fn router(api: Api) -> Router {
         .route("/readyz", get(probes::readyz))
         .merge(protected)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(api.clone(), timed))
         .with_state(api)
 }
 
-/// Serves the API on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, api: Api) -> std::io::Result<()> {
-    axum::serve(listener, router(api)).await
+/// Serves the API on `listener` until `shutdown` resolves, then lets the
+/// requests in flight finish (see `server`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Api,
+    limits: server::Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let stats = api.connections.clone();
+    server::serve(listener, router(api), limits, stats, shutdown).await
+}
+
+/// Records each request's duration under its declared route.
+async fn timed(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    let labels = crate::metrics::HttpLabels {
+        method,
+        route,
+        status: resp.status().as_u16(),
+    };
+    api.http.observe(labels, started.elapsed().as_secs_f64());
+    resp
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is
+/// case-insensitive (RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte.
@@ -92,7 +139,7 @@ async fn require_token(State(api): State<Api>, req: Request, next: Next) -> Resp
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(bearer);
         if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,

@@ -135,9 +135,15 @@ fn join_progress(api: &Api) -> Value {
     })
 }
 
-pub(super) async fn metrics(State(api): State<Api>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        crate::metrics::render(&api.engine, &api.net).await,
-    )
+/// OpenMetrics, or the Prometheus text format when the scraper asks only for it.
+pub(super) async fn metrics(State(api): State<Api>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    let body = crate::metrics::render(&api.engine, &api.net, &api.http, &api.connections).await;
+    if crate::metrics::wants_text_format(&headers) {
+        (
+            [(header::CONTENT_TYPE, crate::metrics::PROMETHEUS_TEXT)],
+            crate::metrics::to_text_format(&body),
+        )
+    } else {
+        ([(header::CONTENT_TYPE, crate::metrics::OPENMETRICS)], body)
+    }
 }

@@ -23,6 +23,12 @@ pub(super) async fn create_index(
     Ok((StatusCode::CREATED, Json(json!({"created": name}))))
 }
 
+pub(super) async fn list_indexes(State(api): State<Api>) -> Json<Value> {
+    let mut indexes = api.engine.search_indexes();
+    indexes.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(json!({ "indexes": indexes }))
+}
+
 pub(super) async fn drop_index(
     State(api): State<Api>,
     name: Result<Path<String>, PathRejection>,

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SyncEngineConfig {
     /// Directory for the embedded SQLite L3 (when `sql_url` is unset), the
     /// commit log and other node-local files.

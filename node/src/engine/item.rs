@@ -76,6 +76,33 @@ pub struct SyncItem {
     pub(crate) route: L2Route,
 }
 
+/// Versions in JSON: 64-bit HLCs exceed 2^53, past which JavaScript and
+/// other float-based parsers round, so they are written as decimal strings
+/// (as etcd's gateway does); numbers are accepted on input too.
+pub mod version_json {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Number(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Either::deserialize(d)? {
+            Either::Number(n) => Ok(n),
+            Either::Text(t) => t
+                .parse()
+                .map_err(|_| serde::de::Error::custom(format!("version {t:?} is not a decimal u64"))),
+        }
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -152,6 +152,10 @@ impl RedisStore {
     }
 
     pub async fn run(&self, pipe: &redis::Pipeline, context: &str) -> Result<(), StorageError> {
+        // Redis answers an empty pipeline with an error ("empty command").
+        if pipe.is_empty() {
+            return Ok(());
+        }
         pipe.exec_async(&mut self.conn())
             .await
             .map_err(|e| redis_err(context, e))
@@ -213,6 +217,16 @@ impl RedisStore {
             .await
             .map_err(|e| redis_err("exists", e))?;
         Ok(m.and_then(|m| Meta::unpack(&m)).map(|m| !m.tombstone))
+    }
+
+    /// Seconds the item's Redis copy has left; `None` without an expiry or copy.
+    pub async fn ttl_secs(&self, id: &str) -> Result<Option<u64>, StorageError> {
+        let ms: i64 = self
+            .conn()
+            .pttl(self.item_key(id))
+            .await
+            .map_err(|e| redis_err("ttl", e))?;
+        Ok((ms > 0).then(|| (ms as u64).div_ceil(1000)))
     }
 
     /// Every mirrored entry in Redis, by scanning item keys; keys that are not

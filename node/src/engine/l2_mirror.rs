@@ -120,6 +120,28 @@ impl Core {
         }
     }
 
+    /// Removes deleted cache-only items from Redis: the key, its state-set
+    /// entry and its search documents (L3 never held them).
+    pub(crate) async fn remove_cache_only(&self, l2: &RedisStore, items: &[SyncItem]) -> Result<(), StorageError> {
+        let mut pipe = redis::pipe();
+        for it in items {
+            pipe.del(l2.item_key(&it.object_id)).ignore();
+            l2.queue_state(
+                &mut pipe,
+                &it.object_id,
+                &StateMove {
+                    from: Some(it.state.clone()),
+                    to: None,
+                },
+            );
+            self.search
+                .queue_docs(l2, &mut pipe, &SyncItem::tombstone(it.object_id.clone()));
+        }
+        l2.run(&pipe, "cache-only delete")
+            .await
+            .inspect_err(|e| self.l2_state.failed(e))
+    }
+
     /// Stores a cache-only item (not in L3) in Redis.
     pub(crate) async fn put_cache_only(&self, l2: &RedisStore, items: &[SyncItem]) -> Result<(), StorageError> {
         let mut pipe = redis::pipe();

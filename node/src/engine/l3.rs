@@ -295,12 +295,26 @@ fn prefix_query<'q>(
     prefix: &'q str,
     tail: &str,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    page_query(select, prefix, None, tail)
+}
+
+/// `prefix_query` from the id after `after` on (a page of a scan).
+fn page_query<'q>(
+    select: &str,
+    prefix: &'q str,
+    after: Option<&'q str>,
+    tail: &str,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     let upper = prefix_upper_bound(prefix.as_bytes());
     let sql = format!(
-        "{select} FROM sync_items WHERE id >= ?{}{tail}",
+        "{select} FROM sync_items WHERE id >= ?{}{}{tail}",
+        if after.is_some() { " AND id > ?" } else { "" },
         if upper.is_some() { " AND id < ?" } else { "" }
     );
-    let q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
+    let mut q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
+    if let Some(a) = after {
+        q = q.bind(a.as_bytes());
+    }
     match upper {
         Some(u) => q.bind(u),
         None => q,
@@ -623,10 +637,18 @@ impl L3Store {
     }
 
     /// Items whose id starts with `prefix`, in id order.
-    pub async fn scan_prefix(&self, prefix: &str, limit: usize, rows: Rows) -> Result<Vec<SyncItem>, StorageError> {
-        let q = prefix_query(
+    /// Items under `prefix` in id order, from the id after `after` on.
+    pub async fn scan_prefix(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        rows: Rows,
+    ) -> Result<Vec<SyncItem>, StorageError> {
+        let q = page_query(
             &format!("SELECT {COLUMNS}"),
             prefix,
+            after,
             &format!("{} ORDER BY id LIMIT ?", rows.clause()),
         );
         let rows = self
@@ -661,11 +683,13 @@ impl L3Store {
         &self,
         state: &str,
         prefix: &str,
+        after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<SyncItem>, StorageError> {
-        let q = prefix_query(
+        let q = page_query(
             &format!("SELECT {COLUMNS}"),
             prefix,
+            after,
             " AND state = ? AND tombstone = 0 ORDER BY id LIMIT ?",
         )
         .bind(state.as_bytes())

@@ -24,6 +24,7 @@ pub mod l2;
 pub mod l2_mirror;
 pub mod l3;
 pub mod merkle;
+pub mod metrics;
 pub mod options;
 pub mod purge;
 pub mod resync;
@@ -38,6 +39,7 @@ pub use error::StorageError;
 pub use filter::{FilterManager, FilterTrust};
 pub use item::{ContentType, SyncItem, content_hash, validate_id};
 pub use merkle::{MerkleDiff, MerkleNode};
+pub use metrics::{EngineMetrics, Latency};
 pub use options::{AckMode, CacheTtl, L2Route, SubmitOptions};
 pub use search::{FieldType, Query, SearchIndex, SearchResult, SearchSource, SearchTier};
 pub use search_cache::SearchCacheStats;
@@ -60,32 +62,6 @@ use l2_mirror::{L2Read, L2State};
 use l3::{EntryMeta, L3Store, Rows};
 use search::SearchRegistry;
 use writer::WriterCmd;
-
-/// Counters and gauges of the engine; exported by the node's `/metrics`.
-#[derive(Debug, Default)]
-pub struct EngineMetrics {
-    pub writes_accepted: AtomicU64,
-    /// Group commits made by the writer (items per commit = accepted / this).
-    pub group_commits: AtomicU64,
-    pub writes_refused: AtomicU64,
-    pub l3_items_written: AtomicU64,
-    pub l3_errors: AtomicU64,
-    pub reads_l1: AtomicU64,
-    pub reads_l2: AtomicU64,
-    pub reads_l3: AtomicU64,
-    pub reads_missing: AtomicU64,
-    pub filter_negatives: AtomicU64,
-    pub remote_applied: AtomicU64,
-    pub remote_stale: AtomicU64,
-    pub clock_deferrals: AtomicU64,
-    pub corruption_detected: AtomicU64,
-    pub log_drained: AtomicU64,
-    pub merkle_rebuilds: AtomicU64,
-    pub l1_items: AtomicU64,
-    pub l1_bytes: AtomicU64,
-    pub pending_items: AtomicU64,
-    pub pending_bytes: AtomicU64,
-}
 
 /// The tree and the L3 generation it describes, changed together.
 pub(crate) struct TreeState {
@@ -479,7 +455,7 @@ impl SyncEngine {
                 self.core.rebuild_from_l3().await?;
             }
             for item in
-                b.l3.scan_prefix("", self.core.config().warm_up_items, Rows::WithTombstones)
+                b.l3.scan_prefix("", None, self.core.config().warm_up_items, Rows::WithTombstones)
                     .await?
             {
                 if !self.core.l1.is_pending(&item.object_id) {
@@ -1002,7 +978,24 @@ impl SyncEngine {
             } else {
                 self.l1_entries(chunk)
             };
+            // Ids L3 does not hold may be cache-only items, which live in Redis alone.
+            let cache_only = self.cache_only_items(chunk, &current).await;
+            if !cache_only.is_empty() {
+                let l2 = self.core.backends()?.l2.clone();
+                if let Some(l2) = l2 {
+                    self.core.remove_cache_only(&l2, &cache_only).await?;
+                }
+            }
+            let mut cached: HashMap<String, String> = HashMap::new();
+            for it in cache_only {
+                found += 1;
+                cached.insert(it.object_id, it.state);
+            }
             for id in chunk {
+                if let Some(state) = cached.remove(*id) {
+                    tombstones.push(SyncItem::tombstone(id.to_string()).with_state(state));
+                    continue;
+                }
                 // Always a fresh tombstone, even over an old one: this delete
                 // must beat any version made before it, wherever it is.
                 match current.get(*id) {
@@ -1016,6 +1009,23 @@ impl SyncEngine {
         }
         let results = self.submit_batch(tombstones, &SubmitOptions::default()).await?;
         Ok((l3_up.then_some(found), results))
+    }
+
+    /// The live cache-only items among `ids` that `held` (what L3 and L1
+    /// hold) lacks: they are in Redis only.
+    async fn cache_only_items(&self, ids: &[&str], held: &HashMap<String, EntryMeta>) -> Vec<SyncItem> {
+        let Ok(Some(l2)) = self.core.backends().map(|b| b.l2.clone()) else {
+            return Vec::new();
+        };
+        let absent: Vec<&str> = ids.iter().copied().filter(|id| !held.contains_key(*id)).collect();
+        let reads = futures::future::join_all(absent.iter().map(|id| self.core.l2_get(&l2, id))).await;
+        reads
+            .into_iter()
+            .filter_map(|r| match r {
+                L2Read::Hit(it) if !it.tombstone => Some(*it),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Deletes every live item whose id starts with `prefix`. Returns how many.
@@ -1054,8 +1064,35 @@ impl SyncEngine {
         let Some(item) = self.get(id).await? else {
             return Ok(false);
         };
-        self.submit(item.with_state(new_state)).await?;
+        let options = self.options_of(&item).await?.with_state(new_state.to_string());
+        self.submit_with(item, options).await?;
         Ok(true)
+    }
+
+    /// The options `item` was written with, so a rewrite keeps its routing:
+    /// cache-only stays cache-only, a Redis copy keeps its expiry, a durable
+    /// item stays out of Redis.
+    async fn options_of(&self, item: &SyncItem) -> Result<SubmitOptions, StorageError> {
+        let l2 = self.core.backends()?.l2.clone();
+        let ttl = match (&l2, item.route) {
+            (_, L2Route::Expiring(s)) => Some(s),
+            (Some(l2), L2Route::Skip) => l2.ttl_secs(&item.object_id).await?,
+            _ => None,
+        }
+        .map(|s| CacheTtl::from(Duration::from_secs(s)));
+        let cache_only = matches!(
+            self.status(&item.object_id).await?,
+            ItemStatus::Synced { in_l3: false, .. }
+        );
+        Ok(match (cache_only, item.route, ttl) {
+            (true, _, ttl) => SubmitOptions::cache(ttl.unwrap_or(CacheTtl::Hour)),
+            (false, _, Some(ttl)) => SubmitOptions {
+                redis_ttl: Some(ttl),
+                ..SubmitOptions::default()
+            },
+            (false, L2Route::Mirror, None) => SubmitOptions::default(),
+            (false, _, None) => SubmitOptions::durable(),
+        })
     }
 
     // ----- reads -----
@@ -1175,17 +1212,40 @@ impl SyncEngine {
         let mut out: Vec<Option<SyncItem>> = Vec::with_capacity(ids.len());
         let mut misses = Vec::new();
         for (i, id) in ids.iter().enumerate() {
-            validate_id(id)?;
+            // An invalid id reads as absent (as in the seed crate) and fails nothing else.
+            if validate_id(id).is_err() {
+                out.push(None);
+                continue;
+            }
             match self.core.l1.get(id) {
                 Some(it) => out.push(Some(it)),
                 None => {
-                    if self.core.filter.might_exist(id) != Some(false) {
-                        misses.push(i);
-                    }
+                    misses.push(i);
                     out.push(None);
                 }
             }
         }
+        // Redis next (it also holds the cache-only items L3 never sees), all
+        // at once over the multiplexed connection.
+        let b = self.core.backends()?;
+        if let Some(l2) = &b.l2
+            && !misses.is_empty()
+        {
+            let reads = futures::future::join_all(misses.iter().map(|&i| self.core.l2_get(l2, ids[i]))).await;
+            let mut left = Vec::with_capacity(misses.len());
+            for (i, read) in misses.into_iter().zip(reads) {
+                match read {
+                    L2Read::Hit(it) => {
+                        self.core.metrics.reads_l2.fetch_add(1, Ordering::Relaxed);
+                        self.core.l1.cache_insert((*it).clone());
+                        out[i] = Some(*it);
+                    }
+                    _ => left.push(i),
+                }
+            }
+            misses = left;
+        }
+        misses.retain(|&i| self.core.filter.might_exist(ids[i]) != Some(false));
         if !misses.is_empty() {
             let want: Vec<&str> = misses.iter().map(|&i| ids[i]).collect();
             let found = self.core.backends()?.l3.get_many(&want).await?;
@@ -1299,12 +1359,23 @@ impl SyncEngine {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<SyncItem>, StorageError> {
+        self.page_by_state(state, prefix, None, limit).await
+    }
+
+    /// A page of `get_by_state_with_prefix`: the ids after `after`.
+    pub async fn page_by_state(
+        &self,
+        state: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SyncItem>, StorageError> {
         validate_state(state)?;
         validate_prefix(prefix)?;
         self.core
             .backends()?
             .l3
-            .by_state_with_prefix(state, prefix, limit)
+            .by_state_with_prefix(state, prefix, after, limit)
             .await
     }
 
@@ -1320,8 +1391,22 @@ impl SyncEngine {
 
     /// Live items under `prefix`, in id order, from L3.
     pub async fn scan_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<SyncItem>, StorageError> {
+        self.scan_page(prefix, None, limit).await
+    }
+
+    /// A page of `scan_prefix`: the live ids after `after`, in id order.
+    pub async fn scan_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SyncItem>, StorageError> {
         validate_prefix(prefix)?;
-        self.core.backends()?.l3.scan_prefix(prefix, limit, Rows::Live).await
+        self.core
+            .backends()?
+            .l3
+            .scan_prefix(prefix, after, limit, Rows::Live)
+            .await
     }
 
     pub async fn count_prefix(&self, prefix: &str) -> Result<u64, StorageError> {
@@ -1390,7 +1475,8 @@ impl SyncEngine {
             healthy: state.is_ready()
                 && sql_connected == Some(true)
                 && redis_connected != Some(false)
-                && level < BackpressureLevel::Emergency,
+                // The rule that refuses writes (from Critical) also says unhealthy.
+                && level.should_accept_writes(),
         }
     }
 

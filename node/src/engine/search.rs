@@ -320,9 +320,15 @@ impl Query {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SearchTier {
+    /// RediSearch only (`redis`, as DESIGN §7 names it).
+    #[serde(alias = "redis")]
     RedisOnly,
+    /// SQL only (`sql`).
+    #[serde(alias = "sql")]
     SqlOnly,
+    /// RediSearch, SQL when Redis cannot answer (`redis-then-sql`).
     #[default]
+    #[serde(alias = "redis-then-sql")]
     RedisWithSqlFallback,
 }
 

@@ -39,6 +39,7 @@ pub enum ItemStatus {
     Pending,
     /// Deleted: a tombstone is kept so the delete replicates.
     Deleted {
+        #[serde(with = "super::item::version_json")]
         version: u64,
         origin: String,
     },
@@ -62,6 +63,8 @@ impl BatchResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteReceipt {
     pub id: String,
+    /// A decimal string in JSON (see `item::version_json`).
+    #[serde(with = "super::item::version_json")]
     pub version: u64,
     pub origin: String,
     pub content_hash: String,

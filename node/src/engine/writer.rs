@@ -180,7 +180,9 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
             }
         }
         if !items.is_empty() {
+            let started = std::time::Instant::now();
             let result = commit(&core, items.clone()).await;
+            core.metrics.commit_seconds.since(started);
             core.metrics.group_commits.fetch_add(1, Ordering::Relaxed);
             match &result {
                 Ok(()) => core.publish_local(&items),

@@ -12,6 +12,7 @@ pub mod anti_entropy;
 pub mod connections;
 pub mod gossip;
 pub mod membership;
+pub mod metrics;
 pub mod peers;
 pub mod purge;
 pub mod swarm;

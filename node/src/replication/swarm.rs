@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use syncnode_protocol::membership::{MAX_ADDRS, MemberId};
-use syncnode_protocol::replica::{Input, Output, ReplicaConfig, TaskResult, Verdict, run_task};
+use syncnode_protocol::replica::{Input, Output, ReplicaConfig, Task, TaskResult, Verdict, run_task};
 use syncnode_protocol::session::Progress;
 use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Envelope, MemberAck, MemberPacket, Request, Response};
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +35,7 @@ use super::anti_entropy::wire_item;
 use super::connections::ConnectionLog;
 use super::gossip::{self, GOSSIP_MAX};
 use super::membership::{ClusterPacket, MEMBERS_PROTOCOL, MemberCodec, MemberTable};
+use super::metrics::{NetMetrics, P2pRecorder};
 use super::peers::{PeerLimits, Peers, known_members};
 use super::swim::{Blocked, Links, PacketRefusal, Swim};
 use super::transport::{SYNC_PROTOCOLS, SyncCodec, Traffic, common_wire, tcp_transport};
@@ -161,6 +162,8 @@ pub struct NodeHandle {
     pub member_traffic: Arc<Traffic>,
     /// Peer roots, lag, sessions, penalties, members, counters.
     pub peers: Arc<Peers>,
+    /// Session and CDC latencies, libp2p's metrics.
+    pub metrics: NetMetrics,
 }
 
 impl NodeHandle {
@@ -484,7 +487,9 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         config.probe_interval,
         engine.config().max_clock_skew_ms,
     );
+    let (net_metrics, p2p) = super::metrics::new();
     let handle = NodeHandle {
+        metrics: net_metrics.clone(),
         peer_id,
         listen_addrs,
         advertised: advertise,
@@ -499,6 +504,9 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
         peers: peers.clone(),
     };
     let node = SwarmTask {
+        summary: (Instant::now(), [0; 7]),
+        p2p,
+        metrics: net_metrics,
         engine,
         peers,
         own: tx,
@@ -590,6 +598,8 @@ struct Redial {
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The members file reaches the disk at most this often (and at shutdown).
 const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// How often replication is summed up at INFO (sessions at DEBUG).
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 /// How long shutdown waits for storage work in flight.
 const DRAIN_FOR: Duration = Duration::from_secs(10);
 
@@ -597,6 +607,10 @@ const DRAIN_FOR: Duration = Duration::from_secs(10);
 /// events and commands into core inputs and the core's outputs into swarm
 /// calls, storage tasks and files.
 struct SwarmTask {
+    /// When replication was last summed up in the log, and the counters then.
+    summary: (Instant, [u64; 7]),
+    p2p: P2pRecorder,
+    metrics: NetMetrics,
     /// Membership's I/O side: packet checks, member connections.
     swim: Swim,
     log: ConnectionLog,
@@ -725,7 +739,9 @@ impl SwarmTask {
             }
             Output::Run { task, work } => {
                 let (engine, own) = (self.engine.clone(), self.own.clone());
+                let cdc_latency = matches!(work, Task::Cdc(_)).then(|| self.metrics.cdc_apply_seconds.clone());
                 self.work.spawn(async move {
+                    let started = Instant::now();
                     // A panic still answers the core, or the session, the
                     // answer slot or the CDC intake waiting on it would stay
                     // taken for good.
@@ -736,6 +752,9 @@ impl SwarmTask {
                             tracing::error!("a storage task panicked");
                             TaskResult::Failed("storage task panicked".into())
                         });
+                    if let Some(h) = cdc_latency {
+                        h.since(started);
+                    }
                     let _ = own.send(Command::Done(task, result)).await;
                 });
             }
@@ -778,13 +797,48 @@ impl SwarmTask {
                 }
                 self.engine.set_write_fence(reason);
             }
-            Output::SessionFinished { peer, result } => {
+            Output::SessionFinished {
+                peer,
+                result,
+                duration_ms,
+                ..
+            } => {
+                self.metrics.session_seconds.0.observe(duration_ms as f64 / 1000.0);
                 if let Ok(p) = peer.parse::<PeerId>() {
                     for w in self.waiters.remove(&p).unwrap_or_default() {
                         let _ = w.send(result.clone());
                     }
                 }
             }
+        }
+    }
+
+    /// One INFO line for the last minute's replication, when it did anything.
+    fn summarize(&mut self, now: Instant) {
+        let s = &self.peers.stats;
+        let counters = [
+            s.sessions.load(Ordering::Relaxed),
+            s.session_failures.load(Ordering::Relaxed),
+            s.items_pulled.load(Ordering::Relaxed),
+            s.items_pushed.load(Ordering::Relaxed),
+            s.cdc_applied.load(Ordering::Relaxed),
+            self.traffic.sent.load(Ordering::Relaxed),
+            self.traffic.received.load(Ordering::Relaxed),
+        ];
+        let (since, before) = std::mem::replace(&mut self.summary, (now, counters));
+        let d: Vec<u64> = counters.iter().zip(before).map(|(a, b)| a.saturating_sub(b)).collect();
+        if d.iter().any(|&x| x > 0) {
+            tracing::info!(
+                period_s = now.duration_since(since).as_secs(),
+                sessions = d[0],
+                failed = d[1],
+                pulled = d[2],
+                pushed = d[3],
+                cdc_applied = d[4],
+                bytes_sent = d[5],
+                bytes_received = d[6],
+                "replication summary"
+            );
         }
     }
 
@@ -797,6 +851,9 @@ impl SwarmTask {
         };
         self.swim.maintain(swarm, &blocked, &mut self.log);
         let now = Instant::now();
+        if now.duration_since(self.summary.0) >= SUMMARY_EVERY {
+            self.summarize(now);
+        }
         // A seed without a peer id is only needed while we know nobody.
         let alone = self.swim.alone();
         for r in &mut self.redial {
@@ -1060,6 +1117,13 @@ impl SwarmTask {
     }
 
     fn on_event(&mut self, swarm: &mut Swarm<NodeBehaviour>, event: SwarmEvent<NodeBehaviourEvent>) {
+        self.p2p.record(&event);
+        match &event {
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Gossip(e)) => self.p2p.record(e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(e)) => self.p2p.record(e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(e)) => self.p2p.record(e),
+            _ => {}
+        }
         match event {
             SwarmEvent::Behaviour(NodeBehaviourEvent::Sync(e)) => self.on_sync(swarm, e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Gossip(e)) => self.on_gossip(swarm, e),

@@ -199,6 +199,11 @@ pub enum Output {
     SessionFinished {
         peer: String,
         result: Result<Progress, String>,
+        /// How long it ran, and the sync bytes exchanged with the peer
+        /// meanwhile (its CDC included).
+        duration_ms: u64,
+        bytes_sent: u64,
+        bytes_received: u64,
     },
 }
 
@@ -219,6 +224,9 @@ struct Outgoing {
     logged: u64,
     /// The oldest version (wall ms in it) pulled or pushed so far.
     oldest_moved_ms: Option<u64>,
+    started_mono_ms: u64,
+    /// The peer's byte counters when it started.
+    bytes_at_start: (u64, u64),
 }
 
 /// What an outstanding request of ours is for.
@@ -919,6 +927,8 @@ impl Replica {
                 bootstrap: ours.count == 0,
                 logged: 0,
                 oldest_moved_ms: None,
+                started_mono_ms: now.mono_ms,
+                bytes_at_start: self.peers.bytes(peer),
             },
         );
         if ours.count == 0 || !self.peers.ledger_learned() {
@@ -1041,18 +1051,28 @@ impl Replica {
             .wall_ms
             .saturating_sub(self.cfg.anti_entropy_interval_ms.max(self.cfg.gossip_interval_ms) * 3);
         let settled = o.oldest_moved_ms.is_none_or(|t| t >= recent);
+        let duration_ms = now.mono_ms.saturating_sub(o.started_mono_ms);
+        let (sent, received) = self.peers.bytes(peer);
+        let (bytes_sent, bytes_received) = (
+            sent.saturating_sub(o.bytes_at_start.0),
+            received.saturating_sub(o.bytes_at_start.1),
+        );
+        // One line per session at DEBUG; the node sums them up every minute.
         match &result {
-            Ok(p) => tracing::info!(
+            Ok(p) => tracing::debug!(
                 %peer, bootstrap = o.bootstrap, pulled = p.pulled, pushed = p.pushed, rounds = p.round_trips,
-                "anti-entropy session done"
+                duration_ms, bytes_sent, bytes_received, "anti-entropy session done"
             ),
-            Err(e) => tracing::warn!(%peer, error = %e, "anti-entropy session failed"),
+            Err(e) => tracing::warn!(%peer, error = %e, duration_ms, "anti-entropy session failed"),
         }
         self.peers
             .session_finished(peer, result.as_ref().map_err(|e| e.clone()), now, settled);
         self.out.push_back(Output::SessionFinished {
             peer: peer.to_string(),
             result: result.clone(),
+            duration_ms,
+            bytes_sent,
+            bytes_received,
         });
         // Its outstanding request, if any, is no longer waited for.
         self.pending

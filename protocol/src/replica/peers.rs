@@ -752,6 +752,13 @@ impl PeerTable {
         });
     }
 
+    /// Sync bytes sent to and received from `peer` so far.
+    pub fn bytes(&self, peer: &str) -> (u64, u64) {
+        self.peers
+            .get(peer)
+            .map_or((0, 0), |s| (s.bytes_sent, s.bytes_received))
+    }
+
     /// Per region (by the region each peer announced): connected peers,
     /// the freshest lag among them, and bytes; members come from SWIM.
     pub fn regions(&self, now: Now) -> BTreeMap<String, RegionView> {
