@@ -105,6 +105,7 @@ enum Command {
         /// The member to bootstrap from (a `bootstrap` address).
         #[arg(long, value_name = "ADDR")]
         from: String,
+        /// TOML config file (keys as in the README).
         #[arg(long, env = "SYNCNODE_CONFIG")]
         config: Option<PathBuf>,
         #[command(flatten)]
@@ -344,7 +345,7 @@ async fn scan(
                 println!(
                     "{}\t{}\t{}",
                     it["id"].as_str().unwrap_or("?"),
-                    it["version"],
+                    it["version"].as_str().unwrap_or("?"),
                     it["content"]
                 );
             }
@@ -583,7 +584,7 @@ async fn client_command(command: Command, output: Output) -> anyhow::Result<()> 
                     println!(
                         "{}\t{}\t{}",
                         it["id"].as_str().unwrap_or("?"),
-                        it["version"],
+                        it["version"].as_str().unwrap_or("?"),
                         it["content"]
                     );
                 }

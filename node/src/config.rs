@@ -134,7 +134,7 @@ pub struct Settings {
     /// Time an idle keep-alive connection is kept open. [default: 60s]
     #[arg(long, env = "SYNCNODE_HTTP_IDLE_TIMEOUT")]
     pub http_idle_timeout: Option<String>,
-    /// Most HTTP connections open at once; more wait to be accepted. [default: 1024]
+    /// Most HTTP connections open at once; more wait to be accepted. [default: 4096]
     #[arg(long, env = "SYNCNODE_HTTP_MAX_CONNECTIONS")]
     pub http_max_connections: Option<usize>,
     /// Log level or tracing directives (the config file's key; `--log-level` wins). [default: info]
@@ -203,13 +203,7 @@ pub struct NodeConfig {
 }
 
 /// Keys a running node takes in on SIGHUP; the others need a restart.
-pub const RELOADABLE: &[&str] = &[
-    "max_payload_bytes",
-    "max_clock_skew",
-    "l1_max_bytes",
-    "snapshot_interval_secs",
-    "log_level",
-];
+pub const RELOADABLE: &[&str] = &["max_payload_bytes", "snapshot_interval_secs", "log_level"];
 
 /// Parses a duration: `250ms`, `1.5s`, `1m30s`, `1h`, `7d` (humantime).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -408,8 +402,18 @@ impl NodeConfig {
             .map_err(|_| anyhow::anyhow!("sql_max_connections: too large"))?,
             warm_up_items: s.warm_up_items.unwrap_or(defaults.warm_up_items),
         };
-        let http_max_connections = s.http_max_connections.unwrap_or(1024);
-        anyhow::ensure!(http_max_connections >= 1, "http_max_connections: must be at least 1");
+        let http_max_connections = s.http_max_connections.unwrap_or(4096);
+        anyhow::ensure!(
+            (1..=1_000_000).contains(&http_max_connections),
+            "http_max_connections: {http_max_connections} is out of range 1..=1000000"
+        );
+        let at_least_100ms = |name: &str, v: Option<String>, default: &str| -> anyhow::Result<Duration> {
+            let d = duration(name, v, default)?;
+            anyhow::ensure!(d >= Duration::from_millis(100), "{name}: at least 100ms");
+            Ok(d)
+        };
+        let http_header_timeout = at_least_100ms("http_header_timeout", s.http_header_timeout, "10s")?;
+        let http_idle_timeout = at_least_100ms("http_idle_timeout", s.http_idle_timeout, "60s")?;
         if let Some(level) = &s.log_level {
             crate::logging::check_level(level)?;
         }
@@ -441,8 +445,8 @@ impl NodeConfig {
             member_expiry,
             ledger_retention,
             max_clock_skew,
-            http_header_timeout: duration("http_header_timeout", s.http_header_timeout, "10s")?,
-            http_idle_timeout: duration("http_idle_timeout", s.http_idle_timeout, "60s")?,
+            http_header_timeout,
+            http_idle_timeout,
             http_max_connections,
             log_level: s.log_level,
             log_format: s.log_format,

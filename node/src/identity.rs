@@ -27,10 +27,13 @@ pub fn load_or_create(data_dir: &Path) -> anyhow::Result<(Keypair, bool)> {
     match std::fs::read(&path) {
         Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
             .map(|k| (k, false))
-            .map_err(|e| {
+            .map_err(|_| {
+                // libp2p's decoding error can name a cargo feature: it says
+                // nothing useful to an operator.
                 anyhow::anyhow!(
-                    "{}: not a node key ({e}); move it away to make a new identity",
-                    path.display()
+                    "{} is damaged ({} bytes, truncated or not a node key); restore it from a backup, or move it away to make a new identity (a new peer id)",
+                    path.display(),
+                    bytes.len()
                 )
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

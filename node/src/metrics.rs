@@ -397,6 +397,15 @@ fn register_process(r: &mut Registry) {
     }
 }
 
+/// The process's soft limit of open files (`/proc/self/limits`).
+pub fn open_files_limit() -> Option<f64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok())
+}
+
 struct ProcessStats {
     cpu_seconds: f64,
     rss_bytes: f64,
@@ -429,12 +438,7 @@ fn process_stats() -> Option<ProcessStats> {
         .ok()?
         .lines()
         .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())?;
-    let max_fds = std::fs::read_to_string("/proc/self/limits")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok())
-        .unwrap_or(f64::INFINITY);
+    let max_fds = open_files_limit().unwrap_or(f64::INFINITY);
     Some(ProcessStats {
         cpu_seconds: (field(14)? + field(15)?) / USER_HZ,
         rss_bytes: kb("VmRSS:")?,

@@ -47,9 +47,9 @@ impl NodeProcess {
             .create(true)
             .append(true)
             .open(dir.join("stderr.log"))?;
+        // The caller's environment wins (an empty RUST_LOG gives the node's defaults).
         let mut child = Command::new(bin)
             .arg(command)
-            .envs(env.iter().cloned())
             .arg("--data-dir")
             .arg(dir)
             .args(&args)
@@ -57,6 +57,7 @@ impl NodeProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,syncnode=info".into()),
             )
+            .envs(env.iter().cloned())
             .stdout(Stdio::piped())
             .stderr(log)
             .kill_on_drop(true)

@@ -19,6 +19,9 @@ use crate::replication::swarm::{self, NetworkConfig};
 pub type Reload = Box<dyn Fn() -> anyhow::Result<NodeConfig> + Send + Sync>;
 
 pub async fn run(cfg: NodeConfig, reload: Reload) -> anyhow::Result<()> {
+    // First of all: a SIGHUP while starting (logrotate) must not kill the
+    // node; it is taken in once the node runs.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let (keypair, created) = crate::identity::load_or_create(&cfg.data_dir)?;
     let peer_id = keypair.public().to_peer_id();
     if created {
@@ -85,6 +88,15 @@ pub async fn run(cfg: NodeConfig, reload: Reload) -> anyhow::Result<()> {
         "node running"
     );
     warn_if_exposed(&cfg, psk.is_some());
+    if let Some(limit) = crate::metrics::open_files_limit()
+        && limit < (cfg.http_max_connections + 512) as f64
+    {
+        tracing::warn!(
+            open_files_limit = limit,
+            http_max_connections = cfg.http_max_connections,
+            "the open-file limit is below http_max_connections plus what storage and peers need: raise it (LimitNOFILE, ulimit -n) or lower http_max_connections"
+        );
+    }
     // One line on stdout for scripts and tests: where to reach this node.
     println!(
         "syncnode peer_id={peer_id} http={} listen={}",
@@ -113,7 +125,6 @@ pub async fn run(cfg: NodeConfig, reload: Reload) -> anyhow::Result<()> {
     }));
     let ready = tokio::spawn(notify_when_ready(engine.clone(), net.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut current = cfg;
     loop {
         tokio::select! {
@@ -176,10 +187,7 @@ async fn reconfigure(
             Err(e) => tracing::warn!("log_level not changed: {e:#}"),
         }
     }
-    applied.max_clock_skew = new.max_clock_skew;
     applied.engine.max_payload_bytes = new.engine.max_payload_bytes;
-    applied.engine.max_clock_skew_ms = new.engine.max_clock_skew_ms;
-    applied.engine.l1_max_bytes = new.engine.l1_max_bytes;
     applied.engine.snapshot_interval_secs = new.engine.snapshot_interval_secs;
     config_tx.send_replace(applied.engine_config(peer_id));
     engine.tick().await;

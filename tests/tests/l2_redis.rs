@@ -199,3 +199,68 @@ async fn e_scenario(node: &TestNode, p: &str, r: &mut redis::aio::MultiplexedCon
     assert_eq!(c, b"good", "{backend:?}: repaired in Redis");
     e.shutdown().await;
 }
+
+/// Issue 12's engine defects: `set_state` keeps an item's routing, `get_many`
+/// reads Redis (cache-only items) and takes a bad id as absent, and a delete
+/// takes a cache-only item out of Redis (key, state set).
+#[tokio::test]
+async fn set_state_get_many_and_delete_respect_cache_only_items() {
+    for backend in BACKENDS {
+        let node = TestNode::with_redis(backend, "cs").await;
+        let p = node.redis_prefix();
+        let mut r = redis_conn().await;
+        let e = node.start().await;
+        e.submit_with(
+            SyncItem::new("co", &b"C"[..]).with_state("s1"),
+            SubmitOptions::cache(CacheTtl::Minute),
+        )
+        .await
+        .unwrap();
+        e.submit_with(SyncItem::new("du", &b"D"[..]), SubmitOptions::durable())
+            .await
+            .unwrap();
+        e.submit(SyncItem::new("mi", &b"M"[..])).await.unwrap();
+        // A read puts the cache-only item in L1 too.
+        assert!(e.get("co").await.unwrap().is_some());
+
+        // set_state keeps the routing of each.
+        assert!(e.set_state("co", "s2").await.unwrap());
+        assert!(
+            matches!(e.status("co").await.unwrap(), ItemStatus::Synced { in_l3: false, .. }),
+            "{backend:?}: a cache-only item went to L3"
+        );
+        let ttl: i64 = r.ttl(format!("{p}item:co")).await.unwrap();
+        assert!((1..=60).contains(&ttl), "{backend:?}: ttl {ttl}");
+        let s1: Vec<String> = r.smembers(format!("{p}state:s1")).await.unwrap();
+        let s2: Vec<String> = r.smembers(format!("{p}state:s2")).await.unwrap();
+        assert!(
+            !s1.contains(&"co".to_string()) && s2.contains(&"co".to_string()),
+            "{s1:?} {s2:?}"
+        );
+        assert!(e.set_state("du", "s2").await.unwrap());
+        assert!(
+            !r.exists::<_, bool>(format!("{p}item:du")).await.unwrap(),
+            "{backend:?}: durable item in Redis"
+        );
+        assert!(e.set_state("mi", "s2").await.unwrap());
+        assert_eq!(r.ttl::<_, i64>(format!("{p}item:mi")).await.unwrap(), -1);
+
+        // get_many: Redis-only items are found; a bad id is None, not an error.
+        // The engine again, on the same stores: nothing in its L1.
+        e.shutdown().await;
+        let e2 = node.start().await;
+        let got = e2.get_many(&["co", "du", "", "nope"]).await.unwrap();
+        assert_eq!(got[0].as_ref().map(|i| &i.content[..]), Some(&b"C"[..]), "{backend:?}");
+        assert_eq!(got[1].as_ref().map(|i| &i.content[..]), Some(&b"D"[..]));
+        assert!(got[2].is_none() && got[3].is_none());
+
+        // A delete of a cache-only item removes it from Redis.
+        assert!(e2.get("co").await.unwrap().is_some());
+        let (deleted, _) = e2.delete_receipt("co").await.unwrap();
+        assert_eq!(deleted, Some(true), "{backend:?}");
+        assert!(e2.get("co").await.unwrap().is_none());
+        let s2: Vec<String> = r.smembers(format!("{p}state:s2")).await.unwrap();
+        assert!(!s2.contains(&"co".to_string()), "{backend:?}: {s2:?}");
+        e2.shutdown().await;
+    }
+}

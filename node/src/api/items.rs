@@ -109,7 +109,9 @@ struct Preconditions {
 
 impl Preconditions {
     fn of(headers: &HeaderMap) -> ApiResult<Self> {
-        let list = |name: header::HeaderName| -> ApiResult<Option<Vec<String>>> {
+        // If-Match compares strongly (a weak tag never matches); If-None-Match
+        // weakly, by the opaque part (RFC 9110 §8.8.3.2).
+        let list = |name: header::HeaderName, weak: bool| -> ApiResult<Option<Vec<String>>> {
             let values: Vec<&HeaderValue> = headers.get_all(&name).iter().collect();
             if values.is_empty() {
                 return Ok(None);
@@ -119,14 +121,21 @@ impl Preconditions {
                 let v = v
                     .to_str()
                     .map_err(|_| ApiError::bad_request(format!("{name}: not ASCII")))?;
-                // Weak tags compare by their opaque part (this node's tags are all strong).
-                tags.extend(v.split(',').map(|t| t.trim().trim_start_matches("W/").to_string()));
+                tags.extend(
+                    v.split(',')
+                        .map(|t| t.trim())
+                        .filter_map(|t| match t.strip_prefix("W/") {
+                            Some(opaque) if weak => Some(opaque.to_string()),
+                            Some(_) => None,
+                            None => Some(t.to_string()),
+                        }),
+                );
             }
             Ok(Some(tags))
         };
         Ok(Self {
-            if_match: list(header::IF_MATCH)?,
-            if_none_match: list(header::IF_NONE_MATCH)?,
+            if_match: list(header::IF_MATCH, false)?,
+            if_none_match: list(header::IF_NONE_MATCH, true)?,
         })
     }
 
@@ -149,9 +158,10 @@ fn etag(it: &SyncItem) -> String {
 }
 
 /// Runs `write` if the request's preconditions hold for the item as it is
-/// now; 412 otherwise. Conditional writes on this node take turns, so two
-/// of them cannot both see the same ETag (a write replicated from another
-/// node may still land between: last writer wins across nodes).
+/// now; 412 otherwise. Conditional writes of one id on this node take
+/// turns, so two of them cannot both see the same ETag. A write without
+/// conditions, or one replicated from another node, may still land between
+/// the check and the write: last writer wins.
 async fn conditionally<T>(
     api: &Api,
     id: &str,
@@ -162,7 +172,7 @@ async fn conditionally<T>(
     if !pre.any() {
         return write.await;
     }
-    let _turn = api.conditional.lock().await;
+    let _turn = api.conditional.lock(id).await;
     let current = api.engine.get(id).await?;
     if !pre.hold(current.as_ref().map(etag).as_deref()) {
         return Err(ApiError::new(
@@ -210,6 +220,18 @@ pub(super) async fn get_item(
         return Err(ApiError::not_found(format!("{id:?} is absent or deleted")));
     };
     let pre = Preconditions::of(&headers)?;
+    // If-Match first (RFC 9110 §13.2.2): a failed one is 412, not 304.
+    let only_match = Preconditions {
+        if_match: pre.if_match.clone(),
+        if_none_match: None,
+    };
+    if !only_match.hold(Some(&etag(&it))) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            format!("{id:?} is at ETag {}", etag(&it)),
+        ));
+    }
     if pre.if_none_match.is_some() && !pre.hold(Some(&etag(&it))) {
         let mut resp = axum::http::StatusCode::NOT_MODIFIED.into_response();
         if let Ok(v) = HeaderValue::from_str(&etag(&it)) {

@@ -40,13 +40,12 @@ pub struct Api {
     pub http: crate::metrics::HttpMetrics,
     /// Open and accepted HTTP connections (`/metrics`).
     pub connections: Arc<server::ConnectionStats>,
-    /// Conditional writes (`If-Match`, `If-None-Match`) take turns on it.
-    pub conditional: Arc<tokio::sync::Mutex<()>>,
+    /// Conditional writes (`If-Match`, `If-None-Match`) of one id take turns.
+    pub conditional: Arc<IdLocks>,
 }
 
 /// The router, with a body limit sized to the largest accepted item.
 pub fn router(api: Api) -> Router {
-    let max_body = api.engine.config().max_payload_bytes + 64 * 1024;
     let protected = Router::new()
         .route("/v1/items", get(items::scan))
         .route(
@@ -86,7 +85,9 @@ pub fn router(api: Api) -> Router {
                 "this endpoint does not take that method",
             )
         })
-        .layer(DefaultBodyLimit::max(max_body))
+        // The body limit follows max_payload_bytes as it is now (SIGHUP may change it).
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(api.clone(), limit_body))
         .layer(middleware::from_fn_with_state(api.clone(), timed))
         .with_state(api)
 }
@@ -103,10 +104,52 @@ pub async fn serve(
     server::serve(listener, router(api), limits, stats, shutdown).await
 }
 
+/// Caps a request body at the largest accepted item plus room for a JSON
+/// envelope; a longer body is refused with 413 as it is read.
+async fn limit_body(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let max = api.engine.config().max_payload_bytes + 64 * 1024;
+    next.run(req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, max))))
+        .await
+}
+
+/// Methods are a label: any other token is `other`, so a client cannot
+/// make series at will.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Striped locks by id: writes of one id take turns, others do not wait
+/// on each other (beyond a shared stripe).
+pub struct IdLocks(Vec<tokio::sync::Mutex<()>>);
+
+impl Default for IdLocks {
+    fn default() -> Self {
+        Self((0..256).map(|_| tokio::sync::Mutex::new(())).collect())
+    }
+}
+
+impl IdLocks {
+    pub async fn lock(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id);
+        self.0[(h % self.0.len() as u64) as usize].lock().await
+    }
+}
+
 /// Records each request's duration under its declared route.
 async fn timed(State(api): State<Api>, req: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_string();
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()

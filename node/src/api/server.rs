@@ -4,20 +4,23 @@
 //! - A client must send a request's header within `header_timeout` (this
 //!   also bounds a keep-alive connection waiting for its next request):
 //!   half-sent headers cannot hold a socket for ever.
-//! - A connection with no request being handled and no byte read or
-//!   written for `idle_timeout` (a client that stopped reading its answer)
-//!   is closed. A handler that takes long (a backup being made) is not idle.
+//! - A connection where no byte moved for `idle_timeout` is closed: a
+//!   stalled request body, a client that stopped reading its answer. Only a
+//!   handler at work on a fully received request is not idle (a backup
+//!   being made sends nothing for minutes).
 //! - At most `max_connections` are open; more wait in the listen backlog.
 //! - On shutdown the listener closes, connections finish the request in
-//!   flight (up to `drain_timeout`), then the server returns.
+//!   flight (up to `drain_timeout`), then the rest are cut.
 
 use axum::Router;
+use axum::body::Body;
+use hyper::body::{Body as _, Frame, SizeHint};
 use hyper::service::Service as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -62,10 +65,12 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             _ = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
@@ -85,93 +90,178 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         stats.accepted.fetch_add(1, Ordering::Relaxed);
-        stats.open.fetch_add(1, Ordering::Relaxed);
-        let (router, limits, stats, mut stop) = (router.clone(), limits.clone(), stats.clone(), stop_rx.clone());
-        tokio::spawn(async move {
-            let last = Arc::new(AtomicU64::new(0));
-            let started = Instant::now();
-            let io = TokioIo::new(Watched {
-                io: stream,
-                last: last.clone(),
-                started,
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            // Requests of this connection being handled (not idle meanwhile).
-            let busy = Arc::new(AtomicU64::new(0));
-            let inner = TowerToHyperService::new(router);
-            let handling = busy.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let guard = Busy::new(handling.clone());
-                let fut = inner.call(req);
-                async move {
-                    let r = fut.await;
-                    drop(guard);
-                    r
-                }
-            });
-            let conn = builder.serve_connection(io, svc);
-            let mut conn = std::pin::pin!(conn);
-            let mut check = tokio::time::interval(Duration::from_secs(1).min(limits.idle_timeout));
-            let mut stopping = *stop.borrow();
-            if stopping {
-                conn.as_mut().graceful_shutdown();
-            }
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "http connection ended");
-                        }
-                        break;
-                    }
-                    _ = stop.changed(), if !stopping => {
-                        stopping = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    _ = check.tick() => {
-                        let idle = started.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                        if busy.load(Ordering::Relaxed) == 0 && idle >= limits.idle_timeout {
-                            stats.idle_closed.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                }
-            }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+        let open = Open::new(stats.clone());
+        let (router, limits, stop, stats) = (router.clone(), limits.clone(), stop_rx.clone(), stats.clone());
+        connections.spawn(async move {
+            connection(stream, router, limits, stop, &stats).await;
+            drop((open, permit));
         });
     }
     drop(listener);
     let _ = stop_tx.send(true);
-    // Every slot back means every connection is closed.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(limits.drain_timeout, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
+    let drained = tokio::time::timeout(limits.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
         tracing::warn!(
             open = stats.open.load(Ordering::Relaxed),
-            "http connections still open after the drain timeout; closing them"
+            "http connections still busy after the drain timeout; closing them"
         );
+        connections.shutdown().await;
     }
 }
 
-/// Counts a request in flight until dropped (answered or abandoned).
-struct Busy(Arc<AtomicU64>);
-
-impl Busy {
-    fn new(count: Arc<AtomicU64>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
+/// Serves one connection until it ends, idles out or the server stops.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    router: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    stats: &ConnectionStats,
+) {
+    let started = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(Watched {
+        io: stream,
+        last: last.clone(),
+        started,
+    });
+    // Requests received in full whose handler is still at work.
+    let working = Arc::new(AtomicU64::new(0));
+    let inner = TowerToHyperService::new(router);
+    let counter = working.clone();
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let received = Received::new(counter.clone());
+        let req = req.map(|b| {
+            if b.is_end_stream() {
+                received.set();
+            }
+            Body::new(Watch {
+                inner: b,
+                received: received.clone(),
+            })
+        });
+        let fut = inner.call(req);
+        async move {
+            let r = fut.await;
+            drop(received);
+            r
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let conn = builder.serve_connection(io, svc);
+    let mut conn = std::pin::pin!(conn);
+    let mut check = tokio::time::interval(Duration::from_secs(1).min(limits.idle_timeout));
+    let mut stopping = *stop.borrow();
+    if stopping {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "http connection ended");
+                }
+                return;
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = check.tick() => {
+                let moved = Duration::from_millis(last.load(Ordering::Relaxed));
+                let idle = started.elapsed().saturating_sub(moved);
+                if working.load(Ordering::Relaxed) == 0 && idle >= limits.idle_timeout {
+                    tracing::debug!(idle_ms = idle.as_millis() as u64, "http connection idle: closed");
+                    stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
     }
 }
 
-impl Drop for Busy {
+/// Counts an open connection until dropped.
+struct Open(Arc<ConnectionStats>);
+
+impl Open {
+    fn new(stats: Arc<ConnectionStats>) -> Self {
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request of a connection: once its body is in, it counts as "handler
+/// at work" until the handler is done with it (dropped).
+#[derive(Clone)]
+struct Received(Arc<ReceivedState>);
+
+struct ReceivedState {
+    done: AtomicBool,
+    working: Arc<AtomicU64>,
+}
+
+impl Received {
+    fn new(working: Arc<AtomicU64>) -> Self {
+        Self(Arc::new(ReceivedState {
+            done: AtomicBool::new(false),
+            working,
+        }))
+    }
+
+    /// The body is in: the request counts as work from now on.
+    fn set(&self) {
+        if !self.0.done.swap(true, Ordering::Relaxed) {
+            self.0.working.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for ReceivedState {
+    fn drop(&mut self) {
+        if *self.done.get_mut() {
+            self.working.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A request body that says when it has been read to its end.
+struct Watch {
+    inner: hyper::body::Incoming,
+    received: Received,
+}
+
+impl hyper::body::Body for Watch {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.received.set();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -207,6 +297,22 @@ impl AsyncWrite for Watched {
             self.touch();
         }
         r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

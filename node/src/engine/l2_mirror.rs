@@ -142,6 +142,22 @@ impl Core {
             .inspect_err(|e| self.l2_state.failed(e))
     }
 
+    /// Takes `id` out of `state`'s Redis set (a cache-only item that moved).
+    pub(crate) async fn leave_state_set(&self, l2: &RedisStore, id: &str, state: &str) -> Result<(), StorageError> {
+        let mut pipe = redis::pipe();
+        l2.queue_state(
+            &mut pipe,
+            id,
+            &StateMove {
+                from: Some(state.to_string()),
+                to: None,
+            },
+        );
+        l2.run(&pipe, "cache-only state move")
+            .await
+            .inspect_err(|e| self.l2_state.failed(e))
+    }
+
     /// Stores a cache-only item (not in L3) in Redis.
     pub(crate) async fn put_cache_only(&self, l2: &RedisStore, items: &[SyncItem]) -> Result<(), StorageError> {
         let mut pipe = redis::pipe();

@@ -636,7 +636,6 @@ impl L3Store {
         })
     }
 
-    /// Items whose id starts with `prefix`, in id order.
     /// Items under `prefix` in id order, from the id after `after` on.
     pub async fn scan_prefix(
         &self,

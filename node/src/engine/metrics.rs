@@ -17,6 +17,11 @@ impl Default for Latency {
 }
 
 impl Latency {
+    /// Doubling buckets from `first` seconds, `count` of them.
+    pub fn buckets(first: f64, count: u16) -> Self {
+        Self(Histogram::new(exponential_buckets(first, 2.0, count)))
+    }
+
     /// Records the time since `start`.
     pub fn since(&self, start: Instant) {
         self.0.observe(start.elapsed().as_secs_f64());

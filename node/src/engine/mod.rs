@@ -979,7 +979,11 @@ impl SyncEngine {
                 self.l1_entries(chunk)
             };
             // Ids L3 does not hold may be cache-only items, which live in Redis alone.
-            let cache_only = self.cache_only_items(chunk, &current).await;
+            let cache_only = if l3_up {
+                self.cache_only_items(chunk).await?
+            } else {
+                Vec::new()
+            };
             if !cache_only.is_empty() {
                 let l2 = self.core.backends()?.l2.clone();
                 if let Some(l2) = l2 {
@@ -1013,19 +1017,33 @@ impl SyncEngine {
 
     /// The live cache-only items among `ids` that `held` (what L3 and L1
     /// hold) lacks: they are in Redis only.
-    async fn cache_only_items(&self, ids: &[&str], held: &HashMap<String, EntryMeta>) -> Vec<SyncItem> {
-        let Ok(Some(l2)) = self.core.backends().map(|b| b.l2.clone()) else {
-            return Vec::new();
+    async fn cache_only_items(&self, ids: &[&str]) -> Result<Vec<SyncItem>, StorageError> {
+        let b = self.core.backends()?;
+        let Some(l2) = b.l2.clone() else {
+            return Ok(Vec::new());
         };
-        let absent: Vec<&str> = ids.iter().copied().filter(|id| !held.contains_key(*id)).collect();
-        let reads = futures::future::join_all(absent.iter().map(|id| self.core.l2_get(&l2, id))).await;
-        reads
+        // What L3 holds (L1's cache may hold a cache-only item too).
+        let in_l3 = b.l3.meta_of(ids).await?;
+        let absent: Vec<&str> = ids.iter().copied().filter(|id| !in_l3.contains_key(*id)).collect();
+        let reads = self.l2_reads(&l2, &absent).await;
+        Ok(reads
             .into_iter()
             .filter_map(|r| match r {
-                L2Read::Hit(it) if !it.tombstone => Some(*it),
+                // A mirrored item is L3's (a stale mirror), never cache-only.
+                L2Read::Hit(it) if !it.tombstone && it.route != L2Route::Mirror => Some(*it),
                 _ => None,
             })
-            .collect()
+            .collect())
+    }
+
+    /// Redis reads of `ids`, in order, at most 64 in flight.
+    async fn l2_reads(&self, l2: &RedisStore, ids: &[&str]) -> Vec<L2Read> {
+        use futures::StreamExt;
+        let mut reads = Vec::with_capacity(ids.len());
+        for id in ids {
+            reads.push(self.core.l2_get(l2, id));
+        }
+        futures::stream::iter(reads).buffered(64).collect().await
     }
 
     /// Deletes every live item whose id starts with `prefix`. Returns how many.
@@ -1065,7 +1083,15 @@ impl SyncEngine {
             return Ok(false);
         };
         let options = self.options_of(&item).await?.with_state(new_state.to_string());
+        let (cache_only, old_state) = (!options.sql, item.state.clone());
         self.submit_with(item, options).await?;
+        // A cache-only write does not know the state it replaces: leave its set here.
+        if cache_only
+            && old_state != new_state
+            && let Some(l2) = self.core.backends()?.l2.clone()
+        {
+            self.core.leave_state_set(&l2, id, &old_state).await?;
+        }
         Ok(true)
     }
 
@@ -1085,7 +1111,12 @@ impl SyncEngine {
             ItemStatus::Synced { in_l3: false, .. }
         );
         Ok(match (cache_only, item.route, ttl) {
-            (true, _, ttl) => SubmitOptions::cache(ttl.unwrap_or(CacheTtl::Hour)),
+            (true, _, ttl) => SubmitOptions {
+                redis: true,
+                sql: false,
+                redis_ttl: ttl,
+                ..SubmitOptions::default()
+            },
             (false, _, Some(ttl)) => SubmitOptions {
                 redis_ttl: Some(ttl),
                 ..SubmitOptions::default()
@@ -1231,7 +1262,8 @@ impl SyncEngine {
         if let Some(l2) = &b.l2
             && !misses.is_empty()
         {
-            let reads = futures::future::join_all(misses.iter().map(|&i| self.core.l2_get(l2, ids[i]))).await;
+            let want: Vec<&str> = misses.iter().map(|&i| ids[i]).collect();
+            let reads = self.l2_reads(l2, &want).await;
             let mut left = Vec::with_capacity(misses.len());
             for (i, read) in misses.into_iter().zip(reads) {
                 match read {

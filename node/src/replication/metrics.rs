@@ -39,7 +39,9 @@ pub fn new() -> (NetMetrics, P2pRecorder) {
     (
         NetMetrics {
             p2p: Arc::new(registry),
-            session_seconds: Latency::default(),
+            // Sessions run from milliseconds (nothing to move) to many
+            // minutes (a bootstrap): 10 ms to about 45 min.
+            session_seconds: Latency::buckets(0.01, 19),
             cdc_apply_seconds: Latency::default(),
         },
         P2pRecorder(recorder),
