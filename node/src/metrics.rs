@@ -116,7 +116,7 @@ pub async fn render(
             ),
         ]),
     );
-    let counters: [(&str, &str, u64); 27] = [
+    let counters: [(&str, &str, u64); 28] = [
         ("writes_accepted", "Writes accepted", load(&m.writes_accepted)),
         (
             "writes_refused",
@@ -125,6 +125,11 @@ pub async fn render(
         ),
         ("group_commits", "Group commits of the writer", load(&m.group_commits)),
         ("l3_errors", "Failed L3 calls", load(&m.l3_errors)),
+        (
+            "writes_quarantined",
+            "Writes L3 refused for good and dropped (listed in /health)",
+            load(&m.writes_quarantined),
+        ),
         (
             "clock_deferrals",
             "Remote versions deferred for clock skew",

@@ -440,3 +440,77 @@ async fn writes_past_the_backpressure_limit_are_refused_and_not_stored() {
         e.shutdown().await;
     }
 }
+
+/// An item L3 refuses for good (a trigger here) fails alone: the writes
+/// committed with it land, its durable caller hears why, a buffered one is
+/// quarantined instead of retried for ever, and writes behind it go on.
+#[tokio::test]
+async fn an_item_l3_refuses_is_quarantined_and_blocks_nothing() {
+    for backend in BACKENDS {
+        let node = TestNode::new(backend, "q").await;
+        let e = node.start().await;
+        let trigger = match backend {
+            common::Backend::Sqlite => "CREATE TRIGGER poison BEFORE INSERT ON sync_items \
+                 WHEN CAST(NEW.id AS TEXT) LIKE 'bad%' BEGIN SELECT RAISE(ABORT, 'poison item'); END"
+                .to_string(),
+            common::Backend::MariaDb => "CREATE TRIGGER poison BEFORE INSERT ON sync_items FOR EACH ROW \
+                 BEGIN IF NEW.id LIKE 'bad%' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'poison item'; END IF; END"
+                .to_string(),
+        };
+        node.l3_ddl(&trigger).await;
+
+        // Durable: the batch's good items commit; the bad one fails alone.
+        // (With MySQL the ack stands on the commit log: the refusal comes
+        // when the log is drained, and the item is quarantined then.)
+        let r = e
+            .submit_many(vec![
+                SyncItem::new("good.1", &b"1"[..]),
+                SyncItem::new("bad.1", &b"x"[..]),
+                SyncItem::new("good.2", &b"2"[..]),
+            ])
+            .await
+            .unwrap();
+        let expected = if backend == common::Backend::Sqlite {
+            (2, 1)
+        } else {
+            (3, 0)
+        };
+        assert_eq!((r.succeeded, r.failed), expected, "{backend:?}: {r:?}");
+        e.force_flush().await;
+        assert!(e.get("good.1").await.unwrap().is_some() && e.get("good.2").await.unwrap().is_some());
+        assert!(
+            e.get("bad.1").await.unwrap().is_none(),
+            "{backend:?}: a refused write reads as written"
+        );
+        if backend == common::Backend::Sqlite {
+            let err = e.submit(SyncItem::new("bad.2", &b"x"[..])).await.unwrap_err();
+            assert!(err.to_string().contains("poison item"), "{backend:?}: {err}");
+        }
+
+        // Buffered: acknowledged at once; the bad one is quarantined, not retried for ever.
+        e.submit_with(SyncItem::new("bad.3", &b"x"[..]), SubmitOptions::default().buffered())
+            .await
+            .unwrap();
+        e.submit_with(SyncItem::new("good.3", &b"3"[..]), SubmitOptions::default().buffered())
+            .await
+            .unwrap();
+        e.force_flush().await;
+        e.submit(SyncItem::new("good.4", &b"4"[..])).await.unwrap();
+        assert!(e.get("good.3").await.unwrap().is_some() && e.get("good.4").await.unwrap().is_some());
+        let h = e.health_check().await;
+        let ids: Vec<&str> = h.quarantined.iter().map(|q| q.id.as_str()).collect();
+        assert!(ids.contains(&"bad.3"), "{backend:?}: {ids:?}");
+        if backend == common::Backend::MariaDb {
+            assert!(ids.contains(&"bad.1"), "{backend:?}: {ids:?}");
+            assert_eq!(h.wal_pending_items, Some(0), "{backend:?}: the log is held back");
+        }
+        assert!(
+            e.metrics()
+                .writes_quarantined
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        );
+        assert_eq!(h.pending_items, 0, "{backend:?}: a refused write stays pending");
+        e.shutdown().await;
+    }
+}

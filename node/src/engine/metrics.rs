@@ -39,6 +39,8 @@ pub struct EngineMetrics {
     pub writes_refused: AtomicU64,
     pub l3_items_written: AtomicU64,
     pub l3_errors: AtomicU64,
+    /// Writes L3 refused for good and dropped (see `quarantine`).
+    pub writes_quarantined: AtomicU64,
     pub reads_l1: AtomicU64,
     pub reads_l2: AtomicU64,
     pub reads_l3: AtomicU64,

@@ -27,6 +27,7 @@ pub mod merkle;
 pub mod metrics;
 pub mod options;
 pub mod purge;
+pub mod quarantine;
 pub mod resync;
 pub mod search;
 pub mod search_cache;
@@ -114,6 +115,8 @@ pub(crate) struct Core {
     snapshot_generation: AtomicU64,
     last_snapshot: Mutex<Instant>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Writes L3 refused for good (see `quarantine`).
+    pub(crate) quarantined: quarantine::QuarantineList,
 }
 
 impl Core {
@@ -324,6 +327,7 @@ impl SyncEngine {
             snapshot_generation: AtomicU64::new(u64::MAX),
             last_snapshot: Mutex::new(Instant::now()),
             tasks: Mutex::new(Vec::new()),
+            quarantined: Default::default(),
         };
         Self {
             fence: Mutex::new(None),
@@ -759,14 +763,26 @@ impl SyncEngine {
             }
             return Ok(results);
         }
-        if let Err(e) = self.commit_stamped(stamped, options.ack).await {
-            return Ok(results.into_iter().map(|r| r.and(Err(e.clone()))).collect());
+        match self.commit_stamped(stamped, options.ack).await {
+            // Each stamped item's own outcome (one refused item fails alone).
+            Ok(committed) => {
+                let mut committed = committed.into_iter();
+                Ok(results
+                    .into_iter()
+                    .map(|r| r.and_then(|receipt| committed.next().unwrap_or(Ok(())).map(|()| receipt)))
+                    .collect())
+            }
+            Err(e) => Ok(results.into_iter().map(|r| r.and(Err(e.clone()))).collect()),
         }
-        Ok(results)
     }
 
-    /// Makes stamped items pending and hands them to the writer.
-    async fn commit_stamped(&self, items: Vec<SyncItem>, ack: AckMode) -> Result<(), StorageError> {
+    /// Makes stamped items pending and hands them to the writer; with a
+    /// durable ack, the outcome of each item once committed.
+    async fn commit_stamped(
+        &self,
+        items: Vec<SyncItem>,
+        ack: AckMode,
+    ) -> Result<Vec<Result<(), StorageError>>, StorageError> {
         let b = self.core.backends()?;
         let n = items.len() as u64;
         for it in &items {
@@ -777,12 +793,14 @@ impl SyncEngine {
         if b.writer.send(WriterCmd::Write { items, ack: ack_tx }).is_err() {
             return Err(StorageError::NotReady("writer stopped".into()));
         }
-        if ack == AckMode::Durable {
-            rx.await
-                .map_err(|_| StorageError::NotReady("writer stopped".into()))??;
-        }
-        self.core.metrics.writes_accepted.fetch_add(n, Ordering::Relaxed);
-        Ok(())
+        let results = if ack == AckMode::Durable {
+            rx.await.map_err(|_| StorageError::NotReady("writer stopped".into()))?
+        } else {
+            vec![Ok(()); n as usize]
+        };
+        let accepted = results.iter().filter(|r| r.is_ok()).count() as u64;
+        self.core.metrics.writes_accepted.fetch_add(accepted, Ordering::Relaxed);
+        Ok(results)
     }
 
     /// Applies a version made elsewhere, keeping its version and origin. Applies
@@ -862,20 +880,23 @@ impl SyncEngine {
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%id, version = it.version, "refused a version its purged delete beats; restoring the tombstone");
                 winners.push(tombstone.clone());
+                won.push(None);
                 continue;
             }
             let mut w = it.clone();
             w.access_count = 0;
             w.last_accessed = 0;
             winners.push(w);
-            won.push(i);
+            won.push(Some(i));
         }
         if !winners.is_empty() {
-            let n = winners.len() as u64;
-            self.commit_stamped(winners, AckMode::Durable).await?;
+            let results = self.commit_stamped(winners, AckMode::Durable).await?;
+            let n = results.iter().filter(|r| r.is_ok()).count() as u64;
             self.core.metrics.remote_applied.fetch_add(n, Ordering::Relaxed);
-            for i in won {
-                out[i] = Ok(true);
+            for (i, r) in won.into_iter().zip(results) {
+                if let Some(i) = i {
+                    out[i] = r.map(|()| true);
+                }
             }
         }
         Ok(out)
@@ -1504,6 +1525,7 @@ impl SyncEngine {
             merkle_items,
             merkle_root,
             peer_lag_ms: BTreeMap::new(),
+            quarantined: self.core.quarantined.list(),
             healthy: state.is_ready()
                 && sql_connected == Some(true)
                 && redis_connected != Some(false)

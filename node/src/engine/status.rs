@@ -95,4 +95,7 @@ pub struct HealthCheck {
     /// Replication lag per peer, ms (filled by the replication layer).
     pub peer_lag_ms: BTreeMap<String, u64>,
     pub healthy: bool,
+    /// The newest writes L3 refused for good and dropped (see `quarantine`).
+    #[serde(default)]
+    pub quarantined: Vec<super::quarantine::Quarantined>,
 }

@@ -21,8 +21,10 @@ use super::Core;
 use super::error::StorageError;
 use super::item::SyncItem;
 use super::options::L2Route;
+use super::quarantine::passing;
 
-pub(crate) type Ack = oneshot::Sender<Result<(), StorageError>>;
+/// The outcome of each item of one caller's batch.
+pub(crate) type Ack = oneshot::Sender<Vec<Result<(), StorageError>>>;
 
 pub(crate) enum WriterCmd {
     /// Items to commit; `ack` answers once they are durable (Durable mode).
@@ -184,27 +186,42 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
             let result = commit(&core, items.clone()).await;
             core.metrics.commit_seconds.since(started);
             core.metrics.group_commits.fetch_add(1, Ordering::Relaxed);
-            match &result {
-                Ok(()) => core.publish_local(&items),
+            // One result per item: a failure that is not the connection's may
+            // be one item's, so the items are tried again one by one.
+            let per_item = match &result {
+                Ok(()) => vec![Ok(()); items.len()],
+                Err(e) if passing(e) => vec![Err(e.clone()); items.len()],
                 Err(e) => {
-                    tracing::warn!(error = %e, items = items.len(), "commit failed");
+                    tracing::warn!(error = %e, items = items.len(), "group commit failed; committing its items one by one");
+                    core.one_by_one(&items, |it| commit(&core, vec![it])).await
+                }
+            };
+            if let Some(Err(e)) = per_item.iter().find(|r| matches!(r, Err(e) if passing(e))) {
+                tracing::warn!(error = %e, items = items.len(), "commit failed");
+            }
+            let mut durable = vec![false; items.len()];
+            for (_, range) in &acks {
+                durable[range.clone()].iter_mut().for_each(|d| *d = true);
+            }
+            let mut committed = Vec::with_capacity(items.len());
+            for ((it, r), durable) in items.into_iter().zip(&per_item).zip(durable) {
+                match r {
+                    Ok(()) => committed.push(it),
                     // Durable callers hear the error and their writes are withdrawn;
                     // buffered writes were already acknowledged, so keep retrying them.
-                    let mut durable = vec![false; items.len()];
-                    for (_, range) in &acks {
-                        durable[range.clone()].iter_mut().for_each(|d| *d = true);
-                    }
-                    for (it, durable) in items.into_iter().zip(durable) {
+                    Err(e) if passing(e) => {
                         if durable {
                             core.l1.forget_pending(&it);
                         } else {
                             carry.push(it);
                         }
                     }
+                    Err(e) => core.quarantine(&it, e),
                 }
             }
-            for (a, _) in acks {
-                let _ = a.send(result.clone());
+            core.publish_local(&committed);
+            for (a, range) in acks {
+                let _ = a.send(per_item[range].to_vec());
             }
         }
         for b in barriers {
@@ -286,8 +303,25 @@ pub(crate) async fn drain_log(core: &Core) -> Result<u64, StorageError> {
             return Ok(drained);
         };
         let n = entries.len() as u64;
-        core.apply_to_l3(entries.into_iter().map(|e| e.item).collect()).await?;
-        log.truncate_through(last).await?;
+        let items: Vec<SyncItem> = entries.iter().map(|e| e.item.clone()).collect();
+        match core.apply_to_l3(items.clone()).await {
+            Ok(()) => log.truncate_through(last).await?,
+            Err(e) if passing(&e) => return Err(e),
+            // One refused item must not hold the log back: in log order, each
+            // is applied or quarantined, then let go.
+            Err(e) => {
+                tracing::warn!(error = %e, entries = n, "commit-log drain failed; draining one by one");
+                let results = core.one_by_one(&items, |it| core.apply_to_l3(vec![it])).await;
+                for ((entry, it), r) in entries.iter().zip(&items).zip(results) {
+                    match r {
+                        Ok(()) => {}
+                        Err(e) if passing(&e) => return Err(e),
+                        Err(e) => core.quarantine(it, &e),
+                    }
+                    log.truncate_through(entry.seq).await?;
+                }
+            }
+        }
         drained += n;
         core.metrics.log_drained.fetch_add(n, Ordering::Relaxed);
     }

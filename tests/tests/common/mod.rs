@@ -115,3 +115,23 @@ impl TestNode {
         }
     }
 }
+
+impl TestNode {
+    /// Runs DDL (a trigger, …) on this node's L3, over the text protocol.
+    pub async fn l3_ddl(&self, sql: &str) {
+        let url = self.config.effective_sql_url();
+        if url.starts_with("mysql:") {
+            let mut c = sqlx::mysql::MySqlConnection::connect(&url).await.expect("connect");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                .execute(&mut c)
+                .await
+                .expect("ddl");
+        } else {
+            let mut c = sqlx::sqlite::SqliteConnection::connect(&url).await.expect("connect");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                .execute(&mut c)
+                .await
+                .expect("ddl");
+        }
+    }
+}
