@@ -931,3 +931,95 @@ async fn sigterm_finishes_requests_in_flight() {
     let n = Proc::spawn(bin(), d.path(), args("surface-drain", &[])).await.unwrap();
     assert_eq!(n.api.get_item("drain").await.unwrap().body.len(), 1000);
 }
+
+async fn search_status(p: &Proc, index: &str, query: Value) -> (u16, Value) {
+    let a = p
+        .api
+        .post_json(
+            &format!("/v1/indexes/{index}/search"),
+            &json!({"query": query, "tier": "sql"}),
+        )
+        .await
+        .unwrap();
+    (a.status.as_u16(), a.json().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_definitions_replicate_and_the_engine_ids_stay_hidden() {
+    let (d1, d2, d3) = (tmp(), tmp(), tmp());
+    let n1 = Proc::spawn(bin(), d1.path(), args("surface-idx", &[])).await.unwrap();
+    let mut a2 = args("surface-idx", &[]);
+    a2.extend(["--bootstrap".to_string(), n1.addr.clone()]);
+    let n2 = Proc::spawn(bin(), d2.path(), a2).await.unwrap();
+    for (id, city) in [("u.1", "oslo"), ("u.2", "rome")] {
+        n1.api
+            .ok_json(
+                n1.api
+                    .put_item(id, Bytes::from(json!({ "city": city }).to_string()), true)
+                    .await,
+            )
+            .await
+            .unwrap();
+    }
+    let def = json!({"name": "cities", "prefix": "u.", "fields": [{"name": "city", "type": "tag"}]});
+    let created = n1.api.post_json("/v1/indexes", &def).await.unwrap();
+    assert_eq!(created.status, 201, "{}", created.text());
+    let oslo = json!({"tags": {"field": "city", "values": ["oslo"]}});
+    // Created on n1, searchable on n2.
+    eventually("the index on n2", Duration::from_secs(30), || async {
+        match search_status(&n2, "cities", oslo.clone()).await {
+            (200, v) if v["ids"] == json!(["u.1"]) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let listed = n2.api.ok_json(n2.api.get("/v1/indexes").await).await.unwrap();
+    assert_eq!(listed["indexes"][0]["name"], "cities");
+    assert_eq!(listed["indexes"][0]["fields"][0]["type"], "tag");
+    // The definition's item is the engine's: not in scans, not writable.
+    let scan = n2.api.ok_json(n2.api.get("/v1/items?limit=100").await).await.unwrap();
+    let ids: Vec<&str> = scan["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["u.1", "u.2"]);
+    let refused = n1
+        .api
+        .put_item("_syncnode/index/cities", Bytes::from_static(b"{}"), true)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    let refused = n1.api.delete_item("_syncnode/index/cities").await.unwrap();
+    assert_eq!(refused.status, 400, "{}", refused.text());
+
+    // A node that joins later learns it by anti-entropy.
+    let mut a3 = args("surface-idx", &[]);
+    a3.extend(["--bootstrap".to_string(), n2.addr.clone()]);
+    let n3 = Proc::spawn(bin(), d3.path(), a3).await.unwrap();
+    eventually("the index on n3", Duration::from_secs(30), || async {
+        match search_status(&n3, "cities", oslo.clone()).await {
+            (200, v) if v["ids"] == json!(["u.1"]) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // Dropped on n2, gone everywhere.
+    let dropped = n2
+        .api
+        .call(hyper::Method::DELETE, "/v1/indexes/cities", None)
+        .await
+        .unwrap();
+    assert_eq!(dropped.status, 200, "{}", dropped.text());
+    for n in [&n1, &n3] {
+        eventually("the drop everywhere", Duration::from_secs(30), || async {
+            match search_status(n, "cities", oslo.clone()).await {
+                (404, v) if v["error"] == "unknown_index" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
+}

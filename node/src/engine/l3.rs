@@ -306,19 +306,28 @@ fn page_query<'q>(
     tail: &str,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     let upper = prefix_upper_bound(prefix.as_bytes());
+    // The engine's own ids (index definitions) stay out of user scans.
+    let hide = super::index_catalog::hides_reserved(prefix);
     let sql = format!(
-        "{select} FROM sync_items WHERE id >= ?{}{}{tail}",
+        "{select} FROM sync_items WHERE id >= ?{}{}{}{tail}",
         if after.is_some() { " AND id > ?" } else { "" },
-        if upper.is_some() { " AND id < ?" } else { "" }
+        if upper.is_some() { " AND id < ?" } else { "" },
+        if hide { " AND NOT (id >= ? AND id < ?)" } else { "" }
     );
     let mut q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
     if let Some(a) = after {
         q = q.bind(a.as_bytes());
     }
-    match upper {
-        Some(u) => q.bind(u),
-        None => q,
+    if let Some(u) = upper {
+        q = q.bind(u);
     }
+    if hide {
+        let reserved = super::index_catalog::RESERVED.as_bytes();
+        q = q
+            .bind(reserved)
+            .bind(prefix_upper_bound(reserved).expect("the reserved prefix has an upper bound"));
+    }
+    q
 }
 
 /// `{select} FROM sync_items WHERE id IN (<ids>)`, with the ids bound.

@@ -18,6 +18,7 @@ pub mod commit_log;
 pub mod config;
 pub mod error;
 pub mod filter;
+pub mod index_catalog;
 pub mod item;
 pub mod l1;
 pub mod l2;
@@ -426,25 +427,29 @@ impl SyncEngine {
         let (_, max_version) = b.l3.generation().await?;
         *core.hlc.lock().unwrap_or_else(|p| p.into_inner()) = Hlc::new(floor.max(max_version));
 
-        let mut tasks = core.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.push(tokio::spawn(writer::run_writer(core.clone(), rx)));
-        if b.log.is_some() {
-            tasks.push(tokio::spawn(writer::run_drainer(core.clone())));
-        }
-        let weak = Arc::downgrade(core);
-        tasks.push(tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                every.tick().await;
-                let Some(core) = weak.upgrade() else { return };
-                if core.stopping.load(Ordering::Relaxed) {
-                    return;
-                }
-                core.maintain().await;
+        {
+            let mut tasks = core.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            tasks.push(tokio::spawn(writer::run_writer(core.clone(), rx)));
+            if b.log.is_some() {
+                tasks.push(tokio::spawn(writer::run_drainer(core.clone())));
             }
-        }));
-        drop(tasks);
+            let weak = Arc::downgrade(core);
+            tasks.push(tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    let Some(core) = weak.upgrade() else { return };
+                    if core.stopping.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    core.maintain().await;
+                }
+            }));
+        }
         core.set_state(EngineState::Ready);
+        if let Err(e) = self.reconcile_catalog().await {
+            tracing::warn!(error = %e, "search index definitions not reconciled with the cluster's at start");
+        }
         Ok(())
     }
 
@@ -704,6 +709,16 @@ impl SyncEngine {
         items: Vec<SyncItem>,
         options: &SubmitOptions,
     ) -> Result<Vec<Result<WriteReceipt, StorageError>>, StorageError> {
+        self.submit_as(items, options, false).await
+    }
+
+    /// `submit_batch`; `engine` also lets the engine's reserved ids through.
+    pub(crate) async fn submit_as(
+        &self,
+        items: Vec<SyncItem>,
+        options: &SubmitOptions,
+        engine: bool,
+    ) -> Result<Vec<Result<WriteReceipt, StorageError>>, StorageError> {
         self.check_writable()?;
         let cache_only =
             match (options.sql, options.redis) {
@@ -727,7 +742,11 @@ impl SyncEngine {
                 if let Some(s) = &options.state {
                     item.state = s.clone();
                 }
-                if let Err(e) = validate_item(&item, max_payload) {
+                let checked = validate_item(&item, max_payload).and_then(|()| match engine {
+                    true => Ok(()),
+                    false => index_catalog::check_not_reserved(&item.object_id),
+                });
+                if let Err(e) = checked {
                     results.push(Err(e));
                     continue;
                 }
@@ -890,9 +909,18 @@ impl SyncEngine {
             won.push(Some(i));
         }
         if !winners.is_empty() {
+            let catalog: Vec<SyncItem> = winners
+                .iter()
+                .filter(|w| w.object_id.starts_with(index_catalog::RESERVED))
+                .cloned()
+                .collect();
             let results = self.commit_stamped(winners, AckMode::Durable).await?;
             let n = results.iter().filter(|r| r.is_ok()).count() as u64;
             self.core.metrics.remote_applied.fetch_add(n, Ordering::Relaxed);
+            // Index definitions from the cluster take effect here.
+            if !catalog.is_empty() {
+                self.apply_catalog(&catalog).await;
+            }
             for (i, r) in won.into_iter().zip(results) {
                 if let Some(i) = i {
                     out[i] = r.map(|()| true);
@@ -978,6 +1006,7 @@ impl SyncEngine {
         self.check_writable()?;
         for id in ids {
             validate_id(id)?;
+            index_catalog::check_not_reserved(id)?;
         }
         // A delete is a write: while a MySQL L3 is down it goes to the commit
         // log like any other, without waiting to learn what it replaces.

@@ -982,8 +982,22 @@ fn search_module_version(reply: &redis::Value) -> Option<i64> {
 impl SyncEngine {
     /// Registers an index (kept in L3, so it survives restarts), creates it in
     /// RediSearch and fills it from the items already stored. Re-creating an
-    /// index of the same name replaces it.
+    /// index of the same name replaces it. The definition replicates: every
+    /// node of the cluster gets the index (see `index_catalog`).
     pub async fn create_search_index(&self, index: SearchIndex) -> Result<(), StorageError> {
+        index.validate()?;
+        self.install_index(index.clone()).await?;
+        self.publish_index(&index).await
+    }
+
+    /// Drops an index (its documents too) on every node; the items stay.
+    pub async fn drop_search_index(&self, name: &str) -> Result<(), StorageError> {
+        self.uninstall_index(name).await?;
+        self.publish_index_drop(name).await
+    }
+
+    /// Makes the index exist on this node.
+    pub(crate) async fn install_index(&self, index: SearchIndex) -> Result<(), StorageError> {
         index.validate()?;
         let core = &self.core;
         let b = core.backends()?;
@@ -1016,8 +1030,8 @@ impl SyncEngine {
         Ok(())
     }
 
-    /// Drops an index (its documents too); the items stay.
-    pub async fn drop_search_index(&self, name: &str) -> Result<(), StorageError> {
+    /// Drops the index on this node.
+    pub(crate) async fn uninstall_index(&self, name: &str) -> Result<(), StorageError> {
         let core = &self.core;
         let b = core.backends()?;
         let _guard = core.apply_lock.lock().await;
