@@ -426,6 +426,13 @@ async fn writes_past_the_backpressure_limit_are_refused_and_not_stored() {
             "{err:?}"
         );
         assert!(!e.should_accept_writes());
+        // One rule: a level that refuses writes is also unhealthy.
+        let h = e.health_check().await;
+        assert!(
+            !h.healthy || h.backpressure_level.should_accept_writes(),
+            "{backend:?}: healthy at {:?}",
+            h.backpressure_level
+        );
         e.force_flush().await;
         assert!(e.should_accept_writes(), "pressure falls once the writer commits");
         assert!(

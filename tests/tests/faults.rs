@@ -229,3 +229,59 @@ async fn a_node_cut_off_past_tombstone_grace_while_the_others_purge_brings_back_
     settle(&n, "after host 2 is back", Duration::from_secs(60)).await;
     h.assert_held(&refs(&n)).await;
 }
+
+/// Whether `node` holds a connection to `peer` (`/v1/peers`).
+async fn connected_to(node: &Proc, peer: &str) -> bool {
+    let peers = node.api.ok_json(node.api.get("/v1/peers").await).await.unwrap();
+    peers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|p| p["peer_id"] == peer && p["connected"] == true)
+}
+
+/// A link cut without a FIN or RST (a pulled cable, a firewall dropping
+/// packets) leaves TCP connections "established" for many minutes. The
+/// nodes' pings close them, so neither side holds a dead connection (which
+/// would take the peer's connection slots and refuse its new ones), and
+/// after the heal the nodes reconnect and replicate at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_cut_is_detected_by_ping_and_heals_at_once() {
+    let lan = Lan::new(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let n = cluster(&lan, tmp.path(), &[]).await;
+    let h = History::default();
+    h.put(&n[0], "before", "0").await.unwrap();
+    settle(&n, "before the cut", Duration::from_secs(60)).await;
+    assert!(connected_to(&n[0], &n[1].peer_id).await);
+
+    lan.unplug(1, false);
+    let cut = std::time::Instant::now();
+    // Pings every 5 s, 10 s to answer: both sides let go within ~20 s.
+    syncnode::process::eventually(
+        "both sides to drop the dead connection",
+        Duration::from_secs(40),
+        || async {
+            let (a, b) = (
+                connected_to(&n[0], &n[1].peer_id).await,
+                connected_to(&n[1], &n[0].peer_id).await,
+            );
+            if !a && !b {
+                Ok(())
+            } else {
+                Err(format!("n0 connected: {a}, n1 connected: {b}"))
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "dead connections closed {:.1} s after the silent cut",
+        cut.elapsed().as_secs_f64()
+    );
+    h.put(&n[1], "during", "1").await.unwrap();
+
+    lan.plug(1);
+    h.put(&n[1], "after", "1").await.unwrap();
+    settle(&n, "after the heal", Duration::from_secs(30)).await;
+    h.assert_held(&refs(&n)).await;
+}

@@ -328,3 +328,29 @@ async fn indexes_survive_a_restart() {
     );
     e.shutdown().await;
 }
+
+/// Pages of a search, from `after` on: both tiers give the same ids in the
+/// same pages, and all of them once.
+#[tokio::test]
+async fn searches_page_with_a_cursor_on_both_tiers() {
+    let node = TestNode::with_redis(common::Backend::Sqlite, "pg").await;
+    let e = node.start().await;
+    e.create_search_index(index("users")).await.unwrap();
+    e.submit_many(users(300)).await.unwrap();
+    let q = Query::prefix("name", "jo");
+    let all = ids(&e, "users", &q, SearchTier::SqlOnly).await;
+    assert!(all.len() > 20, "{}", all.len());
+    for tier in [SearchTier::RedisOnly, SearchTier::SqlOnly] {
+        let (mut seen, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let page = e.search_page("users", &q, tier, 7, after.as_deref()).await.unwrap().ids;
+            seen.extend(page.iter().cloned());
+            if page.len() < 7 {
+                break;
+            }
+            after = page.last().cloned();
+        }
+        assert_eq!(seen, all, "{tier:?}");
+    }
+    e.shutdown().await;
+}

@@ -64,6 +64,19 @@ async fn cli(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
     )
 }
 
+/// Runs `program args…` with `input` on stdin; `missing` says how to get it.
+fn piped(program: &str, args: &[&str], input: &str, missing: &str) -> std::process::Output {
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(missing);
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// `prometheus_client`'s parser over `text`: every sample as `[name, labels, value]`.
 fn python_samples(text: &str, openmetrics: bool) -> Vec<(String, Value, f64)> {
     let script = r#"
@@ -79,15 +92,12 @@ for fam in text_string_to_metric_families(sys.stdin.read()):
         out.append([s.name, s.labels, s.value])
 print(json.dumps(out))
 "#;
-    let mut child = std::process::Command::new("/usr/bin/python3")
-        .args(["-c", script, if openmetrics { "openmetrics" } else { "text" }])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("/usr/bin/python3 with prometheus_client: run scripts/test, which installs python3-prometheus-client");
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = piped(
+        "/usr/bin/python3",
+        &["-c", script, if openmetrics { "openmetrics" } else { "text" }],
+        text,
+        "/usr/bin/python3 with prometheus_client: run scripts/test, which installs python3-prometheus-client",
+    );
     assert!(
         out.status.success(),
         "prometheus_client ({}) refused /metrics: {}\n{text}",
@@ -173,15 +183,12 @@ async fn metrics_parse_as_prometheus_and_openmetrics_with_base_unit_names() {
     .await;
     assert!(ctype.starts_with("application/openmetrics-text"));
 
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool: run scripts/test, which installs prometheus");
-    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
-    let out = promtool.wait_with_output().unwrap();
+    let out = piped(
+        "promtool",
+        &["check", "metrics"],
+        &text,
+        "promtool: run scripts/test, which installs prometheus",
+    );
     assert!(
         out.status.success(),
         "promtool check metrics: {}{}",
@@ -976,6 +983,32 @@ async fn index_definitions_replicate_and_the_engine_ids_stay_hidden() {
     let listed = n2.api.ok_json(n2.api.get("/v1/indexes").await).await.unwrap();
     assert_eq!(listed["indexes"][0]["name"], "cities");
     assert_eq!(listed["indexes"][0]["fields"][0]["type"], "tag");
+    // Search answers page with a cursor.
+    let both = json!({"tags": {"field": "city", "values": ["oslo", "rome"]}});
+    let (mut seen, mut after) = (Vec::new(), None::<String>);
+    loop {
+        let mut body = json!({"query": both, "tier": "sql", "limit": 1});
+        if let Some(a) = &after {
+            body["after"] = json!(a);
+        }
+        let page = n2
+            .api
+            .ok_json(n2.api.post_json("/v1/indexes/cities/search", &body).await)
+            .await
+            .unwrap();
+        seen.extend(
+            page["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_str().unwrap().to_string()),
+        );
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["u.1", "u.2"]);
     // The definition's item is the engine's: not in scans, not writable.
     let scan = n2.api.ok_json(n2.api.get("/v1/items?limit=100").await).await.unwrap();
     let ids: Vec<&str> = scan["items"]

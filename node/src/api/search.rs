@@ -45,6 +45,8 @@ pub(super) struct SearchBody {
     #[serde(default)]
     tier: SearchTier,
     limit: Option<usize>,
+    /// The `next` of the previous page.
+    after: Option<String>,
 }
 
 pub(super) async fn search(
@@ -53,11 +55,22 @@ pub(super) async fn search(
     body: Result<Json<SearchBody>, JsonRejection>,
 ) -> ApiResult<Json<Value>> {
     let (Path(name), Json(b)) = (name?, body?);
-    let limit = b.limit.unwrap_or(100).min(10_000);
-    let r = api.engine.search_with_options(&name, &b.query, b.tier, limit).await?;
+    let limit = b.limit.unwrap_or(100).clamp(1, 10_000);
+    let after = super::items::cursor_id(b.after.as_deref())?;
+    let r = api
+        .engine
+        .search_page(&name, &b.query, b.tier, limit, after.as_deref())
+        .await?;
+    // A full page may have more after it.
+    let next = if r.ids.len() == limit {
+        super::items::cursor_of(r.ids.last().map(String::as_str))
+    } else {
+        None
+    };
     Ok(Json(json!({
         "ids": r.ids,
         "items": r.items.iter().map(ItemView::from).collect::<Vec<_>>(),
         "source": if r.cached { json!("cache") } else { json!(r.source) },
+        "next": next,
     })))
 }

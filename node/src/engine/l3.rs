@@ -1085,12 +1085,13 @@ impl L3Store {
     pub async fn search_ids(
         &self,
         prefix: &str,
+        after: Option<&str>,
         cond: &str,
         args: &[super::search::SqlArg],
         limit: usize,
     ) -> Result<Vec<String>, StorageError> {
         let tail = format!(" AND tombstone = 0 AND content_type = 1 AND ({cond}) ORDER BY id LIMIT ?");
-        let mut q = prefix_query("SELECT id", prefix, &tail);
+        let mut q = page_query("SELECT id", prefix, after, &tail);
         for a in args {
             q = match a {
                 super::search::SqlArg::Text(t) => q.bind(t.clone()),

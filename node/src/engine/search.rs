@@ -1080,11 +1080,27 @@ impl SyncEngine {
         tier: SearchTier,
         limit: usize,
     ) -> Result<SearchResult, StorageError> {
+        self.search_page(index_name, query, tier, limit, None).await
+    }
+
+    /// A page of `search_with_options`: the matching ids after `after`, in
+    /// id order. The hot tier pages exactly while a query matches at most
+    /// `MAX_RESULTS` documents; past that the SQL tier answers (or, with
+    /// `RedisOnly`, the page is refused).
+    pub async fn search_page(
+        &self,
+        index_name: &str,
+        query: &Query,
+        tier: SearchTier,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<SearchResult, StorageError> {
         let (def, writes) = self.core.search.get(index_name)?;
         let limit = limit.clamp(1, MAX_RESULTS);
         let hot = to_redisearch(query, &def)?;
         let key = format!(
-            "{index_name}\u{0}{tier:?}\u{0}{limit}\u{0}{}",
+            "{index_name}\u{0}{tier:?}\u{0}{limit}\u{0}{}\u{0}{}",
+            after.unwrap_or(""),
             serde_json::to_string(query).map_err(|e| StorageError::backend("encode query", e))?
         );
         if let Some(ids) = self.core.search.cache.get(&key, writes) {
@@ -1095,21 +1111,23 @@ impl SyncEngine {
             self.core.l2_state.up.load(Ordering::Relaxed) && !self.core.l2_state.stale.load(Ordering::Relaxed)
         });
         let (ids, source) = match (tier, l2) {
-            (SearchTier::SqlOnly, _) => (self.cold_ids(&def, query, limit).await?, SearchSource::Cold),
+            (SearchTier::SqlOnly, _) => (self.cold_ids(&def, query, after, limit).await?, SearchSource::Cold),
             (SearchTier::RedisOnly, None) => {
                 return Err(StorageError::Connection(
                     "Redis is unavailable or resyncing; the hot tier cannot answer".into(),
                 ));
             }
-            (SearchTier::RedisOnly, Some(l2)) => (self.hot_ids(l2, &def, &hot, limit).await?, SearchSource::Hot),
-            (SearchTier::RedisWithSqlFallback, Some(l2)) => match self.hot_ids(l2, &def, &hot, limit).await {
+            (SearchTier::RedisOnly, Some(l2)) => (self.hot_ids(l2, &def, &hot, after, limit).await?, SearchSource::Hot),
+            (SearchTier::RedisWithSqlFallback, Some(l2)) => match self.hot_ids(l2, &def, &hot, after, limit).await {
                 Ok(ids) => (ids, SearchSource::Hot),
                 Err(e) => {
                     tracing::debug!(error = %e, "hot tier failed; answering from SQL");
-                    (self.cold_ids(&def, query, limit).await?, SearchSource::Cold)
+                    (self.cold_ids(&def, query, after, limit).await?, SearchSource::Cold)
                 }
             },
-            (SearchTier::RedisWithSqlFallback, None) => (self.cold_ids(&def, query, limit).await?, SearchSource::Cold),
+            (SearchTier::RedisWithSqlFallback, None) => {
+                (self.cold_ids(&def, query, after, limit).await?, SearchSource::Cold)
+            }
         };
         self.core.search.cache.put(key, writes, ids.clone());
         let source = if ids.is_empty() { SearchSource::Empty } else { source };
@@ -1132,11 +1150,16 @@ impl SyncEngine {
         })
     }
 
+    /// Matching ids from RediSearch, in id order, after `after`. RediSearch
+    /// 1.2 cannot sort by id: every match is fetched and sorted here, which
+    /// is exact only up to `MAX_RESULTS` matches (more is an error, which
+    /// sends the fallback tier to SQL).
     async fn hot_ids(
         &self,
         l2: &RedisStore,
         def: &SearchIndex,
         query: &str,
+        after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StorageError> {
         let prefix = doc_prefix(l2.prefix(), &def.name);
@@ -1158,6 +1181,15 @@ impl SyncEngine {
         let redis::Value::Array(parts) = reply else {
             return Err(StorageError::Backend("FT.SEARCH gave an unexpected reply".into()));
         };
+        let total = match parts.first() {
+            Some(redis::Value::Int(n)) => *n as usize,
+            _ => 0,
+        };
+        if total > MAX_RESULTS {
+            return Err(StorageError::Backend(format!(
+                "the query matches {total} documents, more than the hot tier can order ({MAX_RESULTS})"
+            )));
+        }
         let mut ids: Vec<String> = parts
             .iter()
             .skip(1)
@@ -1167,16 +1199,23 @@ impl SyncEngine {
                 _ => None,
             })
             .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+            .filter(|id| after.is_none_or(|a| id.as_str() > a))
             .collect();
         ids.sort();
         ids.truncate(limit);
         Ok(ids)
     }
 
-    async fn cold_ids(&self, def: &SearchIndex, query: &Query, limit: usize) -> Result<Vec<String>, StorageError> {
+    async fn cold_ids(
+        &self,
+        def: &SearchIndex,
+        query: &Query,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
         let b = self.core.backends()?;
         let (cond, args) = to_sql(query, def, b.l3.dialect())?;
-        b.l3.search_ids(&def.prefix, &cond, &args, limit).await
+        b.l3.search_ids(&def.prefix, after, &cond, &args, limit).await
     }
 
     /// A raw RediSearch query string against the index (hot tier only, not
@@ -1192,7 +1231,9 @@ impl SyncEngine {
         let l2 =
             b.l2.as_ref()
                 .ok_or_else(|| StorageError::InvalidInput("search_raw needs redis_url".into()))?;
-        let ids = self.hot_ids(l2, &def, query_str, limit.clamp(1, MAX_RESULTS)).await?;
+        let ids = self
+            .hot_ids(l2, &def, query_str, None, limit.clamp(1, MAX_RESULTS))
+            .await?;
         Ok(self.search_result(ids, SearchSource::Hot, false).await?.items)
     }
 
@@ -1204,7 +1245,7 @@ impl SyncEngine {
         limit: usize,
     ) -> Result<Vec<SyncItem>, StorageError> {
         let (def, _) = self.core.search.get(index_name)?;
-        let ids = self.cold_ids(&def, query, limit.clamp(1, MAX_RESULTS)).await?;
+        let ids = self.cold_ids(&def, query, None, limit.clamp(1, MAX_RESULTS)).await?;
         Ok(self.search_result(ids, SearchSource::Cold, false).await?.items)
     }
 

@@ -378,7 +378,11 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
                 identify: identify::Behaviour::new(
                     identify::Config::new("/syncnode/1".into(), key.public()).with_agent_version(agent),
                 ),
-                ping: ping::Behaviour::default(),
+                // A ping that fails closes its connection (see `on_event`):
+                // a link cut without a FIN or RST would otherwise stay
+                // "established" for minutes, and hold the peer's connection
+                // slots (max 2 per peer) while new connections are refused.
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY).with_timeout(PING_TIMEOUT)),
             })
         })
         .map_err(|e| anyhow::anyhow!("network behaviour: {e}"))?
@@ -598,6 +602,10 @@ struct Redial {
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The members file reaches the disk at most this often (and at shutdown).
 const SAVE_EVERY: Duration = Duration::from_secs(5);
+/// Liveness of each connection: a ping every `PING_EVERY`; one unanswered
+/// for `PING_TIMEOUT` closes the connection.
+const PING_EVERY: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often replication is summed up at INFO (sessions at DEBUG).
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 /// How long shutdown waits for storage work in flight.
@@ -1121,7 +1129,14 @@ impl SwarmTask {
         match &event {
             SwarmEvent::Behaviour(NodeBehaviourEvent::Gossip(e)) => self.p2p.record(e),
             SwarmEvent::Behaviour(NodeBehaviourEvent::Identify(e)) => self.p2p.record(e),
-            SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(e)) => self.p2p.record(e),
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Ping(e)) => {
+                self.p2p.record(e);
+                // Unanswered (not "unsupported"): the link is dead or stalled.
+                if let Err(failure @ (ping::Failure::Timeout | ping::Failure::Other { .. })) = &e.result {
+                    tracing::info!(peer = %e.peer, %failure, "ping failed: closing the connection");
+                    swarm.close_connection(e.connection);
+                }
+            }
             _ => {}
         }
         match event {
@@ -1175,9 +1190,12 @@ impl SwarmTask {
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established: 0,
+                cause,
+                endpoint,
                 ..
             } => {
-                tracing::info!(peer = %peer_id, "peer disconnected");
+                let cause = cause.map_or_else(|| "closed by this node".to_string(), |c| c.to_string());
+                tracing::info!(peer = %peer_id, %cause, dialed = !endpoint.is_listener(), "peer disconnected");
                 self.feed(
                     swarm,
                     Input::Disconnected {
