@@ -32,6 +32,23 @@ pub async fn run(cfg: NodeConfig, reload: Reload) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await
         .map_err(|e| anyhow::anyhow!("http {}: port {} is not available: {e}", cfg.http, cfg.http.port()))?;
+    let limits = crate::api::server::Limits {
+        header_timeout: cfg.http_header_timeout,
+        idle_timeout: cfg.http_idle_timeout,
+        max_connections: cfg.http_max_connections,
+        ..Default::default()
+    };
+    // While the node starts (a tree rebuild, a slow L3), the port already
+    // answers /livez, and /readyz with 503: a liveness probe must not take a
+    // long start for a dead process. A second handle on the same socket
+    // serves it until the API takes over.
+    let std_listener = listener.into_std()?;
+    let early_listener = tokio::net::TcpListener::from_std(std_listener.try_clone()?)?;
+    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    let (stop_early, early_stopped) = tokio::sync::oneshot::channel::<()>();
+    let early = tokio::spawn(crate::api::serve_starting(early_listener, limits.clone(), async {
+        let _ = early_stopped.await;
+    }));
     let (config_tx, config_rx) = tokio::sync::watch::channel(cfg.engine_config(&peer_id));
     let engine = Arc::new(SyncEngine::new(cfg.engine_config(&peer_id), config_rx));
     engine
@@ -97,12 +114,7 @@ pub async fn run(cfg: NodeConfig, reload: Reload) -> anyhow::Result<()> {
             "the open-file limit is below http_max_connections plus what storage and peers need: raise it (LimitNOFILE, ulimit -n) or lower http_max_connections"
         );
     }
-    // One line on stdout for scripts and tests: where to reach this node.
-    println!(
-        "syncnode peer_id={peer_id} http={} listen={}",
-        listener.local_addr()?,
-        addrs.join(",")
-    );
+    let http_addr = listener.local_addr()?;
     let api = Api {
         engine: engine.clone(),
         net: net.clone(),
@@ -113,16 +125,15 @@ pub async fn run(cfg: NodeConfig, reload: Reload) -> anyhow::Result<()> {
         connections: Default::default(),
         conditional: Default::default(),
     };
-    let limits = crate::api::server::Limits {
-        header_timeout: cfg.http_header_timeout,
-        idle_timeout: cfg.http_idle_timeout,
-        max_connections: cfg.http_max_connections,
-        ..Default::default()
-    };
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(crate::api::serve(listener, api, limits, async {
         let _ = http_stopped.await;
     }));
+    // The API takes the port over; then the node says it is there.
+    let _ = stop_early.send(());
+    let _ = early.await;
+    // One line on stdout for scripts and tests: where to reach this node.
+    println!("syncnode peer_id={peer_id} http={http_addr} listen={}", addrs.join(","));
     let ready = tokio::spawn(notify_when_ready(engine.clone(), net.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut current = cfg;

@@ -262,8 +262,14 @@ async fn purged_tombstones_never_let_a_delete_come_back() {
     for (i, j) in [(0, 2), (1, 2)] {
         handles[i].block(handles[j].peer_id, false).await;
         handles[j].block(handles[i].peer_id, false).await;
+        // The first dial may meet the far side still blocking (each side's
+        // own unblock dials at once): try again until the link is up.
         let addr = handles[j].dial_addr();
-        handles[i].dial(addr).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while let Err(e) = handles[i].dial(addr.clone()).await {
+            assert!(std::time::Instant::now() < deadline, "no link after unblocking: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while a.resurrections_refused() + b.resurrections_refused() == 0 {

@@ -1056,3 +1056,63 @@ async fn index_definitions_replicate_and_the_engine_ids_stay_hidden() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_port_answers_livez_while_the_node_starts() {
+    use sqlx::Connection;
+    let d = tmp();
+    // A node that ran once: its database exists.
+    let n = Proc::spawn(bin(), d.path(), args("surface-start", &[])).await.unwrap();
+    n.api
+        .ok_json(n.api.put_item("s.1", Bytes::from_static(b"x"), false).await)
+        .await
+        .unwrap();
+    drop(n);
+    // Another process holds the database: the next start waits on it.
+    let db = d.path().join("l3.sqlite");
+    let mut lock = sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN EXCLUSIVE").execute(&mut lock).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let http = format!("127.0.0.1:{port}");
+    let mut a = args("surface-start", &["--sql-timeout-ms", "60000"]);
+    let at = a.iter().position(|x| x == "127.0.0.1:0").unwrap();
+    a[at] = http.clone();
+    let starting = tokio::spawn({
+        let dir = d.path().to_path_buf();
+        async move { Proc::spawn(bin(), &dir, a).await }
+    });
+    // While it waits: alive, not ready, and saying why.
+    eventually("/livez during the start", Duration::from_secs(30), || async {
+        let s = raw_get_opt(&http, "/livez").await.ok_or("refused")?;
+        if s.starts_with("HTTP/1.1 200") { Ok(()) } else { Err(s) }
+    })
+    .await;
+    let ready = raw_get_opt(&http, "/readyz").await.unwrap();
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.contains("starting"),
+        "{ready}"
+    );
+    let other = raw_get_opt(&http, "/v1/items/s.1").await.unwrap();
+    assert!(
+        other.starts_with("HTTP/1.1 503") && other.contains("not_ready"),
+        "{other}"
+    );
+    assert!(!starting.is_finished(), "the node started while its database was held");
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    drop(lock);
+    let n = starting.await.unwrap().unwrap();
+    assert_eq!(n.http, http);
+    assert_eq!(n.api.get_item("s.1").await.unwrap().status, 200);
+}
+
+/// `raw_get`, or `None` when the port refuses the connection.
+async fn raw_get_opt(addr: &str, path: &str) -> Option<String> {
+    tokio::net::TcpStream::connect(addr).await.ok()?;
+    Some(raw_get(addr, path).await)
+}

@@ -92,6 +92,29 @@ pub fn router(api: Api) -> Router {
         .with_state(api)
 }
 
+/// What the port answers while the node starts: `/livez` 200, `/readyz`
+/// 503 with the reason, anything else 503 `not_ready`.
+pub async fn serve_starting(
+    listener: tokio::net::TcpListener,
+    limits: server::Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let starting = || async { ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the node is starting") };
+    let router = Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(serde_json::json!({"ready": false, "reasons": ["the node is starting"]})),
+                )
+            }),
+        )
+        .fallback(starting);
+    server::serve(listener, router, limits, Default::default(), shutdown).await
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then lets the
 /// requests in flight finish (see `server`).
 pub async fn serve(

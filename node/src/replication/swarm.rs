@@ -56,7 +56,8 @@ pub struct NodeBehaviour {
 enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Peers(oneshot::Sender<Vec<PeerId>>),
-    Block(PeerId, bool),
+    /// Blocks or unblocks a peer; answers once it is in effect.
+    Block(PeerId, bool, oneshot::Sender<()>),
     /// Local commits, for the core to publish as CDC.
     Committed(Vec<crate::engine::SyncItem>),
     /// Storage work the core asked for is done.
@@ -236,7 +237,10 @@ impl NodeHandle {
     /// Cuts (`true`) or restores (`false`) the link to a peer: a blocked peer
     /// is disconnected and its connections are refused (partitions).
     pub async fn block(&self, peer: PeerId, blocked: bool) {
-        let _ = self.commands.send(Command::Block(peer, blocked)).await;
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Block(peer, blocked, tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// The peers connected now.
@@ -905,7 +909,7 @@ impl SwarmTask {
                     (Ok(()), None) => drop(done.send(Ok(()))),
                 }
             }
-            Command::Block(peer, on) => {
+            Command::Block(peer, on, done) => {
                 if on {
                     self.manual_blocks.insert(peer);
                     swarm.behaviour_mut().blocked.block_peer(peer);
@@ -918,12 +922,9 @@ impl SwarmTask {
                         r.next = Instant::now();
                         r.backoff = Duration::from_secs(1);
                     }
-                    let blocked = Blocked {
-                        manual: &self.manual_blocks,
-                        bans: &self.bans,
-                    };
-                    self.swim.unblocked(swarm, &blocked, peer);
+                    self.swim.unblocked(peer);
                 }
+                let _ = done.send(());
             }
             Command::Peers(done) => {
                 let _ = done.send(swarm.connected_peers().copied().collect());

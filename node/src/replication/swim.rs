@@ -61,6 +61,8 @@ struct MemberDial {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long after an unblock the peer is dialed.
+const UNBLOCK_DIAL_AFTER: Duration = Duration::from_millis(300);
 /// Start times this far past our clock are refused (a day of clock error).
 const FUTURE_BUMP_MS: u64 = 86_400_000;
 
@@ -78,6 +80,8 @@ pub(super) struct Swim {
     inbound: HashSet<PeerId>,
     /// Last membership packet to or from each peer.
     contact: HashMap<PeerId, Instant>,
+    /// Peers unblocked here, dialed shortly after (see `unblocked`).
+    unblocked: HashMap<PeerId, Instant>,
     max_peers: usize,
     probe_period: Duration,
     max_clock_skew_ms: u64,
@@ -99,6 +103,7 @@ impl Swim {
             dials: HashMap::new(),
             inbound: HashSet::new(),
             contact: HashMap::new(),
+            unblocked: HashMap::new(),
             max_peers: max_peers.max(1),
             probe_period,
             max_clock_skew_ms,
@@ -146,6 +151,20 @@ impl Swim {
     /// covered), closes surplus ones, and warns about skewed clocks.
     pub fn maintain(&mut self, links: &mut impl Links, blocked: &Blocked, log: &mut ConnectionLog) {
         let now = Instant::now();
+        let due: Vec<PeerId> = self
+            .unblocked
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            self.unblocked.remove(&peer);
+            let (views, _) = self.peers.membership();
+            if let Some(m) = views.into_iter().find(|m| m.id.peer == peer.to_string()) {
+                self.dials.remove(&peer);
+                self.dial(links, blocked, peer, &m.id.addrs);
+            }
+        }
         let active = self.peers.active_members();
         let me = links.local_peer().to_string();
         let mut want = connection_targets(&me, &active, self.max_peers);
@@ -284,13 +303,10 @@ impl Swim {
     }
 
     /// A peer unblocked: a member SWIM declared down meanwhile is reached
-    /// now rather than at the next announce to down members.
-    pub fn unblocked(&mut self, links: &mut impl Links, blocked: &Blocked, peer: PeerId) {
-        let key = peer.to_string();
-        let (views, _) = self.peers.membership();
-        if let Some(m) = views.into_iter().find(|m| m.id.peer == key) {
-            self.dials.remove(&peer);
-            self.dial(links, blocked, peer, &m.id.addrs);
-        }
+    /// soon rather than at the next announce to down members. Not at once:
+    /// the far side of a drill is often unblocked a moment later, and a dial
+    /// it refuses reads like a wrong pre-shared key.
+    pub fn unblocked(&mut self, peer: PeerId) {
+        self.unblocked.insert(peer, Instant::now() + UNBLOCK_DIAL_AFTER);
     }
 }
