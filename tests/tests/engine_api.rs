@@ -518,6 +518,47 @@ async fn an_item_l3_refuses_is_quarantined_and_blocks_nothing() {
                 >= 1
         );
         assert_eq!(h.pending_items, 0, "{backend:?}: a refused write stays pending");
+
+        // A failure that is not the data's (here: an error that names no
+        // constraint) quarantines nothing: the write waits, then lands.
+        let broken = match backend {
+            common::Backend::Sqlite => "CREATE TRIGGER broken BEFORE INSERT ON sync_items \
+                 WHEN CAST(NEW.id AS TEXT) LIKE 'sys%' BEGIN SELECT no_such_function(); END"
+                .to_string(),
+            common::Backend::MariaDb => "CREATE TRIGGER broken BEFORE INSERT ON sync_items FOR EACH ROW \
+                 BEGIN IF NEW.id LIKE 'sys%' THEN SIGNAL SQLSTATE 'HY000' SET MESSAGE_TEXT = 'server trouble'; END IF; END"
+                .to_string(),
+        };
+        node.l3_ddl(&broken).await;
+        let quarantined = e
+            .metrics()
+            .writes_quarantined
+            .load(std::sync::atomic::Ordering::Relaxed);
+        e.submit_with(SyncItem::new("sys.1", &b"s"[..]), SubmitOptions::default().buffered())
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(
+            e.metrics()
+                .writes_quarantined
+                .load(std::sync::atomic::Ordering::Relaxed),
+            quarantined,
+            "{backend:?}: a server-side failure quarantined a write"
+        );
+        node.l3_ddl("DROP TRIGGER broken").await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while e.health_check().await.pending_items > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{backend:?}: the write never landed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert!(
+            e.get("sys.1").await.unwrap().is_some(),
+            "{backend:?}: the write was lost"
+        );
+        assert!(!e.health_check().await.quarantined.iter().any(|q| q.id == "sys.1"));
         e.shutdown().await;
     }
 }

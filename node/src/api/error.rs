@@ -65,6 +65,7 @@ impl From<StorageError> for ApiError {
             StorageError::Connection(_) => (StatusCode::SERVICE_UNAVAILABLE, "backend_unavailable", Some(1)),
             StorageError::ClockSkew { .. } => (StatusCode::CONFLICT, "clock_skew", None),
             StorageError::Backend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "backend_error", None),
+            StorageError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "rejected", None),
             StorageError::Corruption { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "corruption", None),
         };
         Self {

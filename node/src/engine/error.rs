@@ -35,6 +35,10 @@ pub enum StorageError {
     Fenced(String),
     #[error("backend error: {0}")]
     Backend(String),
+    /// L3 refuses this item's data (a constraint, a trigger, a value too
+    /// long): retrying it will not help, the other items are not at fault.
+    #[error("refused by L3: {0}")]
+    Rejected(String),
     #[error("connection error: {0}")]
     Connection(String),
     #[error("corruption in {id}: expected content hash {expected}, found {actual}")]
@@ -51,11 +55,15 @@ impl StorageError {
         StorageError::Backend(format!("{context}: {e}"))
     }
 
-    /// Maps a sqlx error: lost or refused connections become `Connection`.
+    /// Maps a sqlx error: lost or refused connections become `Connection`,
+    /// the server refusing the data itself `Rejected`, the rest `Backend`.
     pub(crate) fn sql(context: &str, e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
                 StorageError::Connection(format!("{context}: {e}"))
+            }
+            sqlx::Error::Database(db) if refuses_the_data(db.code().as_deref()) => {
+                StorageError::Rejected(format!("{context}: {db}"))
             }
             other => StorageError::Backend(format!("{context}: {other}")),
         }
@@ -65,6 +73,43 @@ impl StorageError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StorageError::Connection(_) | StorageError::Backend(_))
     }
+
+    /// The item's own fault: L3 refuses its data. Retrying will not help;
+    /// other items written with it are not at fault.
+    pub fn is_item_fault(&self) -> bool {
+        matches!(self, StorageError::Rejected(_))
+    }
+}
+
+/// Whether a database error code says the data was refused, not the
+/// server's state: SQLSTATE classes 22 (data exception), 23 (integrity
+/// constraint) and 45000 (a trigger's SIGNAL) on MySQL; SQLite's
+/// constraint family (19 and its extended codes: 275, 531, 787, 1043,
+/// 1299, 1555, 1811 for RAISE in a trigger, 2067, 2323, 2579, 3091),
+/// TOOBIG (18) and MISMATCH (20). A full disk, a read-only server, a
+/// deadlock or a lock timeout are not: they pass, and every item would fail.
+fn refuses_the_data(code: Option<&str>) -> bool {
+    let Some(code) = code else { return false };
+    // SQLSTATEs have five characters; SQLite's result codes fewer digits.
+    if code.len() == 5 {
+        return code.starts_with("22") || code.starts_with("23") || code == "45000";
+    }
+    matches!(
+        code,
+        "18" | "19"
+            | "20"
+            | "275"
+            | "531"
+            | "787"
+            | "1043"
+            | "1299"
+            | "1555"
+            | "1811"
+            | "2067"
+            | "2323"
+            | "2579"
+            | "3091"
+    )
 }
 
 impl From<syncnode_protocol::ClockSkew> for StorageError {

@@ -7,7 +7,7 @@
 //! leave the reserved ids out, and local writes to them are refused.
 
 use super::error::StorageError;
-use super::item::SyncItem;
+use super::item::{ContentType, SyncItem};
 use super::search::SearchIndex;
 use super::{L2Route, SubmitOptions, SyncEngine};
 
@@ -36,12 +36,19 @@ fn catalog_id(name: &str) -> String {
     format!("{INDEX_PREFIX}{name}")
 }
 
+/// The catalog item of `def`: binary content, so no search index (hot or
+/// cold) ever projects it.
+fn catalog_item(def: &SearchIndex) -> Result<SyncItem, StorageError> {
+    let content = serde_json::to_vec(def).map_err(|e| StorageError::backend("encode index", e))?;
+    let mut item = SyncItem::new(catalog_id(&def.name), content).with_state(CATALOG_STATE);
+    item.content_type = ContentType::Binary;
+    Ok(item)
+}
+
 impl SyncEngine {
     /// Publishes `def` to the cluster (after installing it here).
     pub(crate) async fn publish_index(&self, def: &SearchIndex) -> Result<(), StorageError> {
-        let content = serde_json::to_vec(def).map_err(|e| StorageError::backend("encode index", e))?;
-        let item = SyncItem::new(catalog_id(&def.name), content).with_state(CATALOG_STATE);
-        self.submit_reserved(item).await
+        self.submit_reserved(catalog_item(def)?).await
     }
 
     /// Publishes the drop of `name` (after dropping it here).
@@ -59,10 +66,21 @@ impl SyncEngine {
         }
     }
 
-    /// Installs or drops the indexes that committed catalog items define
-    /// (replicated ones; local changes are installed before they are published).
-    pub(crate) async fn apply_catalog(&self, items: &[SyncItem]) {
-        for it in items.iter().filter(|i| i.object_id.starts_with(INDEX_PREFIX)) {
+    /// Makes this node's indexes follow the catalog items of `ids` as they
+    /// are stored now (a newer definition may have committed meanwhile:
+    /// the stored one is the truth, not the one that just arrived). Changes
+    /// take turns, so two never cross.
+    pub(crate) async fn follow_catalog(&self, ids: &[String]) {
+        let _turn = self.core.catalog_lock.lock().await;
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let stored = match self.get_stored_many(&refs).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "search index definitions not read; they take effect at the next start");
+                return;
+            }
+        };
+        for it in stored.iter().filter(|i| i.object_id.starts_with(INDEX_PREFIX)) {
             let name = &it.object_id[INDEX_PREFIX.len()..];
             let done = if it.tombstone {
                 match self.uninstall_index(name).await {
@@ -97,17 +115,25 @@ impl SyncEngine {
     }
 
     /// At start: the catalog items win over the definitions kept locally
-    /// (one may have committed just before a crash), and a local index with
-    /// no catalog item (made before indexes replicated) is published.
+    /// (one may have committed just before a crash). A local index with no
+    /// catalog item (made before indexes replicated) is published at
+    /// version 1, so any definition or drop the cluster made beats it.
     pub(crate) async fn reconcile_catalog(&self) -> Result<(), StorageError> {
         let b = self.core.backends()?;
         let items =
             b.l3.scan_prefix(INDEX_PREFIX, None, usize::MAX >> 1, super::Rows::WithTombstones)
                 .await?;
-        self.apply_catalog(&items).await;
+        let ids: Vec<String> = items.iter().map(|i| i.object_id.clone()).collect();
+        self.follow_catalog(&ids).await;
         for def in self.search_indexes() {
-            if !items.iter().any(|i| i.object_id == catalog_id(&def.name)) {
-                self.publish_index(&def).await?;
+            if !ids.contains(&catalog_id(&def.name)) {
+                let mut item = catalog_item(&def)?;
+                item.version = 1;
+                item.origin = self.node_id();
+                item.content_hash = super::item::content_hash(&item.content);
+                for r in self.apply_remote_many(vec![item]).await? {
+                    r?;
+                }
             }
         }
         Ok(())

@@ -118,6 +118,8 @@ pub(crate) struct Core {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Writes L3 refused for good (see `quarantine`).
     pub(crate) quarantined: quarantine::QuarantineList,
+    /// Index definitions from the catalog take effect one at a time.
+    pub(crate) catalog_lock: tokio::sync::Mutex<()>,
 }
 
 impl Core {
@@ -329,6 +331,7 @@ impl SyncEngine {
             last_snapshot: Mutex::new(Instant::now()),
             tasks: Mutex::new(Vec::new()),
             quarantined: Default::default(),
+            catalog_lock: tokio::sync::Mutex::new(()),
         };
         Self {
             fence: Mutex::new(None),
@@ -909,17 +912,17 @@ impl SyncEngine {
             won.push(Some(i));
         }
         if !winners.is_empty() {
-            let catalog: Vec<SyncItem> = winners
+            let catalog: Vec<String> = winners
                 .iter()
-                .filter(|w| w.object_id.starts_with(index_catalog::RESERVED))
-                .cloned()
+                .map(|w| w.object_id.clone())
+                .filter(|id| id.starts_with(index_catalog::RESERVED))
                 .collect();
             let results = self.commit_stamped(winners, AckMode::Durable).await?;
             let n = results.iter().filter(|r| r.is_ok()).count() as u64;
             self.core.metrics.remote_applied.fetch_add(n, Ordering::Relaxed);
             // Index definitions from the cluster take effect here.
             if !catalog.is_empty() {
-                self.apply_catalog(&catalog).await;
+                self.follow_catalog(&catalog).await;
             }
             for (i, r) in won.into_iter().zip(results) {
                 if let Some(i) = i {
@@ -1101,7 +1104,13 @@ impl SyncEngine {
         validate_prefix(prefix)?;
         let b = self.core.backends()?;
         let mut ids = b.l3.ids_with_prefix(prefix, usize::MAX >> 1).await?;
-        ids.extend(self.core.l1.pending_ids_with_prefix(prefix));
+        ids.extend(
+            self.core
+                .l1
+                .pending_ids_with_prefix(prefix)
+                .into_iter()
+                .filter(|id| !(index_catalog::hides_reserved(prefix) && id.starts_with(index_catalog::RESERVED))),
+        );
         ids.sort();
         ids.dedup();
         self.delete_listed(&ids).await

@@ -1,9 +1,12 @@
-//! Items L3 refuses for good. A group commit or a commit-log drain that
-//! fails for a reason other than the connection is tried again one item at
-//! a time, so one bad item neither fails the writes committed with it nor
-//! blocks the queue behind it. An item that fails alone, twice, is
-//! quarantined: dropped from the pending writes, its caller told (durable
-//! writes), and kept in a short list for `/health` and a counter.
+//! Items L3 refuses for good. A group commit or a commit-log drain that L3
+//! refuses for the data (`StorageError::Rejected`: a constraint, a trigger,
+//! a value too long) is tried again one item at a time, so one bad item
+//! neither fails the writes committed with it nor blocks the queue behind
+//! it. An item refused alone is quarantined: dropped from the pending
+//! writes, its caller told (durable writes), and kept in a short list for
+//! `/health` and a counter. Any other failure (the connection, a full disk,
+//! a read-only server, a deadlock) is the server's state, not the item's:
+//! nothing is quarantined for it, and the writes wait or fail as before.
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -43,46 +46,52 @@ impl QuarantineList {
             .collect()
     }
 
-    fn push(&self, q: Quarantined) {
+    /// Adds `q` unless that version is listed already (a peer offering a
+    /// refused version again).
+    fn push_new(&self, q: Quarantined) -> bool {
         let mut l = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if l.iter().any(|o| o.id == q.id && o.version == q.version) {
+            return false;
+        }
         if l.len() == KEPT {
             l.pop_front();
         }
         l.push_back(q);
+        true
     }
 }
 
-/// Whether an error can pass (the connection, the engine's state) rather
-/// than belong to the item.
+/// Whether an error is not the item's own (see the module comment).
 pub(crate) fn passing(e: &StorageError) -> bool {
-    matches!(
-        e,
-        StorageError::Connection(_) | StorageError::NotReady(_) | StorageError::Backpressure { .. }
-    )
+    !e.is_item_fault()
 }
 
 impl Core {
     /// Drops `item` from the pending writes and records why.
     pub(crate) fn quarantine(&self, item: &SyncItem, error: &StorageError) {
-        tracing::error!(
-            id = %item.object_id,
-            version = item.version,
-            %error,
-            "L3 refuses this write for good: quarantined (see /health), the others go on"
-        );
         self.l1.forget_pending(item);
-        self.metrics.writes_quarantined.fetch_add(1, Ordering::Relaxed);
-        self.quarantined.push(Quarantined {
+        let new = self.quarantined.push_new(Quarantined {
             id: item.object_id.clone(),
             version: item.version,
             origin: item.origin.clone(),
             error: error.to_string(),
             at_ms: now_ms(),
         });
+        // A version a peer offers again is counted and logged once.
+        if new {
+            tracing::error!(
+                id = %item.object_id,
+                version = item.version,
+                %error,
+                "L3 refuses this write for good: quarantined (see /health), the others go on"
+            );
+            self.metrics.writes_quarantined.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// Commits `items` one at a time with `commit` (each tried twice): one
-    /// result per item. Stops at a passing error, which the rest share.
+    /// Commits `items` one at a time with `commit` (a refused one is tried
+    /// twice): one result per item. Stops at a passing error, which the
+    /// rest share.
     pub(crate) async fn one_by_one<F, Fut>(&self, items: &[SyncItem], mut commit: F) -> Vec<Result<(), StorageError>>
     where
         F: FnMut(SyncItem) -> Fut,

@@ -111,11 +111,14 @@ impl SyncEngine {
             match r {
                 Ok(true) => applied += 1,
                 Ok(false) | Err(StorageError::ClockSkew { .. }) => {}
+                // The item's own fault (L3 refuses it: it is quarantined) is
+                // no reason to stop replicating the rest.
                 Err(
                     e @ (StorageError::Corruption { .. }
                     | StorageError::InvalidId(_)
                     | StorageError::InvalidInput(_)
-                    | StorageError::PayloadTooLarge { .. }),
+                    | StorageError::PayloadTooLarge { .. }
+                    | StorageError::Rejected(_)),
                 ) => {
                     tracing::warn!(error = %e, "refused an item from a peer");
                 }

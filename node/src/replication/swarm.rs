@@ -607,9 +607,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The members file reaches the disk at most this often (and at shutdown).
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 /// Liveness of each connection: a ping every `PING_EVERY`; one unanswered
-/// for `PING_TIMEOUT` closes the connection.
+/// for `PING_TIMEOUT` closes the connection (long enough for a ping queued
+/// behind a large transfer on a slow link).
 const PING_EVERY: Duration = Duration::from_secs(5);
-const PING_TIMEOUT: Duration = Duration::from_secs(10);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often replication is summed up at INFO (sessions at DEBUG).
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 /// How long shutdown waits for storage work in flight.
