@@ -532,7 +532,15 @@ async fn cli_commands_output_json_and_exit_codes() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("500 items written"), "{out}");
     assert!(!out.contains('\u{1b}') && !err.contains('\u{1b}'), "{out}{err}");
-    assert!(!err.contains("WARN"), "{err}");
+    // No WARN from its own steps (a session cut off by a partition or by
+    // the shutdown). A WARN about a foreign incoming connection can come
+    // from another test's node redialing a port the demo now uses.
+    for line in err.lines().filter(|l| l.contains("WARN")) {
+        assert!(
+            line.contains("incoming connection failed"),
+            "the demo warned: {line}\n{err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -734,6 +742,31 @@ async fn conditional_requests_cursors_and_json_errors() {
     assert_eq!((status, error_of(&body).as_str()), (404, "not_found"));
     let (status, _, body) = call(&n, "GET", "/v1/peers", &[], b"").await;
     assert_eq!((status, error_of(&body).as_str()), (401, "unauthorized"));
+
+    // The OpenAPI document describes every endpoint, and each it lists is served.
+    let (status, _, body) = call(&n, "GET", "/v1/openapi.json", &[auth], b"").await;
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 22, "{} paths", paths.len());
+    let stranger = libp2p::PeerId::random().to_string();
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{id}", "openapi.probe")
+            .replace("{name}", "none")
+            .replace("{path}", "root")
+            .replace("{peer}", &stranger);
+        for (verb, op) in ops.as_object().unwrap() {
+            assert!(op["summary"].as_str().is_some_and(|s| !s.is_empty()), "{verb} {path}");
+            let (status, _, body) = call(&n, &verb.to_uppercase(), &concrete, &[auth], b"").await;
+            let unknown = status == 404 && body.windows(17).any(|w| w == b"no such endpoint");
+            assert!(
+                !unknown && status != 405,
+                "{verb} {path} is described but not served ({status})"
+            );
+        }
+    }
 
     // Indexes are listed; the search tiers take DESIGN §7's names.
     let index = json!({"name": "ps", "prefix": "p.", "fields": [{"name": "n", "type": "numeric"}]});

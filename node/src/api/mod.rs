@@ -9,6 +9,7 @@ mod backup;
 mod error;
 mod items;
 mod members;
+mod openapi;
 mod peers;
 mod probes;
 mod search;
@@ -22,7 +23,8 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
+use openapi::{Op, Route};
 use std::sync::Arc;
 
 use crate::engine::SyncEngine;
@@ -44,39 +46,244 @@ pub struct Api {
     pub conditional: Arc<IdLocks>,
 }
 
-/// The router, with a body limit sized to the largest accepted item.
-pub fn router(api: Api) -> Router {
-    let protected = Router::new()
-        .route("/v1/items", get(items::scan))
-        .route(
+/// Every endpoint, with its description (see `openapi`).
+fn routes() -> Vec<Route> {
+    let op = |verb, handler, summary| Op {
+        verb,
+        handler,
+        summary,
+        query: &[],
+        body: None,
+        answer: ("Object", "application/json"),
+    };
+    let route = |path, ops| Route { path, open: false, ops };
+    vec![
+        Route {
+            path: "/livez",
+            open: true,
+            ops: vec![Op {
+                answer: ("Text", "text/plain"),
+                ..op("get", get(|| async { "ok" }), "200 while the process serves")
+            }],
+        },
+        Route {
+            path: "/readyz",
+            open: true,
+            ops: vec![Op {
+                query: &[
+                    ("max_lag_ms", "most lag behind any peer"),
+                    ("min_peers", "fewest connected peers"),
+                    ("max_region_lag_ms", "most lag behind any region"),
+                ],
+                ..op(
+                    "get",
+                    get(probes::readyz),
+                    "200 when ready to serve, else 503 with the reasons",
+                )
+            }],
+        },
+        route("/v1/openapi.json", vec![op("get", get(openapi_json), "this document")]),
+        route(
+            "/v1/items",
+            vec![Op {
+                query: &[
+                    ("prefix", "ids starting with this"),
+                    ("state", "items in this state"),
+                    ("limit", "items per page, 1..=10000 (default 100)"),
+                    ("after", "the `next` of the previous page"),
+                ],
+                answer: ("Page", "application/json"),
+                ..op("get", get(items::scan), "live items in id order, a page")
+            }],
+        ),
+        route(
             "/v1/items/{id}",
-            put(items::put_item).get(items::get_item).delete(items::delete_item),
-        )
-        .route("/v1/items/{id}/status", get(items::item_status))
-        .route("/v1/batch", post(items::batch))
-        .route("/v1/get", post(items::get_many))
-        .route("/v1/merkle", get(items::merkle_root))
-        .route("/v1/merkle/{path}", get(items::merkle_node))
-        .route("/v1/indexes", post(search::create_index).get(search::list_indexes))
-        .route("/v1/indexes/{name}", axum::routing::delete(search::drop_index))
-        .route("/v1/indexes/{name}/search", post(search::search))
-        .route("/v1/peers", get(peers::peers))
-        .route("/v1/regions", get(peers::regions))
-        .route(
+            vec![
+                Op {
+                    query: &[
+                        ("state", "the item's state"),
+                        ("ttl", "seconds the Redis copy lives"),
+                        ("tier", "both (default), cache or durable"),
+                    ],
+                    body: Some("Bytes"),
+                    answer: ("WriteReceipt", "application/json"),
+                    ..op(
+                        "put",
+                        put(items::put_item),
+                        "write an item (If-Match / If-None-Match: 412 when they do not hold)",
+                    )
+                },
+                Op {
+                    answer: ("Bytes", "application/octet-stream"),
+                    ..op(
+                        "get",
+                        get(items::get_item),
+                        "an item's content, with ETag, X-Version, X-Origin (If-None-Match: 304)",
+                    )
+                },
+                Op {
+                    answer: ("DeleteReceipt", "application/json"),
+                    ..op(
+                        "delete",
+                        delete(items::delete_item),
+                        "delete an item: its tombstone's receipt",
+                    )
+                },
+            ],
+        ),
+        route(
+            "/v1/items/{id}/status",
+            vec![op(
+                "get",
+                get(items::item_status),
+                "where the item is: synced, pending, deleted or missing",
+            )],
+        ),
+        route(
+            "/v1/batch",
+            vec![Op {
+                body: Some("Batch"),
+                answer: ("BatchResult", "application/json"),
+                ..op("post", post(items::batch), "puts and deletes in one call")
+            }],
+        ),
+        route(
+            "/v1/get",
+            vec![Op {
+                body: Some("Ids"),
+                answer: ("Items", "application/json"),
+                ..op("post", post(items::get_many), "many items by id (null where absent)")
+            }],
+        ),
+        route(
+            "/v1/merkle",
+            vec![op("get", get(items::merkle_root), "the tree's root, count and depth")],
+        ),
+        route(
+            "/v1/merkle/{path}",
+            vec![op(
+                "get",
+                get(items::merkle_node),
+                "a tree node (`root` or hex nibbles)",
+            )],
+        ),
+        route(
+            "/v1/indexes",
+            vec![
+                Op {
+                    body: Some("Index"),
+                    ..op(
+                        "post",
+                        post(search::create_index),
+                        "create (or replace) an index on every node",
+                    )
+                },
+                Op {
+                    answer: ("Indexes", "application/json"),
+                    ..op("get", get(search::list_indexes), "the indexes")
+                },
+            ],
+        ),
+        route(
+            "/v1/indexes/{name}",
+            vec![op("delete", delete(search::drop_index), "drop an index on every node")],
+        ),
+        route(
+            "/v1/indexes/{name}/search",
+            vec![Op {
+                body: Some("Search"),
+                answer: ("SearchAnswer", "application/json"),
+                ..op("post", post(search::search), "search an index, a page")
+            }],
+        ),
+        route(
+            "/v1/peers",
+            vec![Op {
+                answer: ("List", "application/json"),
+                ..op(
+                    "get",
+                    get(peers::peers),
+                    "the peers: connection, region, roots, lag, sessions, bytes",
+                )
+            }],
+        ),
+        route(
+            "/v1/regions",
+            vec![op(
+                "get",
+                get(peers::regions),
+                "per region: members alive, lag, WAN bytes",
+            )],
+        ),
+        route(
             "/v1/peers/{peer}/block",
-            put(peers::block_peer).delete(peers::unblock_peer),
-        )
-        .route("/v1/sync", get(peers::sync))
-        .route("/v1/members", get(members::members))
-        .route("/v1/members/{peer}", axum::routing::delete(members::forget_member))
-        .route("/v1/backup", get(backup::backup))
-        .route("/health", get(probes::health))
-        .route("/metrics", get(probes::metrics))
-        .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
-    Router::new()
-        .route("/livez", get(|| async { "ok" }))
-        .route("/readyz", get(probes::readyz))
-        .merge(protected)
+            vec![
+                op("put", put(peers::block_peer), "cut the link to a peer (drills)"),
+                op("delete", delete(peers::unblock_peer), "restore the link to a peer"),
+            ],
+        ),
+        route(
+            "/v1/sync",
+            vec![op("get", get(peers::sync), "sessions per peer; member watermarks")],
+        ),
+        route(
+            "/v1/members",
+            vec![op("get", get(members::members), "this node and the members SWIM knows")],
+        ),
+        route(
+            "/v1/members/{peer}",
+            vec![op(
+                "delete",
+                delete(members::forget_member),
+                "forget a member that is gone for good",
+            )],
+        ),
+        route(
+            "/v1/backup",
+            vec![Op {
+                answer: ("Bytes", "application/octet-stream"),
+                ..op("get", get(backup::backup), "a consistent copy of the SQLite database")
+            }],
+        ),
+        route(
+            "/health",
+            vec![op(
+                "get",
+                get(probes::health),
+                "the engine's health check and the node's state",
+            )],
+        ),
+        route(
+            "/metrics",
+            vec![Op {
+                answer: ("Text", "application/openmetrics-text"),
+                ..op(
+                    "get",
+                    get(probes::metrics),
+                    "metrics: OpenMetrics, or the Prometheus text format when asked",
+                )
+            }],
+        ),
+    ]
+}
+
+/// The router, built from the route table (`routes`), with the body limit
+/// of the largest accepted item.
+pub fn router(api: Api) -> Router {
+    let (mut open, mut protected) = (Router::new(), Router::new());
+    for r in routes() {
+        let methods = r
+            .ops
+            .into_iter()
+            .fold(axum::routing::MethodRouter::new(), |m, op| m.merge(op.handler));
+        if r.open {
+            open = open.route(r.path, methods);
+        } else {
+            protected = protected.route(r.path, methods);
+        }
+    }
+    let protected = protected.route_layer(middleware::from_fn_with_state(api.clone(), require_token));
+    open.merge(protected)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -149,6 +356,11 @@ fn method_label(m: &axum::http::Method) -> &'static str {
         Method::OPTIONS => "OPTIONS",
         _ => "other",
     }
+}
+
+/// `GET /v1/openapi.json`.
+async fn openapi_json() -> axum::Json<serde_json::Value> {
+    axum::Json(openapi::document(&routes()))
 }
 
 /// Striped locks by id: writes of one id take turns, others do not wait
