@@ -379,8 +379,13 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
                         .with_max_concurrent_streams(32),
                 ),
                 gossip,
+                // Peers learn the advertised addresses (set as external
+                // addresses below), never every listen address: a loopback or
+                // container-internal one would make them dial themselves.
                 identify: identify::Behaviour::new(
-                    identify::Config::new("/syncnode/1".into(), key.public()).with_agent_version(agent),
+                    identify::Config::new("/syncnode/1".into(), key.public())
+                        .with_agent_version(agent)
+                        .with_hide_listen_addrs(true),
                 ),
                 // A ping that fails closes its connection (see `on_event`):
                 // a link cut without a FIN or RST would otherwise stay
@@ -445,6 +450,9 @@ pub async fn start(engine: Arc<SyncEngine>, config: NetworkConfig) -> anyhow::Re
             "more addresses than a member may advertise; set `advertise` to the ones other nodes can reach"
         );
         advertise.truncate(MAX_ADDRS);
+    }
+    for a in &advertise {
+        swarm.add_external_address(a.clone());
     }
     let peer_id = *swarm.local_peer_id();
     // Seeds: the bootstrap list, and the members known before a restart
