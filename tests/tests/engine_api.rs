@@ -526,7 +526,7 @@ async fn an_item_l3_refuses_is_quarantined_and_blocks_nothing() {
                  WHEN CAST(NEW.id AS TEXT) LIKE 'sys%' BEGIN SELECT no_such_function(); END"
                 .to_string(),
             common::Backend::MariaDb => "CREATE TRIGGER broken BEFORE INSERT ON sync_items FOR EACH ROW \
-                 BEGIN IF NEW.id LIKE 'sys%' THEN SIGNAL SQLSTATE 'HY000' SET MESSAGE_TEXT = 'server trouble'; END IF; END"
+                 BEGIN IF NEW.id LIKE 'sys%' THEN CALL no_such_procedure(); END IF; END"
                 .to_string(),
         };
         node.l3_ddl(&broken).await;

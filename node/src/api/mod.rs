@@ -54,6 +54,7 @@ fn routes() -> Vec<Route> {
         summary,
         query: &[],
         body: None,
+        status: "200",
         answer: ("Object", "application/json"),
     };
     let route = |path, ops| Route { path, open: false, ops };
@@ -105,7 +106,7 @@ fn routes() -> Vec<Route> {
                         ("ttl", "seconds the Redis copy lives"),
                         ("tier", "both (default), cache or durable"),
                     ],
-                    body: Some("Bytes"),
+                    body: Some(("Bytes", "application/octet-stream")),
                     answer: ("WriteReceipt", "application/json"),
                     ..op(
                         "put",
@@ -142,7 +143,7 @@ fn routes() -> Vec<Route> {
         route(
             "/v1/batch",
             vec![Op {
-                body: Some("Batch"),
+                body: Some(("Batch", "application/json")),
                 answer: ("BatchResult", "application/json"),
                 ..op("post", post(items::batch), "puts and deletes in one call")
             }],
@@ -150,7 +151,7 @@ fn routes() -> Vec<Route> {
         route(
             "/v1/get",
             vec![Op {
-                body: Some("Ids"),
+                body: Some(("Ids", "application/json")),
                 answer: ("Items", "application/json"),
                 ..op("post", post(items::get_many), "many items by id (null where absent)")
             }],
@@ -171,7 +172,8 @@ fn routes() -> Vec<Route> {
             "/v1/indexes",
             vec![
                 Op {
-                    body: Some("Index"),
+                    body: Some(("Index", "application/json")),
+                    status: "201",
                     ..op(
                         "post",
                         post(search::create_index),
@@ -191,7 +193,7 @@ fn routes() -> Vec<Route> {
         route(
             "/v1/indexes/{name}/search",
             vec![Op {
-                body: Some("Search"),
+                body: Some(("Search", "application/json")),
                 answer: ("SearchAnswer", "application/json"),
                 ..op("post", post(search::search), "search an index, a page")
             }],

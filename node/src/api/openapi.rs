@@ -14,8 +14,10 @@ pub(super) struct Op {
     pub summary: &'static str,
     /// Query parameters, `name: description`.
     pub query: &'static [(&'static str, &'static str)],
-    /// The request body's schema (a component name), if any.
-    pub body: Option<&'static str>,
+    /// The request body's schema (a component name) and media type, if any.
+    pub body: Option<(&'static str, &'static str)>,
+    /// The success status.
+    pub status: &'static str,
     /// The answer's schema (a component name) and media type.
     pub answer: (&'static str, &'static str),
 }
@@ -46,12 +48,12 @@ pub(super) fn document(routes: &[Route]) -> Value {
                 "summary": op.summary,
                 "parameters": params,
                 "responses": {
-                    "200": {"description": "success", "content": {op.answer.1: {"schema": schema_ref(op.answer.0)}}},
+                    op.status: {"description": "success", "content": {op.answer.1: {"schema": schema_ref(op.answer.0)}}},
                     "default": {"description": "an error", "content": {JSON: {"schema": schema_ref("Error")}}},
                 },
             });
-            if let Some(body) = op.body {
-                o["requestBody"] = json!({"required": true, "content": {JSON: {"schema": schema_ref(body)}}});
+            if let Some((schema, media)) = op.body {
+                o["requestBody"] = json!({"required": true, "content": {media: {"schema": schema_ref(schema)}}});
             }
             if !r.open {
                 o["security"] = json!([{"bearer": []}]);

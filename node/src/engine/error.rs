@@ -62,7 +62,11 @@ impl StorageError {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
                 StorageError::Connection(format!("{context}: {e}"))
             }
-            sqlx::Error::Database(db) if refuses_the_data(db.code().as_deref()) => {
+            // A constraint sqlx recognises (MySQL's CHECK is HY000 with its
+            // own number), or a code that says the data was refused.
+            sqlx::Error::Database(db)
+                if db.kind() != sqlx::error::ErrorKind::Other || refuses_the_data(db.code().as_deref()) =>
+            {
                 StorageError::Rejected(format!("{context}: {db}"))
             }
             other => StorageError::Backend(format!("{context}: {other}")),
@@ -83,33 +87,19 @@ impl StorageError {
 
 /// Whether a database error code says the data was refused, not the
 /// server's state: SQLSTATE classes 22 (data exception), 23 (integrity
-/// constraint) and 45000 (a trigger's SIGNAL) on MySQL; SQLite's
-/// constraint family (19 and its extended codes: 275, 531, 787, 1043,
-/// 1299, 1555, 1811 for RAISE in a trigger, 2067, 2323, 2579, 3091),
-/// TOOBIG (18) and MISMATCH (20). A full disk, a read-only server, a
-/// deadlock or a lock timeout are not: they pass, and every item would fail.
+/// constraint) and 45000 (a trigger's SIGNAL) on MySQL; on SQLite (its
+/// extended result codes) the constraint family (19, RAISE in a trigger
+/// included), TOOBIG (18) and MISMATCH (20), whose primary code is the
+/// low byte. A full disk, a read-only server, a deadlock or a lock timeout
+/// are not: they pass, and every item would fail with them.
 fn refuses_the_data(code: Option<&str>) -> bool {
     let Some(code) = code else { return false };
-    // SQLSTATEs have five characters; SQLite's result codes fewer digits.
+    // SQLSTATEs have five characters and may hold letters; SQLite's codes
+    // are numbers below 10,000.
     if code.len() == 5 {
         return code.starts_with("22") || code.starts_with("23") || code == "45000";
     }
-    matches!(
-        code,
-        "18" | "19"
-            | "20"
-            | "275"
-            | "531"
-            | "787"
-            | "1043"
-            | "1299"
-            | "1555"
-            | "1811"
-            | "2067"
-            | "2323"
-            | "2579"
-            | "3091"
-    )
+    code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 18..=20))
 }
 
 impl From<syncnode_protocol::ClockSkew> for StorageError {
@@ -118,5 +108,21 @@ impl From<syncnode_protocol::ClockSkew> for StorageError {
             ahead_ms: e.ahead_ms,
             max_skew_ms: e.max_skew_ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refuses_the_data;
+
+    #[test]
+    fn data_refusals_are_told_from_server_trouble() {
+        for refused in ["23000", "22001", "45000", "19", "1811", "2067", "2835", "18", "20"] {
+            assert!(refuses_the_data(Some(refused)), "{refused}");
+        }
+        for passing in ["HY000", "40001", "42S02", "08S01", "13", "5", "517", "1", "8", "266"] {
+            assert!(!refuses_the_data(Some(passing)), "{passing}");
+        }
+        assert!(!refuses_the_data(None));
     }
 }

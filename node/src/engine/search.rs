@@ -986,12 +986,15 @@ impl SyncEngine {
     /// node of the cluster gets the index (see `index_catalog`).
     pub async fn create_search_index(&self, index: SearchIndex) -> Result<(), StorageError> {
         index.validate()?;
+        // In turn with definitions arriving from peers (see `index_catalog`).
+        let _turn = self.core.catalog_lock.lock().await;
         self.install_index(index.clone()).await?;
         self.publish_index(&index).await
     }
 
     /// Drops an index (its documents too) on every node; the items stay.
     pub async fn drop_search_index(&self, name: &str) -> Result<(), StorageError> {
+        let _turn = self.core.catalog_lock.lock().await;
         self.uninstall_index(name).await?;
         self.publish_index_drop(name).await
     }

@@ -922,13 +922,15 @@ impl SwarmTask {
                 if on {
                     self.manual_blocks.insert(peer);
                     swarm.behaviour_mut().blocked.block_peer(peer);
+                    // Closing now, so the answer comes with the link cut.
+                    let _ = swarm.disconnect_peer_id(peer);
                 } else {
                     self.manual_blocks.remove(&peer);
                     if !self.bans.contains(&peer) {
                         swarm.behaviour_mut().blocked.unblock_peer(peer);
                     }
                     for r in self.redial.iter_mut().filter(|r| r.peer == Some(peer)) {
-                        r.next = Instant::now();
+                        r.next = Instant::now() + super::swim::UNBLOCK_DIAL_AFTER;
                         r.backoff = Duration::from_secs(1);
                     }
                     self.swim.unblocked(peer);

@@ -62,7 +62,7 @@ struct MemberDial {
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long after an unblock the peer is dialed.
-const UNBLOCK_DIAL_AFTER: Duration = Duration::from_millis(300);
+pub(super) const UNBLOCK_DIAL_AFTER: Duration = Duration::from_millis(300);
 /// Start times this far past our clock are refused (a day of clock error).
 const FUTURE_BUMP_MS: u64 = 86_400_000;
 
