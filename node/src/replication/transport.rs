@@ -195,11 +195,16 @@ pub fn tcp_transport(
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
     let noise = noise::Config::new(key)?;
     let plain = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
-    // The system resolver (resolv.conf, hosts); a fallback where it has none.
+    // The system resolver (resolv.conf, hosts). Without one there is no
+    // server to ask (a public resolver would not know the cluster's private
+    // names, and would learn them): /dns addresses then fail, and say why.
     let (cfg, mut opts) = match hickory_resolver::system_conf::read_system_conf() {
         Ok(conf) => conf,
         Err(e) => {
-            tracing::warn!(error = %e, "no system DNS configuration; using the default resolver");
+            tracing::warn!(
+                error = %e,
+                "no system DNS configuration (/etc/resolv.conf): /dns4 and /dns6 addresses (bootstrap, advertise) cannot be resolved; use IP addresses or fix the resolver"
+            );
             (dns::ResolverConfig::default(), dns::ResolverOpts::default())
         }
     };

@@ -230,6 +230,10 @@ pub struct PeerTable {
     /// A peer whose roots are older than this is not in sync, whatever
     /// they said (a link that went quiet).
     roots_stale_ms: u64,
+    /// Sync bytes sent to and received from each region's peers, kept
+    /// apart from the peers: a forgotten peer, or one that changed region,
+    /// takes nothing back (these are counters).
+    region_bytes: BTreeMap<String, (u64, u64)>,
     pub stats: Arc<ReplicationStats>,
 }
 
@@ -248,6 +252,7 @@ impl PeerTable {
             joined: false,
             met_member: false,
             roots_stale_ms: 3_000,
+            region_bytes: BTreeMap::new(),
             stats: Arc::default(),
         }
     }
@@ -385,7 +390,17 @@ impl PeerTable {
     }
 
     pub fn set_region(&mut self, peer: &str, region: Option<String>, now: Now) {
-        self.with(peer, now, |s| s.region = region);
+        let before = self.with(peer, now, |s| {
+            let before = (s.region.clone(), s.bytes_sent, s.bytes_received);
+            s.region = region.clone();
+            before
+        });
+        // The bytes exchanged before its region was known count for it.
+        if let (None, sent, received, Some(r)) = (before.0, before.1, before.2, region) {
+            let b = self.region_bytes.entry(r).or_default();
+            b.0 += sent;
+            b.1 += received;
+        }
     }
 
     /// The newest wire version `peer` and we both speak.
@@ -746,10 +761,16 @@ impl PeerTable {
 
     /// Counts sync bytes sent to (`sent`) and received from `peer`.
     pub fn add_bytes(&mut self, peer: &str, sent: u64, received: u64, now: Now) {
-        self.with(peer, now, |s| {
+        let region = self.with(peer, now, |s| {
             s.bytes_sent += sent;
             s.bytes_received += received;
+            s.region.clone()
         });
+        if let Some(r) = region {
+            let b = self.region_bytes.entry(r).or_default();
+            b.0 += sent;
+            b.1 += received;
+        }
     }
 
     /// Sync bytes sent to and received from `peer` so far.
@@ -769,14 +790,20 @@ impl PeerTable {
                 region: region.clone(),
                 ..Default::default()
             });
-            r.bytes_sent += s.bytes_sent;
-            r.bytes_received += s.bytes_received;
             if s.connected {
                 r.connected += 1;
             }
             // Connected or not: a region cut off keeps a lag, and it grows.
             let lag = self.lag_of(s, now.mono_ms);
             r.lag_ms = Some(r.lag_ms.map_or(lag, |l| l.min(lag)));
+        }
+        for (region, (sent, received)) in &self.region_bytes {
+            let r = out.entry(region.clone()).or_insert_with(|| RegionView {
+                region: region.clone(),
+                ..Default::default()
+            });
+            r.bytes_sent = *sent;
+            r.bytes_received = *received;
         }
         out
     }
@@ -823,6 +850,25 @@ mod tests {
             mono_ms: ms,
             wall_ms: ms,
         }
+    }
+
+    #[test]
+    fn region_byte_counters_never_go_back() {
+        let mut peers = PeerTable::new(PeerLimits::default(), MembersFile::default(), at(0), 50, 50);
+        peers.add_bytes("a", 10, 1, at(0));
+        peers.set_region("a", Some("eu".into()), at(0));
+        peers.add_bytes("a", 5, 2, at(1));
+        let eu = |p: &PeerTable| {
+            let r = &p.regions(at(2))["eu"];
+            (r.bytes_sent, r.bytes_received)
+        };
+        assert_eq!(eu(&peers), (15, 3), "bytes before the region was known count too");
+        peers.forget("a", at(2));
+        assert_eq!(eu(&peers), (15, 3), "forgetting a peer takes nothing back");
+        peers.set_region("a", Some("us".into()), at(3));
+        peers.add_bytes("a", 1, 1, at(3));
+        assert_eq!(eu(&peers), (15, 3), "a peer that moved takes nothing back");
+        assert_eq!(peers.regions(at(3))["us"].bytes_sent, 1);
     }
 
     fn roots(count: u64, root: Option<[u8; 16]>) -> RootsAnnouncement {
