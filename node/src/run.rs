@@ -87,6 +87,13 @@ pub async fn run(cfg: NodeConfig, reload: Reload) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    // L1 gets the first `warm_up_items` items meanwhile (the node serves).
+    let warming = engine.clone();
+    tokio::spawn(async move {
+        if let Err(e) = warming.warm_up().await {
+            tracing::warn!(error = %e, "warm-up of L1 failed; reads fill it as they come");
+        }
+    });
     net.spawn_anti_entropy(cfg.gossip_interval).await;
     let cdc = net.spawn_cdc(engine.clone());
     let addrs: Vec<String> = net.advertised.iter().map(|a| format!("{a}/p2p/{peer_id}")).collect();

@@ -1142,6 +1142,20 @@ async fn the_port_answers_livez_while_the_node_starts() {
     drop(lock);
     let n = starting.await.unwrap().unwrap();
     assert_eq!(n.http, http);
+    // L1 is warmed with the stored items (warm_up_items) before any read.
+    eventually("L1 warmed up", Duration::from_secs(10), || async {
+        let h = n
+            .api
+            .ok_json(n.api.get("/health").await)
+            .await
+            .map_err(|e| e.to_string())?;
+        if h["l1_items"].as_u64() == Some(1) {
+            Ok(())
+        } else {
+            Err(h.to_string())
+        }
+    })
+    .await;
     assert_eq!(n.api.get_item("s.1").await.unwrap().status, 200);
 }
 

@@ -477,7 +477,10 @@ impl SyncEngine {
             Ok(())
         }
         .await;
-        self.core.set_state(EngineState::Ready);
+        // A shutdown that began meanwhile keeps its state.
+        if !self.core.stopping.load(Ordering::Relaxed) {
+            self.core.set_state(EngineState::Ready);
+        }
         result
     }
 
