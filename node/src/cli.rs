@@ -491,6 +491,14 @@ pub async fn main() -> anyhow::Result<()> {
     let log = |level: Option<&str>, format: Option<LogFormat>, default: &str| {
         crate::logging::init(level.unwrap_or(default), format.unwrap_or_default()).map_err(invalid)
     };
+    // A node's logs: the flag, else the config file's key, else INFO.
+    let node_log = |cfg: &NodeConfig| {
+        log(
+            cli.log_level.as_deref().or(cfg.log_level.as_deref()),
+            format.or(cfg.log_format),
+            "info",
+        )
+    };
     match cli.command {
         Command::Run {
             config,
@@ -498,11 +506,7 @@ pub async fn main() -> anyhow::Result<()> {
         } => {
             let s = settings(config.as_deref(), *flags.clone())?;
             let cfg = NodeConfig::resolve(s).map_err(invalid)?;
-            log(
-                cli.log_level.as_deref().or(cfg.log_level.as_deref()),
-                format.or(cfg.log_format),
-                "info",
-            )?;
+            node_log(&cfg)?;
             let level_flag = cli.log_level.clone();
             // SIGHUP: the config file and environment read again, the flags kept.
             let reload = move || {
@@ -523,11 +527,7 @@ pub async fn main() -> anyhow::Result<()> {
             let mut s = settings(config.as_deref(), *flags)?;
             s.bootstrap = Some(vec![from]);
             let cfg = NodeConfig::resolve(s).map_err(invalid)?;
-            log(
-                cli.log_level.as_deref().or(cfg.log_level.as_deref()),
-                format.or(cfg.log_format),
-                "info",
-            )?;
+            node_log(&cfg)?;
             crate::run::wipe(&cfg).await?;
             let fixed = cfg.clone();
             crate::run::run(cfg, Box::new(move || Ok(fixed.clone()))).await
