@@ -77,7 +77,8 @@ async fn baseline(dir: &std::path::Path, name: &str, rows: &[SyncItem], per_txn:
                     .bind(0i64)
                     .bind(None::<Vec<u8>>)
                     .bind(syncnode::engine::l3::hkey(&it.object_id))
-                    .bind(1i64); // l2: mirrored in Redis (the engine's default route)
+                    .bind(1i64) // l2: mirrored in Redis (the engine's default route)
+                    .bind(None::<Vec<u8>>); // media_type
             }
             q.execute(&mut *tx).await.unwrap();
         }

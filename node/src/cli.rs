@@ -216,6 +216,11 @@ enum Command {
         /// Reads the content from this file.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
+        /// The media type to keep with it (GET returns it as Content-Type);
+        /// by default JSON content is application/json, other content
+        /// application/octet-stream.
+        #[arg(long, value_name = "TYPE")]
+        content_type: Option<String>,
     },
     /// Prints an item's content (`-o json`: the item with its version and origin).
     Get {
@@ -680,6 +685,7 @@ async fn client_command(command: Command, output: Output) -> anyhow::Result<()> 
             id,
             value,
             file,
+            content_type,
         } => {
             let bytes = match (value, file) {
                 (Some(v), None) if v == "-" => {
@@ -699,9 +705,15 @@ async fn client_command(command: Command, output: Output) -> anyhow::Result<()> 
                     return Err(invalid(anyhow::anyhow!("put {id}: give the value or --file, not both")));
                 }
             };
-            let json = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();
             let client = target.client();
-            let r = client.ok_json(client.put_item(&id, bytes, json).await).await?;
+            let answer = match content_type {
+                Some(t) => client.put_typed(&id, bytes, &t).await,
+                None => {
+                    let json = serde_json::from_slice::<serde_json::Value>(&bytes).is_ok();
+                    client.put_item(&id, bytes, json).await
+                }
+            };
+            let r = client.ok_json(answer).await?;
             println!("{r}");
             Ok(())
         }

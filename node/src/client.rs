@@ -171,10 +171,15 @@ impl ApiClient {
         } else {
             "application/octet-stream"
         };
+        self.put_typed(id, content, ctype).await
+    }
+
+    /// A PUT with this `Content-Type`, which the node keeps and returns.
+    pub async fn put_typed(&self, id: &str, content: Bytes, content_type: &str) -> anyhow::Result<Answer> {
         self.call(
             Method::PUT,
             &format!("/v1/items/{}", encode_id(id)),
-            Some((ctype, content)),
+            Some((content_type, content)),
         )
         .await
     }

@@ -71,6 +71,7 @@ pub fn sample_item(id: &str, version: u64, origin: &str, tombstone: bool) -> Wir
         state: "default".into(),
         json: false,
         content,
+        media_type: None,
     }
 }
 
@@ -135,6 +136,7 @@ impl MemoryStore {
             state: "default".into(),
             json: false,
             content,
+            media_type: None,
         };
         self.put(item.clone());
         item
@@ -185,6 +187,7 @@ impl MemoryStore {
                         state: "default".into(),
                         json: false,
                         content: Vec::new(),
+                        media_type: None,
                     });
                 }
                 return false;

@@ -45,7 +45,12 @@ pub const MAX_TRANSFER_BYTES: usize = 2 * 1024 * 1024;
 
 /// Wire bytes of an item, near enough for budgeting.
 fn wire_size(it: &WireItem) -> usize {
-    it.content.len() + it.entry.id.len() + it.entry.origin.len() + it.state.len() + 64
+    it.content.len()
+        + it.entry.id.len()
+        + it.entry.origin.len()
+        + it.state.len()
+        + it.media_type.as_ref().map_or(0, String::len)
+        + 64
 }
 
 /// Splits `items` at the byte budget: the first part always holds at least one item.

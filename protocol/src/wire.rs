@@ -123,6 +123,137 @@ pub struct WireItem {
     /// `true`: JSON, `false`: binary.
     pub json: bool,
     pub content: Vec<u8>,
+    /// The media type its writer gave (HTTP `Content-Type`). Not in the
+    /// postcard struct: it travels in the envelope's trailer (`Trailer`),
+    /// which nodes older than it skip.
+    #[serde(skip)]
+    pub media_type: Option<String>,
+}
+
+/// Longest media type an item keeps (bytes).
+pub const MAX_MEDIA_TYPE: usize = 255;
+
+/// The media types of a message's items, after the postcard envelope:
+/// (index among the items the body carries, media type), only for items
+/// that have one. Postcard reads only the bytes a value needs, so a node
+/// that predates the trailer decodes the envelope and ignores it: adding it
+/// needs no new wire version, and an upgraded node reads both forms.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Trailer {
+    media_types: Vec<(u32, String)>,
+}
+
+/// Messages that carry items (with content), in a fixed order.
+pub trait CarriesItems {
+    fn items(&self) -> Vec<&WireItem>;
+    fn items_mut(&mut self) -> Vec<&mut WireItem>;
+}
+
+fn delta_items(deltas: &[CdcDelta]) -> impl Iterator<Item = &WireItem> {
+    deltas.iter().filter_map(|d| d.item.as_ref())
+}
+
+fn delta_items_mut(deltas: &mut [CdcDelta]) -> impl Iterator<Item = &mut WireItem> {
+    deltas.iter_mut().filter_map(|d| d.item.as_mut())
+}
+
+impl CarriesItems for Request {
+    fn items(&self) -> Vec<&WireItem> {
+        match self {
+            Request::Push { items, .. } => items.iter().collect(),
+            Request::Cdc { deltas } => delta_items(deltas).collect(),
+            _ => Vec::new(),
+        }
+    }
+    fn items_mut(&mut self) -> Vec<&mut WireItem> {
+        match self {
+            Request::Push { items, .. } => items.iter_mut().collect(),
+            Request::Cdc { deltas } => delta_items_mut(deltas).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl CarriesItems for Response {
+    fn items(&self) -> Vec<&WireItem> {
+        match self {
+            Response::Fetch { items, .. } => items.iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+    fn items_mut(&mut self) -> Vec<&mut WireItem> {
+        match self {
+            Response::Fetch { items, .. } => items.iter_mut().collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl CarriesItems for Body {
+    fn items(&self) -> Vec<&WireItem> {
+        match self {
+            Body::Cdc(deltas) => delta_items(deltas).collect(),
+            Body::Request(r) => r.items(),
+            Body::Response(r) => r.items(),
+            _ => Vec::new(),
+        }
+    }
+    fn items_mut(&mut self) -> Vec<&mut WireItem> {
+        match self {
+            Body::Cdc(deltas) => delta_items_mut(deltas).collect(),
+            Body::Request(r) => r.items_mut(),
+            Body::Response(r) => r.items_mut(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Trailer {
+    fn of<M: CarriesItems + ?Sized>(message: &M) -> Option<Self> {
+        let media_types: Vec<(u32, String)> = message
+            .items()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, it)| Some((i as u32, it.media_type.clone()?)))
+            .collect();
+        (!media_types.is_empty()).then_some(Self { media_types })
+    }
+
+    /// Puts the media types on the body's items; an index past them, a
+    /// repeated or unordered index, or a media type out of bounds is malformed.
+    fn apply(self, body: &mut Body) -> Result<(), WireError> {
+        let mut items = body.items_mut();
+        let mut next = 0usize;
+        for (i, media_type) in self.media_types {
+            let i = i as usize;
+            if i < next || i >= items.len() {
+                return Err(WireError::Malformed(format!(
+                    "trailer names item {i} of {} (out of order or missing)",
+                    items.len()
+                )));
+            }
+            if !valid_media_type(&media_type) {
+                return Err(WireError::Malformed(format!("media type {media_type:?} is not valid")));
+            }
+            items[i].media_type = Some(media_type);
+            next = i + 1;
+        }
+        Ok(())
+    }
+}
+
+/// A media type as a header carries it: `type/subtype` and optional
+/// parameters, printable ASCII, at most `MAX_MEDIA_TYPE` bytes.
+pub fn valid_media_type(m: &str) -> bool {
+    let is_token = |t: &str| {
+        !t.is_empty()
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let essence = m.split(';').next().unwrap_or_default().trim();
+    m.len() <= MAX_MEDIA_TYPE
+        && m.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+        && essence.split_once('/').is_some_and(|(t, s)| is_token(t) && is_token(s))
 }
 
 /// A Merkle node as a peer describes it.
@@ -249,9 +380,15 @@ pub enum Body {
 /// Bytes a request or response takes as a frame on a sync stream (length
 /// prefix, version byte, envelope with `cluster`), counted without
 /// building it: what per-peer and per-region byte counters add up.
-pub fn frame_len<T: Serialize>(cluster: &str, message: &T) -> usize {
-    // 4-byte length, version byte, cluster id (varint length + bytes), body tag.
-    4 + 1 + varint_len(cluster.len()) + cluster.len() + 1 + encoded_len(message)
+pub fn frame_len<T: Serialize + CarriesItems>(cluster: &str, message: &T) -> usize {
+    // 4-byte length, version byte, cluster id (varint length + bytes), body
+    // tag, and the trailer when an item has a media type.
+    4 + 1
+        + varint_len(cluster.len())
+        + cluster.len()
+        + 1
+        + encoded_len(message)
+        + Trailer::of(message).map_or(0, |t| encoded_len(&t))
 }
 
 /// Bytes `value` takes in postcard, counted without building it.
@@ -304,11 +441,14 @@ impl Envelope {
         }
     }
 
-    /// Version byte (the oldest version that has this body) followed by
-    /// the postcard encoding.
+    /// Version byte (the oldest version that has this body), the postcard
+    /// encoding, and the `Trailer` when an item has a media type.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![self.body.since()];
         out.extend(postcard::to_stdvec(self).expect("envelopes always encode"));
+        if let Some(t) = Trailer::of(&self.body) {
+            out.extend(postcard::to_stdvec(&t).expect("trailers always encode"));
+        }
         out
     }
 
@@ -321,10 +461,18 @@ impl Envelope {
         if !(MIN_WIRE_VERSION..=WIRE_VERSION).contains(&version) {
             return Err(WireError::Version(version));
         }
-        let env: Envelope = postcard::from_bytes(rest).map_err(|e| match e {
+        let malformed = |e| match e {
             postcard::Error::DeserializeUnexpectedEnd => WireError::Truncated,
             other => WireError::Malformed(other.to_string()),
-        })?;
+        };
+        let (mut env, trailer): (Envelope, _) = postcard::take_from_bytes(rest).map_err(malformed)?;
+        if !trailer.is_empty() {
+            let (t, extra) = postcard::take_from_bytes::<Trailer>(trailer).map_err(malformed)?;
+            if !extra.is_empty() {
+                return Err(WireError::Malformed(format!("{} bytes after the trailer", extra.len())));
+            }
+            t.apply(&mut env.body)?;
+        }
         if env.body.since() > version {
             return Err(WireError::Stamp {
                 needs: env.body.since(),
@@ -423,13 +571,15 @@ mod tests {
             "[a-z]{1,8}",
             any::<bool>(),
             proptest::collection::vec(any::<u8>(), 0..64),
+            proptest::option::of("(text|application)/[a-z+.-]{1,12}(; charset=utf-8)?"),
         )
-            .prop_map(|(entry, updated_at, state, json, content)| WireItem {
+            .prop_map(|(entry, updated_at, state, json, content, media_type)| WireItem {
                 entry,
                 updated_at,
                 state,
                 json,
                 content,
+                media_type,
             })
     }
 
@@ -528,9 +678,18 @@ mod tests {
             let wrong = Envelope::decode_for(&bytes, DEFAULT_MAX_FRAME, "other-cluster-x");
             let refused = matches!(wrong, Err(WireError::WrongCluster { .. }));
             prop_assert!(refused);
-            // Every truncation is an error, never a panic.
+            // Every truncation is an error, never a panic; but for the one
+            // that drops the whole media type trailer, which reads as a
+            // message from a node without media types (frames and gossip
+            // messages carry their length, so it cannot happen in transit).
+            let envelope_end = 1 + postcard::to_stdvec(&env).unwrap().len();
             for cut in 0..bytes.len() {
-                prop_assert!(Envelope::decode(&bytes[..cut], DEFAULT_MAX_FRAME).is_err());
+                let got = Envelope::decode(&bytes[..cut], DEFAULT_MAX_FRAME);
+                if cut == envelope_end {
+                    prop_assert!(got.unwrap().body.items().iter().all(|it| it.media_type.is_none()));
+                } else {
+                    prop_assert!(got.is_err(), "cut at {}: {:?}", cut, got);
+                }
             }
             let small = Envelope::decode(&bytes, bytes.len() - 1);
             let refused = matches!(small, Err(WireError::TooLarge { .. }));
@@ -611,5 +770,117 @@ mod tests {
         assert!(err.to_string().contains("one version at a time"), "{err}");
         far[0] = 0;
         assert_eq!(Envelope::decode(&far, 100), Err(WireError::Version(0)));
+    }
+
+    fn typed_item(id: &str, media_type: Option<&str>) -> WireItem {
+        WireItem {
+            entry: Entry {
+                id: id.into(),
+                version: 7,
+                origin: "n1".into(),
+                tombstone: false,
+                content_hash: [3; 32],
+            },
+            updated_at: 1,
+            state: "default".into(),
+            json: false,
+            content: b"# title".to_vec(),
+            media_type: media_type.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn media_types_travel_in_a_trailer_that_older_nodes_skip() {
+        let items = vec![
+            typed_item("a", None),
+            typed_item("b", Some("text/markdown; charset=utf-8")),
+            typed_item("c", Some("image/png")),
+        ];
+        let env = Envelope::new(
+            "c",
+            Body::Response(Response::Fetch {
+                items: items.clone(),
+                deferred: vec![],
+            }),
+        );
+        let bytes = env.encode();
+        assert_eq!(Envelope::decode(&bytes, 1 << 20), Ok(env.clone()));
+        // A node from before the trailer decodes the envelope alone and
+        // sees the same items without their media types.
+        let old: Envelope = postcard::from_bytes(&bytes[1..]).unwrap();
+        let Body::Response(Response::Fetch { items: got, .. }) = old.body else {
+            panic!("{old:?}")
+        };
+        assert!(got.iter().all(|it| it.media_type.is_none()));
+        assert_eq!(got.len(), 3);
+        // And this node reads what an older one sends.
+        let plain: Vec<WireItem> = items.iter().map(|it| typed_item(&it.entry.id, None)).collect();
+        let older = Envelope::new(
+            "c",
+            Body::Request(Request::Push {
+                session: 1,
+                items: plain,
+            }),
+        );
+        let mut old_bytes = vec![1u8];
+        old_bytes.extend(postcard::to_stdvec(&older).unwrap());
+        assert_eq!(old_bytes, older.encode(), "no trailer without media types");
+        assert_eq!(Envelope::decode(&old_bytes, 1 << 20), Ok(older));
+        // frame_len counts the trailer.
+        let Body::Response(resp) = env.body else { unreachable!() };
+        assert_eq!(
+            frame_len("c", &resp),
+            Envelope::new("c", Body::Response(resp.clone())).to_frame().len()
+        );
+    }
+
+    #[test]
+    fn malformed_trailers_are_refused() {
+        let env = Envelope::new(
+            "c",
+            Body::Cdc(vec![CdcDelta {
+                entry: typed_item("a", None).entry,
+                item: Some(typed_item("a", None)),
+            }]),
+        );
+        let base = env.encode();
+        let with = |t: Trailer| {
+            let mut b = base.clone();
+            b.extend(postcard::to_stdvec(&t).unwrap());
+            Envelope::decode(&b, 1 << 20)
+        };
+        for bad in [
+            vec![(1, "text/plain".to_string())],
+            vec![(0, "text/plain".into()), (0, "text/html".into())],
+            vec![(0, "no-slash".into())],
+            vec![(0, "text/pl ain".into())],
+            vec![(0, "text/plain\n".into())],
+            vec![(0, format!("text/{}", "x".repeat(MAX_MEDIA_TYPE)))],
+        ] {
+            assert!(
+                matches!(
+                    with(Trailer {
+                        media_types: bad.clone()
+                    }),
+                    Err(WireError::Malformed(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let ok = with(Trailer {
+            media_types: vec![(0, "text/plain".into())],
+        })
+        .unwrap();
+        assert_eq!(ok.body.items()[0].media_type.as_deref(), Some("text/plain"));
+        let mut extra = base.clone();
+        extra.extend(postcard::to_stdvec(&Trailer::default()).unwrap());
+        extra.push(0);
+        assert!(matches!(
+            Envelope::decode(&extra, 1 << 20),
+            Err(WireError::Malformed(_))
+        ));
+        let mut cut = base;
+        cut.push(5);
+        assert_eq!(Envelope::decode(&cut, 1 << 20), Err(WireError::Truncated));
     }
 }

@@ -289,6 +289,7 @@ impl Sim {
                     state: "default".into(),
                     json: false,
                     content,
+                    media_type: None,
                 });
             }
             for n in &nodes {

@@ -264,3 +264,52 @@ async fn set_state_get_many_and_delete_respect_cache_only_items() {
         e2.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn media_types_are_kept_in_every_tier_and_old_tables_gain_the_column() {
+    for backend in BACKENDS {
+        let node = TestNode::with_redis(backend, "mt").await;
+        let p = node.redis_prefix();
+        let mut r = redis_conn().await;
+        // A table from before media types: the engine adds the column.
+        node.start().await.shutdown().await;
+        node.l3_ddl("ALTER TABLE sync_items DROP COLUMN media_type").await;
+        let e = node.start().await;
+        let md = "text/markdown; charset=utf-8";
+        e.submit(SyncItem::new("doc", &b"# t"[..]).with_media_type(md))
+            .await
+            .unwrap();
+        e.submit(SyncItem::new("plain", &b"x"[..])).await.unwrap();
+        let bad = e
+            .submit(SyncItem::new("bad", &b"x"[..]).with_media_type("text/\nplain"))
+            .await;
+        assert!(bad.is_err(), "{backend:?}: {bad:?}");
+        e.shutdown().await;
+
+        // From Redis (L1 is empty in a new engine).
+        let e = node.start().await;
+        let got = e.get_many(&["doc", "plain"]).await.unwrap();
+        assert_eq!(got[0].as_ref().unwrap().media_type.as_deref(), Some(md), "{backend:?}");
+        assert_eq!(got[1].as_ref().unwrap().media_type, None);
+        e.shutdown().await;
+        // From L3, with the Redis copy gone.
+        let _: () = r.del(format!("{p}item:doc")).await.unwrap();
+        let e = node.start().await;
+        assert_eq!(
+            e.get("doc").await.unwrap().unwrap().media_type.as_deref(),
+            Some(md),
+            "{backend:?}"
+        );
+        // A state change keeps it.
+        assert!(e.set_state("doc", "s2").await.unwrap());
+        e.shutdown().await;
+        let e = node.start().await;
+        let doc = e.get("doc").await.unwrap().unwrap();
+        assert_eq!(
+            (doc.media_type.as_deref(), doc.state.as_str()),
+            (Some(md), "s2"),
+            "{backend:?}"
+        );
+        e.shutdown().await;
+    }
+}

@@ -1164,3 +1164,119 @@ async fn raw_get_opt(addr: &str, path: &str) -> Option<String> {
     tokio::net::TcpStream::connect(addr).await.ok()?;
     Some(raw_get(addr, path).await)
 }
+
+/// `curl` with `args`; its stdout.
+fn curl(args: &[&str]) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl is missing: run scripts/test, which installs it");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_items_content_type_is_kept_replicated_and_returned() {
+    use sqlx::Connection;
+    let (d1, d2) = (tmp(), tmp());
+    // n2 starts on a database made before media types: its table gains the column.
+    let db = d2.path().join("l3.sqlite");
+    let mut old = sqlx::sqlite::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", db.display()))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE sync_items (
+            id BLOB PRIMARY KEY NOT NULL, version INTEGER NOT NULL, origin BLOB NOT NULL,
+            updated_at INTEGER NOT NULL, content_type INTEGER NOT NULL, content BLOB NOT NULL,
+            content_hash BLOB NOT NULL, state BLOB NOT NULL, tombstone INTEGER NOT NULL,
+            access_count INTEGER NOT NULL, last_accessed INTEGER NOT NULL, trace_parent BLOB,
+            hkey INTEGER NOT NULL, l2 INTEGER NOT NULL)",
+    )
+    .execute(&mut old)
+    .await
+    .unwrap();
+    old.close().await.unwrap();
+
+    let n1 = Proc::spawn(bin(), d1.path(), args("surface-ctype", &[])).await.unwrap();
+    let mut a2 = args("surface-ctype", &[]);
+    a2.extend(["--bootstrap".to_string(), n1.addr.clone()]);
+    let n2 = Proc::spawn(bin(), d2.path(), a2).await.unwrap();
+    let url = |p: &Proc, id: &str| format!("http://{}/v1/items/{id}", p.http);
+    let ctype_of = |p: &Proc, id: &str| curl(&["-o", "/dev/null", "-w", "%{content_type}", &url(p, id)]);
+
+    let md = "text/markdown; charset=utf-8";
+    curl(&[
+        "-f",
+        "-X",
+        "PUT",
+        "-H",
+        &format!("Content-Type: {md}"),
+        "--data-binary",
+        "# notes",
+        &url(&n1, "doc.md"),
+    ]);
+    assert_eq!(ctype_of(&n1, "doc.md"), md);
+    // Without a Content-Type of its own, an item answers as before.
+    curl(&[
+        "-f",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type:",
+        "--data-binary",
+        "{\"a\":1}",
+        &url(&n1, "plain"),
+    ]);
+    assert_eq!(ctype_of(&n1, "plain"), "application/json");
+    // The CLI sets one too.
+    let api = format!("http://{}", n1.http);
+    let (code, _, err) = cli(
+        &["put", "--api", &api, "--content-type", "image/svg+xml", "pic", "<svg/>"],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ctype_of(&n1, "pic"), "image/svg+xml");
+    // A malformed one is refused with the JSON error shape.
+    let (status, _, body) = call(&n1, "PUT", "/v1/items/bad", &[("content-type", "no slash")], b"x").await;
+    assert!(matches!(status, 400 | 422), "{status}");
+    assert!(error_of(&body).len() > 1);
+    let (status, _, _) = call(
+        &n1,
+        "PUT",
+        "/v1/items/bad",
+        &[("content-type", &format!("text/{}", "x".repeat(300)))],
+        b"x",
+    )
+    .await;
+    assert!(matches!(status, 400 | 422), "{status}");
+
+    // Replicated: n2 answers with the writer's media type, in GET and in
+    // the item's JSON.
+    eventually("doc.md on n2", Duration::from_secs(30), || async {
+        match call(&n2, "GET", "/v1/items/doc.md", &[], b"").await {
+            (200, h, body) if &body[..] == b"# notes" => Ok(h["content-type"].to_str().unwrap().to_string()),
+            other => Err(format!("{other:?}")),
+        }
+        .and_then(|c| if c == md { Ok(()) } else { Err(c) })
+    })
+    .await;
+    assert_eq!(ctype_of(&n2, "pic"), "image/svg+xml");
+    let got = n2
+        .api
+        .ok_json(n2.api.post_json("/v1/get", &json!({"ids": ["doc.md", "plain"]})).await)
+        .await
+        .unwrap();
+    assert_eq!(got[0]["media_type"], md, "{got}");
+    assert!(got[1].get("media_type").is_none(), "{got}");
+
+    // Kept across a restart (read back from L3, L1 empty).
+    let n2 = n2.restart(bin()).await.unwrap();
+    assert_eq!(ctype_of(&n2, "doc.md"), md);
+    drop(n1);
+}

@@ -75,8 +75,27 @@ async fn a_version_1_node_and_version_2_nodes_replicate_and_the_old_one_upgrades
     // A write on a version 2 node reaches the old node, and back.
     h.put(&b, "late.from.v2", "x").await.unwrap();
     h.put(&old, "late.from.v1", "y").await.unwrap();
+    // An item with a media type: its trailer is skipped by the old node,
+    // which still takes the item; the new nodes keep the media type.
+    let typed = b
+        .api
+        .put_typed("typed.from.v2", bytes::Bytes::from_static(b"# t"), "text/markdown")
+        .await
+        .unwrap();
+    assert_eq!(typed.status, 200, "{}", typed.text());
     converge(&[&old, &b, &c], Duration::from_secs(60)).await.unwrap();
     h.assert_held(&[&old, &b, &c]).await;
+    assert_eq!(old.api.get("/v1/items/typed.from.v2").await.unwrap().text(), "# t");
+    let on_c = c
+        .api
+        .ok_json(
+            c.api
+                .post_json("/v1/get", &serde_json::json!({"ids": ["typed.from.v2"]}))
+                .await,
+        )
+        .await
+        .unwrap();
+    assert_eq!(on_c[0]["media_type"], "text/markdown", "{on_c}");
     for n in [&old, &b, &c] {
         let trouble = wire_trouble(n);
         assert!(trouble.is_empty(), "{}: {trouble:#?}", n.http);

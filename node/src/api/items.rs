@@ -28,6 +28,9 @@ pub struct ItemView {
     pub updated_at: i64,
     pub content: Value,
     pub encoding: String,
+    /// The media type its writer gave, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_type: Option<String>,
 }
 
 impl From<&SyncItem> for ItemView {
@@ -49,6 +52,7 @@ impl From<&SyncItem> for ItemView {
             updated_at: it.updated_at,
             content,
             encoding: encoding.into(),
+            media_type: it.media_type.clone(),
         }
     }
 }
@@ -153,6 +157,14 @@ impl Preconditions {
     }
 }
 
+/// What GET answers as `Content-Type` for an item without a media type.
+fn default_media_type(t: ContentType) -> &'static str {
+    match t {
+        ContentType::Json => "application/json",
+        ContentType::Binary => "application/octet-stream",
+    }
+}
+
 fn etag(it: &SyncItem) -> String {
     format!("\"{}\"", it.content_hash)
 }
@@ -196,13 +208,24 @@ pub(super) async fn put_item(
 ) -> ApiResult<impl IntoResponse> {
     let (Path(id), Query(params), body) = (id?, params?, body?);
     let options = submit_options(&params)?;
-    let item = if is_json(&headers) {
+    let mut item = if is_json(&headers) {
         let v: Value =
             serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
         SyncItem::from_json(id.clone(), v)
     } else {
         SyncItem::new(id.clone(), body)
     };
+    // Kept as given and returned by GET (the engine checks its form),
+    // unless it is what GET answers without it.
+    if let Some(v) = headers.get(header::CONTENT_TYPE) {
+        let v = v
+            .to_str()
+            .map_err(|_| ApiError::bad_request("Content-Type is not printable ASCII"))?
+            .trim();
+        if v != default_media_type(item.content_type) {
+            item = item.with_media_type(v);
+        }
+    }
     let receipt = conditionally(&api, &id, &headers, async {
         Ok(api.engine.submit_with(item, options).await?)
     })
@@ -239,13 +262,14 @@ pub(super) async fn get_item(
         }
         return Ok(resp);
     }
-    let ctype = match it.content_type {
-        ContentType::Json => "application/json",
-        _ => "application/octet-stream",
-    };
+    let ctype = it
+        .media_type
+        .as_deref()
+        .and_then(|m| HeaderValue::from_str(m).ok())
+        .unwrap_or(HeaderValue::from_static(default_media_type(it.content_type)));
     let mut resp = it.content.clone().into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    h.insert(header::CONTENT_TYPE, ctype);
     let etag = HeaderValue::from_str(&etag(&it));
     let origin = HeaderValue::from_str(&it.origin);
     if let (Ok(etag), Ok(origin)) = (etag, origin) {

@@ -106,7 +106,9 @@ fn routes() -> Vec<Route> {
                         ("ttl", "seconds the Redis copy lives"),
                         ("tier", "both (default), cache or durable"),
                     ],
-                    body: Some(("Bytes", "application/octet-stream")),
+                    // Any media type: the request's Content-Type is kept and
+                    // returned by GET.
+                    body: Some(("Bytes", "*/*")),
                     answer: ("WriteReceipt", "application/json"),
                     ..op(
                         "put",
@@ -115,11 +117,11 @@ fn routes() -> Vec<Route> {
                     )
                 },
                 Op {
-                    answer: ("Bytes", "application/octet-stream"),
+                    answer: ("Bytes", "*/*"),
                     ..op(
                         "get",
                         get(items::get_item),
-                        "an item's content, with ETag, X-Version, X-Origin (If-None-Match: 304)",
+                        "an item's content as its writer's Content-Type (else JSON or octet-stream), with ETag, X-Version, X-Origin (If-None-Match: 304)",
                     )
                 },
                 Op {

@@ -102,7 +102,8 @@ fn schemas() -> Value {
             "id": {"type": "string"}, "version": version, "origin": {"type": "string"}, "state": {"type": "string"},
             "content_hash": {"type": "string"}, "updated_at": {"type": "integer"},
             "content": {"description": "JSON when the item is JSON, else text (utf8) or hex"},
-            "encoding": {"enum": ["json", "utf8", "hex"]}}},
+            "encoding": {"enum": ["json", "utf8", "hex"]},
+            "media_type": {"type": "string", "description": "the Content-Type its writer gave (absent when none was)"}}},
         "Page": {"type": "object", "properties": {
             "items": {"type": "array", "items": {"$ref": "#/components/schemas/Item"}},
             "next": {"type": ["string", "null"], "description": "the cursor of the next page (pass as `after`)"}}},

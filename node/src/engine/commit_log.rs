@@ -30,9 +30,33 @@ pub struct LogEntry {
     pub item: SyncItem,
 }
 
-/// A log record: the item and its L2 route (which `SyncItem`'s serde skips).
+/// A log record: the item and its L2 route (which `SyncItem`'s serde
+/// skips), then its media type when it has one. Records written before
+/// media types end after the route, and read the same.
 fn encode(item: &SyncItem) -> Result<Vec<u8>, StorageError> {
-    postcard::to_stdvec(&(item, item.route)).map_err(|e| StorageError::backend("encode commit log entry", e))
+    let mut out =
+        postcard::to_stdvec(&(item, item.route)).map_err(|e| StorageError::backend("encode commit log entry", e))?;
+    if let Some(m) = &item.media_type {
+        out = postcard::to_extend(m, out).map_err(|e| StorageError::backend("encode commit log entry", e))?;
+    }
+    Ok(out)
+}
+
+fn decode(seq: i64, raw: &[u8]) -> Result<SyncItem, StorageError> {
+    let unreadable = |e: postcard::Error| StorageError::Backend(format!("commit log entry {seq} is unreadable: {e}"));
+    let ((mut item, route), rest): ((SyncItem, L2Route), _) = postcard::take_from_bytes(raw).map_err(unreadable)?;
+    item.route = route;
+    if !rest.is_empty() {
+        let (media_type, extra): (String, _) = postcard::take_from_bytes(rest).map_err(unreadable)?;
+        if !extra.is_empty() {
+            return Err(StorageError::Backend(format!(
+                "commit log entry {seq} is unreadable: {} bytes after the record",
+                extra.len()
+            )));
+        }
+        item.media_type = Some(media_type);
+    }
+    Ok(item)
 }
 
 /// `(entries, bytes)` of the log up to and including `seq`.
@@ -119,10 +143,10 @@ impl CommitLog {
             .map(|r| {
                 let seq: i64 = r.try_get(0).map_err(|e| StorageError::backend("commit log seq", e))?;
                 let raw: Vec<u8> = r.try_get(1).map_err(|e| StorageError::backend("commit log item", e))?;
-                let (mut item, route): (SyncItem, L2Route) = postcard::from_bytes(&raw)
-                    .map_err(|e| StorageError::Backend(format!("commit log entry {seq} is unreadable: {e}")))?;
-                item.route = route;
-                Ok(LogEntry { seq, item })
+                Ok(LogEntry {
+                    seq,
+                    item: decode(seq, &raw)?,
+                })
             })
             .collect()
     }
@@ -142,5 +166,26 @@ impl CommitLog {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_old_records_still_read() {
+        let plain = SyncItem::new("a", &b"x"[..]);
+        let typed = SyncItem::new("b", &b"# t"[..]).with_media_type("text/markdown");
+        for it in [&plain, &typed] {
+            assert_eq!(&decode(1, &encode(it).unwrap()).unwrap(), it);
+        }
+        // A record from before media types: the item and the route only.
+        let old = postcard::to_stdvec(&(&plain, plain.route)).unwrap();
+        assert_eq!(old, encode(&plain).unwrap());
+        let mut bad = encode(&typed).unwrap();
+        bad.push(0);
+        let err = decode(9, &bad).unwrap_err().to_string();
+        assert!(err.contains("entry 9"), "{err}");
     }
 }

@@ -70,6 +70,12 @@ pub struct SyncItem {
     pub access_count: u64,
     pub last_accessed: u64,
     pub trace_parent: Option<String>,
+    /// The media type its writer gave (the HTTP `Content-Type`), returned
+    /// with the content; `None`: the engine answers by `content_type`.
+    /// Kept in L3 and L2 and replicated (in the wire envelope's trailer);
+    /// postcard records carry it after the item, hence the serde skip.
+    #[serde(skip)]
+    pub media_type: Option<String>,
     /// How L2 holds this version (set by the engine from the submit options;
     /// travels with the item through the commit log, stored in L3).
     #[serde(skip)]
@@ -132,6 +138,7 @@ impl SyncItem {
             access_count: 0,
             last_accessed: 0,
             trace_parent: None,
+            media_type: None,
             route: L2Route::Mirror,
         }
     }
@@ -163,6 +170,13 @@ impl SyncItem {
         self
     }
 
+    /// The media type to keep and return with the content (`type/subtype`
+    /// and parameters, at most 255 bytes; checked when it is written).
+    pub fn with_media_type(mut self, media_type: impl Into<String>) -> Self {
+        self.media_type = Some(media_type.into());
+        self
+    }
+
     pub fn content_as_json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.content).ok()
     }
@@ -183,6 +197,7 @@ impl SyncItem {
             + self.content_hash.len()
             + self.state.len()
             + self.trace_parent.as_ref().map_or(0, |t| t.len())
+            + self.media_type.as_ref().map_or(0, |t| t.len())
     }
 
     pub fn stamp(&self) -> syncnode_protocol::Stamp<'_> {
@@ -255,6 +270,17 @@ pub(crate) fn validate_item(item: &SyncItem, max_payload_bytes: usize) -> Result
     }
     if item.tombstone && !item.content.is_empty() {
         return Err(StorageError::InvalidInput("a tombstone carries no content".into()));
+    }
+    if let Some(m) = &item.media_type {
+        if item.tombstone {
+            return Err(StorageError::InvalidInput("a tombstone carries no media type".into()));
+        }
+        if !syncnode_protocol::wire::valid_media_type(m) {
+            return Err(StorageError::InvalidInput(format!(
+                "media type {m:?}: expected type/subtype with optional parameters, printable ASCII, at most {} bytes",
+                syncnode_protocol::wire::MAX_MEDIA_TYPE
+            )));
+        }
     }
     Ok(())
 }

@@ -298,9 +298,11 @@ impl RedisStore {
 }
 
 /// An item's metadata as stored in the `m` field: version, origin, tombstone,
-/// content type, updated_at, state, content hash, trace parent and whether the
-/// item is in the Merkle mirror, one per line. None of them can hold a line
-/// break: the engine refuses control characters in origins, states and traces.
+/// content type, updated_at, state, content hash, trace parent, whether the
+/// item is in the Merkle mirror and its media type, one per line (a field
+/// written before media types has nine lines). None of them can hold a line
+/// break: the engine refuses control characters in origins, states, traces
+/// and media types.
 struct Meta {
     version: u64,
     origin: String,
@@ -311,12 +313,13 @@ struct Meta {
     hash: String,
     trace_parent: Option<String>,
     mirrored: bool,
+    media_type: Option<String>,
 }
 
 impl Meta {
     fn pack(it: &SyncItem, mirrored: bool) -> String {
         format!(
-            "{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
             it.version,
             it.origin,
             u8::from(it.tombstone),
@@ -325,14 +328,17 @@ impl Meta {
             it.state,
             it.content_hash,
             it.trace_parent.as_deref().unwrap_or(""),
-            u8::from(mirrored)
+            u8::from(mirrored),
+            it.media_type.as_deref().unwrap_or("")
         )
     }
 
     fn unpack(s: &str) -> Option<Self> {
         let f: Vec<&str> = s.split('\n').collect();
-        let [v, o, b, t, u, st, h, p, m] = f.as_slice() else {
-            return None;
+        let (v, o, b, t, u, st, h, p, m, media) = match f.as_slice() {
+            [v, o, b, t, u, st, h, p, m] => (v, o, b, t, u, st, h, p, m, &""),
+            [v, o, b, t, u, st, h, p, m, media] => (v, o, b, t, u, st, h, p, m, media),
+            _ => return None,
         };
         let flag = |x: &str| match x {
             "0" => Some(false),
@@ -350,6 +356,7 @@ impl Meta {
             hash: h.to_string(),
             trace_parent: (!p.is_empty()).then(|| p.to_string()),
             mirrored: flag(m)?,
+            media_type: (!media.is_empty()).then(|| media.to_string()),
         })
     }
 
@@ -367,6 +374,7 @@ impl Meta {
             access_count: 0,
             last_accessed: 0,
             trace_parent: self.trace_parent,
+            media_type: self.media_type,
             route: if self.mirrored { L2Route::Mirror } else { L2Route::Skip },
         }
     }
@@ -413,5 +421,27 @@ pub fn all_mirror_nodes(tree: &syncnode_protocol::MerkleTree) -> Vec<(String, Op
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore").field("prefix", &self.prefix).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_keeps_the_media_type_and_reads_fields_from_before_it() {
+        let mut it = SyncItem::new("a", &b"# t"[..]).with_media_type("text/markdown; charset=utf-8");
+        it.version = 5;
+        it.origin = "n1".into();
+        let packed = Meta::pack(&it, true);
+        let back = Meta::unpack(&packed).unwrap().into_item("a", it.content.to_vec());
+        assert_eq!(back.media_type, it.media_type);
+        assert_eq!((back.version, back.origin.as_str()), (5, "n1"));
+        // Nine lines: a field written before media types.
+        let old = packed.rsplit_once('\n').unwrap().0;
+        let back = Meta::unpack(old).unwrap().into_item("a", it.content.to_vec());
+        assert_eq!(back.media_type, None);
+        assert_eq!(back.content_hash, it.content_hash);
+        assert!(Meta::unpack(&format!("{packed}\nx")).is_none());
     }
 }

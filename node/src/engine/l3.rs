@@ -32,8 +32,9 @@ pub enum Dialect {
 /// `hkey` is the first 32 bits of SHA-256(id): it places a row in the Merkle
 /// tree, so the entries under any tree node are one index range.
 /// `l2` is 1 when the row is mirrored in Redis (`L2Route::Mirror`).
-const COLUMNS: &str = "id, version, origin, updated_at, content_type, content, content_hash, state, tombstone, access_count, last_accessed, trace_parent, hkey, l2";
-const N_COLUMNS: usize = 14;
+/// `media_type` is the writer's media type (NULL: none given).
+const COLUMNS: &str = "id, version, origin, updated_at, content_type, content, content_hash, state, tombstone, access_count, last_accessed, trace_parent, hkey, l2, media_type";
+const N_COLUMNS: usize = 15;
 /// The columns of an `EntryMeta`.
 const META_COLUMNS: &str = "SELECT id, version, origin, tombstone, content_hash, state, l2";
 /// Rows per multi-row statement (a power of two; see `pow2_chunks`).
@@ -98,7 +99,7 @@ pub fn items_table_ddl(dialect: Dialect) -> &'static [&'static str] {
                 updated_at INTEGER NOT NULL, content_type INTEGER NOT NULL, content BLOB NOT NULL,
                 content_hash BLOB NOT NULL, state BLOB NOT NULL, tombstone INTEGER NOT NULL,
                 access_count INTEGER NOT NULL, last_accessed INTEGER NOT NULL, trace_parent BLOB,
-                hkey INTEGER NOT NULL, l2 INTEGER NOT NULL)",
+                hkey INTEGER NOT NULL, l2 INTEGER NOT NULL, media_type BLOB)",
             "CREATE INDEX IF NOT EXISTS sync_items_state ON sync_items(state, tombstone)",
             "CREATE INDEX IF NOT EXISTS sync_items_hkey ON sync_items(hkey)",
             "CREATE TABLE IF NOT EXISTS sync_purged (
@@ -111,7 +112,7 @@ pub fn items_table_ddl(dialect: Dialect) -> &'static [&'static str] {
                 updated_at BIGINT NOT NULL, content_type BIGINT NOT NULL, content LONGBLOB NOT NULL,
                 content_hash BINARY(32) NOT NULL, state VARBINARY(64) NOT NULL, tombstone BIGINT NOT NULL,
                 access_count BIGINT NOT NULL, last_accessed BIGINT NOT NULL, trace_parent VARBINARY(256) NULL,
-                hkey BIGINT NOT NULL, l2 BIGINT NOT NULL, KEY sync_items_state (state, tombstone), KEY sync_items_hkey (hkey)) ENGINE=InnoDB",
+                hkey BIGINT NOT NULL, l2 BIGINT NOT NULL, media_type VARBINARY(255) NULL, KEY sync_items_state (state, tombstone), KEY sync_items_hkey (hkey)) ENGINE=InnoDB",
             "CREATE TABLE IF NOT EXISTS sync_purged (
                 id VARBINARY(512) NOT NULL PRIMARY KEY, version BIGINT NOT NULL, origin VARBINARY(128) NOT NULL,
                 purged_at BIGINT NOT NULL) ENGINE=InnoDB",
@@ -216,6 +217,7 @@ pub fn bind_item<'q>(
         .bind(it.trace_parent.as_deref().map(str::as_bytes))
         .bind(hkey(&it.object_id))
         .bind((it.route == L2Route::Mirror) as i64)
+        .bind(it.media_type.as_deref().map(str::as_bytes))
 }
 
 /// The first 32 bits of SHA-256(id).
@@ -241,6 +243,7 @@ fn item_from_row(row: &AnyRow) -> Result<SyncItem, StorageError> {
     let content: Vec<u8> = row.try_get(5).map_err(|e| StorageError::backend("content", e))?;
     let hash: Vec<u8> = row.try_get(6).map_err(|e| StorageError::backend("content_hash", e))?;
     let trace: Option<Vec<u8>> = row.try_get(11).map_err(|e| StorageError::backend("trace_parent", e))?;
+    let media_type: Option<Vec<u8>> = row.try_get(14).map_err(|e| StorageError::backend("media_type", e))?;
     Ok(SyncItem {
         object_id: text(row, 0, "id")?,
         version: int(row, 1, "version")? as u64,
@@ -254,6 +257,7 @@ fn item_from_row(row: &AnyRow) -> Result<SyncItem, StorageError> {
         access_count: int(row, 9, "access_count")?.max(0) as u64,
         last_accessed: int(row, 10, "last_accessed")?.max(0) as u64,
         trace_parent: trace.map(|t| String::from_utf8_lossy(&t).into_owned()),
+        media_type: media_type.map(|m| String::from_utf8_lossy(&m).into_owned()),
         route: if int(row, 13, "l2")? != 0 {
             L2Route::Mirror
         } else {
@@ -467,12 +471,41 @@ impl L3Store {
             self.timed("create schema", sqlx::query(ddl).execute(&self.pool))
                 .await?;
         }
+        self.add_media_type_column().await?;
         let seed = match self.dialect {
             Dialect::Sqlite => "INSERT OR IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
             Dialect::MySql => "INSERT IGNORE INTO syncnode_meta (name, ival) VALUES (?, 0)",
         };
         for name in ["generation", "max_version"] {
             self.timed("seed meta", sqlx::query(seed).bind(name.as_bytes()).execute(&self.pool))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds `media_type` to an items table made before it existed (NULL:
+    /// no media type, which is what those rows had).
+    async fn add_media_type_column(&self) -> Result<(), StorageError> {
+        let (probe, alter) = match self.dialect {
+            Dialect::Sqlite => (
+                "SELECT COUNT(*) FROM pragma_table_info('sync_items') WHERE name = 'media_type'",
+                "ALTER TABLE sync_items ADD COLUMN media_type BLOB",
+            ),
+            Dialect::MySql => (
+                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() \
+                 AND table_name = 'sync_items' AND column_name = 'media_type'",
+                "ALTER TABLE sync_items ADD COLUMN media_type VARBINARY(255) NULL",
+            ),
+        };
+        let row = self
+            .timed(
+                "look for the media_type column",
+                sqlx::query(probe).fetch_one(&self.pool),
+            )
+            .await?;
+        if int(&row, 0, "media_type column count")? == 0 {
+            tracing::info!("adding the media_type column to sync_items (schema of an older release)");
+            self.timed("add the media_type column", sqlx::query(alter).execute(&self.pool))
                 .await?;
         }
         Ok(())

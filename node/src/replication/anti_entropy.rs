@@ -57,6 +57,7 @@ pub fn wire_item(it: &SyncItem) -> WireItem {
         state: it.state.clone(),
         json: it.content_type == ContentType::Json,
         content: it.content.to_vec(),
+        media_type: it.media_type.clone(),
     }
 }
 
@@ -73,6 +74,9 @@ pub fn from_wire(w: WireItem) -> SyncItem {
     it.updated_at = if w.updated_at > 0 { w.updated_at } else { now_ms() };
     it.state = w.state;
     it.content_type = if w.json { ContentType::Json } else { ContentType::Binary };
+    // A tombstone has no media type; one from a peer is dropped, not refused,
+    // so the delete still replicates.
+    it.media_type = w.media_type.filter(|_| !w.entry.tombstone);
     it
 }
 

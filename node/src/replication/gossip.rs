@@ -91,6 +91,7 @@ mod tests {
                 state: "default".into(),
                 json: false,
                 content,
+                media_type: None,
             }),
         }
     }
