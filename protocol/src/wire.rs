@@ -137,7 +137,10 @@ pub const MAX_MEDIA_TYPE: usize = 255;
 /// (index among the items the body carries, media type), only for items
 /// that have one. Postcard reads only the bytes a value needs, so a node
 /// that predates the trailer decodes the envelope and ignores it: adding it
-/// needs no new wire version, and an upgraded node reads both forms.
+/// needed no new wire version, and an upgraded node reads both forms. This
+/// node refuses bytes after the trailer, so the next extension needs a new
+/// wire version. Media types are not in the entry's digest: a copy that
+/// passed through an older node has none and anti-entropy does not see it.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Trailer {
     media_types: Vec<(u32, String)>,

@@ -284,11 +284,19 @@ async fn media_types_are_kept_in_every_tier_and_old_tables_gain_the_column() {
             .submit(SyncItem::new("bad", &b"x"[..]).with_media_type("text/\nplain"))
             .await;
         assert!(bad.is_err(), "{backend:?}: {bad:?}");
+        let meta: String = r.hget(format!("{p}item:doc"), "m").await.unwrap();
+        assert_eq!(meta.lines().last(), Some(md), "{backend:?}: {meta:?}");
         e.shutdown().await;
 
-        // From Redis (L1 is empty in a new engine).
+        // From Redis (L1 is empty in a new engine), not from L3.
         let e = node.start().await;
+        let l2_reads = e.metrics().reads_l2.load(Ordering::Relaxed);
         let got = e.get_many(&["doc", "plain"]).await.unwrap();
+        assert_eq!(
+            e.metrics().reads_l2.load(Ordering::Relaxed),
+            l2_reads + 2,
+            "{backend:?}"
+        );
         assert_eq!(got[0].as_ref().unwrap().media_type.as_deref(), Some(md), "{backend:?}");
         assert_eq!(got[1].as_ref().unwrap().media_type, None);
         e.shutdown().await;

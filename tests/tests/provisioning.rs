@@ -8,14 +8,30 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-fn install(policy: &Path, packages: &[&str]) -> Output {
+/// Runs the script; its output, and whether the policy file was seen (and
+/// refusing service starts) while it ran.
+fn install_watched(policy: &Path, packages: &[&str]) -> (Output, bool) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-packages");
-    std::process::Command::new(script)
+    let child = std::process::Command::new(script)
         .args(packages)
         .env("POLICY_RC_D", policy)
         .env("APT_UPDATE", "0")
-        .output()
-        .expect("scripts/install-packages runs")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("scripts/install-packages runs");
+    let pid = child.id();
+    let mut seen = false;
+    // Until the script exits (its /proc entry turns into a zombie's).
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+        seen |= std::fs::read_to_string(policy).is_ok_and(|p| p.contains("exit 101"));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    (child.wait_with_output().unwrap(), seen)
+}
+
+fn install(policy: &Path, packages: &[&str]) -> Output {
+    install_watched(policy, packages).0
 }
 
 fn policy_in(dir: &tempfile::TempDir) -> PathBuf {
@@ -30,14 +46,18 @@ fn the_policy_file_goes_after_an_install_and_a_failed_one() {
     );
     let dir = tempfile::tempdir().unwrap();
     let policy = policy_in(&dir);
-    let ok = install(&policy, &["bash", "coreutils"]);
+    let (ok, seen) = install_watched(&policy, &["bash", "coreutils"]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(seen, "no policy-rc.d refused service starts during the install");
     assert!(!policy.exists(), "the policy file it made is left behind");
 
     let bad = install(&policy, &["syncnode-no-such-package"]);
     assert_eq!(bad.status.code(), Some(1));
     let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(err.contains("apt-get install syncnode-no-such-package failed"), "{err}");
+    assert!(
+        err.contains("install-packages: apt-get install syncnode-no-such-package failed"),
+        "{err}"
+    );
     assert!(
         !policy.exists(),
         "the policy file it made is left behind after a failure"

@@ -1266,14 +1266,45 @@ async fn an_items_content_type_is_kept_replicated_and_returned() {
         .and_then(|c| if c == md { Ok(()) } else { Err(c) })
     })
     .await;
-    assert_eq!(ctype_of(&n2, "pic"), "image/svg+xml");
-    let got = n2
-        .api
-        .ok_json(n2.api.post_json("/v1/get", &json!({"ids": ["doc.md", "plain"]})).await)
-        .await
-        .unwrap();
+    let get_on = |p: &Proc, ids: Value| {
+        let api = p.api.clone();
+        async move {
+            api.ok_json(api.post_json("/v1/get", &json!({ "ids": ids })).await)
+                .await
+                .unwrap()
+        }
+    };
+    let ids = json!(["doc.md", "plain", "pic"]);
+    eventually("pic and plain on n2", Duration::from_secs(30), || async {
+        let got = get_on(&n2, ids.clone()).await;
+        match got.as_array() {
+            Some(a) if a.iter().all(Value::is_object) => Ok(()),
+            _ => Err(got.to_string()),
+        }
+    })
+    .await;
+    let got = get_on(&n2, ids).await;
     assert_eq!(got[0]["media_type"], md, "{got}");
+    assert_eq!(got[1]["content"], json!({"a": 1}), "{got}");
     assert!(got[1].get("media_type").is_none(), "{got}");
+    assert_eq!(got[2]["media_type"], "image/svg+xml", "{got}");
+    assert_eq!(ctype_of(&n2, "pic"), "image/svg+xml");
+    // An empty Content-Type is none; the default in another case is the default.
+    for (id, ctype) in [("e.1", ""), ("e.2", "Application/JSON")] {
+        let (status, _, _) = call(
+            &n1,
+            "PUT",
+            &format!("/v1/items/{id}"),
+            &[("content-type", ctype)],
+            b"[1]",
+        )
+        .await;
+        assert_eq!(status, 200, "{ctype:?}");
+    }
+    let got = get_on(&n1, json!(["e.1", "e.2"])).await;
+    for g in got.as_array().unwrap() {
+        assert!(g.is_object() && g.get("media_type").is_none(), "{got}");
+    }
 
     // Kept across a restart (read back from L3, L1 empty).
     let n2 = n2.restart(bin()).await.unwrap();

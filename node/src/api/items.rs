@@ -216,13 +216,13 @@ pub(super) async fn put_item(
         SyncItem::new(id.clone(), body)
     };
     // Kept as given and returned by GET (the engine checks its form),
-    // unless it is what GET answers without it.
+    // unless it is empty or what GET answers without it.
     if let Some(v) = headers.get(header::CONTENT_TYPE) {
         let v = v
             .to_str()
             .map_err(|_| ApiError::bad_request("Content-Type is not printable ASCII"))?
             .trim();
-        if v != default_media_type(item.content_type) {
+        if !v.is_empty() && !v.eq_ignore_ascii_case(default_media_type(item.content_type)) {
             item = item.with_media_type(v);
         }
     }

@@ -37,7 +37,9 @@ pub fn pack_deltas(deltas: Vec<CdcDelta>) -> Vec<Vec<CdcDelta>> {
         let size = 128
             + 2 * d.entry.id.len()
             + 2 * d.entry.origin.len()
-            + d.item.as_ref().map_or(0, |i| i.state.len() + i.content.len());
+            + d.item.as_ref().map_or(0, |i| {
+                i.state.len() + i.content.len() + i.media_type.as_ref().map_or(0, |m| m.len() + 8)
+            });
         if !group.is_empty() && (bytes + size > PACK_BYTES || group.len() >= MAX_DELTAS) {
             out.push(std::mem::take(&mut group));
             bytes = 0;
