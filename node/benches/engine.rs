@@ -13,7 +13,7 @@ use sqlx::{AssertSqlSafe, ConnectOptions};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
-use syncnode::engine::l3::{Dialect, SQLITE_PRAGMAS, items_table_ddl, upsert_sql};
+use syncnode::engine::l3::{Dialect, SQLITE_PRAGMAS, migrator, upsert_sql};
 use syncnode::{SyncEngine, SyncEngineConfig, SyncItem};
 
 const PAYLOAD: usize = 1024;
@@ -54,9 +54,7 @@ async fn baseline(dir: &std::path::Path, name: &str, rows: &[SyncItem], per_txn:
         .connect_with(opts)
         .await
         .unwrap();
-    for ddl in items_table_ddl(Dialect::Sqlite) {
-        sqlx::query(*ddl).execute(&pool).await.unwrap();
-    }
+    migrator(Dialect::Sqlite).run(&pool).await.unwrap();
     let start = Instant::now();
     for batch in rows.chunks(per_txn) {
         let mut tx = pool.begin().await.unwrap();

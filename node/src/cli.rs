@@ -501,7 +501,7 @@ pub async fn main() -> anyhow::Result<()> {
         log(
             cli.log_level.as_deref().or(cfg.log_level.as_deref()),
             format.or(cfg.log_format),
-            "info",
+            crate::logging::NODE_LEVEL,
         )
     };
     match cli.command {

@@ -202,6 +202,34 @@ pub struct NodeConfig {
     pub engine: SyncEngineConfig,
 }
 
+/// The node's defaults, each written once: `NodeConfig::resolve` takes them,
+/// `NetworkConfig::loopback` shares those a test cluster keeps, and a test
+/// checks that `--help` and the README say the same (the engine's keys have
+/// theirs in `SyncEngineConfig::default`).
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const DATA_DIR: &str = "./syncnode-data";
+    pub const LISTEN: &str = "/ip4/0.0.0.0/tcp/7070";
+    pub const MAX_PEERS: usize = 32;
+    pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+    pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const HTTP: &str = "127.0.0.1:8080";
+    pub const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const HTTP_MAX_CONNECTIONS: usize = 4096;
+    pub const CLUSTER_ID: &str = "default";
+    pub const REGION: &str = "default";
+    pub const GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
+    pub const TOMBSTONE_GRACE: Duration = Duration::from_secs(3_600);
+    pub const MEMBER_EXPIRY: Duration = Duration::from_secs(7 * 86_400);
+    pub const LEDGER_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+    /// How long one request to a peer may take (not configurable).
+    pub const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    /// How long CDC deltas to pass on are batched (not configurable).
+    pub const CDC_BATCH: Duration = Duration::from_millis(10);
+}
+
 /// Keys a running node takes in on SIGHUP; the others need a restart.
 pub const RELOADABLE: &[&str] = &["max_payload_bytes", "snapshot_interval_secs", "log_level"];
 
@@ -254,7 +282,7 @@ impl NodeConfig {
                 .map(|a| key(name, a.trim().parse::<Multiaddr>().map_err(|e| format!("{a:?}: {e}"))))
                 .collect()
         };
-        let listen = addrs("listen", s.listen, &["/ip4/0.0.0.0/tcp/7070"])?;
+        let listen = addrs("listen", s.listen, &[defaults::LISTEN])?;
         anyhow::ensure!(!listen.is_empty(), "listen: at least one address is needed");
         let bootstrap = addrs("bootstrap", s.bootstrap, &[])?;
         for b in &bootstrap {
@@ -269,20 +297,22 @@ impl NodeConfig {
             );
             anyhow::ensure!(!is_unspecified(a), "advertise: {a}: 0.0.0.0 and :: cannot be dialed");
         }
-        let duration =
-            |name: &str, v: Option<String>, default: &str| key(name, parse_duration(v.as_deref().unwrap_or(default)));
-        let probe_interval = duration("probe_interval", s.probe_interval, "1s")?;
+        let duration = |name: &str, v: Option<String>, default: Duration| match v {
+            Some(v) => key(name, parse_duration(&v)),
+            None => Ok(default),
+        };
+        let probe_interval = duration("probe_interval", s.probe_interval, defaults::PROBE_INTERVAL)?;
         anyhow::ensure!(
             probe_interval >= Duration::from_millis(50),
             "probe_interval: at least 50ms"
         );
-        let max_peers = s.max_peers.unwrap_or(32);
+        let max_peers = s.max_peers.unwrap_or(defaults::MAX_PEERS);
         anyhow::ensure!(
             (1..=1024).contains(&max_peers),
             "max_peers: {max_peers} is out of range 1..=1024"
         );
-        let member_expiry = duration("member_expiry", s.member_expiry, "7d")?;
-        let ledger_retention = duration("ledger_retention", s.ledger_retention, "30d")?;
+        let member_expiry = duration("member_expiry", s.member_expiry, defaults::MEMBER_EXPIRY)?;
+        let ledger_retention = duration("ledger_retention", s.ledger_retention, defaults::LEDGER_RETENTION)?;
         anyhow::ensure!(
             ledger_retention >= member_expiry,
             "ledger_retention: {ledger_retention:?} is shorter than member_expiry ({member_expiry:?}): a member expired from the purge watermarks must still find the purge records when it returns"
@@ -290,7 +320,11 @@ impl NodeConfig {
         let max_clock_skew = match (s.max_clock_skew, s.max_clock_skew_ms) {
             (Some(_), Some(_)) => anyhow::bail!("max_clock_skew_ms: set max_clock_skew or max_clock_skew_ms, not both"),
             (None, Some(ms)) => Duration::from_millis(ms),
-            (d, None) => duration("max_clock_skew", d, "500ms")?,
+            (d, None) => duration(
+                "max_clock_skew",
+                d,
+                Duration::from_millis(SyncEngineConfig::default().max_clock_skew_ms),
+            )?,
         };
         anyhow::ensure!(
             max_clock_skew >= Duration::from_millis(1),
@@ -308,13 +342,13 @@ impl NodeConfig {
                 )
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let region = s.region.unwrap_or_else(|| "default".into());
+        let region = s.region.unwrap_or_else(|| defaults::REGION.into());
         anyhow::ensure!(
             !region.is_empty() && region.len() <= syncnode_protocol::membership::MAX_REGION,
             "region: {region:?} must be 1-{} bytes",
             syncnode_protocol::membership::MAX_REGION
         );
-        let cluster_id = s.cluster_id.unwrap_or_else(|| "default".into());
+        let cluster_id = s.cluster_id.unwrap_or_else(|| defaults::CLUSTER_ID.into());
         anyhow::ensure!(
             !cluster_id.is_empty()
                 && cluster_id.len() <= 64
@@ -329,10 +363,7 @@ impl NodeConfig {
             "merkle_depth: {merkle_depth} is out of range 1..={}",
             syncnode_protocol::merkle::MAX_DEPTH
         );
-        let gossip_interval = key(
-            "gossip_interval",
-            parse_duration(s.gossip_interval.as_deref().unwrap_or("1s")),
-        )?;
+        let gossip_interval = duration("gossip_interval", s.gossip_interval, defaults::GOSSIP_INTERVAL)?;
         anyhow::ensure!(
             gossip_interval >= Duration::from_millis(50),
             "gossip_interval: at least 50ms"
@@ -343,7 +374,7 @@ impl NodeConfig {
             anyhow::ensure!(v >= 1, "{name}: must be at least 1");
             Ok(v)
         };
-        let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from("./syncnode-data"));
+        let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from(defaults::DATA_DIR));
         let engine = SyncEngineConfig {
             data_dir: data_dir.clone(),
             node_id: String::new(),
@@ -402,18 +433,22 @@ impl NodeConfig {
             .map_err(|_| anyhow::anyhow!("sql_max_connections: too large"))?,
             warm_up_items: s.warm_up_items.unwrap_or(defaults.warm_up_items),
         };
-        let http_max_connections = s.http_max_connections.unwrap_or(4096);
+        let http_max_connections = s.http_max_connections.unwrap_or(defaults::HTTP_MAX_CONNECTIONS);
         anyhow::ensure!(
             (1..=1_000_000).contains(&http_max_connections),
             "http_max_connections: {http_max_connections} is out of range 1..=1000000"
         );
-        let at_least_100ms = |name: &str, v: Option<String>, default: &str| -> anyhow::Result<Duration> {
+        let at_least_100ms = |name: &str, v: Option<String>, default: Duration| -> anyhow::Result<Duration> {
             let d = duration(name, v, default)?;
             anyhow::ensure!(d >= Duration::from_millis(100), "{name}: at least 100ms");
             Ok(d)
         };
-        let http_header_timeout = at_least_100ms("http_header_timeout", s.http_header_timeout, "10s")?;
-        let http_idle_timeout = at_least_100ms("http_idle_timeout", s.http_idle_timeout, "60s")?;
+        let http_header_timeout = at_least_100ms(
+            "http_header_timeout",
+            s.http_header_timeout,
+            defaults::HTTP_HEADER_TIMEOUT,
+        )?;
+        let http_idle_timeout = at_least_100ms("http_idle_timeout", s.http_idle_timeout, defaults::HTTP_IDLE_TIMEOUT)?;
         if let Some(level) = &s.log_level {
             crate::logging::check_level(level)?;
         }
@@ -428,20 +463,17 @@ impl NodeConfig {
             advertise,
             max_peers,
             probe_interval,
-            join_timeout: duration("join_timeout", s.join_timeout, "30s")?,
+            join_timeout: duration("join_timeout", s.join_timeout, defaults::JOIN_TIMEOUT)?,
             http: key(
                 "http",
-                s.http.as_deref().unwrap_or("127.0.0.1:8080").parse::<SocketAddr>(),
+                s.http.as_deref().unwrap_or(defaults::HTTP).parse::<SocketAddr>(),
             )?,
             region,
             psk_file: s.psk_file,
             allow_peers,
             api_token: s.api_token,
             gossip_interval,
-            tombstone_grace: key(
-                "tombstone_grace",
-                parse_duration(s.tombstone_grace.as_deref().unwrap_or("1h")),
-            )?,
+            tombstone_grace: duration("tombstone_grace", s.tombstone_grace, defaults::TOMBSTONE_GRACE)?,
             member_expiry,
             ledger_retention,
             max_clock_skew,
@@ -657,5 +689,171 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_duration("1 fortnight").is_err() && parse_duration("").is_err());
+    }
+
+    /// A default as a doc writes it: a number (`1,000,000`, `256 MiB`), a
+    /// duration (`1s`, `7d`) or text (backticks dropped).
+    #[derive(Debug, PartialEq)]
+    enum Doc {
+        Num(u64),
+        Dur(Duration),
+        Text(String),
+    }
+
+    fn doc_value(raw: &str) -> Doc {
+        let v = raw.trim().trim_matches('`').replace(',', "");
+        let units = [("KiB", 1u64 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)];
+        for (unit, size) in units {
+            if let Some(n) = v.strip_suffix(unit).and_then(|n| n.trim().parse::<u64>().ok()) {
+                return Doc::Num(n * size);
+            }
+        }
+        if let Ok(n) = v.parse() {
+            return Doc::Num(n);
+        }
+        match parse_duration(&v) {
+            Ok(d) => Doc::Dur(d),
+            Err(_) => Doc::Text(v),
+        }
+    }
+
+    /// `key → default` from a README table whose header is `| key | default | meaning |`,
+    /// the `n`-th such table; `a` / `b` rows give each key its value.
+    fn readme_table(n: usize) -> std::collections::BTreeMap<String, String> {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let mut tables = readme.split("| key | default | meaning |").skip(1);
+        let table = tables.nth(n).expect("the README has the config tables");
+        let mut out = std::collections::BTreeMap::new();
+        for line in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            let keys: Vec<&str> = cells[0].trim_start_matches("| ").split(" / ").collect();
+            let values: Vec<&str> = cells[1].split(" / ").collect();
+            for (i, k) in keys.iter().enumerate() {
+                let value = values.get(i).or(values.first()).unwrap();
+                out.insert(k.trim_matches('`').to_string(), value.to_string());
+            }
+        }
+        out
+    }
+
+    /// Every key's default, as the code has it (`None`: a default the docs
+    /// describe in words, e.g. "the peer id").
+    fn code_defaults() -> Vec<(&'static str, Option<Doc>)> {
+        let c = NodeConfig::resolve(Settings::default()).unwrap();
+        let e = &c.engine;
+        let num = |n: u64| Some(Doc::Num(n));
+        let dur = |d: Duration| Some(Doc::Dur(d));
+        let text = |t: &str| Some(Doc::Text(t.to_string()));
+        vec![
+            ("data_dir", text(&c.data_dir.display().to_string())),
+            ("node_id", None),
+            (
+                "listen",
+                text(&c.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")),
+            ),
+            ("bootstrap", None),
+            ("advertise", None),
+            ("max_peers", num(c.max_peers as u64)),
+            ("probe_interval", dur(c.probe_interval)),
+            ("join_timeout", dur(c.join_timeout)),
+            ("http", text(&c.http.to_string())),
+            ("http_header_timeout", dur(c.http_header_timeout)),
+            ("http_idle_timeout", dur(c.http_idle_timeout)),
+            ("http_max_connections", num(c.http_max_connections as u64)),
+            ("sql_url", None),
+            ("redis_url", None),
+            ("redis_prefix", None),
+            ("cluster_id", text(&c.cluster_id)),
+            ("region", text(&c.region)),
+            ("psk_file", None),
+            ("allow_peers", None),
+            ("api_token", None),
+            ("gossip_interval", dur(c.gossip_interval)),
+            ("merkle_depth", num(u64::from(e.merkle_depth))),
+            ("tombstone_grace", dur(c.tombstone_grace)),
+            ("member_expiry", dur(c.member_expiry)),
+            ("ledger_retention", dur(c.ledger_retention)),
+            ("max_clock_skew", dur(c.max_clock_skew)),
+            ("max_clock_skew_ms", None),
+            ("l1_max_bytes", num(e.l1_max_bytes as u64)),
+            ("max_payload_bytes", num(e.max_payload_bytes as u64)),
+            ("batch_flush_count", num(e.batch_flush_count as u64)),
+            ("batch_flush_bytes", num(e.batch_flush_bytes as u64)),
+            ("commit_log_max_items", num(e.commit_log_max_items)),
+            ("commit_log_max_bytes", num(e.commit_log_max_bytes)),
+            ("commit_log_drain_batch", num(e.commit_log_drain_batch as u64)),
+            ("snapshot_interval_secs", num(e.snapshot_interval_secs)),
+            ("sql_timeout_ms", num(e.sql_timeout_ms)),
+            ("sql_max_connections", num(u64::from(e.sql_max_connections))),
+            ("warm_up_items", num(e.warm_up_items as u64)),
+            ("log_level", text(crate::logging::NODE_LEVEL)),
+            ("log_format", text("text")),
+        ]
+    }
+
+    #[test]
+    fn every_default_reads_the_same_in_help_the_readme_and_the_code() {
+        use clap::Args;
+        let cmd = Settings::augment_args(clap::Command::new("run"));
+        let help: std::collections::BTreeMap<String, String> = cmd
+            .get_arguments()
+            .filter_map(|a| {
+                let h = a.get_help()?.to_string();
+                let d = h.split("[default: ").nth(1)?.split(']').next()?.to_string();
+                Some((a.get_id().to_string(), d))
+            })
+            .collect();
+        let readme = readme_table(1);
+        let code = code_defaults();
+        // Every key is covered: the flags' and the two the config file alone has.
+        let mut keys: Vec<String> = cmd.get_arguments().map(|a| a.get_id().to_string()).collect();
+        keys.extend(["log_level".to_string(), "log_format".to_string()]);
+        keys.sort();
+        let mut covered: Vec<String> = code.iter().map(|(k, _)| k.to_string()).collect();
+        covered.sort();
+        assert_eq!(covered, keys, "code_defaults must list every key");
+        assert!(matches!(
+            crate::logging::LogFormat::default(),
+            crate::logging::LogFormat::Text
+        ));
+        for (key, value) in &code {
+            let in_readme = readme
+                .get(*key)
+                .unwrap_or_else(|| panic!("the README's table lacks {key}"));
+            let Some(value) = value else { continue };
+            assert_eq!(&doc_value(in_readme), value, "{key}: README says {in_readme}");
+            // log_level and log_format have no flag of their own in `Settings`.
+            if let Some(h) = help.get(*key) {
+                let h = h.replace(" (repeatable)", "");
+                assert_eq!(&doc_value(&h), value, "{key}: --help says [default: {h}]");
+            } else {
+                assert!(key.starts_with("log_"), "--help gives no default for {key}");
+            }
+        }
+        // The engine's table, against SyncEngineConfig::default().
+        let e = SyncEngineConfig::default();
+        let engine = readme_table(0);
+        for (key, value) in [
+            ("data_dir", Doc::Text(e.data_dir.display().to_string())),
+            ("node_id", Doc::Text(e.node_id.clone())),
+            ("l1_max_bytes", Doc::Num(e.l1_max_bytes as u64)),
+            ("max_payload_bytes", Doc::Num(e.max_payload_bytes as u64)),
+            ("batch_flush_count", Doc::Num(e.batch_flush_count as u64)),
+            ("batch_flush_bytes", Doc::Num(e.batch_flush_bytes as u64)),
+            ("commit_log_max_items", Doc::Num(e.commit_log_max_items)),
+            ("commit_log_max_bytes", Doc::Num(e.commit_log_max_bytes)),
+            ("commit_log_drain_batch", Doc::Num(e.commit_log_drain_batch as u64)),
+            ("merkle_depth", Doc::Num(u64::from(e.merkle_depth))),
+            ("max_clock_skew_ms", Doc::Num(e.max_clock_skew_ms)),
+            ("snapshot_interval_secs", Doc::Num(e.snapshot_interval_secs)),
+            ("sql_timeout_ms", Doc::Num(e.sql_timeout_ms)),
+            ("sql_max_connections", Doc::Num(u64::from(e.sql_max_connections))),
+            ("warm_up_items", Doc::Num(e.warm_up_items as u64)),
+        ] {
+            let doc = engine
+                .get(key)
+                .unwrap_or_else(|| panic!("the engine table lacks {key}"));
+            assert_eq!(doc_value(doc), value, "engine {key}: README says {doc}");
+        }
     }
 }

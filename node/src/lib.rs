@@ -12,6 +12,7 @@ pub mod demo;
 pub mod engine;
 pub mod identity;
 pub mod load;
+mod locks;
 pub mod logging;
 pub mod metrics;
 pub mod process;

@@ -510,44 +510,14 @@ impl Envelope {
     }
 }
 
-/// Splits a byte stream into frames; holds at most one frame of `max` bytes.
-#[derive(Debug)]
-pub struct FrameDecoder {
-    max: usize,
-    buf: Vec<u8>,
-}
-
-impl FrameDecoder {
-    pub fn new(max: usize) -> Self {
-        Self { max, buf: Vec::new() }
+/// The length a frame's 4-byte big-endian prefix announces, refused past
+/// `max` before anything is allocated for it.
+pub fn frame_length(prefix: [u8; 4], max: usize) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > max {
+        return Err(WireError::TooLarge { size: len, max });
     }
-
-    /// Adds bytes; returns every complete frame's payload. An oversized length
-    /// is an error (the stream must be dropped).
-    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, WireError> {
-        self.buf.extend_from_slice(bytes);
-        let mut out = Vec::new();
-        while let Some(head) = self.buf.get(..4) {
-            let len = u32::from_be_bytes(head.try_into().expect("4 bytes")) as usize;
-            if len > self.max {
-                return Err(WireError::TooLarge {
-                    size: len,
-                    max: self.max,
-                });
-            }
-            if self.buf.len() < 4 + len {
-                break;
-            }
-            out.push(self.buf[4..4 + len].to_vec());
-            self.buf.drain(..4 + len);
-        }
-        Ok(out)
-    }
-
-    /// Bytes of an incomplete frame still held.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
+    Ok(len)
 }
 
 #[cfg(test)]
@@ -702,30 +672,40 @@ mod tests {
         #[test]
         fn garbage_is_rejected_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Envelope::decode(&bytes, 1024);
-            let mut d = FrameDecoder::new(64);
-            let _ = d.push(&bytes);
+            if let Some(prefix) = bytes.get(..4) {
+                let _ = frame_length(prefix.try_into().unwrap(), 64);
+            }
         }
 
         #[test]
-        fn frames_reassemble_from_any_split(bs in proptest::collection::vec(body(), 1..5), split in 1usize..50) {
+        fn a_stream_of_frames_reads_back(bs in proptest::collection::vec(body(), 1..5)) {
             let envs: Vec<Envelope> = bs.into_iter().map(|b| Envelope::new("c", b)).collect();
             let stream: Vec<u8> = envs.iter().flat_map(|e| e.to_frame()).collect();
-            let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME);
-            let mut got = Vec::new();
-            for chunk in stream.chunks(split) {
-                for f in d.push(chunk).unwrap() {
-                    got.push(Envelope::decode(&f, DEFAULT_MAX_FRAME).unwrap());
-                }
+            // As a stream reader reads it: the prefix, then that many bytes.
+            let (mut rest, mut got) = (&stream[..], Vec::new());
+            while let Some((prefix, tail)) = rest.split_first_chunk::<4>() {
+                let len = frame_length(*prefix, DEFAULT_MAX_FRAME).unwrap();
+                got.push(Envelope::decode(&tail[..len], DEFAULT_MAX_FRAME).unwrap());
+                rest = &tail[len..];
             }
             prop_assert_eq!(got, envs);
-            prop_assert_eq!(d.pending(), 0);
         }
     }
 
     #[test]
     fn oversized_frames_and_versions_are_refused() {
-        let mut d = FrameDecoder::new(10);
-        assert_eq!(d.push(&[0, 0, 0, 11]), Err(WireError::TooLarge { size: 11, max: 10 }));
+        assert_eq!(
+            frame_length([0, 0, 0, 11], 10),
+            Err(WireError::TooLarge { size: 11, max: 10 })
+        );
+        assert_eq!(frame_length([0, 0, 0, 10], 10), Ok(10));
+        assert_eq!(
+            frame_length([0xff; 4], DEFAULT_MAX_FRAME),
+            Err(WireError::TooLarge {
+                size: u32::MAX as usize,
+                max: DEFAULT_MAX_FRAME
+            })
+        );
         let mut bytes = Envelope::new("c", Body::Response(Response::Pushed { applied: 1 })).encode();
         bytes[0] = 9;
         assert_eq!(Envelope::decode(&bytes, 100), Err(WireError::Version(9)));

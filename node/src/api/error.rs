@@ -53,7 +53,6 @@ impl From<StorageError> for ApiError {
             StorageError::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id", None),
             StorageError::InvalidInput(_) => (StatusCode::BAD_REQUEST, "invalid_input", None),
             StorageError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
-            StorageError::NotFound => (StatusCode::NOT_FOUND, "not_found", None),
             StorageError::UnknownIndex(_) => (StatusCode::NOT_FOUND, "unknown_index", None),
             StorageError::Backpressure { retry_after_secs, .. } => (
                 StatusCode::TOO_MANY_REQUESTS,

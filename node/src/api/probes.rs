@@ -13,8 +13,8 @@ use super::Api;
 use super::error::ApiResult;
 
 pub(super) async fn health(State(api): State<Api>) -> Json<Value> {
-    let mut h = api.engine.health_check().await;
-    h.peer_lag_ms = api.net.peers.lags();
+    let h = api.engine.health_check().await;
+    let lags = api.net.peers.lags();
     let mut v = json!(h);
     if let Value::Object(m) = &mut v {
         m.insert("peer_id".into(), json!(api.net.peer_id.to_string()));
@@ -31,7 +31,8 @@ pub(super) async fn health(State(api): State<Api>) -> Json<Value> {
         m.insert("cluster_id".into(), json!(api.cluster_id));
         m.insert("region".into(), json!(api.region));
         m.insert("node_id".into(), json!(api.engine.node_id()));
-        m.insert("peers".into(), json!(h.peer_lag_ms.len()));
+        m.insert("peers".into(), json!(lags.len()));
+        m.insert("peer_lag_ms".into(), json!(lags));
         m.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     }
     Json(v)

@@ -5,8 +5,6 @@ use super::backpressure::BackpressureLevel;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StorageError {
-    #[error("not found")]
-    NotFound,
     #[error("no search index named {0:?}")]
     UnknownIndex(String),
     /// The object id breaks the rules of DESIGN §2.
@@ -71,11 +69,6 @@ impl StorageError {
             }
             other => StorageError::Backend(format!("{context}: {other}")),
         }
-    }
-
-    /// True for failures of a backend that may pass (worth a retry).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StorageError::Connection(_) | StorageError::Backend(_))
     }
 
     /// The item's own fault: L3 refuses its data. Retrying will not help;

@@ -14,6 +14,7 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::error::StorageError;
+use crate::locks::RwLockUnpoisoned;
 
 /// The filter's kick RNG. The crate's default (`ThreadRng`) is not `Send`; the
 /// choice of which entry to kick needs no quality, so a splitmix64 does.
@@ -150,11 +151,11 @@ impl FilterManager {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, IdFilter> {
-        self.filter.read().unwrap_or_else(|p| p.into_inner())
+        self.filter.read_locked()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, IdFilter> {
-        self.filter.write().unwrap_or_else(|p| p.into_inner())
+        self.filter.write_locked()
     }
 }
 

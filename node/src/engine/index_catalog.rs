@@ -7,30 +7,15 @@
 //! leave the reserved ids out, and local writes to them are refused.
 
 use super::error::StorageError;
+pub use super::item::RESERVED;
 use super::item::{ContentType, SyncItem};
+use super::l3::Rows;
 use super::search::SearchIndex;
 use super::{L2Route, SubmitOptions, SyncEngine};
 
-/// Ids under this prefix belong to the engine.
-pub const RESERVED: &str = "_syncnode/";
+/// The reserved ids (`item::RESERVED`) of index definitions.
 const INDEX_PREFIX: &str = "_syncnode/index/";
 const CATALOG_STATE: &str = "_syncnode";
-
-/// Refuses a local write to a reserved id.
-pub(crate) fn check_not_reserved(id: &str) -> Result<(), StorageError> {
-    if id.starts_with(RESERVED) {
-        return Err(StorageError::InvalidId(format!(
-            "{id:?}: ids starting with {RESERVED:?} are the engine's"
-        )));
-    }
-    Ok(())
-}
-
-/// Whether a scan of `prefix` leaves the reserved ids out: it does unless
-/// the prefix asks for them by name.
-pub(crate) fn hides_reserved(prefix: &str) -> bool {
-    RESERVED.starts_with(prefix) && !prefix.starts_with(RESERVED)
-}
 
 fn catalog_id(name: &str) -> String {
     format!("{INDEX_PREFIX}{name}")
@@ -121,7 +106,7 @@ impl SyncEngine {
     pub(crate) async fn reconcile_catalog(&self) -> Result<(), StorageError> {
         let b = self.core.backends()?;
         let items =
-            b.l3.scan_prefix(INDEX_PREFIX, None, usize::MAX >> 1, super::Rows::WithTombstones)
+            b.l3.scan_prefix(INDEX_PREFIX, None, usize::MAX >> 1, Rows::WithTombstones)
                 .await?;
         let ids: Vec<String> = items.iter().map(|i| i.object_id.clone()).collect();
         self.follow_catalog(&ids).await;

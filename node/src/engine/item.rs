@@ -121,6 +121,20 @@ pub fn content_hash(content: &[u8]) -> String {
     hex::encode(Sha256::digest(content))
 }
 
+/// The raw bytes of a content hash the engine holds. Every such hash was
+/// checked where it came in: computed by `submit`, equal to the content's
+/// for a replicated item (`validate_remote`), 32 bytes in an L3 row
+/// (`l3::items`), 64 hex digits in Redis (`l2`). One that is not is a bug,
+/// logged as an error (and read as zeros, which matches no content).
+pub fn hash_bytes(hex_hash: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    if let Err(e) = hex::decode_to_slice(hex_hash, &mut out) {
+        tracing::error!(hash = hex_hash, error = %e, "a content hash inside the engine is not 64 hex digits");
+        debug_assert!(false, "unchecked content hash {hex_hash:?}");
+    }
+    out
+}
+
 impl SyncItem {
     /// A new item; the content type is detected and the hash computed.
     pub fn new(object_id: impl Into<String>, content: impl Into<Bytes>) -> Self {
@@ -181,11 +195,9 @@ impl SyncItem {
         serde_json::from_slice(&self.content).ok()
     }
 
-    /// Raw 32-byte content hash (zeros if the hex is malformed; validation rejects that).
+    /// Raw 32-byte content hash (see `hash_bytes`).
     pub fn content_hash_bytes(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        let _ = hex::decode_to_slice(&self.content_hash, &mut out);
-        out
+        hash_bytes(&self.content_hash)
     }
 
     /// Approximate bytes this item takes in memory.
@@ -253,6 +265,37 @@ fn validate_tag(what: &str, value: &str, max: usize, allow_empty: bool) -> Resul
 
 pub fn validate_state(state: &str) -> Result<(), StorageError> {
     validate_tag("state", state, MAX_STATE_BYTES, false)
+}
+
+/// A prefix of ids: at most an id long, no control characters.
+pub(crate) fn validate_prefix(prefix: &str) -> Result<(), StorageError> {
+    if prefix.len() > MAX_ID_BYTES || prefix.bytes().any(|b| b.is_ascii_control()) {
+        return Err(StorageError::InvalidId(format!(
+            "prefix {:?} is not a valid id prefix",
+            prefix.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// Ids under this prefix belong to the engine (index definitions: see
+/// `index_catalog`).
+pub const RESERVED: &str = "_syncnode/";
+
+/// Refuses a local write to a reserved id.
+pub(crate) fn check_not_reserved(id: &str) -> Result<(), StorageError> {
+    if id.starts_with(RESERVED) {
+        return Err(StorageError::InvalidId(format!(
+            "{id:?}: ids starting with {RESERVED:?} are the engine's"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a scan of `prefix` leaves the reserved ids out: it does unless
+/// the prefix asks for them by name.
+pub(crate) fn hides_reserved(prefix: &str) -> bool {
+    RESERVED.starts_with(prefix) && !prefix.starts_with(RESERVED)
 }
 
 /// Everything but the version/origin stamp, which depends on where the item came from.

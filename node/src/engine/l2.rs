@@ -16,9 +16,9 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::{Duration, Instant};
 
+use super::entry::EntryMeta;
 use super::error::StorageError;
 use super::item::{ContentType, SyncItem, content_hash};
-use super::l3::EntryMeta;
 use super::options::L2Route;
 
 fn redis_err(context: &str, e: redis::RedisError) -> StorageError {

@@ -17,11 +17,12 @@ use std::time::Duration;
 use syncnode_protocol::MerkleTree;
 
 use super::Core;
+use super::entry::EntryMeta;
 use super::error::StorageError;
 use super::item::SyncItem;
 use super::l2::{RedisStore, StateMove, all_mirror_nodes, mirror_nodes};
-use super::l3::EntryMeta;
 use super::options::L2Route;
+use crate::locks::{MutexUnpoisoned, RwLockUnpoisoned};
 
 /// Reads from Redis give up after this, so a hung Redis cannot stall a read.
 const L2_READ_TIMEOUT: Duration = Duration::from_millis(500);
@@ -79,7 +80,7 @@ fn state_move(old: Option<&EntryMeta>, it: &SyncItem) -> StateMove {
 
 impl Core {
     fn l2_tree(&self) -> std::sync::MutexGuard<'_, MerkleTree> {
-        self.l2_state.tree.lock().unwrap_or_else(|p| p.into_inner())
+        self.l2_state.tree.locked()
     }
 
     /// Writes what an L3 batch wrote to Redis, with state sets, search
@@ -243,7 +244,7 @@ impl Core {
     async fn resync_l2_locked(&self, l2: &RedisStore, verify_content: bool) -> Result<u64, StorageError> {
         let b = self.backends()?;
         self.search.ensure_indexes(self, l2).await?;
-        let view = self.merkle.read().unwrap_or_else(|p| p.into_inner()).l2view.clone();
+        let view = self.merkle.read_locked().l2view.clone();
         let (entries, bad) = l2.scan_entries(verify_content).await?;
         let mut actual = MerkleTree::new(view.depth()).expect("same depth");
         let mut held: HashMap<String, HashMap<String, EntryMeta>> = HashMap::new();
@@ -332,13 +333,7 @@ impl Core {
 
     /// `(mirror root in Redis, root of L3's mirrored view)` as hex.
     pub(crate) async fn l2_roots(&self) -> (Option<String>, Option<String>) {
-        let view = self
-            .merkle
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .l2view
-            .root_hash()
-            .map(hex::encode);
+        let view = self.merkle.read_locked().l2view.root_hash().map(hex::encode);
         let redis = match self.backends().ok().and_then(|b| b.l2.clone()) {
             Some(l2) => tokio::time::timeout(L2_READ_TIMEOUT, l2.mirror_root())
                 .await

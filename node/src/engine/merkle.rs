@@ -8,8 +8,9 @@ use std::future::Future;
 use syncnode_protocol::MerkleTree;
 
 use super::SyncEngine;
+use super::entry::EntryMeta;
 use super::error::StorageError;
-use super::l3::EntryMeta;
+use crate::locks::RwLockUnpoisoned;
 
 /// One tree node: its hash, its non-empty children and how many entries lie below.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,7 +46,7 @@ fn bad_path(e: syncnode_protocol::MerkleError) -> StorageError {
 
 impl SyncEngine {
     pub(crate) fn with_tree<T>(&self, f: impl FnOnce(&MerkleTree) -> T) -> T {
-        let t = self.core.merkle.read().unwrap_or_else(|p| p.into_inner());
+        let t = self.core.merkle.read_locked();
         f(&t.tree)
     }
 

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use syncnode_protocol::wire::PurgedEntry;
 
 use super::{StorageError, SyncEngine, SyncItem};
+use crate::locks::RwLockUnpoisoned;
 
 impl SyncEngine {
     /// Purges up to `limit` tombstones stamped below `below`; returns how
@@ -63,7 +64,7 @@ impl SyncEngine {
             }
         };
         {
-            let mut tree = core.merkle.write().unwrap_or_else(|p| p.into_inner());
+            let mut tree = core.merkle.write_locked();
             for g in &gone {
                 tree.tree.remove(&g.digest());
                 if g.l2 {

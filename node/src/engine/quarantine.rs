@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use super::Core;
 use super::error::StorageError;
 use super::item::{SyncItem, now_ms};
+use crate::locks::MutexUnpoisoned;
 
 /// How many quarantined writes `/health` lists (the newest).
 const KEPT: usize = 100;
@@ -38,18 +39,13 @@ pub(crate) struct QuarantineList(Mutex<VecDeque<Quarantined>>);
 
 impl QuarantineList {
     pub(crate) fn list(&self) -> Vec<Quarantined> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.0.locked().iter().cloned().collect()
     }
 
     /// Adds `q` unless that version is listed already (a peer offering a
     /// refused version again).
     fn push_new(&self, q: Quarantined) -> bool {
-        let mut l = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut l = self.0.locked();
         if l.iter().any(|o| o.id == q.id && o.version == q.version) {
             return false;
         }

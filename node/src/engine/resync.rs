@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use syncnode_protocol::MerkleTree;
 
 use super::{StorageError, SyncEngine};
+use crate::locks::RwLockUnpoisoned;
 
 impl SyncEngine {
     /// Erases every item in every tier; returns how many entries went.
@@ -28,7 +29,7 @@ impl SyncEngine {
         let had = self.merkle_summary().1;
         let generation = b.l3.erase_all().await?;
         {
-            let mut t = core.merkle.write().unwrap_or_else(|p| p.into_inner());
+            let mut t = core.merkle.write_locked();
             let depth = t.tree.depth();
             t.tree = MerkleTree::new(depth).expect("depth of an existing tree");
             // Redis should hold nothing now: its resync deletes what it has.

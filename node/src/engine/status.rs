@@ -1,7 +1,6 @@
 //! Lifecycle state and the reports the engine gives about itself.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 use super::backpressure::BackpressureLevel;
 use super::filter::FilterTrust;
@@ -92,8 +91,6 @@ pub struct HealthCheck {
     pub wal_pending_items: Option<u64>,
     pub merkle_items: u64,
     pub merkle_root: Option<String>,
-    /// Replication lag per peer, ms (filled by the replication layer).
-    pub peer_lag_ms: BTreeMap<String, u64>,
     pub healthy: bool,
     /// The newest writes L3 refused for good and dropped (see `quarantine`).
     #[serde(default)]

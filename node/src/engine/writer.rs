@@ -22,6 +22,7 @@ use super::error::StorageError;
 use super::item::SyncItem;
 use super::options::L2Route;
 use super::quarantine::passing;
+use crate::locks::RwLockUnpoisoned;
 
 /// The outcome of each item of one caller's batch.
 pub(crate) type Ack = oneshot::Sender<Vec<Result<(), StorageError>>>;
@@ -89,7 +90,7 @@ impl Core {
         };
         let mut written = vec![false; items.len()];
         {
-            let mut tree = self.merkle.write().unwrap_or_else(|p| p.into_inner());
+            let mut tree = self.merkle.write_locked();
             for (i, old) in &applied.written {
                 let it = &items[*i];
                 if old.is_none() {

@@ -11,8 +11,8 @@ use syncnode_protocol::replica::Store;
 use syncnode_protocol::session::{MAX_TRANSFER_BYTES, Progress, Session, Step, root_announcement};
 use syncnode_protocol::wire::{Entry, PurgedEntry, Request, Response, RootsAnnouncement, WireItem};
 
-use crate::engine::item::now_ms;
-use crate::engine::l3::EntryMeta;
+use crate::engine::entry::EntryMeta;
+use crate::engine::item::{hash_bytes, now_ms};
 use crate::engine::{ContentType, StorageError, SyncEngine, SyncItem};
 
 pub use syncnode_protocol::replica::store::LEDGER_PAGE;
@@ -27,15 +27,9 @@ pub enum SyncError {
     Storage(#[from] StorageError),
 }
 
-fn raw_hash(hex_hash: &str) -> [u8; 32] {
-    let mut h = [0u8; 32];
-    let _ = hex::decode_to_slice(hex_hash, &mut h);
-    h
-}
-
 fn entry_of(m: EntryMeta) -> Entry {
     Entry {
-        content_hash: raw_hash(&m.content_hash),
+        content_hash: hash_bytes(&m.content_hash),
         id: m.id,
         version: m.version,
         origin: m.origin,
@@ -51,7 +45,7 @@ pub fn wire_item(it: &SyncItem) -> WireItem {
             version: it.version,
             origin: it.origin.clone(),
             tombstone: it.tombstone,
-            content_hash: raw_hash(&it.content_hash),
+            content_hash: hash_bytes(&it.content_hash),
         },
         updated_at: it.updated_at,
         state: it.state.clone(),

@@ -23,6 +23,7 @@ use syncnode_protocol::membership::{MAX_PACKET, MemberId, MemberState, MemberVie
 use syncnode_protocol::wire::{Body, Envelope, MemberAck, MemberPacket};
 
 use super::transport::{read_envelope, write_envelope};
+use crate::locks::MutexUnpoisoned;
 
 pub const MEMBERS_PROTOCOL: StreamProtocol = StreamProtocol::new("/syncnode/members/1");
 /// Largest membership frame: a SWIM packet plus the envelope.
@@ -184,7 +185,7 @@ struct TableState {
 
 impl MemberTable {
     fn lock(&self) -> std::sync::MutexGuard<'_, TableState> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.locked()
     }
 
     /// Replaces the view with the core's, noting which members are connected.

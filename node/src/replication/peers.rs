@@ -22,6 +22,7 @@ use syncnode_protocol::replica::{
 use syncnode_protocol::wire::RootsAnnouncement;
 
 use crate::engine::SyncEngine;
+use crate::locks::MutexUnpoisoned;
 
 pub use syncnode_protocol::replica::peers::{PeerView, Refusal, SessionInfo};
 pub use syncnode_protocol::replica::{PeerLimits, ReplicationStats};
@@ -124,7 +125,7 @@ impl Peers {
     }
 
     fn lock(&self) -> MutexGuard<'_, Replica> {
-        self.replica.lock().unwrap_or_else(|p| p.into_inner())
+        self.replica.locked()
     }
 
     /// Runs `f` on the core with the time.
@@ -249,7 +250,7 @@ impl Peers {
     /// Writes `file` (what the core asked to persist). Blocking.
     pub fn write_members(&self, file: &MembersFile) {
         let Some(path) = &self.members_file else { return };
-        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = self.writing.locked();
         let saved = serde_json::to_vec_pretty(file)
             .map_err(std::io::Error::other)
             .and_then(|b| write_atomically(path, &b));

@@ -8,6 +8,7 @@
 //! task, so a slow answer never stalls the swarm; outbound sessions run on
 //! their own tasks, each request going through the swarm and back.
 
+use crate::config::defaults;
 use futures::{FutureExt, StreamExt};
 use libp2p::allow_block_list::{self, AllowedPeers, BlockedPeers};
 use libp2p::connection_limits::{self, ConnectionLimits};
@@ -125,18 +126,19 @@ impl NetworkConfig {
             psk: None,
             allow_peers: Vec::new(),
             region: "local".into(),
-            request_timeout: Duration::from_secs(30),
+            request_timeout: defaults::PEER_REQUEST_TIMEOUT,
+            // Faster than a node's defaults, so test clusters settle quickly.
             gossip_interval: Duration::from_millis(250),
             limits: PeerLimits::default(),
             members_file: None,
-            member_expiry: Duration::from_secs(7 * 86_400),
-            tombstone_grace: Duration::from_secs(3_600),
-            cdc_batch: Duration::from_millis(10),
-            ledger_retention: Duration::from_secs(30 * 86_400),
+            member_expiry: defaults::MEMBER_EXPIRY,
+            tombstone_grace: defaults::TOMBSTONE_GRACE,
+            cdc_batch: defaults::CDC_BATCH,
+            ledger_retention: defaults::LEDGER_RETENTION,
             advertise: Vec::new(),
-            max_peers: 32,
+            max_peers: defaults::MAX_PEERS,
             probe_interval: Duration::from_millis(250),
-            join_timeout: Duration::from_secs(30),
+            join_timeout: defaults::JOIN_TIMEOUT,
         }
     }
 }

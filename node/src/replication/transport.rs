@@ -19,7 +19,7 @@ use libp2p::{PeerId, StreamProtocol, Transport, dns, identity, noise, tcp, yamux
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use syncnode_protocol::wire::{Body, Envelope, MIN_WIRE_VERSION, Request, Response, WIRE_VERSION};
+use syncnode_protocol::wire::{Body, Envelope, MIN_WIRE_VERSION, Request, Response, WIRE_VERSION, frame_length};
 
 /// The sync protocol, once per wire version spoken, newest first: dialing a
 /// peer negotiates the newest both speak, and identify tells each side which
@@ -76,15 +76,9 @@ pub async fn read_envelope<T: AsyncRead + Unpin + Send>(
     cluster: Option<&str>,
     traffic: &Traffic,
 ) -> io::Result<Envelope> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("frame of {len} bytes exceeds {max}"),
-        ));
-    }
+    let mut prefix = [0u8; 4];
+    io.read_exact(&mut prefix).await?;
+    let len = frame_length(prefix, max).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
     traffic.received.fetch_add(4 + len as u64, Ordering::Relaxed);

@@ -3,6 +3,7 @@
 //! so a cached answer is never served after the data under it changed (it is
 //! counted as stale and recomputed).
 
+use crate::locks::MutexUnpoisoned;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -36,7 +37,7 @@ pub struct SearchCache {
 impl SearchCache {
     /// The cached ids for `key` if computed at write count `writes`.
     pub fn get(&self, key: &str, writes: u64) -> Option<Vec<String>> {
-        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.entries.locked();
         match g.0.get(key) {
             Some(e) if e.writes_seen == writes => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -56,7 +57,7 @@ impl SearchCache {
     }
 
     pub fn put(&self, key: String, writes: u64, ids: Vec<String>) {
-        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.entries.locked();
         let (map, order) = &mut *g;
         if map
             .insert(
@@ -83,7 +84,7 @@ impl SearchCache {
 
     /// Drops every entry of one index (on drop or re-create).
     pub fn forget_prefix(&self, key_prefix: &str) {
-        let mut g = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.entries.locked();
         g.0.retain(|k, _| !k.starts_with(key_prefix));
         let (map, order) = &mut *g;
         order.retain(|k| map.contains_key(k));
@@ -91,7 +92,7 @@ impl SearchCache {
 
     pub fn stats(&self) -> SearchCacheStats {
         let (hits, misses) = (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed));
-        let entry_count = self.entries.lock().unwrap_or_else(|p| p.into_inner()).0.len() as u64;
+        let entry_count = self.entries.locked().0.len() as u64;
         SearchCacheStats {
             hits,
             misses,

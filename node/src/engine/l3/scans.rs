@@ -1,0 +1,268 @@
+//! Scans: items by id prefix and by state, entry metadata in id order and
+//! under a Merkle path (hash range), and the SQL search tier's query.
+//! Prefixes become index ranges (`prefix_upper_bound`), never `LIKE`.
+
+use sqlx::AssertSqlSafe;
+
+use super::items::{COLUMNS, META_COLUMNS, item_from_row, meta_from_row};
+use super::{L3Store, int, text};
+use crate::engine::entry::EntryMeta;
+use crate::engine::error::StorageError;
+use crate::engine::item::SyncItem;
+
+/// A bound SQL argument (the search tier's conditions use them).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlArg {
+    Text(String),
+    Num(f64),
+}
+
+/// Which rows a query over items returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    Live,
+    WithTombstones,
+}
+
+impl Rows {
+    pub(super) fn clause(self) -> &'static str {
+        match self {
+            Rows::Live => " AND tombstone = 0",
+            Rows::WithTombstones => "",
+        }
+    }
+}
+
+/// The smallest byte string greater than every string starting with `prefix`
+/// (`None` when there is none), for index range scans instead of `LIKE`.
+pub fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut up = prefix.to_vec();
+    while let Some(last) = up.pop() {
+        if last < 0xff {
+            up.push(last + 1);
+            return Some(up);
+        }
+    }
+    None
+}
+
+/// `{select} FROM sync_items WHERE <id in the prefix's byte range>{tail}`, with
+/// the range bound; an index range scan instead of `LIKE` (no escaping, exact bytes).
+fn prefix_query<'q>(
+    select: &str,
+    prefix: &'q str,
+    tail: &str,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    page_query(select, prefix, None, tail)
+}
+
+/// `prefix_query` from the id after `after` on (a page of a scan).
+fn page_query<'q>(
+    select: &str,
+    prefix: &'q str,
+    after: Option<&'q str>,
+    tail: &str,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let upper = prefix_upper_bound(prefix.as_bytes());
+    // The engine's own ids (index definitions) stay out of user scans.
+    let hide = crate::engine::item::hides_reserved(prefix);
+    let sql = format!(
+        "{select} FROM sync_items WHERE id >= ?{}{}{}{tail}",
+        if after.is_some() { " AND id > ?" } else { "" },
+        if upper.is_some() { " AND id < ?" } else { "" },
+        if hide { " AND NOT (id >= ? AND id < ?)" } else { "" }
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql)).bind(prefix.as_bytes());
+    if let Some(a) = after {
+        q = q.bind(a.as_bytes());
+    }
+    if let Some(u) = upper {
+        q = q.bind(u);
+    }
+    if hide {
+        let reserved = crate::engine::item::RESERVED.as_bytes();
+        q = q
+            .bind(reserved)
+            .bind(prefix_upper_bound(reserved).expect("the reserved prefix has an upper bound"));
+    }
+    q
+}
+
+impl L3Store {
+    /// Items under `prefix` in id order, from the id after `after` on.
+    pub async fn scan_prefix(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        rows: Rows,
+    ) -> Result<Vec<SyncItem>, StorageError> {
+        let q = page_query(
+            &format!("SELECT {COLUMNS}"),
+            prefix,
+            after,
+            &format!("{} ORDER BY id LIMIT ?", rows.clause()),
+        );
+        let rows = self
+            .timed(
+                "scan_prefix",
+                q.bind(limit.min(i64::MAX as usize) as i64).fetch_all(&self.pool),
+            )
+            .await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
+    pub async fn count_prefix(&self, prefix: &str, rows: Rows) -> Result<u64, StorageError> {
+        let q = prefix_query("SELECT COUNT(*)", prefix, rows.clause());
+        let row = self.timed("count_prefix", q.fetch_one(&self.pool)).await?;
+        Ok(int(&row, 0, "count")? as u64)
+    }
+
+    /// Live ids under `prefix` (for prefix deletes).
+    pub async fn ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StorageError> {
+        let q = prefix_query("SELECT id", prefix, " AND tombstone = 0 ORDER BY id LIMIT ?");
+        let rows = self
+            .timed(
+                "ids_with_prefix",
+                q.bind(limit.min(i64::MAX as usize) as i64).fetch_all(&self.pool),
+            )
+            .await?;
+        rows.iter().map(|r| text(r, 0, "id")).collect()
+    }
+
+    /// Live items in `state` whose id starts with `prefix`, in id order.
+    pub async fn by_state_with_prefix(
+        &self,
+        state: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SyncItem>, StorageError> {
+        let q = page_query(
+            &format!("SELECT {COLUMNS}"),
+            prefix,
+            after,
+            " AND state = ? AND tombstone = 0 ORDER BY id LIMIT ?",
+        )
+        .bind(state.as_bytes())
+        .bind(limit.min(i64::MAX as usize) as i64);
+        let rows = self.timed("get_by_state", q.fetch_all(&self.pool)).await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
+    pub async fn by_state(&self, state: &str, limit: usize) -> Result<Vec<SyncItem>, StorageError> {
+        let sql = format!("SELECT {COLUMNS} FROM sync_items WHERE state = ? AND tombstone = 0 ORDER BY id LIMIT ?");
+        let q = sqlx::query(AssertSqlSafe(sql))
+            .bind(state.as_bytes())
+            .bind(limit as i64);
+        let rows = self.timed("get_by_state", q.fetch_all(&self.pool)).await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
+    pub async fn count_by_state(&self, state: &str) -> Result<u64, StorageError> {
+        let q = sqlx::query("SELECT COUNT(*) FROM sync_items WHERE state = ? AND tombstone = 0").bind(state.as_bytes());
+        let row = self.timed("count_by_state", q.fetch_one(&self.pool)).await?;
+        Ok(int(&row, 0, "count")? as u64)
+    }
+
+    pub async fn state_ids(&self, state: &str, limit: usize) -> Result<Vec<String>, StorageError> {
+        let q = sqlx::query("SELECT id FROM sync_items WHERE state = ? AND tombstone = 0 ORDER BY id LIMIT ?")
+            .bind(state.as_bytes())
+            .bind(limit as i64);
+        let rows = self.timed("list_state_ids", q.fetch_all(&self.pool)).await?;
+        rows.iter().map(|r| text(r, 0, "id")).collect()
+    }
+
+    /// One page of entry versions in id order, after `after` (for rebuilds).
+    pub async fn scan_entries(&self, after: Option<&str>, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
+        let sql = format!(
+            "{META_COLUMNS} FROM sync_items{} ORDER BY id LIMIT ?",
+            if after.is_some() { " WHERE id > ?" } else { "" }
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        if let Some(a) = after {
+            q = q.bind(a.as_bytes());
+        }
+        let rows = self
+            .timed("scan entries", q.bind(limit as i64).fetch_all(&self.pool))
+            .await?;
+        rows.iter().map(meta_from_row).collect()
+    }
+
+    /// Entry versions under the Merkle node `path` (a valid hex path of at most 8 nibbles).
+    pub async fn entries_under(&self, path: &str, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
+        let bits = 4 * path.len() as u32;
+        let prefix = if path.is_empty() {
+            0
+        } else {
+            u64::from_str_radix(path, 16)
+                .map_err(|_| StorageError::InvalidInput(format!("bad merkle path {path:?}")))?
+        };
+        let lo = (prefix << (32 - bits)) as i64;
+        let hi = ((prefix + 1) << (32 - bits)) as i64;
+        let q = sqlx::query(AssertSqlSafe(format!(
+            "{META_COLUMNS} FROM sync_items WHERE hkey >= ? AND hkey < ? ORDER BY id LIMIT ?"
+        )))
+        .bind(lo)
+        .bind(hi)
+        .bind(limit as i64);
+        let rows = self.timed("entries under path", q.fetch_all(&self.pool)).await?;
+        rows.iter().map(meta_from_row).collect()
+    }
+
+    /// Live items under `prefix` after `after` (inclusive when `!exclusive`), in id order.
+    pub async fn scan_from(
+        &self,
+        prefix: &str,
+        after: &str,
+        exclusive: bool,
+        limit: usize,
+    ) -> Result<Vec<SyncItem>, StorageError> {
+        let upper = prefix_upper_bound(prefix.as_bytes());
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sync_items WHERE id {} ?{} AND tombstone = 0 ORDER BY id LIMIT ?",
+            if exclusive { ">" } else { ">=" },
+            if upper.is_some() { " AND id < ?" } else { "" }
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(after.as_bytes());
+        if let Some(u) = upper {
+            q = q.bind(u);
+        }
+        let rows = self.timed("scan", q.bind(limit as i64).fetch_all(&self.pool)).await?;
+        rows.iter().map(item_from_row).collect()
+    }
+
+    /// Ids of live JSON items under `prefix` matching the search condition, in id order.
+    pub async fn search_ids(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        cond: &str,
+        args: &[SqlArg],
+        limit: usize,
+    ) -> Result<Vec<String>, StorageError> {
+        let tail = format!(" AND tombstone = 0 AND content_type = 1 AND ({cond}) ORDER BY id LIMIT ?");
+        let mut q = page_query("SELECT id", prefix, after, &tail);
+        for a in args {
+            q = match a {
+                SqlArg::Text(t) => q.bind(t.clone()),
+                SqlArg::Num(n) => q.bind(*n),
+            };
+        }
+        let rows = self.timed("search", q.bind(limit as i64).fetch_all(&self.pool)).await?;
+        rows.iter().map(|r| text(r, 0, "id")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_bounds() {
+        assert_eq!(prefix_upper_bound(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_upper_bound(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_upper_bound(b"\xff\xff"), None);
+        assert_eq!(prefix_upper_bound(b""), None);
+    }
+}

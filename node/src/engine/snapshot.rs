@@ -1,0 +1,151 @@
+//! Snapshots of the Merkle tree and the existence filter (DESIGN §3): saved
+//! to L3 tagged with the generation they describe, loaded at start when
+//! that generation is still L3's, else rebuilt from one L3 scan; and the
+//! periodic maintenance that saves them.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use syncnode_protocol::MerkleTree;
+
+use super::*;
+use crate::locks::{MutexUnpoisoned, RwLockUnpoisoned};
+
+/// When the last snapshot was taken and of which generation (none yet:
+/// `u64::MAX`, so the first one is always saved).
+pub(crate) struct Snapshots {
+    pub(super) generation: AtomicU64,
+    pub(super) last: Mutex<Instant>,
+}
+
+impl Default for Snapshots {
+    fn default() -> Self {
+        Self {
+            generation: AtomicU64::new(u64::MAX),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Core {
+    /// Saves the tree and filter when they changed (or when `force`), tagged with
+    /// the generation they describe.
+    pub(super) async fn save_snapshot(&self, force: bool) -> Result<(), StorageError> {
+        let b = self.backends()?;
+        let (generation, tree, l2view, filter) = {
+            let t = self.merkle.read_locked();
+            if !force && t.generation == self.snapshots.generation.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            (
+                t.generation,
+                t.tree.to_snapshot(),
+                t.l2view.to_snapshot(),
+                self.filter.export()?,
+            )
+        };
+        b.l3.save_blob("merkle_tree", generation, &tree).await?;
+        b.l3.save_blob("merkle_l2view", generation, &l2view).await?;
+        b.l3.save_blob("existence_filter", generation, &filter).await?;
+        self.snapshots.generation.store(generation, Ordering::Relaxed);
+        *self.snapshots.last.locked() = Instant::now();
+        Ok(())
+    }
+
+    /// Periodic upkeep: snapshots and gauges.
+    pub(super) async fn maintain(&self) {
+        self.watch_l2(false).await;
+        let interval = Duration::from_secs(self.config().snapshot_interval_secs.max(1));
+        let due = self.snapshots.last.locked().elapsed() >= interval;
+        if due && let Err(e) = self.save_snapshot(false).await {
+            tracing::warn!(error = %e, "snapshot failed");
+        }
+        self.update_gauges();
+    }
+
+    /// Rebuilds tree and filter from a full L3 scan. Caller holds `apply_lock`.
+    pub(super) async fn rebuild_from_l3(&self) -> Result<(), StorageError> {
+        let b = self.backends()?;
+        let depth = self.config().merkle_depth;
+        let (generation, _) = b.l3.generation().await?;
+        let mut tree = MerkleTree::new(depth).map_err(|e| StorageError::InvalidInput(e.to_string()))?;
+        let mut l2view = tree.clone();
+        let mut ids = 0usize;
+        let mut fresh = FilterManager::empty_filter(1024);
+        let mut after: Option<String> = None;
+        loop {
+            let page = b.l3.scan_entries(after.as_deref(), 10_000).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for e in &page {
+                let d = e.digest();
+                tree.insert(&d);
+                if e.l2 {
+                    l2view.insert(&d);
+                }
+                fresh.insert(e.id.as_str());
+            }
+            ids += page.len();
+        }
+        self.filter.replace(fresh);
+        self.filter.mark_trusted();
+        *self.merkle.write_locked() = TreeState {
+            tree,
+            l2view,
+            generation,
+        };
+        self.metrics.merkle_rebuilds.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(ids, generation, "rebuilt merkle tree and existence filter from L3");
+        Ok(())
+    }
+
+    /// Loads the snapshot if it describes L3's current generation, else rebuilds.
+    pub(super) async fn load_tree(&self) -> Result<(), StorageError> {
+        let b = self.backends()?;
+        let depth = self.config().merkle_depth;
+        let (generation, _) = b.l3.generation().await?;
+        // A snapshot counts only if it was taken at L3's current generation.
+        let snapshot = async |name: &str| -> Result<Option<Vec<u8>>, StorageError> {
+            Ok(b.l3
+                .load_blob(name)
+                .await?
+                .filter(|(tag, _)| *tag == generation)
+                .map(|(_, bytes)| bytes))
+        };
+        let tree_of = |bytes: Option<Vec<u8>>| {
+            bytes
+                .and_then(|b| MerkleTree::from_snapshot(&b).ok())
+                .filter(|t| t.depth() == depth)
+        };
+        let tree = tree_of(snapshot("merkle_tree").await?);
+        let l2view = tree_of(snapshot("merkle_l2view").await?);
+        let filter = snapshot("existence_filter")
+            .await?
+            .and_then(|bytes| FilterManager::import(&bytes).ok());
+        let _guard = self.apply_lock.lock().await;
+        match (tree, l2view, filter) {
+            (Some(tree), Some(l2view), Some(filter)) => {
+                self.filter.replace(filter);
+                self.filter.mark_trusted();
+                *self.merkle.write_locked() = TreeState {
+                    tree,
+                    l2view,
+                    generation,
+                };
+                self.snapshots.generation.store(generation, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => self.rebuild_from_l3().await,
+        }
+    }
+}
+
+impl SyncEngine {
+    /// Rebuilds the Merkle tree and filter from a full L3 scan; returns how long it took.
+    pub async fn rebuild_merkle(&self) -> Result<Duration, StorageError> {
+        let start = Instant::now();
+        let _guard = self.core.apply_lock.lock().await;
+        self.core.rebuild_from_l3().await?;
+        Ok(start.elapsed())
+    }
+}
