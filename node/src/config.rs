@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::engine::SyncEngineConfig;
-use crate::replication::swarm::peer_of;
+use crate::replication::addressing::peer_of;
 
 /// Every key, as one source gives it (unset = not given by that source).
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]

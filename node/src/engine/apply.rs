@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 
 use super::entry::EntryMeta;
 use super::item::{self, now_ms, validate_remote};
-use super::*;
+use super::{AckMode, StorageError, SyncEngine, SyncItem, validate_id};
+
 use crate::locks::MutexUnpoisoned;
 
 impl SyncEngine {

@@ -1,22 +1,23 @@
 //! The state the engine handle and its background tasks share (`Core`),
 //! and what `start` opens (`Backends`). Each mechanism keeps its own part
-//! here (the L2 mirror's `L2State`, the search registry, the snapshots'
+//! here (the L2 mirror's `L2Mirror`, the search registry, the snapshots'
 //! `Snapshots`) and extends `Core` in its own file.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use syncnode_protocol::{Hlc, MerkleTree};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::commit_log::CommitLog;
 use super::l1::L1;
 use super::l2::RedisStore;
-use super::l2_mirror::L2State;
+use super::l2_mirror::L2Mirror;
 use super::l3::L3Store;
 use super::search::SearchRegistry;
-use super::writer::WriterCmd;
-use super::*;
+use super::writer::Writer;
+
+use super::{EngineMetrics, EngineState, FilterManager, StorageError, SyncEngineConfig, SyncItem, quarantine};
 use crate::locks::RwLockUnpoisoned;
 
 /// The tree and the L3 generation it describes, changed together.
@@ -35,13 +36,8 @@ pub(crate) struct Backends {
     /// Redis, when `redis_url` is set.
     pub l2: Option<Arc<RedisStore>>,
     pub log: Option<Arc<CommitLog>>,
-    pub writer: mpsc::UnboundedSender<WriterCmd>,
-    pub drain_kick: Arc<Notify>,
-    pub drain_lock: tokio::sync::Mutex<()>,
-    pub sql_up: AtomicBool,
-    /// An inline drain outran its wait: acks stand on the commit log alone
-    /// until a drain empties it again (writer.rs).
-    pub drain_late: AtomicBool,
+    /// The writer task's handle and the state it shares with the drainer.
+    pub writer: Writer,
 }
 
 /// State shared by the engine handle and its background tasks.
@@ -54,7 +50,7 @@ pub(crate) struct Core {
     pub(crate) merkle: RwLock<TreeState>,
     pub(super) backends: OnceLock<Backends>,
     pub(crate) metrics: EngineMetrics,
-    pub(crate) l2_state: L2State,
+    pub(crate) l2_mirror: L2Mirror,
     pub(crate) search: SearchRegistry,
     pub(crate) stopping: AtomicBool,
     /// Committed writes made on this node, for CDC push to peers.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::*;
+use super::{FilterManager, FilterTrust, HealthCheck, SyncEngine};
 use crate::locks::RwLockUnpoisoned;
 
 impl SyncEngine {
@@ -19,7 +19,7 @@ impl SyncEngine {
                 match probe {
                     Ok(Ok(d)) => (Some(true), Some(d.as_millis() as u64)),
                     _ => {
-                        core.l2_state.up.store(false, Ordering::Relaxed);
+                        core.l2_mirror.up.store(false, Ordering::Relaxed);
                         (Some(false), None)
                     }
                 }
@@ -29,7 +29,7 @@ impl SyncEngine {
         let (sql_connected, sql_latency_ms, wal) = match core.backends() {
             Ok(b) => {
                 let probe = b.l3.ping().await;
-                b.sql_up.store(probe.is_ok(), Ordering::Relaxed);
+                b.writer.sql_up.store(probe.is_ok(), Ordering::Relaxed);
                 (
                     Some(probe.is_ok()),
                     probe.ok().map(|d| d.as_millis() as u64),

@@ -21,14 +21,17 @@ use super::entry::EntryMeta;
 use super::error::StorageError;
 use super::item::SyncItem;
 use super::l2::{RedisStore, StateMove, all_mirror_nodes, mirror_nodes};
+use super::metrics::EngineMetrics;
 use super::options::L2Route;
+use super::search::SearchRegistry;
 use crate::locks::{MutexUnpoisoned, RwLockUnpoisoned};
 
 /// Reads from Redis give up after this, so a hung Redis cannot stall a read.
 const L2_READ_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// What the engine knows about L2.
-pub(crate) struct L2State {
+/// The L2 mirror: what the engine knows of Redis (up, stale, the tree of
+/// what it holds), and the writes that keep it in step with L3.
+pub(crate) struct L2Mirror {
     /// Redis answered the last call.
     pub up: AtomicBool,
     /// Redis may hold something else than the mirror tree says: resync needed.
@@ -38,7 +41,7 @@ pub(crate) struct L2State {
     pub repaired: AtomicU64,
 }
 
-impl L2State {
+impl L2Mirror {
     pub fn new(depth: u8) -> Self {
         Self {
             up: AtomicBool::new(false),
@@ -48,11 +51,11 @@ impl L2State {
         }
     }
 
-    fn usable(&self) -> bool {
+    pub(crate) fn usable(&self) -> bool {
         self.up.load(Ordering::Relaxed) && !self.stale.load(Ordering::Relaxed)
     }
 
-    fn failed(&self, e: &StorageError) {
+    pub(crate) fn failed(&self, e: &StorageError) {
         if matches!(e, StorageError::Connection(_)) {
             self.up.store(false, Ordering::Relaxed);
         }
@@ -78,32 +81,29 @@ fn state_move(old: Option<&EntryMeta>, it: &SyncItem) -> StateMove {
     }
 }
 
-impl Core {
-    fn l2_tree(&self) -> std::sync::MutexGuard<'_, MerkleTree> {
-        self.l2_state.tree.locked()
-    }
-
+impl L2Mirror {
     /// Writes what an L3 batch wrote to Redis, with state sets, search
     /// documents and mirror nodes. Caller holds `apply_lock`.
-    pub(crate) async fn mirror_to_l2(
+    pub(crate) async fn mirror(
         &self,
         l2: &RedisStore,
+        search: &SearchRegistry,
         items: &[SyncItem],
         written: &[(usize, Option<EntryMeta>)],
     ) {
-        if !self.l2_state.usable() {
-            self.l2_state.stale.store(true, Ordering::Relaxed);
+        if !self.usable() {
+            self.stale.store(true, Ordering::Relaxed);
             return;
         }
         let mut pipe = redis::pipe();
         let nodes = {
-            let mut tree = self.l2_tree();
+            let mut tree = self.tree.locked();
             let mut buckets = BTreeSet::new();
             for (i, old) in written {
                 let it = &items[*i];
                 l2.queue_put(&mut pipe, it, it.route, false);
                 l2.queue_state(&mut pipe, &it.object_id, &state_move(old.as_ref(), it));
-                self.search.queue_docs(l2, &mut pipe, it);
+                search.queue_docs(l2, &mut pipe, it);
                 if let Some(o) = old.as_ref().filter(|o| o.l2) {
                     tree.remove(&o.digest());
                 }
@@ -117,13 +117,18 @@ impl Core {
         l2.queue_mirror(&mut pipe, &nodes);
         if let Err(e) = l2.run(&pipe, "mirror batch").await {
             tracing::warn!(error = %e, "redis write failed; L2 will be resynced from L3");
-            self.l2_state.failed(&e);
+            self.failed(&e);
         }
     }
 
     /// Removes deleted cache-only items from Redis: the key, its state-set
     /// entry and its search documents (L3 never held them).
-    pub(crate) async fn remove_cache_only(&self, l2: &RedisStore, items: &[SyncItem]) -> Result<(), StorageError> {
+    pub(crate) async fn remove_cache_only(
+        &self,
+        l2: &RedisStore,
+        search: &SearchRegistry,
+        items: &[SyncItem],
+    ) -> Result<(), StorageError> {
         let mut pipe = redis::pipe();
         for it in items {
             pipe.del(l2.item_key(&it.object_id)).ignore();
@@ -135,12 +140,9 @@ impl Core {
                     to: None,
                 },
             );
-            self.search
-                .queue_docs(l2, &mut pipe, &SyncItem::tombstone(it.object_id.clone()));
+            search.queue_docs(l2, &mut pipe, &SyncItem::tombstone(it.object_id.clone()));
         }
-        l2.run(&pipe, "cache-only delete")
-            .await
-            .inspect_err(|e| self.l2_state.failed(e))
+        l2.run(&pipe, "cache-only delete").await.inspect_err(|e| self.failed(e))
     }
 
     /// Takes `id` out of `state`'s Redis set (a cache-only item that moved).
@@ -156,11 +158,16 @@ impl Core {
         );
         l2.run(&pipe, "cache-only state move")
             .await
-            .inspect_err(|e| self.l2_state.failed(e))
+            .inspect_err(|e| self.failed(e))
     }
 
     /// Stores a cache-only item (not in L3) in Redis.
-    pub(crate) async fn put_cache_only(&self, l2: &RedisStore, items: &[SyncItem]) -> Result<(), StorageError> {
+    pub(crate) async fn put_cache_only(
+        &self,
+        l2: &RedisStore,
+        search: &SearchRegistry,
+        items: &[SyncItem],
+    ) -> Result<(), StorageError> {
         let mut pipe = redis::pipe();
         for it in items {
             l2.queue_put(&mut pipe, it, it.route, true);
@@ -172,17 +179,15 @@ impl Core {
                     to: Some(it.state.clone()),
                 },
             );
-            self.search.queue_docs(l2, &mut pipe, it);
+            search.queue_docs(l2, &mut pipe, it);
         }
-        l2.run(&pipe, "cache-only write")
-            .await
-            .inspect_err(|e| self.l2_state.failed(e))
+        l2.run(&pipe, "cache-only write").await.inspect_err(|e| self.failed(e))
     }
 
     /// Reads `id` from Redis when it is usable.
-    pub(crate) async fn l2_get(&self, l2: &RedisStore, id: &str) -> L2Read {
+    pub(crate) async fn get(&self, l2: &RedisStore, id: &str, metrics: &EngineMetrics) -> L2Read {
         // A stale Redis may hold versions from before an outage: do not read it.
-        if !self.l2_state.usable() {
+        if !self.usable() {
             return L2Read::Unusable { repair: false };
         }
         match tokio::time::timeout(L2_READ_TIMEOUT, l2.get(id)).await {
@@ -190,31 +195,30 @@ impl Core {
             Ok(Ok(None)) => L2Read::Miss,
             Ok(Err(StorageError::Corruption { id, expected, actual })) => {
                 tracing::warn!(%id, %expected, %actual, "corrupt redis entry; reading L3 and repairing");
-                self.metrics.corruption_detected.fetch_add(1, Ordering::Relaxed);
+                metrics.corruption_detected.fetch_add(1, Ordering::Relaxed);
                 L2Read::Unusable { repair: true }
             }
             Ok(Err(e)) => {
-                self.l2_state.failed(&e);
+                self.failed(&e);
                 L2Read::Unusable { repair: false }
             }
             Err(_) => {
-                self.l2_state
-                    .failed(&StorageError::Connection("redis read timed out".into()));
+                self.failed(&StorageError::Connection("redis read timed out".into()));
                 L2Read::Unusable { repair: false }
             }
         }
     }
 
     /// Puts an L3 version back into Redis (after a miss or a corrupt entry).
-    pub(crate) async fn l2_write_back(&self, l2: &RedisStore, item: &SyncItem) {
-        if item.route != L2Route::Mirror || !self.l2_state.usable() {
+    pub(crate) async fn write_back(&self, l2: &RedisStore, item: &SyncItem) {
+        if item.route != L2Route::Mirror || !self.usable() {
             return;
         }
         let mut pipe = redis::pipe();
         l2.queue_put(&mut pipe, item, item.route, false);
         l2.queue_state(&mut pipe, &item.object_id, &state_move(None, item));
         if let Err(e) = l2.run(&pipe, "write back").await {
-            self.l2_state.failed(&e);
+            self.failed(&e);
         }
     }
 
@@ -222,29 +226,29 @@ impl Core {
     /// trees, rewrites the differing buckets from L3, rewrites the mirror.
     /// Returns how many keys were rewritten or removed.
     /// `verify_content` also hashes every stored content (done at start).
-    pub(crate) async fn resync_l2(&self, verify_content: bool) -> Result<u64, StorageError> {
-        let b = self.backends()?;
+    pub(crate) async fn resync(&self, core: &Core, verify_content: bool) -> Result<u64, StorageError> {
+        let b = core.backends()?;
         let Some(l2) = &b.l2 else { return Ok(0) };
-        let _guard = self.apply_lock.lock().await;
-        let result = self.resync_l2_locked(l2, verify_content).await;
+        let _guard = core.apply_lock.lock().await;
+        let result = self.resync_locked(core, l2, verify_content).await;
         match &result {
             Ok(n) => {
-                self.l2_state.up.store(true, Ordering::Relaxed);
-                self.l2_state.stale.store(false, Ordering::Relaxed);
-                self.l2_state.repaired.fetch_add(*n, Ordering::Relaxed);
+                self.up.store(true, Ordering::Relaxed);
+                self.stale.store(false, Ordering::Relaxed);
+                self.repaired.fetch_add(*n, Ordering::Relaxed);
                 if *n > 0 {
                     tracing::info!(repaired = n, "redis resynced from L3");
                 }
             }
-            Err(e) => self.l2_state.failed(e),
+            Err(e) => self.failed(e),
         }
         result
     }
 
-    async fn resync_l2_locked(&self, l2: &RedisStore, verify_content: bool) -> Result<u64, StorageError> {
-        let b = self.backends()?;
-        self.search.ensure_indexes(self, l2).await?;
-        let view = self.merkle.read_locked().l2view.clone();
+    async fn resync_locked(&self, core: &Core, l2: &RedisStore, verify_content: bool) -> Result<u64, StorageError> {
+        let b = core.backends()?;
+        core.search.ensure_indexes(core, l2).await?;
+        let view = core.merkle.read_locked().l2view.clone();
         let (entries, bad) = l2.scan_entries(verify_content).await?;
         let mut actual = MerkleTree::new(view.depth()).expect("same depth");
         let mut held: HashMap<String, HashMap<String, EntryMeta>> = HashMap::new();
@@ -297,7 +301,7 @@ impl Core {
                             to: (!it.tombstone).then(|| it.state.clone()),
                         },
                     );
-                    self.search.queue_docs(l2, &mut pipe, &it);
+                    core.search.queue_docs(l2, &mut pipe, &it);
                     repaired += 1;
                 }
                 l2.run(&pipe, "resync").await?;
@@ -309,32 +313,32 @@ impl Core {
             l2.queue_mirror(&mut pipe, chunk);
         }
         l2.run(&pipe, "resync mirror").await?;
-        *self.l2_tree() = view;
+        *self.tree.locked() = view;
         Ok(repaired)
     }
 
     /// Called every second (and at start, with `verify_content`): when Redis
     /// is down or stale and answers, resync it.
-    pub(crate) async fn watch_l2(&self, verify_content: bool) {
-        let Ok(b) = self.backends() else { return };
+    pub(crate) async fn watch(&self, core: &Core, verify_content: bool) {
+        let Ok(b) = core.backends() else { return };
         let Some(l2) = &b.l2 else { return };
-        if self.l2_state.usable() {
+        if self.usable() {
             return;
         }
         if l2.ping().await.is_err() {
-            self.l2_state.up.store(false, Ordering::Relaxed);
+            self.up.store(false, Ordering::Relaxed);
             return;
         }
-        self.l2_state.up.store(true, Ordering::Relaxed);
-        if let Err(e) = self.resync_l2(verify_content).await {
+        self.up.store(true, Ordering::Relaxed);
+        if let Err(e) = self.resync(core, verify_content).await {
             tracing::warn!(error = %e, "redis resync failed; will retry");
         }
     }
 
     /// `(mirror root in Redis, root of L3's mirrored view)` as hex.
-    pub(crate) async fn l2_roots(&self) -> (Option<String>, Option<String>) {
-        let view = self.merkle.read_locked().l2view.root_hash().map(hex::encode);
-        let redis = match self.backends().ok().and_then(|b| b.l2.clone()) {
+    pub(crate) async fn roots(&self, core: &Core) -> (Option<String>, Option<String>) {
+        let view = core.merkle.read_locked().l2view.root_hash().map(hex::encode);
+        let redis = match core.backends().ok().and_then(|b| b.l2.clone()) {
             Some(l2) => tokio::time::timeout(L2_READ_TIMEOUT, l2.mirror_root())
                 .await
                 .ok()

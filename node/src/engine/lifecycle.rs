@@ -6,16 +6,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 use syncnode_protocol::{Hlc, MerkleTree};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::commit_log::CommitLog;
 use super::l1::L1;
 use super::l2::RedisStore;
-use super::l2_mirror::L2State;
+use super::l2_mirror::L2Mirror;
 use super::l3::{L3Store, Rows};
 use super::search::SearchRegistry;
 use super::writer::{self, WriterCmd};
-use super::*;
+use super::{
+    Backends, Core, EngineMetrics, EngineState, FilterManager, StorageError, SyncEngine, SyncEngineConfig, TreeState,
+};
+
 use crate::locks::{MutexUnpoisoned, RwLockUnpoisoned};
 
 impl SyncEngine {
@@ -42,7 +45,7 @@ impl SyncEngine {
             }),
             backends: OnceLock::new(),
             metrics: EngineMetrics::default(),
-            l2_state: L2State::new(depth),
+            l2_mirror: L2Mirror::new(depth),
             search: SearchRegistry::default(),
             stopping: AtomicBool::new(false),
             commits: tokio::sync::broadcast::channel(1024).0,
@@ -110,11 +113,7 @@ impl SyncEngine {
             l3: Arc::new(l3),
             l2,
             log,
-            writer: tx,
-            drain_kick: Arc::new(Notify::new()),
-            drain_lock: tokio::sync::Mutex::new(()),
-            sql_up: AtomicBool::new(true),
-            drain_late: AtomicBool::new(false),
+            writer: writer::Writer::new(tx),
         };
         if core.backends.set(backends).is_err() {
             return Err(StorageError::NotReady("already started".into()));
@@ -146,7 +145,7 @@ impl SyncEngine {
         if b.l2.is_some() {
             // Redis is a cache: if it is down, start anyway and resync when it returns.
             core.set_state(EngineState::SyncingRedis);
-            core.watch_l2(true).await;
+            core.l2_mirror.watch(core, true).await;
         }
         let (_, max_version) = b.l3.generation().await?;
         *core.hlc.locked() = Hlc::new(floor.max(max_version));
@@ -234,7 +233,7 @@ impl SyncEngine {
             cfg.snapshot_interval_secs = new_cfg.snapshot_interval_secs;
         }
         if let Ok(b) = self.core.backends() {
-            b.drain_kick.notify_one();
+            b.writer.drain_kick.notify_one();
         }
         self.core.maintain().await;
     }
@@ -244,7 +243,7 @@ impl SyncEngine {
     pub async fn force_flush(&self) {
         let Ok(b) = self.core.backends() else { return };
         let (tx, rx) = oneshot::channel();
-        if b.writer.send(WriterCmd::Barrier(tx)).is_ok() {
+        if b.writer.tx.send(WriterCmd::Barrier(tx)).is_ok() {
             let _ = rx.await;
         }
         if b.log.is_some()
@@ -264,7 +263,7 @@ impl SyncEngine {
         if let Ok(b) = self.core.backends() {
             // The writer commits what is queued and retries what it carries, then stops.
             let (tx, rx) = oneshot::channel();
-            if b.writer.send(WriterCmd::Stop(tx)).is_ok()
+            if b.writer.tx.send(WriterCmd::Stop(tx)).is_ok()
                 && tokio::time::timeout(Duration::from_secs(30), rx).await.is_err()
             {
                 tracing::warn!("the writer did not stop within 30 s");

@@ -192,13 +192,13 @@ impl SyncEngine {
     /// L3 entries Redis should mirror (items written `durable()` or with a TTL
     /// are in L3's full tree but not in Redis). L2 is `None` without Redis.
     pub async fn merkle_roots(&self) -> (Option<String>, Option<String>) {
-        self.core.l2_roots().await
+        self.core.l2_mirror.roots(&self.core).await
     }
 
     /// Repairs Redis from L3 now, checking every stored content against its
     /// hash (the engine also does this on start, and without the content check
     /// when Redis returns); returns how many keys were rewritten or removed.
     pub async fn resync_redis(&self) -> Result<u64, StorageError> {
-        self.core.resync_l2(true).await
+        self.core.l2_mirror.resync(&self.core, true).await
     }
 }

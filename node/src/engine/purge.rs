@@ -78,7 +78,7 @@ impl SyncEngine {
         }
         if b.l2.is_some() && gone.iter().any(|g| g.l2) {
             // The Redis copies and mirror go with the next resync.
-            core.l2_state.stale.store(true, Ordering::Relaxed);
+            core.l2_mirror.stale.store(true, Ordering::Relaxed);
         }
         tracing::info!(purged = gone.len(), below, "tombstones purged");
         Ok(gone.len() as u64)

@@ -9,7 +9,7 @@ use super::item::{validate_prefix, validate_state};
 use super::l2::RedisStore;
 use super::l2_mirror::L2Read;
 use super::l3::Rows;
-use super::*;
+use super::{ItemStatus, L2Route, StorageError, SyncEngine, SyncItem, content_hash, validate_id};
 
 impl SyncEngine {
     /// The live item, from L1, else L3 (promoted to L1). `None` when absent or deleted.
@@ -28,7 +28,7 @@ impl SyncEngine {
         let b = self.core.backends()?;
         let mut repair = false;
         if let Some(l2) = &b.l2 {
-            match self.core.l2_get(l2, id).await {
+            match self.core.l2_mirror.get(l2, id, &self.core.metrics).await {
                 L2Read::Hit(it) => {
                     m.reads_l2.fetch_add(1, Ordering::Relaxed);
                     self.core.l1.cache_insert((*it).clone());
@@ -48,7 +48,7 @@ impl SyncEngine {
                 m.reads_l3.fetch_add(1, Ordering::Relaxed);
                 self.core.l1.cache_insert(it.clone());
                 if repair && let Some(l2) = &b.l2 {
-                    self.core.l2_write_back(l2, it).await;
+                    self.core.l2_mirror.write_back(l2, it).await;
                 }
             }
             None => {
@@ -234,7 +234,7 @@ impl SyncEngine {
         let in_l1 = self.core.l1.in_cache(id);
         let b = self.core.backends()?;
         let in_l2 = match &b.l2 {
-            Some(l2) if self.core.l2_state.up.load(Ordering::Relaxed) => {
+            Some(l2) if self.core.l2_mirror.up.load(Ordering::Relaxed) => {
                 l2.exists(id).await.ok().flatten().unwrap_or(false)
             }
             _ => false,
@@ -358,7 +358,7 @@ impl SyncEngine {
         use futures::StreamExt;
         let mut reads = Vec::with_capacity(ids.len());
         for id in ids {
-            reads.push(self.core.l2_get(l2, id));
+            reads.push(self.core.l2_mirror.get(l2, id, &self.core.metrics));
         }
         futures::stream::iter(reads).buffered(64).collect().await
     }

@@ -38,7 +38,7 @@ impl SyncEngine {
         }
         core.l1.invalidate_all();
         if b.l2.is_some() {
-            core.l2_state.stale.store(true, Ordering::Relaxed);
+            core.l2_mirror.stale.store(true, Ordering::Relaxed);
         }
         tracing::warn!(entries = had, "local copy erased");
         Ok(had)

@@ -3,12 +3,14 @@
 //! that generation is still L3's, else rebuilt from one L3 scan; and the
 //! periodic maintenance that saves them.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 use syncnode_protocol::MerkleTree;
 
-use super::*;
+use super::l3::L3Store;
+use super::{Core, FilterManager, StorageError, SyncEngine, TreeState};
+
 use crate::locks::{MutexUnpoisoned, RwLockUnpoisoned};
 
 /// When the last snapshot was taken and of which generation (none yet:
@@ -27,37 +29,56 @@ impl Default for Snapshots {
     }
 }
 
-impl Core {
-    /// Saves the tree and filter when they changed (or when `force`), tagged with
-    /// the generation they describe.
-    pub(super) async fn save_snapshot(&self, force: bool) -> Result<(), StorageError> {
-        let b = self.backends()?;
+impl Snapshots {
+    /// Saves the tree and filter when they changed since the last snapshot
+    /// (or when `force`), tagged with the generation they describe.
+    pub(super) async fn save(
+        &self,
+        l3: &L3Store,
+        merkle: &RwLock<TreeState>,
+        filter: &FilterManager,
+        force: bool,
+    ) -> Result<(), StorageError> {
         let (generation, tree, l2view, filter) = {
-            let t = self.merkle.read_locked();
-            if !force && t.generation == self.snapshots.generation.load(Ordering::Relaxed) {
+            let t = merkle.read_locked();
+            if !force && t.generation == self.generation.load(Ordering::Relaxed) {
                 return Ok(());
             }
             (
                 t.generation,
                 t.tree.to_snapshot(),
                 t.l2view.to_snapshot(),
-                self.filter.export()?,
+                filter.export()?,
             )
         };
-        b.l3.save_blob("merkle_tree", generation, &tree).await?;
-        b.l3.save_blob("merkle_l2view", generation, &l2view).await?;
-        b.l3.save_blob("existence_filter", generation, &filter).await?;
-        self.snapshots.generation.store(generation, Ordering::Relaxed);
-        *self.snapshots.last.locked() = Instant::now();
+        l3.save_blob("merkle_tree", generation, &tree).await?;
+        l3.save_blob("merkle_l2view", generation, &l2view).await?;
+        l3.save_blob("existence_filter", generation, &filter).await?;
+        self.generation.store(generation, Ordering::Relaxed);
+        *self.last.locked() = Instant::now();
         Ok(())
+    }
+
+    /// Whether `interval` has passed since the last snapshot.
+    pub(super) fn due(&self, interval: Duration) -> bool {
+        self.last.locked().elapsed() >= interval
+    }
+}
+
+impl Core {
+    /// Saves the snapshots (see `Snapshots::save`).
+    pub(super) async fn save_snapshot(&self, force: bool) -> Result<(), StorageError> {
+        let b = self.backends()?;
+        self.snapshots.save(&b.l3, &self.merkle, &self.filter, force).await
     }
 
     /// Periodic upkeep: snapshots and gauges.
     pub(super) async fn maintain(&self) {
-        self.watch_l2(false).await;
+        self.l2_mirror.watch(self, false).await;
         let interval = Duration::from_secs(self.config().snapshot_interval_secs.max(1));
-        let due = self.snapshots.last.locked().elapsed() >= interval;
-        if due && let Err(e) = self.save_snapshot(false).await {
+        if self.snapshots.due(interval)
+            && let Err(e) = self.save_snapshot(false).await
+        {
             tracing::warn!(error = %e, "snapshot failed");
         }
         self.update_gauges();

@@ -10,7 +10,11 @@ use tokio::sync::oneshot;
 
 use super::item::{self, now_ms, validate_item, validate_prefix, validate_state};
 use super::writer::WriterCmd;
-use super::*;
+use super::{
+    AckMode, BackpressureLevel, BatchResult, CacheTtl, ItemStatus, L2Route, StorageError, SubmitOptions, SyncEngine,
+    SyncItem, WriteReceipt, content_hash, validate_id,
+};
+
 use crate::locks::{MutexUnpoisoned, RwLockUnpoisoned};
 
 impl SyncEngine {
@@ -187,7 +191,12 @@ impl SyncEngine {
             return Ok(results);
         }
         if let Some(l2) = cache_only {
-            if let Err(e) = self.core.put_cache_only(&l2, &stamped).await {
+            if let Err(e) = self
+                .core
+                .l2_mirror
+                .put_cache_only(&l2, &self.core.search, &stamped)
+                .await
+            {
                 return Ok(results.into_iter().map(|r| r.and(Err(e.clone()))).collect());
             }
             for it in &stamped {
@@ -224,7 +233,7 @@ impl SyncEngine {
         }
         let (tx, rx) = oneshot::channel();
         let ack_tx = (ack == AckMode::Durable).then_some(tx);
-        if b.writer.send(WriterCmd::Write { items, ack: ack_tx }).is_err() {
+        if b.writer.tx.send(WriterCmd::Write { items, ack: ack_tx }).is_err() {
             return Err(StorageError::NotReady("writer stopped".into()));
         }
         let results = if ack == AckMode::Durable {
@@ -279,7 +288,7 @@ impl SyncEngine {
         }
         // A delete is a write: while a MySQL L3 is down it goes to the commit
         // log like any other, without waiting to learn what it replaces.
-        let mut l3_up = self.core.backends()?.sql_up.load(Ordering::Relaxed);
+        let mut l3_up = self.core.backends()?.writer.sql_up.load(Ordering::Relaxed);
         // A tombstone also for ids not here (yet): the delete must win over
         // a version still on its way from a peer.
         let mut tombstones = Vec::new();
@@ -306,7 +315,10 @@ impl SyncEngine {
             if !cache_only.is_empty() {
                 let l2 = self.core.backends()?.l2.clone();
                 if let Some(l2) = l2 {
-                    self.core.remove_cache_only(&l2, &cache_only).await?;
+                    self.core
+                        .l2_mirror
+                        .remove_cache_only(&l2, &self.core.search, &cache_only)
+                        .await?;
                 }
             }
             let mut cached: HashMap<String, String> = HashMap::new();
@@ -384,7 +396,7 @@ impl SyncEngine {
             && old_state != new_state
             && let Some(l2) = self.core.backends()?.l2.clone()
         {
-            self.core.leave_state_set(&l2, id, &old_state).await?;
+            self.core.l2_mirror.leave_state_set(&l2, id, &old_state).await?;
         }
         Ok(true)
     }

@@ -13,9 +13,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::Core;
 use super::error::StorageError;
@@ -34,6 +34,33 @@ pub(crate) enum WriterCmd {
     Barrier(oneshot::Sender<()>),
     /// Commits what is queued (and retries what is carried once more), then stops.
     Stop(oneshot::Sender<()>),
+}
+
+/// The writer as the rest of the engine holds it: the queue into the
+/// writer task, and what the writer and the commit-log drainer share.
+pub(crate) struct Writer {
+    pub tx: mpsc::UnboundedSender<WriterCmd>,
+    /// Wakes the drainer (MySQL L3: the commit log has entries to move).
+    pub drain_kick: Arc<Notify>,
+    /// One drain at a time (the drainer, an inline drain, a flush).
+    pub drain_lock: tokio::sync::Mutex<()>,
+    /// L3 answered the last write.
+    pub sql_up: AtomicBool,
+    /// An inline drain outran its wait: acks stand on the commit log alone
+    /// until a drain empties it again.
+    pub drain_late: AtomicBool,
+}
+
+impl Writer {
+    pub(crate) fn new(tx: mpsc::UnboundedSender<WriterCmd>) -> Self {
+        Self {
+            tx,
+            drain_kick: Arc::new(Notify::new()),
+            drain_lock: tokio::sync::Mutex::new(()),
+            sql_up: AtomicBool::new(true),
+            drain_late: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Keeps one version per id: the one that wins under LWW.
@@ -68,17 +95,17 @@ impl Core {
             // hearing of it: rebuild them from L3 before writing more.
             b.l3.reload_generation().await?;
             self.rebuild_from_l3().await?;
-            self.l2_state.stale.store(true, Ordering::Relaxed);
+            self.l2_mirror.stale.store(true, Ordering::Relaxed);
             self.tree_unverified.store(false, Ordering::Release);
         }
         let applied = match b.l3.apply_batch(&items).await {
             Ok(a) => {
-                b.sql_up.store(true, Ordering::Relaxed);
+                b.writer.sql_up.store(true, Ordering::Relaxed);
                 a
             }
             Err(e) => {
                 if matches!(e, StorageError::Connection(_)) {
-                    b.sql_up.store(false, Ordering::Relaxed);
+                    b.writer.sql_up.store(false, Ordering::Relaxed);
                 }
                 if b.l3.take_commit_uncertain() {
                     self.filter.mark_untrusted();
@@ -122,7 +149,7 @@ impl Core {
             self.search.note_write(&items[*i].object_id);
         }
         if let Some(l2) = &b.l2 {
-            self.mirror_to_l2(l2, &items, &applied.written).await;
+            self.l2_mirror.mirror(l2, &self.search, &items, &applied.written).await;
         }
         self.metrics
             .l3_items_written
@@ -266,22 +293,22 @@ async fn commit(core: &Arc<Core>, items: Vec<SyncItem>) -> Result<(), StorageErr
             // the pool's whole acquire timeout to notice, and those waiting
             // must not pay it. The drain is never cancelled midway (L3 could
             // end up ahead of the tree); it finishes or fails on its own.
-            if b.sql_up.load(Ordering::Relaxed) && !b.drain_late.load(Ordering::Relaxed) {
+            if b.writer.sql_up.load(Ordering::Relaxed) && !b.writer.drain_late.load(Ordering::Relaxed) {
                 let task = core.clone();
                 let drain = tokio::spawn(async move {
                     if let Err(e) = drain_log(&task).await {
                         tracing::warn!(error = %e, "L3 unreachable; writes stay in the commit log");
                         if let Ok(b) = task.backends() {
-                            b.drain_kick.notify_one();
+                            b.writer.drain_kick.notify_one();
                         }
                     }
                 });
                 if tokio::time::timeout(INLINE_DRAIN_WAIT, drain).await.is_err() {
                     tracing::debug!("L3 slow to answer; acks stand on the commit log until it is drained");
-                    b.drain_late.store(true, Ordering::Relaxed);
+                    b.writer.drain_late.store(true, Ordering::Relaxed);
                     // The drain may have ended (and cleared the flag) just
                     // before: the drainer's next pass clears it again.
-                    b.drain_kick.notify_one();
+                    b.writer.drain_kick.notify_one();
                 }
             }
             Ok(())
@@ -294,13 +321,13 @@ async fn commit(core: &Arc<Core>, items: Vec<SyncItem>) -> Result<(), StorageErr
 pub(crate) async fn drain_log(core: &Core) -> Result<u64, StorageError> {
     let b = core.backends()?;
     let Some(log) = &b.log else { return Ok(0) };
-    let _guard = b.drain_lock.lock().await;
+    let _guard = b.writer.drain_lock.lock().await;
     let batch = core.config().commit_log_drain_batch.max(1);
     let mut drained = 0;
     loop {
         let entries = log.read(batch).await?;
         let Some(last) = entries.last().map(|e| e.seq) else {
-            b.drain_late.store(false, Ordering::Relaxed);
+            b.writer.drain_late.store(false, Ordering::Relaxed);
             return Ok(drained);
         };
         let n = entries.len() as u64;
@@ -331,7 +358,7 @@ pub(crate) async fn drain_log(core: &Core) -> Result<u64, StorageError> {
 /// Drains whenever kicked, and retries with backoff while L3 is down.
 pub(crate) async fn run_drainer(core: Arc<Core>) {
     let Ok(b) = core.backends() else { return };
-    let kick = b.drain_kick.clone();
+    let kick = b.writer.drain_kick.clone();
     let mut backoff = Duration::from_millis(100);
     loop {
         tokio::select! {

@@ -89,7 +89,7 @@ impl SyncEngine {
         );
         core.search.cache.forget_prefix(&format!("{}\u{0}", index.name));
         if let Some(l2) = &b.l2
-            && core.l2_state.up.load(Ordering::Relaxed)
+            && core.l2_mirror.up.load(Ordering::Relaxed)
         {
             let created = async {
                 core.search.detect_version(l2).await?;
@@ -99,7 +99,7 @@ impl SyncEngine {
             if let Err(e) = created {
                 // The definition is stored; the next resync creates it in Redis.
                 tracing::warn!(error = %e, index = %index.name, "could not create the index in Redis yet");
-                core.l2_state.stale.store(true, Ordering::Relaxed);
+                core.l2_mirror.stale.store(true, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -182,9 +182,7 @@ impl SyncEngine {
             return self.search_result(ids, SearchSource::Cache, true).await;
         }
         let b = self.core.backends()?;
-        let l2 = b.l2.as_ref().filter(|_| {
-            self.core.l2_state.up.load(Ordering::Relaxed) && !self.core.l2_state.stale.load(Ordering::Relaxed)
-        });
+        let l2 = b.l2.as_ref().filter(|_| self.core.l2_mirror.usable());
         let (ids, source) = match (tier, l2) {
             (SearchTier::SqlOnly, _) => (self.cold_ids(&def, query, after, limit).await?, SearchSource::Cold),
             (SearchTier::RedisOnly, None) => {
