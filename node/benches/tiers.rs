@@ -106,7 +106,7 @@ async fn l2(url: &str, n: usize) {
         let _: () = pipe.query_async(&mut conn).await.unwrap();
     }
     let base = n as f64 / start.elapsed().as_secs_f64();
-    let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("FLUSHDB").arg("ASYNC").query_async(&mut conn).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let e = engine(dir.path(), url, "bw:");
@@ -162,7 +162,7 @@ async fn l2(url: &str, n: usize) {
         n as f64 / secs
     );
     e.shutdown().await;
-    let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("FLUSHDB").arg("ASYNC").query_async(&mut conn).await.unwrap();
 }
 
 async fn search(url: &str, n: usize) {

@@ -717,12 +717,18 @@ mod tests {
         }
     }
 
-    /// `key → default` from a README table whose header is `| key | default | meaning |`,
-    /// the `n`-th such table; `a` / `b` rows give each key its value.
-    fn readme_table(n: usize) -> std::collections::BTreeMap<String, String> {
+    /// `key → default` from the README table (`| key | default | meaning |`)
+    /// that follows `heading`; `a` / `b` rows give each key its value.
+    fn readme_table(heading: &str) -> std::collections::BTreeMap<String, String> {
         let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-        let mut tables = readme.split("| key | default | meaning |").skip(1);
-        let table = tables.nth(n).expect("the README has the config tables");
+        let section = readme
+            .split_once(&format!("\n{heading}\n"))
+            .unwrap_or_else(|| panic!("the README has no {heading:?}"))
+            .1;
+        let table = section
+            .split_once("| key | default | meaning |")
+            .expect("a config table under the heading")
+            .1;
         let mut out = std::collections::BTreeMap::new();
         for line in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
             let cells: Vec<&str> = line.split(" | ").collect();
@@ -774,7 +780,7 @@ mod tests {
             ("member_expiry", dur(c.member_expiry)),
             ("ledger_retention", dur(c.ledger_retention)),
             ("max_clock_skew", dur(c.max_clock_skew)),
-            ("max_clock_skew_ms", None),
+            ("max_clock_skew_ms", None), // the README says "—": it is max_clock_skew in ms
             ("l1_max_bytes", num(e.l1_max_bytes as u64)),
             ("max_payload_bytes", num(e.max_payload_bytes as u64)),
             ("batch_flush_count", num(e.batch_flush_count as u64)),
@@ -803,7 +809,7 @@ mod tests {
                 Some((a.get_id().to_string(), d))
             })
             .collect();
-        let readme = readme_table(1);
+        let readme = readme_table("### Configuration");
         let code = code_defaults();
         // Every key is covered: the flags' and the two the config file alone has.
         let mut keys: Vec<String> = cmd.get_arguments().map(|a| a.get_id().to_string()).collect();
@@ -832,7 +838,17 @@ mod tests {
         }
         // The engine's table, against SyncEngineConfig::default().
         let e = SyncEngineConfig::default();
-        let engine = readme_table(0);
+        let engine = readme_table("### Configuration (`SyncEngineConfig`)");
+        // --help gives max_clock_skew_ms's default, the engine's.
+        assert_eq!(
+            help.get("max_clock_skew_ms").map(|h| doc_value(h)),
+            Some(Doc::Num(e.max_clock_skew_ms))
+        );
+        // Every engine key is in its table.
+        let fields = serde_json::to_value(&e).unwrap();
+        for key in fields.as_object().unwrap().keys() {
+            assert!(engine.contains_key(key), "the engine table lacks {key}");
+        }
         for (key, value) in [
             ("data_dir", Doc::Text(e.data_dir.display().to_string())),
             ("node_id", Doc::Text(e.node_id.clone())),

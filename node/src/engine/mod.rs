@@ -43,6 +43,7 @@ pub mod writer;
 
 pub use backpressure::BackpressureLevel;
 pub use config::SyncEngineConfig;
+pub use entry::EntryMeta;
 pub use error::StorageError;
 pub use filter::{FilterManager, FilterTrust};
 pub use item::{ContentType, SyncItem, content_hash, validate_id};

@@ -445,10 +445,11 @@ pub(super) fn check(q: &Query, index: &SearchIndex) -> Result<Cond, StorageError
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn users() -> SearchIndex {
+    /// The index the emitters' tests share.
+    pub(in crate::engine::search) fn users() -> SearchIndex {
         SearchIndex::new("users", "user.")
             .text_sortable("name")
             .numeric("age")

@@ -104,14 +104,8 @@ fn redisearch(c: &Cond) -> String {
 mod tests {
     use super::*;
     use crate::engine::l3::Dialect;
+    use crate::engine::search::query::tests::users;
     use crate::engine::search::sql::to_sql;
-
-    fn users() -> SearchIndex {
-        SearchIndex::new("users", "user.")
-            .text_sortable("name")
-            .numeric("age")
-            .tag("roles")
-    }
 
     #[test]
     fn redisearch_translation_and_escaping() {

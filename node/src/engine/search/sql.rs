@@ -205,13 +205,7 @@ pub fn to_sql(q: &Query, index: &SearchIndex, dialect: Dialect) -> Result<(Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn users() -> SearchIndex {
-        SearchIndex::new("users", "user.")
-            .text_sortable("name")
-            .numeric("age")
-            .tag("roles")
-    }
+    use crate::engine::search::query::tests::users;
 
     fn both(q: &Query) -> [(String, Vec<SqlArg>); 2] {
         [Dialect::Sqlite, Dialect::MySql].map(|d| to_sql(q, &users(), d).unwrap())
