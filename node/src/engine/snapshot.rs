@@ -95,14 +95,13 @@ impl Core {
         let mut fresh = FilterManager::empty_filter(1024);
         let mut after: Option<String> = None;
         loop {
-            let page = b.l3.scan_entries(after.as_deref(), 10_000).await?;
+            let page = b.l3.scan_digests(after.as_deref(), 10_000).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for e in &page {
-                let d = e.digest();
-                tree.insert(&d);
+                tree.insert(&e.digest);
                 if e.l2 {
-                    l2view.insert(&d);
+                    l2view.insert(&e.digest);
                 }
                 fresh.insert(e.id.as_str());
             }

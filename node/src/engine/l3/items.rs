@@ -96,7 +96,7 @@ pub fn hkey(id: &str) -> i64 {
 }
 
 /// The content hash of a row: 32 bytes, else the row is corrupt.
-fn stored_hash(row: &AnyRow, i: usize) -> Result<Vec<u8>, StorageError> {
+pub(super) fn stored_hash(row: &AnyRow, i: usize) -> Result<Vec<u8>, StorageError> {
     let hash: Vec<u8> = row.try_get(i).map_err(|e| StorageError::backend("content_hash", e))?;
     if hash.len() != 32 {
         return Err(StorageError::Corruption {

@@ -2,13 +2,21 @@
 //! under a Merkle path (hash range), and the SQL search tier's query.
 //! Prefixes become index ranges (`prefix_upper_bound`), never `LIKE`.
 
-use sqlx::AssertSqlSafe;
+use sqlx::{AssertSqlSafe, Row};
 
-use super::items::{COLUMNS, META_COLUMNS, item_from_row, meta_from_row};
+use super::items::{COLUMNS, META_COLUMNS, item_from_row, meta_from_row, stored_hash};
 use super::{L3Store, int, text};
 use crate::engine::entry::EntryMeta;
 use crate::engine::error::StorageError;
 use crate::engine::item::SyncItem;
+
+/// An entry as a rebuild needs it (see `scan_digests`).
+pub struct DigestRow {
+    pub id: String,
+    pub digest: syncnode_protocol::EntryDigest,
+    /// Mirrored in Redis (`L2Route::Mirror`).
+    pub l2: bool,
+}
 
 /// A bound SQL argument (the search tier's conditions use them).
 #[derive(Debug, Clone, PartialEq)]
@@ -173,10 +181,12 @@ impl L3Store {
         rows.iter().map(|r| text(r, 0, "id")).collect()
     }
 
-    /// One page of entry versions in id order, after `after` (for rebuilds).
-    pub async fn scan_entries(&self, after: Option<&str>, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
+    /// Every entry's digest in id order after `after` (at most `limit`), for
+    /// a rebuild of the tree and filter: only the columns the digest needs,
+    /// hashed from the stored bytes (no hex, no state).
+    pub async fn scan_digests(&self, after: Option<&str>, limit: usize) -> Result<Vec<DigestRow>, StorageError> {
         let sql = format!(
-            "{META_COLUMNS} FROM sync_items{} ORDER BY id LIMIT ?",
+            "SELECT id, version, origin, tombstone, content_hash, l2 FROM sync_items{} ORDER BY id LIMIT ?",
             if after.is_some() { " WHERE id > ?" } else { "" }
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -184,9 +194,28 @@ impl L3Store {
             q = q.bind(a.as_bytes());
         }
         let rows = self
-            .timed("scan entries", q.bind(limit as i64).fetch_all(&self.pool))
+            .timed("scan digests", q.bind(limit as i64).fetch_all(&self.pool))
             .await?;
-        rows.iter().map(meta_from_row).collect()
+        rows.iter()
+            .map(|row| {
+                let id = text(row, 0, "id")?;
+                let origin: Vec<u8> = row.try_get(2).map_err(|e| StorageError::backend("origin", e))?;
+                let hash: [u8; 32] = stored_hash(row, 4)?.try_into().expect("stored_hash checks 32 bytes");
+                let digest = syncnode_protocol::EntryDigest::new(
+                    &id,
+                    int(row, 1, "version")? as u64,
+                    std::str::from_utf8(&origin)
+                        .map_err(|_| StorageError::Backend("origin: stored value is not UTF-8".into()))?,
+                    int(row, 3, "tombstone")? != 0,
+                    &hash,
+                );
+                Ok(DigestRow {
+                    id,
+                    digest,
+                    l2: int(row, 5, "l2")? != 0,
+                })
+            })
+            .collect()
     }
 
     /// Entry versions under the Merkle node `path` (a valid hex path of at most 8 nibbles).
