@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub use items::{Applied, bind_item, hkey, placeholders, upsert_sql};
-pub use scans::{Rows, SqlArg, prefix_upper_bound};
+pub use scans::{DigestRow, Rows, SqlArg, prefix_upper_bound};
 pub(crate) use schema::open_pool;
 pub use schema::{Dialect, SQLITE_PRAGMAS, migrator};
 

@@ -2,7 +2,7 @@
 //! under a Merkle path (hash range), and the SQL search tier's query.
 //! Prefixes become index ranges (`prefix_upper_bound`), never `LIKE`.
 
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::AssertSqlSafe;
 
 use super::items::{COLUMNS, META_COLUMNS, item_from_row, meta_from_row, stored_hash};
 use super::{L3Store, int, text};
@@ -199,13 +199,12 @@ impl L3Store {
         rows.iter()
             .map(|row| {
                 let id = text(row, 0, "id")?;
-                let origin: Vec<u8> = row.try_get(2).map_err(|e| StorageError::backend("origin", e))?;
+                let origin = text(row, 2, "origin")?;
                 let hash: [u8; 32] = stored_hash(row, 4)?.try_into().expect("stored_hash checks 32 bytes");
                 let digest = syncnode_protocol::EntryDigest::new(
                     &id,
                     int(row, 1, "version")? as u64,
-                    std::str::from_utf8(&origin)
-                        .map_err(|_| StorageError::Backend("origin: stored value is not UTF-8".into()))?,
+                    &origin,
                     int(row, 3, "tombstone")? != 0,
                     &hash,
                 );
