@@ -211,15 +211,22 @@ impl CarriesItems for Body {
     }
 }
 
+/// A `Trailer` as it is sent, borrowing the media types (the same postcard
+/// encoding), so counting or encoding one copies no string.
+#[derive(Serialize)]
+struct TrailerOut<'a> {
+    media_types: Vec<(u32, &'a str)>,
+}
+
 impl Trailer {
-    fn of<M: CarriesItems + ?Sized>(message: &M) -> Option<Self> {
-        let media_types: Vec<(u32, String)> = message
+    fn of<M: CarriesItems + ?Sized>(message: &M) -> Option<TrailerOut<'_>> {
+        let media_types: Vec<(u32, &str)> = message
             .items()
             .into_iter()
             .enumerate()
-            .filter_map(|(i, it)| Some((i as u32, it.media_type.clone()?)))
+            .filter_map(|(i, it)| Some((i as u32, it.media_type.as_deref()?)))
             .collect();
-        (!media_types.is_empty()).then_some(Self { media_types })
+        (!media_types.is_empty()).then_some(TrailerOut { media_types })
     }
 
     /// Puts the media types on the body's items; an index past them, a

@@ -341,7 +341,7 @@ pub async fn serve(
 /// Caps a request body at the largest accepted item plus room for a JSON
 /// envelope; a longer body is refused with 413 as it is read.
 async fn limit_body(State(api): State<Api>, req: Request, next: Next) -> Response {
-    let max = api.engine.config().max_payload_bytes + 64 * 1024;
+    let max = api.engine.max_payload_bytes() + 64 * 1024;
     next.run(req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, max))))
         .await
 }

@@ -109,6 +109,11 @@ impl SyncEngine {
         self.core.config()
     }
 
+    /// The largest content a write may carry now (`max_payload_bytes`).
+    pub fn max_payload_bytes(&self) -> usize {
+        self.core.max_payload()
+    }
+
     pub fn metrics(&self) -> &EngineMetrics {
         &self.core.metrics
     }

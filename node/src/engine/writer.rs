@@ -126,8 +126,8 @@ impl Core {
                 let old_digest = old.as_ref().map(|o| o.digest());
                 let new_digest = it.digest();
                 tree.tree.replace(old_digest.as_ref(), &new_digest);
-                if let Some(o) = old.as_ref().filter(|o| o.l2) {
-                    tree.l2view.remove(&o.digest());
+                if let Some(d) = old_digest.as_ref().filter(|_| old.as_ref().is_some_and(|o| o.l2)) {
+                    tree.l2view.remove(d);
                 }
                 if it.route == L2Route::Mirror {
                     tree.l2view.insert(&new_digest);

@@ -100,21 +100,10 @@ impl L3Store {
     /// Applies the migrations this database lacks, then seeds the meta rows.
     /// A database from before migrations (sqlx's `_sqlx_migrations` is
     /// absent) goes through them like a new one: 0001 only creates what is
-    /// missing. One that already has the media type column (made between
-    /// the two) gets 0002 recorded as applied without running it.
+    /// missing.
     pub(super) async fn init_schema(&self) -> Result<(), StorageError> {
         let migrator = migrator(self.dialect);
-        let migrate = async {
-            if !self.has_table("_sqlx_migrations").await?
-                && self.has_table("sync_items").await?
-                && self.has_media_type_column().await?
-            {
-                tracing::info!("L3 schema from before migrations, with media types: recording migration 2 as applied");
-                migrator.run_to(1, &self.pool).await.map_err(migrate_error)?;
-                migrator.skip(&self.pool, Some(2)).await.map_err(migrate_error)?;
-            }
-            migrator.run(&self.pool).await.map_err(migrate_error)
-        };
+        let migrate = async { migrator.run(&self.pool).await.map_err(migrate_error) };
         // Generous: DDL on a big MySQL table takes a while. A cancelled
         // MySQL migration can leave it dirty (see `migrate_error`).
         let limit = (self.timeout * 12).max(std::time::Duration::from_secs(60));
@@ -135,36 +124,6 @@ impl L3Store {
                 .await?;
         }
         Ok(())
-    }
-
-    async fn has_table(&self, name: &str) -> Result<bool, StorageError> {
-        let probe = match self.dialect {
-            Dialect::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
-            Dialect::MySql => {
-                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ?"
-            }
-        };
-        let row = self
-            .timed("look for a table", sqlx::query(probe).bind(name).fetch_one(&self.pool))
-            .await?;
-        Ok(int(&row, 0, "table count")? > 0)
-    }
-
-    async fn has_media_type_column(&self) -> Result<bool, StorageError> {
-        let probe = match self.dialect {
-            Dialect::Sqlite => "SELECT COUNT(*) FROM pragma_table_info('sync_items') WHERE name = 'media_type'",
-            Dialect::MySql => {
-                "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() \
-                 AND table_name = 'sync_items' AND column_name = 'media_type'"
-            }
-        };
-        let row = self
-            .timed(
-                "look for the media_type column",
-                sqlx::query(probe).fetch_one(&self.pool),
-            )
-            .await?;
-        Ok(int(&row, 0, "column count")? > 0)
     }
 
     /// The largest statement the server takes (MySQL's `max_allowed_packet`);

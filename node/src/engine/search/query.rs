@@ -88,7 +88,7 @@ impl SearchIndex {
         if !ok_name(&self.name, &['-']) {
             return bad(format!("index name {:?} must be 1-64 of [A-Za-z0-9_-]", self.name));
         }
-        if self.prefix.len() > crate::engine::item::MAX_ID_BYTES || self.prefix.bytes().any(|b| b.is_ascii_control()) {
+        if crate::engine::item::validate_prefix(&self.prefix).is_err() {
             return bad("index prefix is not a valid id prefix".into());
         }
         if self.fields.is_empty() || self.fields.len() > MAX_FIELDS {
