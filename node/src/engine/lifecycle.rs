@@ -12,7 +12,7 @@ use super::commit_log::CommitLog;
 use super::l1::L1;
 use super::l2::RedisStore;
 use super::l2_mirror::L2Mirror;
-use super::l3::{L3Store, Rows};
+use super::l3::{L3Store, Rows, run_checkpointer};
 use super::search::SearchRegistry;
 use super::writer::{self, WriterCmd};
 use super::{
@@ -156,6 +156,9 @@ impl SyncEngine {
             if b.log.is_some() {
                 tasks.push(tokio::spawn(writer::run_drainer(core.clone())));
             }
+            let weak = Arc::downgrade(core);
+            let stop = move || weak.upgrade().is_none_or(|c| c.stopping.load(Ordering::Relaxed));
+            tasks.push(tokio::spawn(run_checkpointer(&b.l3, stop)));
             let weak = Arc::downgrade(core);
             tasks.push(tokio::spawn(async move {
                 let mut every = tokio::time::interval(Duration::from_secs(1));

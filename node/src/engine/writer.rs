@@ -98,7 +98,9 @@ impl Core {
             self.l2_mirror.stale.store(true, Ordering::Relaxed);
             self.tree_unverified.store(false, Ordering::Release);
         }
-        let applied = match b.l3.apply_batch(&items).await {
+        // Under `apply_lock` the filter hears of every row L3 gains.
+        let surely_absent = |id: &str| self.filter.might_exist(id) == Some(false);
+        let applied = match b.l3.apply_batch(&items, surely_absent).await {
             Ok(a) => {
                 b.writer.sql_up.store(true, Ordering::Relaxed);
                 a
@@ -158,6 +160,9 @@ impl Core {
     }
 }
 
+/// How many times an open batch yields to callers that are still queueing.
+const MAX_OPEN_YIELDS: u32 = 16;
+
 /// The group-commit loop.
 pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<WriterCmd>) {
     let (max_items, max_bytes) = {
@@ -178,9 +183,6 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
                 .await
                 .unwrap_or(None)
         };
-        // Let callers woken by the previous commit queue their next writes, so
-        // they join this commit instead of each paying for one.
-        tokio::task::yield_now().await;
         let mut items = std::mem::take(&mut carry);
         // Each durable caller's ack and the range of `items` it covers.
         let mut acks: Vec<(Ack, std::ops::Range<usize>)> = Vec::new();
@@ -188,7 +190,12 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
         let mut stop: Option<oneshot::Sender<()>> = None;
         let mut bytes: usize = items.iter().map(|i| i.content.len()).sum();
         let mut next = first;
+        // The batch stays open while callers woken by the previous commit keep
+        // queueing their next writes, so they join this commit instead of each
+        // paying for one: it closes once a yield to them brings nothing new.
+        let (mut yields, mut arrived) = (0, true);
         loop {
+            arrived |= next.is_some();
             match next.take() {
                 Some(WriterCmd::Write { items: batch, ack }) => {
                     bytes += batch.iter().map(|i| i.content.len()).sum::<usize>();
@@ -206,6 +213,10 @@ pub(crate) async fn run_writer(core: Arc<Core>, mut rx: mpsc::UnboundedReceiver<
             }
             match rx.try_recv() {
                 Ok(c) => next = Some(c),
+                Err(_) if arrived && yields < MAX_OPEN_YIELDS => {
+                    (yields, arrived) = (yields + 1, false);
+                    tokio::task::yield_now().await;
+                }
                 Err(_) => break,
             }
         }

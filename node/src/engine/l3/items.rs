@@ -259,11 +259,18 @@ impl L3Store {
 
     /// Writes the items that win over what is stored (last-writer-wins), in one
     /// transaction with a generation bump. `items` hold at most one version per id.
-    pub async fn apply_batch(&self, items: &[SyncItem]) -> Result<Applied, StorageError> {
+    /// `surely_absent(id)` says an id has no row (the trusted existence filter),
+    /// so its stored version need not be read.
+    pub async fn apply_batch(
+        &self,
+        items: &[SyncItem],
+        surely_absent: impl Fn(&str) -> bool,
+    ) -> Result<Applied, StorageError> {
         let mut tx = self.timed("begin", self.write_pool.begin()).await?;
         let mut existing = HashMap::new();
         let ids: Vec<&str> = items.iter().map(|i| i.object_id.as_str()).collect();
-        for chunk in ids.chunks(CHUNK_ROWS) {
+        let stored: Vec<&str> = ids.iter().copied().filter(|id| !surely_absent(id)).collect();
+        for chunk in stored.chunks(CHUNK_ROWS) {
             existing.extend(self.meta_in(&mut *tx, chunk).await?);
         }
         // New ids whose delete was purged: the purge ledger decides (the
@@ -323,6 +330,7 @@ impl L3Store {
             return Err(e);
         }
         self.generation.store(generation, Ordering::Release);
+        self.note_committed(rows.iter().map(|r| r.content.len() as u64 + 128).sum());
         Ok(Applied {
             generation,
             written: applied,

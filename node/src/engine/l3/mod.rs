@@ -18,6 +18,7 @@
 //! the Merkle tree, the filter, index definitions).
 
 mod blobs;
+mod checkpoint;
 mod items;
 mod ledger;
 mod scans;
@@ -29,6 +30,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub(crate) use checkpoint::run_checkpointer;
 pub use items::{Applied, bind_item, hkey, placeholders, upsert_sql};
 pub use scans::{DigestRow, Rows, SqlArg, prefix_upper_bound};
 pub(crate) use schema::open_pool;
@@ -54,6 +56,7 @@ pub struct L3Store {
     ledger_rows: AtomicU64,
     dialect: Dialect,
     timeout: Duration,
+    checkpoints: checkpoint::Checkpoints,
 }
 
 impl L3Store {
@@ -78,6 +81,7 @@ impl L3Store {
             ledger_rows: AtomicU64::new(0),
             dialect,
             timeout,
+            checkpoints: Default::default(),
         };
         store.init_schema().await?;
         let (generation, _) = store.generation().await?;
@@ -148,6 +152,8 @@ impl L3Store {
     }
 
     pub async fn close(&self) {
+        // Wakes the checkpointer so it sees the engine stopping.
+        self.checkpoints_wake();
         self.pool.close().await;
         self.write_pool.close().await;
     }
