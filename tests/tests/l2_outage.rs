@@ -7,7 +7,6 @@
 mod common;
 
 use common::{Backend, TestNode, redis_conn};
-use redis::AsyncCommands;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -93,14 +92,14 @@ async fn redis_outage_fails_nothing_and_heals() {
     engine.force_flush().await;
     let mut r = redis_conn().await;
     for n in [0, written / 2, written - 1] {
-        let c: Vec<u8> = r.hget(format!("{p}item:load.{n:05}"), "c").await.unwrap();
+        let (_, c) = common::redis_item(&mut r, &format!("{p}item:load.{n:05}")).await;
         assert_eq!(
             c,
             serde_json::to_vec(&serde_json::json!({"n": n})).unwrap(),
             "load.{n:05} back in Redis"
         );
     }
-    let c: Vec<u8> = r.hget(format!("{p}item:old.7"), "c").await.unwrap();
+    let (_, c) = common::redis_item(&mut r, &format!("{p}item:old.7")).await;
     assert_eq!(c, b"o7");
     // The index was re-created and refilled: the hot tier answers again.
     let hot = engine

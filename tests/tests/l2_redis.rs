@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{BACKENDS, TestNode, redis_conn};
+use common::{BACKENDS, TestNode, redis_conn, redis_item, set_redis_item};
 use redis::AsyncCommands;
 use std::sync::atomic::Ordering;
 use syncnode::{CacheTtl, ItemStatus, SubmitOptions, SyncEngine, SyncItem};
@@ -21,7 +21,7 @@ async fn routing_ttl_state_sets_and_promotion() {
         e.submit(SyncItem::new("both", &b"B"[..]).with_state("s1"))
             .await
             .unwrap();
-        let content: Vec<u8> = r.hget(format!("{p}item:both"), "c").await.unwrap();
+        let (_, content) = redis_item(&mut r, &format!("{p}item:both")).await;
         assert_eq!(content, b"B", "{backend:?}");
         assert_eq!(r.ttl::<_, i64>(format!("{p}item:both")).await.unwrap(), -1);
         assert!(matches!(
@@ -124,20 +124,22 @@ async fn startup_resync_repairs_redis_changed_behind_our_back() {
             let _: () = r.del(format!("{p}item:k.{i:03}")).await.unwrap();
         }
         for i in 10..15 {
-            let _: () = r.hset(format!("{p}item:k.{i:03}"), "c", "garbage").await.unwrap();
+            let key = format!("{p}item:k.{i:03}");
+            let (m, _) = redis_item(&mut r, &key).await;
+            set_redis_item(&mut r, &key, &m, b"garbage").await;
         }
         for i in 15..18 {
             // A stale version: the metadata line holding the version rewritten.
             let key = format!("{p}item:k.{i:03}");
-            let m: String = r.hget(&key, "m").await.unwrap();
+            let (m, c) = redis_item(&mut r, &key).await;
             let mut lines: Vec<&str> = m.split('\n').collect();
             lines[0] = "1";
-            let _: () = r.hset(&key, "m", lines.join("\n")).await.unwrap();
+            set_redis_item(&mut r, &key, &lines.join("\n"), &c).await;
         }
-        for i in 18..20 {
-            let _: () = r.del(format!("{p}item:k.{i:03}")).await.unwrap();
-            let _: () = r.set(format!("{p}item:k.{i:03}"), "not a hash").await.unwrap();
-        }
+        // Wrong types: a string without the NUL, a list.
+        let _: () = r.set(format!("{p}item:k.018"), "no separator").await.unwrap();
+        let _: () = r.del(format!("{p}item:k.019")).await.unwrap();
+        let _: () = r.rpush(format!("{p}item:k.019"), "x").await.unwrap();
         let _: () = r.del(format!("{p}item:k.299")).await.unwrap();
         let _: () = r
             .hset_multiple(
@@ -155,16 +157,15 @@ async fn startup_resync_repairs_redis_changed_behind_our_back() {
             e.merkle_roots().await
         );
         for i in 0..299 {
-            let c: Vec<u8> = r.hget(format!("{p}item:k.{i:03}"), "c").await.unwrap();
+            let (m, c) = redis_item(&mut r, &format!("{p}item:k.{i:03}")).await;
             assert_eq!(c, format!("v{i}").into_bytes(), "{backend:?}: k.{i:03} repaired");
-            let m: String = r.hget(format!("{p}item:k.{i:03}"), "m").await.unwrap();
             assert_ne!(
                 m.split('\n').next(),
                 Some("1"),
                 "{backend:?}: k.{i:03} has its version back"
             );
         }
-        let m: String = r.hget(format!("{p}item:k.299"), "m").await.unwrap();
+        let (m, _) = redis_item(&mut r, &format!("{p}item:k.299")).await;
         assert_eq!(m.split('\n').nth(2), Some("1"), "the tombstone is back in Redis");
         assert!(
             !r.exists::<_, bool>(format!("{p}item:stray")).await.unwrap(),
@@ -191,11 +192,12 @@ async fn e_scenario(node: &TestNode, p: &str, r: &mut redis::aio::MultiplexedCon
     // A fresh engine (empty L1); the key goes bad while it runs.
     let e = SyncEngine::with_config(node.config.clone());
     e.start().await.unwrap();
-    let _: () = r.hset(format!("{p}item:x"), "c", "evil").await.unwrap();
+    let (m, _) = redis_item(r, &format!("{p}item:x")).await;
+    set_redis_item(r, &format!("{p}item:x"), &m, b"evil").await;
     let got = e.get("x").await.unwrap().unwrap();
     assert_eq!(&got.content[..], b"good", "{backend:?}");
     assert_eq!(e.metrics().corruption_detected.load(Ordering::Relaxed), 1);
-    let c: Vec<u8> = r.hget(format!("{p}item:x"), "c").await.unwrap();
+    let (_, c) = redis_item(r, &format!("{p}item:x")).await;
     assert_eq!(c, b"good", "{backend:?}: repaired in Redis");
     e.shutdown().await;
 }
@@ -286,7 +288,7 @@ async fn media_types_are_kept_in_every_tier_and_old_tables_gain_the_column() {
             .submit(SyncItem::new("bad", &b"x"[..]).with_media_type("text/\nplain"))
             .await;
         assert!(bad.is_err(), "{backend:?}: {bad:?}");
-        let meta: String = r.hget(format!("{p}item:doc"), "m").await.unwrap();
+        let (meta, _) = redis_item(&mut r, &format!("{p}item:doc")).await;
         assert_eq!(meta.lines().last(), Some(md), "{backend:?}: {meta:?}");
         e.shutdown().await;
 
@@ -320,6 +322,76 @@ async fn media_types_are_kept_in_every_tier_and_old_tables_gain_the_column() {
             (Some(md), "s2"),
             "{backend:?}"
         );
+        e.shutdown().await;
+    }
+}
+
+/// Keys in the hash layout of releases before the string layout (fields `m`
+/// and `c`) are still read: by `get`, by `status` and by the start's resync,
+/// which keeps them (a mirrored one counts in the mirror, a cache-only one
+/// stays). The next write replaces such a key with a string.
+#[tokio::test]
+async fn keys_in_the_old_hash_layout_are_still_read() {
+    for backend in BACKENDS {
+        let node = TestNode::with_redis(backend, "a").await;
+        let p = node.redis_prefix();
+        let mut r = redis_conn().await;
+        let e = node.start().await;
+        e.submit(SyncItem::new("mirrored", &b"M"[..])).await.unwrap();
+        e.submit_with(SyncItem::new("cached", &b"C"[..]), SubmitOptions::cache(CacheTtl::Hour))
+            .await
+            .unwrap();
+        e.shutdown().await;
+        for id in ["mirrored", "cached"] {
+            let key = format!("{p}item:{id}");
+            let ttl: i64 = r.ttl(&key).await.unwrap();
+            let (m, c) = redis_item(&mut r, &key).await;
+            let _: () = r.del(&key).await.unwrap();
+            let _: () = r
+                .hset_multiple(&key, &[("m", m.as_bytes()), ("c", &c[..])])
+                .await
+                .unwrap();
+            if ttl > 0 {
+                let _: () = r.expire(&key, ttl).await.unwrap();
+            }
+        }
+
+        let e = node.start().await;
+        assert!(
+            e.is_merkle_synced().await.unwrap(),
+            "{backend:?}: the old key counts in the mirror: {:?}",
+            e.merkle_roots().await
+        );
+        let l2_reads = e.metrics().reads_l2.load(Ordering::Relaxed);
+        assert_eq!(&e.get("mirrored").await.unwrap().unwrap().content[..], b"M");
+        assert_eq!(&e.get("cached").await.unwrap().unwrap().content[..], b"C");
+        assert_eq!(
+            e.metrics().reads_l2.load(Ordering::Relaxed),
+            l2_reads + 2,
+            "{backend:?}: both read from Redis"
+        );
+        assert!(matches!(
+            e.status("cached").await.unwrap(),
+            ItemStatus::Synced {
+                in_l2: true,
+                in_l3: false,
+                ..
+            }
+        ));
+        let kind: String = redis::cmd("TYPE")
+            .arg(format!("{p}item:cached"))
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(kind, "hash", "{backend:?}: kept by the resync");
+        e.submit_with(
+            SyncItem::new("cached", &b"C2"[..]),
+            SubmitOptions::cache(CacheTtl::Hour),
+        )
+        .await
+        .unwrap();
+        let (_, c) = redis_item(&mut r, &format!("{p}item:cached")).await;
+        assert_eq!(c, b"C2", "{backend:?}: rewritten as a string");
         e.shutdown().await;
     }
 }

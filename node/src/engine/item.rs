@@ -118,7 +118,34 @@ pub fn now_ms() -> i64 {
 
 /// Lowercase hex SHA-256.
 pub fn content_hash(content: &[u8]) -> String {
-    hex::encode(Sha256::digest(content))
+    // `encode_to_slice` works byte by byte; `hex::encode` goes char by char
+    // and showed in the cache-write profile.
+    let mut hex = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(content), &mut hex).expect("64 hex digits for 32 bytes");
+    String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
+}
+
+/// Batches from this size are hashed on two threads.
+const TWO_THREAD_HASH_ITEMS: usize = 256;
+
+/// `content_hash` of each content; a large batch on two threads, so a
+/// 2-core machine hashes a cache write's batch in half the time.
+pub fn content_hashes(contents: &[&[u8]]) -> Vec<String> {
+    let hash_all = |part: &[&[u8]]| part.iter().map(|c| content_hash(c)).collect::<Vec<_>>();
+    if contents.len() < TWO_THREAD_HASH_ITEMS {
+        return hash_all(contents);
+    }
+    let (first, second) = contents.split_at(contents.len() / 2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| hash_all(second));
+        let mut out = hash_all(first);
+        match other.join() {
+            Ok(rest) => out.extend(rest),
+            // Hashing does not panic; should the thread die anyway, redo its half here.
+            Err(_) => out.extend(hash_all(second)),
+        }
+        out
+    })
 }
 
 /// The raw bytes of a content hash the engine holds. Every such hash was

@@ -1,9 +1,12 @@
 //! L2: Redis as a cache in front of L3.
 //!
 //! Layout (`{p}` = `redis_prefix`):
-//! - `{p}item:{id}`: a hash per item with two fields: `c` the content and `m`
-//!   the metadata packed in one line-separated string (see `Meta`), so a write
-//!   is one `HSET` that replaces the whole item;
+//! - `{p}item:{id}`: a string per item, the metadata packed in one
+//!   line-separated string (see `Meta`), a NUL byte, then the content; so a
+//!   write is one `SET` (with `EX` for an expiring copy) that replaces the
+//!   whole item and its expiry, like a plain cache write. Releases before
+//!   this one kept a hash with fields `m` and `c`; those keys are still read
+//!   (`get`, `exists`, `scan_entries`) and are replaced by the next write;
 //! - `{p}state:{state}`: the set of live ids in a state;
 //! - `{p}merkle:node`: the Merkle mirror, a hash from node path (`r` + hex path)
 //!   to the hex node hash of the tree of mirrored items as Redis holds them.
@@ -12,8 +15,10 @@
 //! that L3 can serve. The engine marks L2 stale instead and repairs it from L3
 //! when Redis answers again (see `resync` in the engine).
 
-use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisWrite, ToRedisArgs, ToSingleRedisArg};
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use super::entry::EntryMeta;
@@ -34,6 +39,63 @@ fn redis_err(context: &str, e: redis::RedisError) -> StorageError {
 pub struct StateMove {
     pub from: Option<String>,
     pub to: Option<String>,
+}
+
+/// The state-set changes of one pipeline, gathered so that each state costs
+/// one `SREM` and one `SADD` whatever the number of ids.
+#[derive(Debug, Default)]
+pub struct StateSets {
+    remove: BTreeMap<String, Vec<String>>,
+    add: BTreeMap<String, Vec<String>>,
+}
+
+impl StateSets {
+    pub fn note(&mut self, id: &str, mv: &StateMove) {
+        if let Some(from) = &mv.from
+            && mv.to.as_ref() != Some(from)
+        {
+            self.remove.entry(from.clone()).or_default().push(id.to_string());
+        }
+        if let Some(to) = &mv.to {
+            self.add.entry(to.clone()).or_default().push(id.to_string());
+        }
+    }
+
+    /// Adds the gathered changes to `pipe`.
+    pub fn queue(self, l2: &RedisStore, pipe: &mut redis::Pipeline) {
+        for (state, ids) in self.remove {
+            pipe.srem(l2.state_key(&state), ids).ignore();
+        }
+        for (state, ids) in self.add {
+            pipe.sadd(l2.state_key(&state), ids).ignore();
+        }
+    }
+}
+
+/// An item's Redis value: metadata, NUL, content, written straight into the
+/// command buffer as one argument.
+struct Packed<'a> {
+    meta: String,
+    content: &'a [u8],
+}
+
+impl ToRedisArgs for Packed<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut w = out.writer_for_next_arg();
+        // Writes into a Vec cannot fail.
+        let _ = w.write_all(self.meta.as_bytes());
+        let _ = w.write_all(&[0]);
+        let _ = w.write_all(self.content);
+    }
+}
+
+impl ToSingleRedisArg for Packed<'_> {}
+
+/// Splits a stored value into metadata and content.
+fn unpack_value(v: &[u8]) -> Option<(Meta, &[u8])> {
+    let nul = v.iter().position(|&b| b == 0)?;
+    let meta = Meta::unpack(std::str::from_utf8(&v[..nul]).ok()?)?;
+    Some((meta, &v[nul + 1..]))
 }
 
 pub struct RedisStore {
@@ -99,8 +161,9 @@ impl RedisStore {
         Ok(start.elapsed())
     }
 
-    /// Adds the commands that store `item` (or remove it, for `Skip`) to `pipe`.
-    /// A key without a TTL of its own loses any expiry an earlier version had.
+    /// Adds the command that stores `item` (or removes it, for `Skip`) to
+    /// `pipe`: one `SET`, which also drops any expiry an earlier version had
+    /// unless this one has its own.
     pub fn queue_put(&self, pipe: &mut redis::Pipeline, item: &SyncItem, route: L2Route, cache_only: bool) {
         let key = self.item_key(&item.object_id);
         if route == L2Route::Skip && !cache_only {
@@ -108,25 +171,14 @@ impl RedisStore {
             return;
         }
         let mirrored = !cache_only && route == L2Route::Mirror;
-        let meta = Meta::pack(item, mirrored);
-        let fields: [(&str, &[u8]); 2] = [("m", meta.as_bytes()), ("c", &item.content[..])];
-        pipe.hset_multiple(&key, &fields).ignore();
-        match route {
-            L2Route::Expiring(secs) => pipe.expire(&key, secs as i64).ignore(),
-            _ => pipe.persist(&key).ignore(),
+        let value = Packed {
+            meta: Meta::pack(item, mirrored),
+            content: &item.content[..],
         };
-    }
-
-    /// Adds the state-set changes for `id`.
-    pub fn queue_state(&self, pipe: &mut redis::Pipeline, id: &str, mv: &StateMove) {
-        if let Some(from) = &mv.from
-            && mv.to.as_ref() != Some(from)
-        {
-            pipe.srem(self.state_key(from), id).ignore();
-        }
-        if let Some(to) = &mv.to {
-            pipe.sadd(self.state_key(to), id).ignore();
-        }
+        match route {
+            L2Route::Expiring(secs) => pipe.set_ex(&key, value, secs).ignore(),
+            _ => pipe.set(&key, value).ignore(),
+        };
     }
 
     /// Adds mirror node updates (`path`, hash or `None` for an empty node).
@@ -161,6 +213,22 @@ impl RedisStore {
             .map_err(|e| redis_err(context, e))
     }
 
+    /// `run` as a task of its own, so the pipeline goes out while the caller
+    /// builds the next one.
+    pub fn spawn_run(
+        &self,
+        pipe: redis::Pipeline,
+        context: &'static str,
+    ) -> tokio::task::JoinHandle<Result<(), StorageError>> {
+        let mut conn = self.conn();
+        tokio::spawn(async move {
+            if pipe.is_empty() {
+                return Ok(());
+            }
+            pipe.exec_async(&mut conn).await.map_err(|e| redis_err(context, e))
+        })
+    }
+
     /// The mirror's root hash (hex), if any.
     pub async fn mirror_root(&self) -> Result<Option<String>, StorageError> {
         self.conn()
@@ -169,36 +237,64 @@ impl RedisStore {
             .map_err(|e| redis_err("mirror root", e))
     }
 
-    /// The item under `id`, checked against its hash. `Ok(None)` when absent;
-    /// `Corruption` when the stored content does not match or the key is not ours.
-    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {
-        let corrupt = |what: &str| StorageError::Corruption {
-            id: id.into(),
-            expected: what.into(),
-            actual: "something else".into(),
-        };
+    /// The stored metadata and content under `key`, in either layout. The
+    /// inner `Err` says what the key should have held when it holds something
+    /// else.
+    async fn read_item(&self, key: &str) -> Result<Option<Result<(Meta, Vec<u8>), &'static str>>, StorageError> {
+        match self.conn().get::<_, Option<Vec<u8>>>(key).await {
+            Ok(None) => Ok(None),
+            Ok(Some(v)) => Ok(Some(
+                unpack_value(&v)
+                    .map(|(m, c)| (m, c.to_vec()))
+                    .ok_or("metadata, NUL, content"),
+            )),
+            Err(e) if e.code() == Some("WRONGTYPE") => self.read_hash_item(key).await,
+            Err(e) => Err(redis_err("get", e)),
+        }
+    }
+
+    /// `read_item` for a key in the hash layout of earlier releases.
+    async fn read_hash_item(&self, key: &str) -> Result<Option<Result<(Meta, Vec<u8>), &'static str>>, StorageError> {
         let fields: Vec<Option<Vec<u8>>> = match redis::cmd("HMGET")
-            .arg(self.item_key(id))
+            .arg(key)
             .arg("m")
             .arg("c")
             .query_async(&mut self.conn())
             .await
         {
             Ok(f) => f,
-            Err(e) if e.code() == Some("WRONGTYPE") => return Err(corrupt("a hash")),
+            Err(e) if e.code() == Some("WRONGTYPE") => return Ok(Some(Err("a string or a hash"))),
             Err(e) => return Err(redis_err("get", e)),
         };
-        let [m, c] = <[Option<Vec<u8>>; 2]>::try_from(fields).map_err(|_| corrupt("two fields"))?;
-        let (m, c) = match (m, c) {
-            (None, None) => return Ok(None),
-            (Some(m), Some(c)) => (m, c),
-            _ => return Err(corrupt("fields m and c")),
+        // The key held something other than a string a moment ago, so a hash
+        // without our fields is not ours (or was just replaced): corrupt.
+        Ok(match <[Option<Vec<u8>>; 2]>::try_from(fields) {
+            Ok([Some(m), Some(c)]) => Some(
+                std::str::from_utf8(&m)
+                    .ok()
+                    .and_then(Meta::unpack)
+                    .map(|m| (m, c))
+                    .ok_or("well-formed metadata"),
+            ),
+            _ => Some(Err("fields m and c")),
+        })
+    }
+
+    /// The item under `id`, checked against its hash. `Ok(None)` when absent;
+    /// `Corruption` when the stored content does not match or the key is not ours.
+    pub async fn get(&self, id: &str) -> Result<Option<SyncItem>, StorageError> {
+        let (meta, content) = match self.read_item(&self.item_key(id)).await? {
+            None => return Ok(None),
+            Some(Ok(found)) => found,
+            Some(Err(what)) => {
+                return Err(StorageError::Corruption {
+                    id: id.into(),
+                    expected: what.into(),
+                    actual: "something else".into(),
+                });
+            }
         };
-        let meta = std::str::from_utf8(&m)
-            .ok()
-            .and_then(Meta::unpack)
-            .ok_or_else(|| corrupt("well-formed metadata"))?;
-        let actual = content_hash(&c);
+        let actual = content_hash(&content);
         if actual != meta.hash {
             return Err(StorageError::Corruption {
                 id: id.into(),
@@ -206,17 +302,16 @@ impl RedisStore {
                 actual,
             });
         }
-        Ok(Some(meta.into_item(id, c)))
+        Ok(Some(meta.into_item(id, content)))
     }
 
     /// `Some(live)` when Redis holds the id (live or tombstone), `None` when not.
     pub async fn exists(&self, id: &str) -> Result<Option<bool>, StorageError> {
-        let m: Option<String> = self
-            .conn()
-            .hget(self.item_key(id), "m")
-            .await
-            .map_err(|e| redis_err("exists", e))?;
-        Ok(m.and_then(|m| Meta::unpack(&m)).map(|m| !m.tombstone))
+        Ok(self
+            .read_item(&self.item_key(id))
+            .await?
+            .and_then(Result::ok)
+            .map(|(m, _)| !m.tombstone))
     }
 
     /// Seconds the item's Redis copy has left; `None` without an expiry or copy.
@@ -229,8 +324,8 @@ impl RedisStore {
         Ok((ms > 0).then(|| (ms as u64).div_ceil(1000)))
     }
 
-    /// Every mirrored entry in Redis, by scanning item keys; keys that are not
-    /// well-formed item hashes (or, with `verify_content`, whose content does
+    /// Every mirrored entry in Redis, by scanning item keys; keys that do not
+    /// hold a well-formed item (or, with `verify_content`, whose content does
     /// not match their hash) are returned in the second list, to be deleted.
     pub async fn scan_entries(&self, verify_content: bool) -> Result<(Vec<EntryMeta>, Vec<String>), StorageError> {
         let mut conn = self.conn();
@@ -238,6 +333,22 @@ impl RedisStore {
         let pattern = format!("{}*", glob_escape(&key_prefix));
         let mut cursor: u64 = 0;
         let (mut entries, mut bad) = (Vec::new(), Vec::new());
+        let mut take = |id: String, found: Option<(Meta, &[u8])>| match found {
+            Some((meta, content)) if !verify_content || content_hash(content) == meta.hash => {
+                if meta.mirrored {
+                    entries.push(EntryMeta {
+                        id,
+                        version: meta.version,
+                        origin: meta.origin,
+                        tombstone: meta.tombstone,
+                        content_hash: meta.hash,
+                        state: meta.state,
+                        l2: true,
+                    });
+                }
+            }
+            _ => bad.push(id),
+        };
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
@@ -252,40 +363,24 @@ impl RedisStore {
                 let mut pipe = redis::pipe();
                 pipe.ignore_errors();
                 for k in &keys {
-                    let fields: &[&str] = &["m", "c"];
-                    pipe.cmd("HMGET")
-                        .arg(k)
-                        .arg(&fields[..if verify_content { 2 } else { 1 }]);
+                    pipe.get(k);
                 }
-                let rows: Vec<redis::RedisResult<Vec<Option<Vec<u8>>>>> = pipe
+                let rows: Vec<redis::RedisResult<Option<Vec<u8>>>> = pipe
                     .query_async(&mut conn)
                     .await
-                    .map_err(|e| redis_err("scan fields", e))?;
+                    .map_err(|e| redis_err("scan values", e))?;
                 for (k, row) in keys.iter().zip(rows) {
                     let id = k[key_prefix.len()..].to_string();
-                    let parsed = row.ok().and_then(|f| {
-                        let meta = f
-                            .first()?
-                            .as_deref()
-                            .and_then(|m| std::str::from_utf8(m).ok())
-                            .and_then(Meta::unpack)?;
-                        if verify_content && content_hash(f.get(1)?.as_deref()?) != meta.hash {
-                            return None;
-                        }
-                        Some(meta.mirrored.then(|| EntryMeta {
-                            id: id.clone(),
-                            version: meta.version,
-                            origin: meta.origin,
-                            tombstone: meta.tombstone,
-                            content_hash: meta.hash,
-                            state: meta.state,
-                            l2: true,
-                        }))
-                    });
-                    match parsed {
-                        Some(Some(meta)) => entries.push(meta),
-                        Some(None) => {}
-                        None => bad.push(id),
+                    match row {
+                        Ok(Some(v)) => take(id, unpack_value(&v)),
+                        // Expired since the SCAN.
+                        Ok(None) => {}
+                        Err(e) if e.code() == Some("WRONGTYPE") => match self.read_hash_item(k).await? {
+                            Some(Ok((meta, content))) => take(id, Some((meta, &content))),
+                            Some(Err(_)) => take(id, None),
+                            None => {}
+                        },
+                        Err(_) => take(id, None),
                     }
                 }
             }

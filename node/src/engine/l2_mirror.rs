@@ -20,7 +20,7 @@ use super::Core;
 use super::entry::EntryMeta;
 use super::error::StorageError;
 use super::item::SyncItem;
-use super::l2::{RedisStore, StateMove, all_mirror_nodes, mirror_nodes};
+use super::l2::{RedisStore, StateMove, StateSets, all_mirror_nodes, mirror_nodes};
 use super::metrics::EngineMetrics;
 use super::options::L2Route;
 use super::search::SearchRegistry;
@@ -40,6 +40,9 @@ pub(crate) struct L2Mirror {
     pub tree: Mutex<MerkleTree>,
     pub repaired: AtomicU64,
 }
+
+/// Items per pipeline of a cache-only write.
+const CACHE_PIPELINE_ITEMS: usize = 250;
 
 impl L2Mirror {
     pub fn new(depth: u8) -> Self {
@@ -96,13 +99,14 @@ impl L2Mirror {
             return;
         }
         let mut pipe = redis::pipe();
+        let mut states = StateSets::default();
         let nodes = {
             let mut tree = self.tree.locked();
             let mut buckets = BTreeSet::new();
             for (i, old) in written {
                 let it = &items[*i];
                 l2.queue_put(&mut pipe, it, it.route, false);
-                l2.queue_state(&mut pipe, &it.object_id, &state_move(old.as_ref(), it));
+                states.note(&it.object_id, &state_move(old.as_ref(), it));
                 search.queue_docs(l2, &mut pipe, it);
                 if let Some(o) = old.as_ref().filter(|o| o.l2) {
                     tree.remove(&o.digest());
@@ -114,6 +118,7 @@ impl L2Mirror {
             }
             mirror_nodes(&tree, &buckets)
         };
+        states.queue(l2, &mut pipe);
         l2.queue_mirror(&mut pipe, &nodes);
         if let Err(e) = l2.run(&pipe, "mirror batch").await {
             tracing::warn!(error = %e, "redis write failed; L2 will be resynced from L3");
@@ -130,10 +135,10 @@ impl L2Mirror {
         items: &[SyncItem],
     ) -> Result<(), StorageError> {
         let mut pipe = redis::pipe();
+        let mut states = StateSets::default();
         for it in items {
             pipe.del(l2.item_key(&it.object_id)).ignore();
-            l2.queue_state(
-                &mut pipe,
+            states.note(
                 &it.object_id,
                 &StateMove {
                     from: Some(it.state.clone()),
@@ -142,20 +147,22 @@ impl L2Mirror {
             );
             search.queue_docs(l2, &mut pipe, &SyncItem::tombstone(it.object_id.clone()));
         }
+        states.queue(l2, &mut pipe);
         l2.run(&pipe, "cache-only delete").await.inspect_err(|e| self.failed(e))
     }
 
     /// Takes `id` out of `state`'s Redis set (a cache-only item that moved).
     pub(crate) async fn leave_state_set(&self, l2: &RedisStore, id: &str, state: &str) -> Result<(), StorageError> {
         let mut pipe = redis::pipe();
-        l2.queue_state(
-            &mut pipe,
+        let mut states = StateSets::default();
+        states.note(
             id,
             &StateMove {
                 from: Some(state.to_string()),
                 to: None,
             },
         );
+        states.queue(l2, &mut pipe);
         l2.run(&pipe, "cache-only state move")
             .await
             .inspect_err(|e| self.failed(e))
@@ -168,20 +175,37 @@ impl L2Mirror {
         search: &SearchRegistry,
         items: &[SyncItem],
     ) -> Result<(), StorageError> {
-        let mut pipe = redis::pipe();
-        for it in items {
-            l2.queue_put(&mut pipe, it, it.route, true);
-            l2.queue_state(
-                &mut pipe,
-                &it.object_id,
-                &StateMove {
-                    from: None,
-                    to: Some(it.state.clone()),
-                },
-            );
-            search.queue_docs(l2, &mut pipe, it);
+        // Pipelines of a few hundred items, each sent as soon as it is built,
+        // so Redis works on one while the next is encoded.
+        let mut sends = Vec::new();
+        for chunk in items.chunks(CACHE_PIPELINE_ITEMS) {
+            let mut pipe = redis::pipe();
+            let mut states = StateSets::default();
+            for it in chunk {
+                l2.queue_put(&mut pipe, it, it.route, true);
+                states.note(
+                    &it.object_id,
+                    &StateMove {
+                        from: None,
+                        to: Some(it.state.clone()),
+                    },
+                );
+                search.queue_docs(l2, &mut pipe, it);
+            }
+            states.queue(l2, &mut pipe);
+            sends.push(l2.spawn_run(pipe, "cache-only write"));
         }
-        l2.run(&pipe, "cache-only write").await.inspect_err(|e| self.failed(e))
+        let mut outcome = Ok(());
+        for send in sends {
+            let r = send
+                .await
+                .unwrap_or_else(|e| Err(StorageError::Backend(format!("redis write task: {e}"))));
+            if let Err(e) = r {
+                self.failed(&e);
+                outcome = outcome.and(Err(e));
+            }
+        }
+        outcome
     }
 
     /// Reads `id` from Redis when it is usable.
@@ -216,7 +240,9 @@ impl L2Mirror {
         }
         let mut pipe = redis::pipe();
         l2.queue_put(&mut pipe, item, item.route, false);
-        l2.queue_state(&mut pipe, &item.object_id, &state_move(None, item));
+        let mut states = StateSets::default();
+        states.note(&item.object_id, &state_move(None, item));
+        states.queue(l2, &mut pipe);
         if let Err(e) = l2.run(&pipe, "write back").await {
             self.failed(&e);
         }
@@ -287,14 +313,14 @@ impl L2Mirror {
                 .map(|m| m.id.as_str())
                 .collect();
             for chunk in stale.chunks(500) {
+                let mut states = StateSets::default();
                 for it in b.l3.get_many(chunk).await? {
                     l2.queue_put(&mut pipe, &it, L2Route::Mirror, false);
                     let from = have
                         .get(&it.object_id)
                         .filter(|h| !h.tombstone)
                         .map(|h| h.state.clone());
-                    l2.queue_state(
-                        &mut pipe,
+                    states.note(
                         &it.object_id,
                         &StateMove {
                             from,
@@ -304,6 +330,7 @@ impl L2Mirror {
                     core.search.queue_docs(l2, &mut pipe, &it);
                     repaired += 1;
                 }
+                states.queue(l2, &mut pipe);
                 l2.run(&pipe, "resync").await?;
                 pipe = redis::pipe();
             }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-use super::item::{self, now_ms, validate_item, validate_prefix, validate_state};
+use super::item::{self, content_hashes, now_ms, validate_item, validate_prefix, validate_state};
 use super::writer::WriterCmd;
 use super::{
     AckMode, BackpressureLevel, BatchResult, CacheTtl, ItemStatus, L2Route, StorageError, SubmitOptions, SyncEngine,
@@ -155,21 +155,35 @@ impl SyncEngine {
         let now = now_ms();
         let mut results = Vec::with_capacity(items.len());
         let mut stamped = Vec::with_capacity(items.len());
-        {
-            let mut hlc = self.core.hlc.locked();
-            for mut item in items {
-                if let Some(s) = &options.state {
-                    item.state = s.clone();
-                }
-                let checked = validate_item(&item, max_payload).and_then(|()| match engine {
+        let mut items = items;
+        if let Some(s) = &options.state {
+            items.iter_mut().for_each(|item| item.state = s.clone());
+        }
+        let checks: Vec<Result<(), StorageError>> = items
+            .iter()
+            .map(|item| {
+                validate_item(item, max_payload).and_then(|()| match engine {
                     true => Ok(()),
                     false => item::check_not_reserved(&item.object_id),
-                });
+                })
+            })
+            .collect();
+        let contents: Vec<&[u8]> = items
+            .iter()
+            .zip(&checks)
+            .filter(|(_, c)| c.is_ok())
+            .map(|(item, _)| &item.content[..])
+            .collect();
+        let mut hashes = content_hashes(&contents).into_iter();
+        {
+            let mut hlc = self.core.hlc.locked();
+            for (mut item, checked) in items.into_iter().zip(checks) {
                 if let Err(e) = checked {
                     results.push(Err(e));
                     continue;
                 }
-                item.content_hash = content_hash(&item.content);
+                // One hash per item that passed; the fallback never runs.
+                item.content_hash = hashes.next().unwrap_or_else(|| content_hash(&item.content));
                 item.version = hlc.now(now as u64);
                 item.origin = node.clone();
                 item.updated_at = now;

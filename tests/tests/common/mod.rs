@@ -36,6 +36,30 @@ pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
         .unwrap_or_else(|e| panic!("cannot reach Redis at REDIS_URL ({e}); run ./scripts/test"))
 }
 
+/// An item's Redis value as the engine stores it: (packed metadata, content).
+pub async fn redis_item(r: &mut redis::aio::MultiplexedConnection, key: &str) -> (String, Vec<u8>) {
+    let v: Vec<u8> = redis::AsyncCommands::get(r, key).await.unwrap();
+    let nul = v
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or_else(|| panic!("{key}: no NUL in {v:?}"));
+    (String::from_utf8(v[..nul].to_vec()).unwrap(), v[nul + 1..].to_vec())
+}
+
+/// Writes an item's Redis value in the engine's layout (keeping its expiry).
+pub async fn set_redis_item(r: &mut redis::aio::MultiplexedConnection, key: &str, meta: &str, content: &[u8]) {
+    let mut v = meta.as_bytes().to_vec();
+    v.push(0);
+    v.extend_from_slice(content);
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(v)
+        .arg("KEEPTTL")
+        .query_async(r)
+        .await
+        .unwrap();
+}
+
 static NEXT_DB: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh, empty MariaDB database; returns its URL.
