@@ -102,19 +102,29 @@ fn http_puts(engine_rate: f64) {
         .unwrap()
         .port();
     let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-    let mut node = Command::new(env!("CARGO_BIN_EXE_syncnode"))
-        .args(["run", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start syncnode");
+    /// Stops the node however the bench ends.
+    struct Node(std::process::Child);
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+            let _ = self.0.wait();
+        }
+    }
+    let _node = Node(
+        Command::new(env!("CARGO_BIN_EXE_syncnode"))
+            .args(["run", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--http",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start syncnode"),
+    );
     let url = format!("http://127.0.0.1:{port}");
     let ready = (0..300).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -146,8 +156,6 @@ fn http_puts(engine_rate: f64) {
         .arg(&url)
         .output()
         .expect("wrk is needed: apt-get install wrk, or run ./scripts/test once");
-    let _ = Command::new("kill").arg(node.id().to_string()).status();
-    let _ = node.wait();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "wrk failed: {text}");
     assert!(!text.contains("Non-2xx"), "some PUTs failed: {text}");

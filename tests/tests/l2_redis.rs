@@ -63,6 +63,24 @@ async fn routing_ttl_state_sets_and_promotion() {
         assert!(!r.exists::<_, bool>(format!("{p}item:dur")).await.unwrap());
         assert_eq!(&e.get("dur").await.unwrap().unwrap().content[..], b"D");
 
+        // A copy that expired loses its expiry when a version without one
+        // replaces it (one SET, no EX), and the key is the string layout.
+        let ttl_opts = SubmitOptions {
+            redis_ttl: Some(CacheTtl::Minute),
+            ..Default::default()
+        };
+        e.submit_with(SyncItem::new("ttl", &b"T1"[..]), ttl_opts).await.unwrap();
+        let ttl: i64 = r.ttl(format!("{p}item:ttl")).await.unwrap();
+        assert!((1..=60).contains(&ttl), "{backend:?}: ttl {ttl}");
+        e.submit(SyncItem::new("ttl", &b"T2"[..])).await.unwrap();
+        assert_eq!(
+            r.ttl::<_, i64>(format!("{p}item:ttl")).await.unwrap(),
+            -1,
+            "{backend:?}"
+        );
+        let (_, c) = redis_item(&mut r, &format!("{p}item:ttl")).await;
+        assert_eq!(c, b"T2");
+
         // State sets follow set_state and delete.
         let members: Vec<String> = r.smembers(format!("{p}state:s1")).await.unwrap();
         assert_eq!(members, vec!["both".to_string()]);
@@ -384,6 +402,12 @@ async fn keys_in_the_old_hash_layout_are_still_read() {
             .await
             .unwrap();
         assert_eq!(kind, "hash", "{backend:?}: kept by the resync");
+        let kind: String = redis::cmd("TYPE")
+            .arg(format!("{p}item:mirrored"))
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(kind, "hash", "{backend:?}: kept by the resync, not rewritten");
         e.submit_with(
             SyncItem::new("cached", &b"C2"[..]),
             SubmitOptions::cache(CacheTtl::Hour),

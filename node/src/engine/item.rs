@@ -137,12 +137,12 @@ pub fn content_hashes(contents: &[&[u8]]) -> Vec<String> {
     }
     let (first, second) = contents.split_at(contents.len() / 2);
     std::thread::scope(|s| {
-        let other = s.spawn(|| hash_all(second));
+        // Without a thread (the OS may refuse one), everything is hashed here.
+        let other = std::thread::Builder::new().spawn_scoped(s, || hash_all(second)).ok();
         let mut out = hash_all(first);
-        match other.join() {
-            Ok(rest) => out.extend(rest),
-            // Hashing does not panic; should the thread die anyway, redo its half here.
-            Err(_) => out.extend(hash_all(second)),
+        match other.map(|t| t.join()) {
+            Some(Ok(rest)) => out.extend(rest),
+            _ => out.extend(hash_all(second)),
         }
         out
     })
@@ -386,6 +386,18 @@ pub(crate) fn validate_remote(item: &SyncItem, max_payload_bytes: usize) -> Resu
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn batch_hashes_keep_their_order_on_two_threads() {
+        let contents: Vec<Vec<u8>> = (0..TWO_THREAD_HASH_ITEMS as u32 * 2 + 3)
+            .map(|i| i.to_le_bytes().to_vec())
+            .collect();
+        let refs: Vec<&[u8]> = contents.iter().map(|c| &c[..]).collect();
+        let one_by_one: Vec<String> = refs.iter().map(|c| content_hash(c)).collect();
+        assert_eq!(content_hashes(&refs), one_by_one);
+        assert_eq!(content_hashes(&refs[..3]), one_by_one[..3]);
+        assert_eq!(content_hash(b""), hex::encode(Sha256::digest(b"")));
+    }
 
     #[test]
     fn content_type_detection() {

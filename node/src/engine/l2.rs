@@ -91,6 +91,11 @@ impl ToRedisArgs for Packed<'_> {
 
 impl ToSingleRedisArg for Packed<'_> {}
 
+/// How much of a value a resync without the content check reads: more than
+/// any metadata line set takes in practice, so the rest is read only for the
+/// rare item with long tags.
+const META_READ_BYTES: usize = 1024;
+
 /// Splits a stored value into metadata and content.
 fn unpack_value(v: &[u8]) -> Option<(Meta, &[u8])> {
     let nul = v.iter().position(|&b| b == 0)?;
@@ -213,22 +218,6 @@ impl RedisStore {
             .map_err(|e| redis_err(context, e))
     }
 
-    /// `run` as a task of its own, so the pipeline goes out while the caller
-    /// builds the next one.
-    pub fn spawn_run(
-        &self,
-        pipe: redis::Pipeline,
-        context: &'static str,
-    ) -> tokio::task::JoinHandle<Result<(), StorageError>> {
-        let mut conn = self.conn();
-        tokio::spawn(async move {
-            if pipe.is_empty() {
-                return Ok(());
-            }
-            pipe.exec_async(&mut conn).await.map_err(|e| redis_err(context, e))
-        })
-    }
-
     /// The mirror's root hash (hex), if any.
     pub async fn mirror_root(&self) -> Result<Option<String>, StorageError> {
         self.conn()
@@ -241,16 +230,26 @@ impl RedisStore {
     /// inner `Err` says what the key should have held when it holds something
     /// else.
     async fn read_item(&self, key: &str) -> Result<Option<Result<(Meta, Vec<u8>), &'static str>>, StorageError> {
-        match self.conn().get::<_, Option<Vec<u8>>>(key).await {
-            Ok(None) => Ok(None),
-            Ok(Some(v)) => Ok(Some(
-                unpack_value(&v)
-                    .map(|(m, c)| (m, c.to_vec()))
-                    .ok_or("metadata, NUL, content"),
-            )),
-            Err(e) if e.code() == Some("WRONGTYPE") => self.read_hash_item(key).await,
-            Err(e) => Err(redis_err("get", e)),
+        // Twice at most: a hash key may be rewritten as a string between the
+        // GET and the HMGET.
+        for _ in 0..2 {
+            match self.conn().get::<_, Option<Vec<u8>>>(key).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(v)) => {
+                    return Ok(Some(
+                        unpack_value(&v)
+                            .map(|(m, c)| (m, c.to_vec()))
+                            .ok_or("metadata, NUL, content"),
+                    ));
+                }
+                Err(e) if e.code() == Some("WRONGTYPE") => match self.read_hash_item(key).await? {
+                    Some(Err("a string or a hash")) => continue,
+                    found => return Ok(found),
+                },
+                Err(e) => return Err(redis_err("get", e)),
+            }
         }
+        Ok(Some(Err("a string or a hash")))
     }
 
     /// `read_item` for a key in the hash layout of earlier releases.
@@ -266,8 +265,6 @@ impl RedisStore {
             Err(e) if e.code() == Some("WRONGTYPE") => return Ok(Some(Err("a string or a hash"))),
             Err(e) => return Err(redis_err("get", e)),
         };
-        // The key held something other than a string a moment ago, so a hash
-        // without our fields is not ours (or was just replaced): corrupt.
         Ok(match <[Option<Vec<u8>>; 2]>::try_from(fields) {
             Ok([Some(m), Some(c)]) => Some(
                 std::str::from_utf8(&m)
@@ -276,6 +273,12 @@ impl RedisStore {
                     .map(|m| (m, c))
                     .ok_or("well-formed metadata"),
             ),
+            // Neither field: a hash that is not ours, or a key that expired
+            // since the GET (absent, not corrupt).
+            Ok([None, None]) => {
+                let exists: bool = self.conn().exists(key).await.map_err(|e| redis_err("get", e))?;
+                exists.then_some(Err("fields m and c"))
+            }
             _ => Some(Err("fields m and c")),
         })
     }
@@ -363,7 +366,11 @@ impl RedisStore {
                 let mut pipe = redis::pipe();
                 pipe.ignore_errors();
                 for k in &keys {
-                    pipe.get(k);
+                    // Without the content check the metadata is enough.
+                    match verify_content {
+                        true => pipe.get(k),
+                        false => pipe.getrange(k, 0, META_READ_BYTES as isize - 1),
+                    };
                 }
                 let rows: Vec<redis::RedisResult<Option<Vec<u8>>>> = pipe
                     .query_async(&mut conn)
@@ -372,15 +379,19 @@ impl RedisStore {
                 for (k, row) in keys.iter().zip(rows) {
                     let id = k[key_prefix.len()..].to_string();
                     match row {
-                        Ok(Some(v)) => take(id, unpack_value(&v)),
-                        // Expired since the SCAN.
+                        Ok(Some(v)) if !v.is_empty() && (verify_content || v.contains(&0)) => {
+                            take(id, unpack_value(&v))
+                        }
+                        // Expired since the SCAN (GETRANGE answers "" for a missing key).
                         Ok(None) => {}
-                        Err(e) if e.code() == Some("WRONGTYPE") => match self.read_hash_item(k).await? {
+                        Ok(Some(v)) if v.is_empty() => {}
+                        // Metadata longer than the range read, or a key changed
+                        // since the SCAN: read it whole, in whichever layout.
+                        _ => match self.read_item(k).await? {
                             Some(Ok((meta, content))) => take(id, Some((meta, &content))),
                             Some(Err(_)) => take(id, None),
                             None => {}
                         },
-                        Err(_) => take(id, None),
                     }
                 }
             }

@@ -41,9 +41,6 @@ pub(crate) struct L2Mirror {
     pub repaired: AtomicU64,
 }
 
-/// Items per pipeline of a cache-only write.
-const CACHE_PIPELINE_ITEMS: usize = 250;
-
 impl L2Mirror {
     pub fn new(depth: u8) -> Self {
         Self {
@@ -175,37 +172,21 @@ impl L2Mirror {
         search: &SearchRegistry,
         items: &[SyncItem],
     ) -> Result<(), StorageError> {
-        // Pipelines of a few hundred items, each sent as soon as it is built,
-        // so Redis works on one while the next is encoded.
-        let mut sends = Vec::new();
-        for chunk in items.chunks(CACHE_PIPELINE_ITEMS) {
-            let mut pipe = redis::pipe();
-            let mut states = StateSets::default();
-            for it in chunk {
-                l2.queue_put(&mut pipe, it, it.route, true);
-                states.note(
-                    &it.object_id,
-                    &StateMove {
-                        from: None,
-                        to: Some(it.state.clone()),
-                    },
-                );
-                search.queue_docs(l2, &mut pipe, it);
-            }
-            states.queue(l2, &mut pipe);
-            sends.push(l2.spawn_run(pipe, "cache-only write"));
+        let mut pipe = redis::pipe();
+        let mut states = StateSets::default();
+        for it in items {
+            l2.queue_put(&mut pipe, it, it.route, true);
+            states.note(
+                &it.object_id,
+                &StateMove {
+                    from: None,
+                    to: Some(it.state.clone()),
+                },
+            );
+            search.queue_docs(l2, &mut pipe, it);
         }
-        let mut outcome = Ok(());
-        for send in sends {
-            let r = send
-                .await
-                .unwrap_or_else(|e| Err(StorageError::Backend(format!("redis write task: {e}"))));
-            if let Err(e) = r {
-                self.failed(&e);
-                outcome = outcome.and(Err(e));
-            }
-        }
-        outcome
+        states.queue(l2, &mut pipe);
+        l2.run(&pipe, "cache-only write").await.inspect_err(|e| self.failed(e))
     }
 
     /// Reads `id` from Redis when it is usable.

@@ -84,6 +84,9 @@ impl SyncEngine {
                 cfg.merkle_depth
             )));
         }
+        // The node id is every local write's origin, stored in Redis metadata
+        // lines and sent to peers, which refuse a malformed one.
+        super::item::validate_origin(&cfg.node_id).map_err(|e| StorageError::InvalidInput(format!("node_id: {e}")))?;
         core.set_state(EngineState::Connecting);
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| StorageError::backend(&format!("create data dir {}", cfg.data_dir.display()), e))?;

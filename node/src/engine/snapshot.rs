@@ -65,6 +65,9 @@ impl Snapshots {
     }
 }
 
+/// Scans side by side in a rebuild (the machines have two cores).
+const REBUILD_SCANS: usize = 2;
+
 impl Core {
     /// Saves the snapshots (see `Snapshots::save`).
     pub(super) async fn save_snapshot(&self, force: bool) -> Result<(), StorageError> {
@@ -93,11 +96,32 @@ impl Core {
         let mut l2view = tree.clone();
         let mut ids = 0usize;
         let mut fresh = FilterManager::empty_filter(1024);
-        let mut after: Option<String> = None;
-        loop {
-            let page = b.l3.scan_digests(after.as_deref(), 10_000).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
+        // Runs of the id space are scanned side by side (the reads, the row
+        // conversion and the digests of each on its own connection and
+        // worker), while this task puts their pages into the tree and filter.
+        let points = b.l3.id_split_points(REBUILD_SCANS).await?;
+        let mut bounds: Vec<Option<String>> = vec![None];
+        bounds.extend(points.into_iter().map(Some));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2 * REBUILD_SCANS);
+        let mut scans = tokio::task::JoinSet::new();
+        for (i, start) in bounds.iter().enumerate() {
+            let (l3, tx) = (b.l3.clone(), tx.clone());
+            let (mut after, through) = (start.clone(), bounds.get(i + 1).cloned().flatten());
+            scans.spawn(async move {
+                loop {
+                    let page = l3.scan_digests(after.as_deref(), through.as_deref(), 10_000).await;
+                    let last = page.as_ref().ok().and_then(|p| p.last().map(|e| e.id.clone()));
+                    if tx.send(page).await.is_err() || last.is_none() {
+                        return;
+                    }
+                    after = last;
+                }
+            });
+        }
+        drop(tx);
+        while let Some(page) = rx.recv().await {
+            // An error drops `scans`, which stops the other scans.
+            let page = page?;
             for e in &page {
                 tree.insert(&e.digest);
                 if e.l2 {

@@ -181,17 +181,56 @@ impl L3Store {
         rows.iter().map(|r| text(r, 0, "id")).collect()
     }
 
-    /// Every entry's digest in id order after `after` (at most `limit`), for
-    /// a rebuild of the tree and filter: only the columns the digest needs,
-    /// hashed from the stored bytes (no hex, no state).
-    pub async fn scan_digests(&self, after: Option<&str>, limit: usize) -> Result<Vec<DigestRow>, StorageError> {
+    /// Ids that cut the table into `parts` runs of about equal length, in
+    /// order (fewer when the table is small), for scans side by side.
+    pub async fn id_split_points(&self, parts: usize) -> Result<Vec<String>, StorageError> {
+        let count = self
+            .timed(
+                "count items",
+                sqlx::query("SELECT COUNT(*) FROM sync_items").fetch_one(&self.pool),
+            )
+            .await?;
+        let count = int(&count, 0, "count")? as usize;
+        let mut points = Vec::new();
+        for k in 1..parts {
+            let offset = count * k / parts;
+            if offset == 0 {
+                continue;
+            }
+            let row = self
+                .timed(
+                    "split point",
+                    sqlx::query("SELECT id FROM sync_items ORDER BY id LIMIT 1 OFFSET ?")
+                        .bind(offset as i64)
+                        .fetch_optional(&self.pool),
+                )
+                .await?;
+            if let Some(row) = row {
+                points.push(text(&row, 0, "id")?);
+            }
+        }
+        points.dedup();
+        Ok(points)
+    }
+
+    /// Every entry's digest in id order after `after` and up to `through`
+    /// (at most `limit`), for a rebuild of the tree and filter: only the
+    /// columns the digest needs, hashed from the stored bytes (no hex, no state).
+    pub async fn scan_digests(
+        &self,
+        after: Option<&str>,
+        through: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DigestRow>, StorageError> {
         let sql = format!(
-            "SELECT id, version, origin, tombstone, content_hash, l2 FROM sync_items{} ORDER BY id LIMIT ?",
-            if after.is_some() { " WHERE id > ?" } else { "" }
+            "SELECT id, version, origin, tombstone, content_hash, l2 FROM sync_items WHERE {} AND {} \
+             ORDER BY id LIMIT ?",
+            if after.is_some() { "id > ?" } else { "1 = 1" },
+            if through.is_some() { "id <= ?" } else { "1 = 1" },
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        if let Some(a) = after {
-            q = q.bind(a.as_bytes());
+        for bound in [after, through].into_iter().flatten() {
+            q = q.bind(bound.as_bytes());
         }
         let rows = self
             .timed("scan digests", q.bind(limit as i64).fetch_all(&self.pool))
