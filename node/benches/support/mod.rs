@@ -1,4 +1,8 @@
-//! What the benchmarks share: the runtime they run on and their size knobs.
+//! What the benchmarks share: the runtime they run on, the allocator the
+//! `syncnode` binary uses, and their size knobs.
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A two-worker runtime, as on the 2-core machines the figures come from.
 pub fn runtime() -> tokio::runtime::Runtime {
