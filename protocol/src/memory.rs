@@ -7,6 +7,7 @@
 //! back. Time is whatever `now_ms` the owner sets.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
@@ -20,8 +21,9 @@ use crate::wire::{Entry, PurgedEntry, Request, Response, RootsAnnouncement, Wire
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     pub items: BTreeMap<String, WireItem>,
-    /// Hex SHA-256 of each id → id, so the ids under a tree path are a range.
-    by_key: BTreeMap<String, String>,
+    /// Each entry by the SHA-256 of its id (its tree key), so the entries
+    /// under a tree path are one range.
+    by_key: BTreeMap<[u8; 32], Entry>,
     pub tree: MerkleTree,
     /// Purged deletes by id.
     pub purged: BTreeMap<String, PurgedEntry>,
@@ -40,6 +42,31 @@ pub struct MemoryStore {
     /// When set, every version stored is noted here (the simulator's
     /// visibility checker drains it).
     pub journal: Option<Vec<Entry>>,
+}
+
+/// The keys under the tree path `path` (hex nibbles): from the path padded
+/// with zeros to the next path of the same length (`None` past the last).
+fn key_range(path: &str) -> Option<([u8; 32], Option<[u8; 32]>)> {
+    if path.len() > 64 {
+        return None;
+    }
+    let mut low = [0u8; 32];
+    for (i, c) in path.chars().enumerate() {
+        let nibble = c.to_digit(16)? as u8;
+        low[i / 2] |= if i % 2 == 0 { nibble << 4 } else { nibble };
+    }
+    // Add one at the path's last nibble, carrying leftwards.
+    let mut high = low;
+    for i in (0..path.len()).rev() {
+        let shift = if i % 2 == 0 { 4 } else { 0 };
+        let nibble = (high[i / 2] >> shift) & 0xf;
+        high[i / 2] &= !(0xf << shift);
+        if nibble < 0xf {
+            high[i / 2] |= (nibble + 1) << shift;
+            return Some((low, Some(high)));
+        }
+    }
+    Some((low, None))
 }
 
 /// The content hash of a tombstone (no content).
@@ -214,7 +241,7 @@ impl MemoryStore {
         for e in &victims {
             self.tree.remove(&e.digest());
             self.items.remove(&e.id);
-            self.by_key.remove(&hex::encode(key_of(&e.id)));
+            self.by_key.remove(&key_of(&e.id));
             self.tombstone_written.remove(&e.id);
             self.purged.insert(
                 e.id.clone(),
@@ -264,24 +291,29 @@ impl MemoryStore {
             j.push(it.entry.clone());
         }
         self.tree.insert(&it.entry.digest());
-        self.by_key
-            .insert(hex::encode(key_of(&it.entry.id)), it.entry.id.clone());
+        self.by_key.insert(key_of(&it.entry.id), it.entry.clone());
         self.items.insert(it.entry.id.clone(), it);
         true
     }
 
+    /// The entries whose tree key starts with the hex nibbles of `path`
+    /// (none for a path that is not hex).
     pub fn entries_under(&self, path: &str) -> Vec<Entry> {
+        let Some((low, high)) = key_range(path) else {
+            return Vec::new();
+        };
+        let high = high.map_or(Bound::Unbounded, Bound::Excluded);
         self.by_key
-            .range(path.to_string()..)
-            .take_while(|(k, _)| k.starts_with(path))
-            .map(|(_, id)| self.items[id].entry.clone())
+            .range((Bound::Included(low), high))
+            .map(|(_, e)| e.clone())
             .collect()
     }
 
     /// The responder side (the core's, over this store).
     pub fn answer(&mut self, req: Request) -> Response {
-        let depth = self.tree.depth();
-        let shared = Mutex::new(std::mem::replace(self, MemoryStore::new(depth)));
+        // The store moves into the lock for the call; what stands in for it
+        // meanwhile has the smallest tree (a full-depth one costs megabytes).
+        let shared = Mutex::new(std::mem::replace(self, MemoryStore::new(1)));
         let resp = crate::replica::run_ready(crate::replica::store::answer(&shared, req));
         *self = shared.into_inner().expect("store lock");
         resp
@@ -429,5 +461,42 @@ impl Store for Mutex<MemoryStore> {
         let n = s.purged.len();
         s.purged.retain(|_, e| e.purged_at_ms >= before);
         std::future::ready(Ok((n - s.purged.len()) as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn key_ranges_cover_a_path_and_stop_at_the_next() {
+        assert_eq!(key_range(""), Some(([0; 32], None)));
+        assert_eq!(key_range("xy"), None);
+        let (low, high) = key_range("1ff").unwrap();
+        assert_eq!((low[0], low[1]), (0x1f, 0xf0));
+        assert_eq!(high.map(|h| (h[0], h[1])), Some((0x20, 0x00)));
+        assert_eq!(key_range("ff").unwrap().1, None);
+    }
+
+    proptest! {
+        #[test]
+        fn entries_under_a_path_are_those_whose_hex_key_starts_with_it(
+            ids in proptest::collection::btree_set("[a-z]{1,6}", 0..200),
+            path in "[0-9a-f]{0,3}",
+        ) {
+            let mut store = MemoryStore::new(4);
+            for id in &ids {
+                store.put(sample_item(id, 1, "n", false));
+            }
+            let mut got: Vec<String> = store.entries_under(&path).into_iter().map(|e| e.id).collect();
+            got.sort();
+            let want: Vec<String> = ids
+                .iter()
+                .filter(|id| hex::encode(key_of(id)).starts_with(&path))
+                .cloned()
+                .collect();
+            prop_assert_eq!(got, want);
+        }
     }
 }

@@ -140,6 +140,12 @@ pub struct Session {
     progress: Progress,
 }
 
+/// What `EntrySummary::of(e)` compares by (`EntrySummary::newer_than`),
+/// without copying the entry's strings.
+fn summary_stamp(e: &Entry) -> (u64, &[u8], [u8; 8]) {
+    (e.version, e.origin.as_bytes(), EntrySummary::hash_of(e))
+}
+
 fn short(hash: [u8; 32]) -> [u8; 16] {
     hash[..16].try_into().expect("16 bytes")
 }
@@ -447,22 +453,36 @@ impl Session {
     /// them with the peer's and queues what to pull and to push.
     pub fn on_local_entries(&mut self, local: Vec<(String, Vec<Entry>)>) {
         let mut mine: BTreeMap<String, Vec<Entry>> = local.into_iter().collect();
-        for (path, theirs) in std::mem::take(&mut self.remote) {
-            let ours: BTreeMap<String, EntrySummary> = mine
-                .remove(&path)
-                .unwrap_or_default()
-                .iter()
-                .map(|e| (e.id.clone(), EntrySummary::of(e)))
-                .collect();
-            let theirs: BTreeMap<String, EntrySummary> = theirs.into_iter().map(|e| (e.id.clone(), e)).collect();
-            for id in ours.keys().chain(theirs.keys()).collect::<BTreeSet<_>>() {
+        for (path, mut theirs) in std::mem::take(&mut self.remote) {
+            let mut ours = mine.remove(&path).unwrap_or_default();
+            // Both lists by id, then one merge: no map per path, no id copied
+            // but those queued.
+            ours.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+            ours.dedup_by(|a, b| a.id == b.id);
+            theirs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+            theirs.dedup_by(|a, b| a.id == b.id);
+            let (mut ours, mut theirs) = (ours.iter().peekable(), theirs.iter().peekable());
+            loop {
+                let (o, t) = (ours.peek(), theirs.peek());
+                let order = match (o, t) {
+                    (None, None) => break,
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (Some(o), Some(t)) => o.id.cmp(&t.id),
+                };
                 self.progress.entries_compared += 1;
-                match (ours.get(id), theirs.get(id)) {
-                    (Some(o), Some(t)) if t.newer_than(o) => self.pull.push_back(id.clone()),
-                    (Some(o), Some(t)) if o.newer_than(t) => self.push.push_back(id.clone()),
-                    (None, Some(_)) => self.pull.push_back(id.clone()),
-                    (Some(_), None) => self.push.push_back(id.clone()),
-                    _ => {}
+                match order {
+                    std::cmp::Ordering::Less => self.push.push_back(ours.next().expect("peeked").id.clone()),
+                    std::cmp::Ordering::Greater => self.pull.push_back(theirs.next().expect("peeked").id.clone()),
+                    std::cmp::Ordering::Equal => {
+                        let (o, t) = (ours.next().expect("peeked"), theirs.next().expect("peeked"));
+                        let (mine, peer) = (summary_stamp(o), (t.version, t.origin.as_bytes(), t.hash));
+                        if peer > mine {
+                            self.pull.push_back(t.id.clone());
+                        } else if mine > peer {
+                            self.push.push_back(o.id.clone());
+                        }
+                    }
                 }
             }
         }

@@ -80,10 +80,17 @@ pub struct EntrySummary {
 }
 
 impl EntrySummary {
-    pub fn of(e: &Entry) -> Self {
+    /// The 8 bytes a summary carries for `e`'s content: the hash's first
+    /// bytes, with the tombstone flag folded in.
+    pub fn hash_of(e: &Entry) -> [u8; 8] {
         let mut hash = [0u8; 8];
         hash.copy_from_slice(&e.content_hash[..8]);
         hash[0] ^= e.tombstone as u8;
+        hash
+    }
+
+    pub fn of(e: &Entry) -> Self {
+        let hash = Self::hash_of(e);
         Self {
             id: e.id.clone(),
             version: e.version,
