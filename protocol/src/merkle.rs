@@ -281,6 +281,16 @@ impl MerkleTree {
         Ok(self.levels[level as usize][idx])
     }
 
+    /// The `FANOUT` child sums of the node at `path`, by nibble (empty for a
+    /// bucket): the children without a path string each.
+    pub fn child_sums(&self, path: &str) -> Result<&[NodeSum], MerkleError> {
+        let (level, idx) = self.parse_path(path)?;
+        if level == self.depth {
+            return Ok(&[]);
+        }
+        Ok(&self.levels[level as usize + 1][idx * FANOUT..(idx + 1) * FANOUT])
+    }
+
     /// Non-empty children of the node at `path`, as `(path, sum)`; empty for a bucket.
     pub fn children(&self, path: &str) -> Result<Vec<(String, NodeSum)>, MerkleError> {
         let (level, idx) = self.parse_path(path)?;

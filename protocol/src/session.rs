@@ -152,11 +152,13 @@ fn short(hash: [u8; 32]) -> [u8; 16] {
 
 /// Non-empty children of `path` in `tree`, as a `Descend` carries them.
 pub fn children_summaries(tree: &MerkleTree, path: &str) -> Vec<ChildSummary> {
-    tree.children(path)
+    tree.child_sums(path)
         .unwrap_or_default()
-        .into_iter()
-        .map(|(child, n)| ChildSummary {
-            nibble: u8::from_str_radix(&child[path.len()..], 16).expect("a hex nibble"),
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.is_empty())
+        .map(|(nibble, n)| ChildSummary {
+            nibble: nibble as u8,
             count: n.count,
             hash: short(n.hash()),
         })
@@ -193,21 +195,27 @@ pub fn plan_round(tree: &MerkleTree, descend: &[Descend], list: &[String]) -> (V
         }
     }
     for d in descend {
-        let theirs: BTreeMap<String, &ChildSummary> = d
-            .children
-            .iter()
-            .map(|c| (format!("{}{:x}", d.path, c.nibble), c))
-            .collect();
-        let mut paths: BTreeSet<String> = theirs.keys().cloned().collect();
-        for (c, _) in tree.children(&d.path).unwrap_or_default() {
-            paths.insert(c);
+        // Both sides' children by nibble (a nibble the peer repeats: its last).
+        let mut theirs = [(0u64, [0u8; 16]); FANOUT];
+        for c in d.children.iter().filter(|c| (c.nibble as usize) < FANOUT) {
+            theirs[c.nibble as usize] = (c.count, c.hash);
         }
-        for c in paths {
-            let mine = summary(tree, &c);
-            let their = theirs.get(c.as_str()).map_or((0, [0; 16]), |t| (t.count, t.hash));
-            if (mine.count, mine.hash) == their || (mine.count == 0 && their.0 == 0) {
+        let mine_children = tree.child_sums(&d.path).unwrap_or_default();
+        for (nibble, their) in theirs.into_iter().enumerate() {
+            let n = mine_children.get(nibble).copied().unwrap_or_default();
+            if n.count == 0 && their.0 == 0 {
                 continue;
             }
+            let hash = if n.is_empty() { [0; 16] } else { short(n.hash()) };
+            if (n.count, hash) == their {
+                continue;
+            }
+            let c = format!("{}{nibble:x}", d.path);
+            let mine = NodeSummary {
+                path: c.clone(),
+                count: n.count,
+                hash,
+            };
             let small = c.len() >= depth || mine.count.max(their.0) <= LIST_BELOW;
             if small && budget + mine.count <= MAX_LISTED as u64 {
                 budget += mine.count;

@@ -89,6 +89,18 @@ impl EntrySummary {
         hash
     }
 
+    /// `of`, taking the entry's strings instead of copying them.
+    pub fn from_entry(e: Entry) -> Self {
+        let hash = Self::hash_of(&e);
+        Self {
+            id: e.id,
+            version: e.version,
+            origin: e.origin,
+            tombstone: e.tombstone,
+            hash,
+        }
+    }
+
     pub fn of(e: &Entry) -> Self {
         let hash = Self::hash_of(e);
         Self {

@@ -166,7 +166,7 @@ pub async fn answer<S: Store>(store: &S, req: Request) -> Response {
                     .entries_under(&listed)
                     .await?
                     .into_iter()
-                    .map(|(p, e)| (p, e.iter().map(EntrySummary::of).collect()))
+                    .map(|(p, e)| (p, e.into_iter().map(EntrySummary::from_entry).collect()))
                     .collect();
                 store.with_tree(|t| round_answer(t, nodes, lists))
             }
