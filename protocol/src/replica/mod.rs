@@ -278,6 +278,9 @@ pub struct Replica {
     pending: BTreeMap<u64, (String, u64, Pending)>,
     tasks: BTreeMap<u64, Waiter>,
     answering: u32,
+    /// When each peer's last `Round` was admitted here (mono ms): a hub
+    /// being synced by its peer hub does not start a session of its own.
+    rounds_served: BTreeMap<String, u64>,
     /// Received deltas waiting for the CDC task in flight, with their authors.
     cdc_inbox: Vec<(String, CdcDelta)>,
     cdc_running: Option<BTreeMap<String, String>>,
@@ -348,6 +351,7 @@ impl Replica {
             pending: BTreeMap::new(),
             tasks: BTreeMap::new(),
             answering: 0,
+            rounds_served: BTreeMap::new(),
             cdc_inbox: Vec::new(),
             cdc_running: None,
             cdc_due: None,
@@ -715,6 +719,9 @@ impl Replica {
             }),
             Ok(()) => {
                 self.answering += 1;
+                if matches!(req, Request::Round { .. }) {
+                    self.rounds_served.insert(peer.clone(), now.mono_ms);
+                }
                 self.run(Task::Answer(req), Waiter::Answer { peer, id });
             }
         }
@@ -905,7 +912,7 @@ impl Replica {
             return;
         }
         let every = self.cfg.anti_entropy_interval_ms;
-        if self.peers.due_for_session(now, every).iter().any(|p| p == peer) && self.may_sync_with(now, peer) {
+        if self.peers.due_for_session(now, every).iter().any(|p| p == peer) && self.may_sync_with(now, peer, true) {
             self.start_session(now, peer, store);
         }
     }
@@ -1136,7 +1143,10 @@ impl Replica {
             let every = self.cfg.anti_entropy_interval_ms;
             self.next_session_round = Some(mono + every + self.rng.random_range(0..=every / 4));
             let mut due = self.peers.due_for_session(now, every);
-            due.retain(|p| self.may_sync_with(now, p));
+            due.retain(|p| self.may_sync_with(now, p, false));
+            // Forget rounds served long ago (peers come and go).
+            let horizon = mono.saturating_sub(10 * every);
+            self.rounds_served.retain(|_, at| *at >= horizon);
             if !self.peers.ledger_learned() && self.sessions.is_empty() && due.is_empty() {
                 // Deltas are ignored until the purge ledger is learned, so
                 // a node that has not learned it syncs with a member now,

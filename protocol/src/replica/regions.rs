@@ -40,7 +40,13 @@ impl Replica {
     /// carry the same writes over the WAN again. A member of another region
     /// is also synced with when its purge watermark has gone unproven for
     /// half of `tombstone_grace` (so purges go on under a steady load).
-    pub(super) fn may_sync_with(&self, now: Now, peer: &str) -> bool {
+    ///
+    /// Of two hubs, the lower peer id starts at once (`immediate`: roots just
+    /// differed): a session moves writes both ways, so two at the same time
+    /// would carry them over the WAN twice. The higher one starts only at
+    /// its periodic round, and only when the lower one has not been running
+    /// a session toward it (no `Round` served to it in two intervals).
+    pub(super) fn may_sync_with(&self, now: Now, peer: &str, immediate: bool) -> bool {
         let me = self.swim.me();
         // Members SWIM holds alive, or that we are connected to (after a
         // heal SWIM may still hold the other side down for a while).
@@ -68,7 +74,12 @@ impl Replica {
             .filter(|m| m.region == theirs && self.peers.is_connected(&m.peer) && !self.peers.banned(&m.peer))
             .map(|m| m.peer.as_str())
             .min();
-        let hub_to_hub = hubs.get(&me.region) == Some(&me.peer) && their_hub == Some(peer);
+        let served_lately = self
+            .rounds_served
+            .get(peer)
+            .is_some_and(|at| now.mono_ms.saturating_sub(*at) < 2 * self.cfg.anti_entropy_interval_ms);
+        let first = me.peer.as_str() < peer || (!immediate && !served_lately);
+        let hub_to_hub = hubs.get(&me.region) == Some(&me.peer) && their_hub == Some(peer) && first;
         hub_to_hub
             || self
                 .peers
