@@ -140,6 +140,19 @@ pub struct Session {
     progress: Progress,
 }
 
+/// Sorts `list` by id; of an id listed twice (by a broken or hostile peer)
+/// the last copy stays, as it did when these lists were read into maps.
+fn sort_by_id_keep_last<T>(list: &mut Vec<T>, id: impl Fn(&T) -> &str) {
+    list.sort_by(|a, b| id(a).cmp(id(b)));
+    list.dedup_by(|later, kept| {
+        let same = id(later) == id(kept);
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
+}
+
 /// What `EntrySummary::of(e)` compares by (`EntrySummary::newer_than`),
 /// without copying the entry's strings.
 fn summary_stamp(e: &Entry) -> (u64, &[u8], [u8; 8]) {
@@ -465,10 +478,8 @@ impl Session {
             let mut ours = mine.remove(&path).unwrap_or_default();
             // Both lists by id, then one merge: no map per path, no id copied
             // but those queued.
-            ours.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-            ours.dedup_by(|a, b| a.id == b.id);
-            theirs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-            theirs.dedup_by(|a, b| a.id == b.id);
+            sort_by_id_keep_last(&mut ours, |e| &e.id);
+            sort_by_id_keep_last(&mut theirs, |e| &e.id);
             let (mut ours, mut theirs) = (ours.iter().peekable(), theirs.iter().peekable());
             loop {
                 let (o, t) = (ours.peek(), theirs.peek());
@@ -528,6 +539,27 @@ mod tests {
             prop_assert_eq!(a.tree.root_hash(), b.tree.root_hash());
             prop_assert_eq!(a.items, b.items);
         }
+    }
+
+    #[test]
+    fn an_id_the_peer_lists_twice_is_compared_once_by_its_last_copy() {
+        let entry = |version: u64| Entry {
+            id: "a".into(),
+            version,
+            origin: "n".into(),
+            tombstone: false,
+            content_hash: [1; 32],
+        };
+        let mut s = Session::new(1, 4);
+        s.remote.insert(
+            "0".into(),
+            vec![EntrySummary::of(&entry(9)), EntrySummary::of(&entry(1))],
+        );
+        s.on_local_entries(vec![("0".into(), vec![entry(5)])]);
+        // The last copy (version 1) is older than ours (5): ours goes to the peer.
+        assert_eq!(s.push, ["a"]);
+        assert!(s.pull.is_empty());
+        assert_eq!(s.progress.entries_compared, 1);
     }
 
     #[test]

@@ -131,6 +131,11 @@ impl Core {
             }
             ids += page.len();
         }
+        // The channel also closes when a scan dies without sending its
+        // error: only a rebuild whose every scan finished is installed.
+        while let Some(done) = scans.join_next().await {
+            done.map_err(|e| StorageError::Backend(format!("rebuild scan: {e}")))?;
+        }
         self.filter.replace(fresh);
         self.filter.mark_trusted();
         *self.merkle.write_locked() = TreeState {
