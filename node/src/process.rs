@@ -26,6 +26,9 @@ pub struct NodeProcess {
     pub api: ApiClient,
 }
 
+/// Linux's "text file busy".
+const ETXTBSY: i32 = 26;
+
 impl NodeProcess {
     /// Runs `bin run --data-dir dir args…`; stderr goes to `dir/stderr.log`.
     /// `--api-token` among `args` is used by the client.
@@ -48,7 +51,8 @@ impl NodeProcess {
             .append(true)
             .open(dir.join("stderr.log"))?;
         // The caller's environment wins (an empty RUST_LOG gives the node's defaults).
-        let mut child = Command::new(bin)
+        let mut command_line = Command::new(bin);
+        command_line
             .arg(command)
             .arg("--data-dir")
             .arg(dir)
@@ -60,9 +64,20 @@ impl NodeProcess {
             .envs(env.iter().cloned())
             .stdout(Stdio::piped())
             .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("start {}: {e}", bin.display()))?;
+            .kill_on_drop(true);
+        // A wrapper script written a moment ago can be "busy" (ETXTBSY): a
+        // process forked meanwhile elsewhere in the test may still hold the
+        // descriptor it was written through, until that child's exec.
+        let mut tries = 0;
+        let mut child = loop {
+            match command_line.spawn() {
+                Err(e) if e.raw_os_error() == Some(ETXTBSY) && tries < 20 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other.map_err(|e| anyhow::anyhow!("start {}: {e}", bin.display()))?,
+            }
+        };
         let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
         let stderr = || std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
         let line = match tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await {
