@@ -281,6 +281,10 @@ pub struct Replica {
     /// When each peer's last `Round` was admitted here (mono ms): a hub
     /// being synced by its peer hub does not start a session of its own.
     rounds_served: BTreeMap<String, u64>,
+    /// Periodic rounds in a row a hub left a peer hub's session to that hub
+    /// (it was being synced by it); past `MAX_DEFERRED_ROUNDS` it starts its
+    /// own, so a lower hub whose sessions keep failing cannot stall repair.
+    deferred_rounds: BTreeMap<String, u32>,
     /// Received deltas waiting for the CDC task in flight, with their authors.
     cdc_inbox: Vec<(String, CdcDelta)>,
     cdc_running: Option<BTreeMap<String, String>>,
@@ -352,6 +356,7 @@ impl Replica {
             tasks: BTreeMap::new(),
             answering: 0,
             rounds_served: BTreeMap::new(),
+            deferred_rounds: BTreeMap::new(),
             cdc_inbox: Vec::new(),
             cdc_running: None,
             cdc_due: None,
@@ -1144,9 +1149,14 @@ impl Replica {
             self.next_session_round = Some(mono + every + self.rng.random_range(0..=every / 4));
             let mut due = self.peers.due_for_session(now, every);
             due.retain(|p| self.may_sync_with(now, p, false));
+            for p in &due {
+                self.deferred_rounds.remove(p);
+            }
             // Forget rounds served long ago (peers come and go).
             let horizon = mono.saturating_sub(10 * every);
             self.rounds_served.retain(|_, at| *at >= horizon);
+            let rounds_served = &self.rounds_served;
+            self.deferred_rounds.retain(|p, _| rounds_served.contains_key(p));
             if !self.peers.ledger_learned() && self.sessions.is_empty() && due.is_empty() {
                 // Deltas are ignored until the purge ledger is learned, so
                 // a node that has not learned it syncs with a member now,

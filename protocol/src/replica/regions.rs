@@ -6,6 +6,10 @@
 use super::{Now, RegionView, Replica, relay};
 use crate::membership::{MemberId, MemberState};
 
+/// Periodic rounds a higher hub leaves a session to the lower one that keeps
+/// syncing it before it starts one itself.
+const MAX_DEFERRED_ROUNDS: u32 = 4;
+
 impl Replica {
     /// Per region: members alive (SWIM), connected peers, lag and bytes.
     pub fn regions(&self, now: Now) -> Vec<RegionView> {
@@ -46,7 +50,7 @@ impl Replica {
     /// would carry them over the WAN twice. The higher one starts only at
     /// its periodic round, and only when the lower one has not been running
     /// a session toward it (no `Round` served to it in two intervals).
-    pub(super) fn may_sync_with(&self, now: Now, peer: &str, immediate: bool) -> bool {
+    pub(super) fn may_sync_with(&mut self, now: Now, peer: &str, immediate: bool) -> bool {
         let me = self.swim.me();
         // Members SWIM holds alive, or that we are connected to (after a
         // heal SWIM may still hold the other side down for a while).
@@ -78,8 +82,17 @@ impl Replica {
             .rounds_served
             .get(peer)
             .is_some_and(|at| now.mono_ms.saturating_sub(*at) < 2 * self.cfg.anti_entropy_interval_ms);
-        let first = me.peer.as_str() < peer || (!immediate && !served_lately);
-        let hub_to_hub = hubs.get(&me.region) == Some(&me.peer) && their_hub == Some(peer) && first;
+        let hub_pair = hubs.get(&me.region) == Some(&me.peer) && their_hub == Some(peer);
+        // Rounds served say the lower hub is at it, not that it succeeds: a
+        // higher hub defers to it for `MAX_DEFERRED_ROUNDS` periodic rounds at
+        // most, then starts one of its own.
+        let deferred_long = !immediate && served_lately && {
+            let n = self.deferred_rounds.entry(peer.to_string()).or_insert(0);
+            *n += u32::from(hub_pair && me.peer.as_str() > peer);
+            *n > MAX_DEFERRED_ROUNDS
+        };
+        let first = me.peer.as_str() < peer || (!immediate && (!served_lately || deferred_long));
+        let hub_to_hub = hub_pair && first;
         hub_to_hub
             || self
                 .peers
