@@ -22,6 +22,7 @@ mod support;
 use negentropy::{Id, Negentropy, NegentropyStorageVector};
 use std::time::{Duration, Instant};
 use syncnode_protocol::memory::MemoryStore;
+use syncnode_protocol::riblt::SYMBOL_BYTES;
 use syncnode_protocol::session::{Progress, Session, Step};
 use syncnode_protocol::wire::{Body, DEFAULT_MAX_FRAME, Envelope, Request, Response, WireItem};
 
@@ -60,9 +61,9 @@ fn negentropy_storage(s: &MemoryStore) -> NegentropyStorageVector {
 fn timed_session(
     a: &mut MemoryStore,
     b: &mut MemoryStore,
+    mut s: Session,
     mut observe: impl FnMut(&Request, &Response),
 ) -> (Progress, Duration, Duration) {
-    let mut s = Session::new(1, a.tree.depth());
     let (mut rounds, mut transfer) = (Duration::ZERO, Duration::ZERO);
     loop {
         let t = Instant::now();
@@ -79,8 +80,12 @@ fn timed_session(
                 s.on_local_entries(local);
                 rounds += t.elapsed();
             }
+            Step::NeedLocalKeys(keys) => {
+                s.on_local_keyed(a.entries_by_keys(&keys));
+                rounds += t.elapsed();
+            }
             Step::Send(req) => {
-                let round = matches!(req, Request::Round { .. });
+                let round = reconciling(&req);
                 // The copy is for `observe`: a node moves the request into
                 // its encoder, so copying it is not the protocol's cost.
                 let copy = req.clone();
@@ -104,6 +109,15 @@ fn timed_session(
             Step::Done => return (s.progress(), rounds, transfer + t.elapsed()),
         }
     }
+}
+
+/// Whether a request is reconciliation proper (finding what differs), not
+/// the transfer after it.
+fn reconciling(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Round { .. } | Request::Sketch { .. } | Request::Symbols { .. } | Request::Resolve { .. }
+    )
 }
 
 fn main() {
@@ -221,7 +235,9 @@ fn protocol_lines() {
     // One session first, so the first measured one does not pay for warming
     // the allocator and caches.
     let (mut a, mut b) = MemoryStore::diverged_pair(4, 10_000, &[(1, 7), (2, 77)]);
+    let (mut ra, mut rb) = (a.clone(), b.clone());
     a.reconcile_with(&mut b, |_, _| {});
+    ra.reconcile_rateless(&mut rb, |_, _| {});
     for n in sizes {
         for d in [1usize, 100, 10_000] {
             let diffs: Vec<(u8, usize)> = (0..d).map(|k| ((k % 6) as u8, (k * 7919) % n)).collect();
@@ -257,12 +273,53 @@ fn protocol_lines() {
                 .collect();
             let naive_bytes = postcard::to_stdvec(&all).unwrap().len() + differing * 16;
 
-            // syncnode's session. Reconciliation (the rounds) is what
-            // negentropy does; the transfer of the differing items' metadata
-            // (Fetch/Push) comes on top for both, in bytes and in CPU.
+            // The rateless mode on copies of the same stores (DESIGN §5.2).
+            let (mut ra, mut rb) = (a.clone(), b.clone());
+            let session = Session::rateless(1, ra.tree.depth());
+            let (mut r_bytes, mut r_rounds) = (0usize, 0u64);
+            let (rp, r_time, _) = timed_session(&mut ra, &mut rb, session, |req, resp| {
+                if reconciling(req) {
+                    r_bytes += size(Body::Request(req.clone())) + size(Body::Response(resp.clone()));
+                    r_rounds += 1;
+                }
+            });
+            assert_eq!(
+                ra.tree.root_hash(),
+                rb.tree.root_hash(),
+                "n={n} d={d} reconciled rateless"
+            );
+            drop((ra, rb));
+            // The goal: twice the rateless IBLT's bound, 1.35 coded symbols
+            // of `SYMBOL_BYTES` per element of the set difference.
+            let goal = 2.0 * 1.35 * differing as f64 * SYMBOL_BYTES as f64;
+            println!("bench=reconcile metric=set_difference_n{n}_d{d} value={differing} unit=entries");
+            println!(
+                "bench=reconcile metric=rateless_bytes_n{n}_d{d} value={r_bytes} unit=B baseline={neg_bytes} ratio={:.2}",
+                r_bytes as f64 / neg_bytes as f64
+            );
+            println!(
+                "bench=reconcile metric=rateless_bytes_of_goal_n{n}_d{d} value={r_bytes} unit=B baseline={goal:.0} ratio={:.2}",
+                r_bytes as f64 / goal
+            );
+            println!(
+                "bench=reconcile metric=rateless_round_trips_n{n}_d{d} value={r_rounds} unit=rt baseline={neg_rt} ratio={:.2} walked={}",
+                r_rounds as f64 / neg_rt as f64,
+                rp.walked
+            );
+            println!(
+                "bench=reconcile metric=rateless_cpu_ms_n{n}_d{d} value={:.1} unit=ms baseline={neg_ms:.1} ratio={:.2}",
+                r_time.as_secs_f64() * 1000.0,
+                r_time.as_secs_f64() * 1000.0 / neg_ms
+            );
+
+            // syncnode's session walking the trees. Reconciliation (the
+            // rounds) is what negentropy does; the transfer of the differing
+            // items' metadata (Fetch/Push) comes on top for both, in bytes
+            // and in CPU.
             let (mut bytes, mut transfer, mut rounds) = (0usize, 0usize, 0u64);
             let start = Instant::now();
-            let (p, round_time, transfer_time) = timed_session(&mut a, &mut b, |req, resp| {
+            let session = Session::new(1, a.tree.depth());
+            let (p, round_time, transfer_time) = timed_session(&mut a, &mut b, session, |req, resp| {
                 let full = |b: Body| Envelope::new("c", b).encode().len();
                 let largest = full(Body::Request(req.clone())).max(full(Body::Response(resp.clone())));
                 assert!(
@@ -270,12 +327,12 @@ fn protocol_lines() {
                     "a {largest}-byte message would exceed the frame limit"
                 );
                 let n = size(Body::Request(req.clone())) + size(Body::Response(resp.clone()));
-                match req {
-                    Request::Round { .. } => {
+                match reconciling(req) {
+                    true => {
                         bytes += n;
                         rounds += 1;
                     }
-                    _ => transfer += n,
+                    false => transfer += n,
                 }
             });
             let total_ms = start.elapsed().as_secs_f64() * 1000.0;

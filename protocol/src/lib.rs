@@ -6,6 +6,7 @@
 //! - [`merkle`]: the hash-prefix Merkle tree with homomorphic node sums;
 //! - [`wire`]: versioned messages and the length-prefixed, size-limited codec;
 //! - [`session`]: the anti-entropy session as a state machine;
+//! - [`riblt`]: rateless set reconciliation (coded symbols of entry digests);
 //! - [`memory`]: an in-memory store speaking that protocol (simulator, tests);
 //! - [`membership`]: SWIM membership (foca) with time passed in;
 //! - [`clock_offset`]: members' clock offsets, NTP-style, from membership traffic;
@@ -18,6 +19,7 @@ pub mod membership;
 pub mod memory;
 pub mod merkle;
 pub mod replica;
+pub mod riblt;
 pub mod session;
 pub mod version;
 pub mod wire;

@@ -309,6 +309,19 @@ impl MemoryStore {
             .collect()
     }
 
+    /// The entries whose tree keys start with one of `keys`.
+    pub fn entries_by_keys(&self, keys: &[[u8; 8]]) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for k in keys {
+            let mut low = [0u8; 32];
+            low[..8].copy_from_slice(k);
+            let mut high = [0xffu8; 32];
+            high[..8].copy_from_slice(k);
+            out.extend(self.by_key.range(low..=high).map(|(_, e)| e.clone()));
+        }
+        out
+    }
+
     /// The responder side (the core's, over this store).
     pub fn answer(&mut self, req: Request) -> Response {
         // The store moves into the lock for the call; what stands in for it
@@ -319,10 +332,28 @@ impl MemoryStore {
         resp
     }
 
-    /// Runs a whole session from `self` against `peer`; `observe` sees every
-    /// request and response (to count bytes).
-    pub fn reconcile_with(&mut self, peer: &mut MemoryStore, mut observe: impl FnMut(&Request, &Response)) -> Progress {
-        let mut s = Session::new(1, self.tree.depth());
+    /// Runs a whole session that walks the trees from `self` against
+    /// `peer`; `observe` sees every request and response (to count bytes).
+    pub fn reconcile_with(&mut self, peer: &mut MemoryStore, observe: impl FnMut(&Request, &Response)) -> Progress {
+        self.run_session(Session::new(1, self.tree.depth()), peer, observe)
+    }
+
+    /// `reconcile_with`, in the rateless mode.
+    pub fn reconcile_rateless(&mut self, peer: &mut MemoryStore, observe: impl FnMut(&Request, &Response)) -> Progress {
+        self.run_session(Session::rateless(1, self.tree.depth()), peer, observe)
+    }
+
+    /// Runs `s` (already under way) to its end against `peer`.
+    pub fn run_session_from(&mut self, s: Session, peer: &mut MemoryStore) -> Progress {
+        self.run_session(s, peer, |_, _| {})
+    }
+
+    fn run_session(
+        &mut self,
+        mut s: Session,
+        peer: &mut MemoryStore,
+        mut observe: impl FnMut(&Request, &Response),
+    ) -> Progress {
         loop {
             match s.next_step(&self.tree) {
                 Step::NeedLocalItems(ids) => {
@@ -346,6 +377,7 @@ impl MemoryStore {
                     let local = paths.iter().map(|p| (p.clone(), self.entries_under(p))).collect();
                     s.on_local_entries(local);
                 }
+                Step::NeedLocalKeys(keys) => s.on_local_keyed(self.entries_by_keys(&keys)),
                 Step::Waiting => unreachable!("each step is answered in turn"),
                 Step::Done => return s.progress(),
             }
@@ -395,6 +427,13 @@ impl Store for Mutex<MemoryStore> {
     ) -> impl std::future::Future<Output = Result<Vec<(String, Vec<Entry>)>, String>> + Send {
         let s = self.lock().expect("store lock");
         std::future::ready(Ok(paths.iter().map(|p| (p.clone(), s.entries_under(p))).collect()))
+    }
+
+    fn entries_by_keys(
+        &self,
+        keys: &[[u8; 8]],
+    ) -> impl std::future::Future<Output = Result<Vec<Entry>, String>> + Send {
+        std::future::ready(Ok(self.lock().expect("store lock").entries_by_keys(keys)))
     }
 
     fn items_within(

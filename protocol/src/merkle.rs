@@ -11,12 +11,17 @@
 use sha2::{Digest, Sha256};
 use std::fmt;
 
+use crate::riblt::{CodedSymbol, SYMBOL_BYTES, Sketch, element_of};
+
 /// Children per node.
 pub const FANOUT: usize = 16;
 /// Depth used when a cluster does not choose one (65,536 buckets).
 pub const DEFAULT_DEPTH: u8 = 4;
 /// Deepest tree we accept (16^6 buckets ≈ 670 MB would be too much; 5 is ~42 MB).
 pub const MAX_DEPTH: u8 = 5;
+/// Most coded symbols a tree keeps: as many as its buckets, up to 2^16
+/// (about 48,000 differences; 2 MB). Each write touches about 21 of them.
+pub const MAX_SYMBOLS: usize = 1 << 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MerkleError {
@@ -179,6 +184,9 @@ pub struct MerkleTree {
     depth: u8,
     /// `levels[i]` has `16^i` nodes.
     levels: Vec<Vec<NodeSum>>,
+    /// The first coded symbols of the entries (`riblt`), for rateless
+    /// sessions; absent in trees that only compare (the Redis mirror's).
+    sketch: Option<Sketch>,
 }
 
 impl fmt::Debug for MerkleTree {
@@ -192,14 +200,27 @@ impl fmt::Debug for MerkleTree {
 }
 
 impl MerkleTree {
+    /// A tree that keeps coded symbols for rateless sessions.
     pub fn new(depth: u8) -> Result<Self, MerkleError> {
+        let mut t = Self::without_sketch(depth)?;
+        t.sketch = Some(Sketch::new(t.buckets().min(MAX_SYMBOLS)));
+        Ok(t)
+    }
+
+    /// A tree without coded symbols: it compares, but cannot answer a
+    /// rateless session.
+    pub fn without_sketch(depth: u8) -> Result<Self, MerkleError> {
         if depth == 0 || depth > MAX_DEPTH {
             return Err(MerkleError::Depth(depth));
         }
         let levels = (0..=depth)
             .map(|l| vec![NodeSum::default(); FANOUT.pow(l as u32)])
             .collect();
-        Ok(Self { depth, levels })
+        Ok(Self {
+            depth,
+            levels,
+            sketch: None,
+        })
     }
 
     pub fn depth(&self) -> u8 {
@@ -213,10 +234,17 @@ impl MerkleTree {
 
     /// Bytes the node arrays take in memory.
     pub fn memory_bytes(&self) -> usize {
+        let sketch = self.sketch.as_ref().map_or(0, |s| s.capacity()) * std::mem::size_of::<CodedSymbol>();
         self.levels
             .iter()
             .map(|l| l.len() * std::mem::size_of::<NodeSum>())
-            .sum()
+            .sum::<usize>()
+            + sketch
+    }
+
+    /// The coded symbols of the entries, when this tree keeps them.
+    pub fn sketch(&self) -> Option<&Sketch> {
+        self.sketch.as_ref()
     }
 
     /// Number of buckets (leaf nodes).
@@ -239,6 +267,9 @@ impl MerkleTree {
         for level in 0..=self.depth {
             self.levels[level as usize][prefix_index(&e.key, level)].add(e);
         }
+        if let Some(s) = self.sketch.as_mut() {
+            s.add(element_of(e));
+        }
         self.depth as usize + 1
     }
 
@@ -246,6 +277,9 @@ impl MerkleTree {
     pub fn remove(&mut self, e: &EntryDigest) -> usize {
         for level in 0..=self.depth {
             self.levels[level as usize][prefix_index(&e.key, level)].sub(e);
+        }
+        if let Some(s) = self.sketch.as_mut() {
+            s.remove(element_of(e));
         }
         self.depth as usize + 1
     }
@@ -343,25 +377,45 @@ impl MerkleTree {
         frontier.into_iter().map(|i| path_of(self.depth, i)).collect()
     }
 
-    /// The bucket level as bytes: `depth` then `(sum, count)` per bucket.
-    /// Interior nodes are derived, so this is the whole tree.
+    /// The bucket level as bytes: `depth` then `(sum, count)` per bucket,
+    /// then the coded symbols when the tree keeps them. Interior nodes are
+    /// derived, so this is the whole tree.
     pub fn to_snapshot(&self) -> Vec<u8> {
         let buckets = &self.levels[self.depth as usize];
-        let mut out = Vec::with_capacity(1 + buckets.len() * 40);
+        let symbols = self.sketch.as_ref().map_or(&[][..], |s| s.symbols());
+        let mut out = Vec::with_capacity(1 + buckets.len() * 40 + symbols.len() * SYMBOL_BYTES);
         out.push(self.depth);
         for b in buckets {
             out.extend_from_slice(&b.sum.to_be_bytes());
             out.extend_from_slice(&b.count.to_be_bytes());
         }
+        for s in symbols {
+            out.extend_from_slice(&s.to_bytes());
+        }
         out
     }
 
+    /// A tree from `to_snapshot`'s bytes; with coded symbols or without,
+    /// as it was taken.
     pub fn from_snapshot(bytes: &[u8]) -> Result<Self, MerkleError> {
         let (&depth, rest) = bytes.split_first().ok_or(MerkleError::Snapshot("empty"))?;
-        let mut tree = Self::new(depth)?;
-        if rest.len() != tree.buckets() * 40 {
-            return Err(MerkleError::Snapshot("wrong length"));
-        }
+        let mut tree = Self::without_sketch(depth)?;
+        let capacity = tree.buckets().min(MAX_SYMBOLS);
+        let (rest, symbols) = match rest.len().checked_sub(tree.buckets() * 40) {
+            Some(0) => (rest, None),
+            Some(n) if n == capacity * SYMBOL_BYTES => {
+                let (buckets, symbols) = rest.split_at(tree.buckets() * 40);
+                (buckets, Some(symbols))
+            }
+            _ => return Err(MerkleError::Snapshot("wrong length")),
+        };
+        tree.sketch = symbols.map(|b| {
+            Sketch::from_symbols(
+                b.chunks_exact(SYMBOL_BYTES)
+                    .map(|c| CodedSymbol::from_bytes(c.try_into().expect("symbol bytes")))
+                    .collect(),
+            )
+        });
         let d = depth as usize;
         for (i, chunk) in rest.chunks_exact(40).enumerate() {
             let sum = U256::from_be_bytes(chunk[..32].try_into().expect("32 bytes"));
@@ -494,7 +548,24 @@ mod tests {
         #[test]
         fn snapshots_round_trip(ops in proptest::collection::vec(op(), 0..200)) {
             let (_, t) = apply(&ops);
-            prop_assert_eq!(MerkleTree::from_snapshot(&t.to_snapshot()).unwrap(), t);
+            prop_assert_eq!(&MerkleTree::from_snapshot(&t.to_snapshot()).unwrap(), &t);
+            // A tree without coded symbols (and a snapshot from before them)
+            // loads as one without them.
+            let mut plain = MerkleTree::without_sketch(t.depth()).unwrap();
+            plain.levels = t.levels.clone();
+            let loaded = MerkleTree::from_snapshot(&plain.to_snapshot()).unwrap();
+            prop_assert!(loaded.sketch().is_none());
+            prop_assert_eq!(loaded, plain);
+        }
+
+        #[test]
+        fn the_coded_symbols_depend_on_the_entries_not_their_order(ops in proptest::collection::vec(op(), 0..200)) {
+            let (store, t) = apply(&ops);
+            let mut fresh = MerkleTree::new(3).unwrap();
+            for (id, v) in store.iter().rev() {
+                fresh.insert(&digest(id, v));
+            }
+            prop_assert_eq!(fresh.sketch(), t.sketch());
         }
 
         #[test]

@@ -10,17 +10,24 @@
 //! upgrades one node at a time. A message is stamped with the oldest
 //! version that has it, so a peer one version older reads every message it
 //! can understand; messages new in N+1 go only to peers that speak N+1
-//! (they list `/syncnode/sync/<N+1>`). Versions further apart refuse each
-//! other by name. Version 1: sessions, fetches and pushes over requests,
+//! (they list `/syncnode/sync/<N+1>`). Versions outside the range a node
+//! speaks are refused by name (this release speaks 1 to 3: version 3 only
+//! adds requests, so a version 1 peer is still served). Version 1: sessions, fetches and pushes over requests,
 //! CDC and roots over gossipsub. Version 2 adds `Request::Cdc` and
 //! `Request::Roots` (CDC along the relay tree, roots in one exchange).
+//! Version 3 adds rateless sessions: `Request::Sketch`, `Request::Symbols`
+//! and `Request::Resolve`, answered by `Response::Symbols` and
+//! `Response::Resolved`.
 
 use serde::{Deserialize, Serialize};
 
+use crate::riblt::CodedSymbol;
+
 /// The wire version this node speaks.
-pub const WIRE_VERSION: u8 = 2;
-/// The oldest wire version it still reads and writes (N and N+1 interoperate).
-pub const MIN_WIRE_VERSION: u8 = WIRE_VERSION - 1;
+pub const WIRE_VERSION: u8 = 3;
+/// The oldest wire version it still reads and writes: version 3 only adds
+/// requests, which are not sent to a peer that does not speak it.
+pub const MIN_WIRE_VERSION: u8 = 1;
 /// Largest frame a node accepts by default (bytes, without the length prefix).
 pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
 /// Longest cluster id.
@@ -335,6 +342,16 @@ pub enum Request {
     /// The asker's roots, for the peer to compare; answered with the
     /// peer's (`Response::Root`): one exchange serves both sides.
     Roots(RootsAnnouncement),
+    /// Opens a rateless session (`session::rateless`): the counts of the
+    /// asker's first coded symbols (each modulo 2^16), from which the peer
+    /// estimates the difference and answers with as many of its own
+    /// symbols as should decode it (`Response::Symbols`).
+    Sketch { session: u64, counts: Vec<[u8; 2]> },
+    /// More of the peer's coded symbols: `count` from index `from`.
+    Symbols { session: u64, from: u32, count: u32 },
+    /// The peer's entries whose tree keys start with these 8 bytes
+    /// (elements a rateless decode found only on the peer's side).
+    Resolve { session: u64, keys: Vec<[u8; 8]> },
 }
 
 /// A purged delete as the purge ledger keeps it.
@@ -390,6 +407,23 @@ pub enum Response {
     Ledger {
         entries: Vec<PurgedEntry>,
         next: Option<String>,
+    },
+    /// Coded symbols `from..from + symbols.len()` of the answerer's set;
+    /// `zero` is its symbol 0 now (every entry is in it: when it changed
+    /// between two answers, the set did, and earlier symbols are stale);
+    /// `estimate`, answering a `Sketch`, is the difference it estimated (no
+    /// symbols when that is past what its symbols can decode).
+    Symbols {
+        from: u32,
+        zero: CodedSymbol,
+        estimate: u64,
+        symbols: Vec<CodedSymbol>,
+    },
+    /// Entries for a `Resolve`; keys left out to keep the answer within its
+    /// budget are `deferred` (ask again).
+    Resolved {
+        entries: Vec<EntrySummary>,
+        deferred: Vec<[u8; 8]>,
     },
 }
 
@@ -450,6 +484,8 @@ impl Body {
     /// The oldest wire version that has this message.
     pub fn since(&self) -> u8 {
         match self {
+            Body::Request(Request::Sketch { .. } | Request::Symbols { .. } | Request::Resolve { .. })
+            | Body::Response(Response::Symbols { .. } | Response::Resolved { .. }) => 3,
             Body::Request(Request::Cdc { .. } | Request::Roots(_)) => 2,
             _ => 1,
         }

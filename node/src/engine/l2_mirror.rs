@@ -46,7 +46,7 @@ impl L2Mirror {
         Self {
             up: AtomicBool::new(false),
             stale: AtomicBool::new(true),
-            tree: Mutex::new(MerkleTree::new(depth).expect("depth checked")),
+            tree: Mutex::new(MerkleTree::without_sketch(depth).expect("depth checked")),
             repaired: AtomicU64::new(0),
         }
     }
@@ -257,7 +257,7 @@ impl L2Mirror {
         core.search.ensure_indexes(core, l2).await?;
         let view = core.merkle.read_locked().l2view.clone();
         let (entries, bad) = l2.scan_entries(verify_content).await?;
-        let mut actual = MerkleTree::new(view.depth()).expect("same depth");
+        let mut actual = MerkleTree::without_sketch(view.depth()).expect("same depth");
         let mut held: HashMap<String, HashMap<String, EntryMeta>> = HashMap::new();
         for e in entries {
             actual.insert(&e.digest());

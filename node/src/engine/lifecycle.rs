@@ -40,7 +40,7 @@ impl SyncEngine {
             filter: Arc::new(FilterManager::new(100_000)),
             merkle: RwLock::new(TreeState {
                 tree: MerkleTree::new(depth).expect("depth checked"),
-                l2view: MerkleTree::new(depth).expect("depth checked"),
+                l2view: MerkleTree::without_sketch(depth).expect("depth checked"),
                 generation: 0,
             }),
             backends: OnceLock::new(),

@@ -172,6 +172,11 @@ impl SyncEngine {
         Ok(leaves)
     }
 
+    /// Entry versions whose tree keys start with one of `keys` (from L3).
+    pub async fn merkle_entries_by_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<EntryMeta>, StorageError> {
+        self.core.backends()?.l3.entries_with_keys(keys).await
+    }
+
     /// Entry versions stored under the node `path` (from L3).
     pub async fn merkle_entries(&self, path: &str, limit: usize) -> Result<Vec<EntryMeta>, StorageError> {
         self.with_tree(|t| t.parse_path(path).map(|_| ()).map_err(bad_path))?;

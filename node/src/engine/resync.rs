@@ -33,7 +33,7 @@ impl SyncEngine {
             let depth = t.tree.depth();
             t.tree = MerkleTree::new(depth).expect("depth of an existing tree");
             // Redis should hold nothing now: its resync deletes what it has.
-            t.l2view = MerkleTree::new(depth).expect("depth of an existing tree");
+            t.l2view = MerkleTree::without_sketch(depth).expect("depth of an existing tree");
             t.generation = generation;
         }
         core.l1.invalidate_all();

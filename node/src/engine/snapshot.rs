@@ -93,7 +93,7 @@ impl Core {
         let depth = self.config().merkle_depth;
         let (generation, _) = b.l3.generation().await?;
         let mut tree = MerkleTree::new(depth).map_err(|e| StorageError::InvalidInput(e.to_string()))?;
-        let mut l2view = tree.clone();
+        let mut l2view = MerkleTree::without_sketch(depth).map_err(|e| StorageError::InvalidInput(e.to_string()))?;
         let mut ids = 0usize;
         let mut fresh = FilterManager::empty_filter(1024);
         // Runs of the id space are scanned side by side (the reads, the row
@@ -161,13 +161,15 @@ impl Core {
                 .filter(|(tag, _)| *tag == generation)
                 .map(|(_, bytes)| bytes))
         };
-        let tree_of = |bytes: Option<Vec<u8>>| {
+        // The tree keeps coded symbols (a snapshot from before them is
+        // rebuilt), the Redis view does not.
+        let tree_of = |bytes: Option<Vec<u8>>, symbols: bool| {
             bytes
                 .and_then(|b| MerkleTree::from_snapshot(&b).ok())
-                .filter(|t| t.depth() == depth)
+                .filter(|t| t.depth() == depth && t.sketch().is_some() == symbols)
         };
-        let tree = tree_of(snapshot("merkle_tree").await?);
-        let l2view = tree_of(snapshot("merkle_l2view").await?);
+        let tree = tree_of(snapshot("merkle_tree").await?, true);
+        let l2view = tree_of(snapshot("merkle_l2view").await?, false);
         let filter = snapshot("existence_filter")
             .await?
             .and_then(|bytes| FilterManager::import(&bytes).ok());

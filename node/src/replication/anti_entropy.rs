@@ -173,6 +173,7 @@ impl SyncEngine {
                     }
                 }
                 Step::NeedLocalEntries(paths) => s.on_local_entries(self.entries_under_paths(&paths).await?),
+                Step::NeedLocalKeys(keys) => s.on_local_keyed(self.entries_by_keys(&keys).await?),
                 Step::Waiting => return Err(SyncError::Transport("session out of order".into())),
                 Step::Done => return Ok(s.progress()),
             }
@@ -207,6 +208,15 @@ impl Store for SyncEngine {
 
     async fn entries_under(&self, paths: &[String]) -> Result<Vec<(String, Vec<Entry>)>, StorageError> {
         self.entries_under_paths(paths).await
+    }
+
+    async fn entries_by_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<Entry>, StorageError> {
+        Ok(self
+            .merkle_entries_by_keys(keys)
+            .await?
+            .into_iter()
+            .map(entry_of)
+            .collect())
     }
 
     async fn items_within(&self, ids: &[String], budget: usize) -> Result<(Vec<WireItem>, Vec<String>), StorageError> {

@@ -2,7 +2,7 @@
 //! response is one frame (4-byte big-endian length, then an `Envelope`) on its
 //! own stream. Frames past the size limit and messages of another cluster are
 //! refused before any work is done. One protocol name per wire version
-//! spoken (`/syncnode/sync/2`, `/syncnode/sync/1`); a request newer than
+//! spoken (`/syncnode/sync/3`, `/2`, `/1`); a request newer than
 //! the negotiated version is neither sent nor taken.
 //!
 //! Also the TCP stack under it: DNS names (`/dns4`, `/dns6`, `/dns`)
@@ -24,7 +24,8 @@ use syncnode_protocol::wire::{Body, Envelope, MIN_WIRE_VERSION, Request, Respons
 /// The sync protocol, once per wire version spoken, newest first: dialing a
 /// peer negotiates the newest both speak, and identify tells each side which
 /// versions the other has (`wire::WIRE_VERSION`, `MIN_WIRE_VERSION`).
-pub const SYNC_PROTOCOLS: [StreamProtocol; 2] = [
+pub const SYNC_PROTOCOLS: [StreamProtocol; 3] = [
+    StreamProtocol::new("/syncnode/sync/3"),
     StreamProtocol::new("/syncnode/sync/2"),
     StreamProtocol::new("/syncnode/sync/1"),
 ];

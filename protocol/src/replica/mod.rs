@@ -895,6 +895,7 @@ impl Replica {
                 };
                 match result {
                     TaskResult::Entries(local) => s.on_local_entries(local),
+                    TaskResult::KeyedEntries(local) => s.on_local_keyed(local),
                     TaskResult::Items { items, unread } => {
                         s.on_local_items(items);
                         s.return_push(unread);
@@ -950,10 +951,18 @@ impl Replica {
         }
     }
 
+    /// Starts the session proper: rateless when the peer speaks wire
+    /// version 3 and we keep coded symbols, unless we hold nothing (then
+    /// the difference is everything, which the tree walk lists whole).
     fn begin_running(&mut self, now: Now, peer: &str, store: &impl Store) {
-        let depth = store.with_tree(|t| t.depth());
+        let (depth, symbols) = store.with_tree(|t| (t.depth(), t.sketch().is_some() && t.count() > 0));
+        let rateless = symbols && self.peers.speaks(peer, 3);
         if let Some(o) = self.sessions.get_mut(peer) {
-            o.phase = Phase::Running(Box::new(Session::new(o.id, depth)));
+            let session = match rateless {
+                true => Session::rateless(o.id, depth),
+                false => Session::new(o.id, depth),
+            };
+            o.phase = Phase::Running(Box::new(session));
             self.drive(now, peer, store);
         }
     }
@@ -986,6 +995,7 @@ impl Replica {
                 self.send(now, peer, req, Pending::Session)
             }
             Step::NeedLocalEntries(paths) => self.run(Task::Entries(paths), self.step_waiter(peer)),
+            Step::NeedLocalKeys(keys) => self.run(Task::KeyedEntries(keys), self.step_waiter(peer)),
             Step::NeedLocalItems(ids) => self.run(Task::Items(ids), self.step_waiter(peer)),
             Step::Waiting => {}
             Step::Done => {

@@ -9,7 +9,9 @@
 use std::future::Future;
 
 use crate::merkle::MerkleTree;
-use crate::session::{MAX_TRANSFER_BYTES, check_request, fetch_answer, plan_round, round_answer};
+use crate::session::{
+    MAX_ROUND_BYTES, MAX_TRANSFER_BYTES, check_request, fetch_answer, plan_round, rateless, round_answer,
+};
 use crate::wire::{CdcDelta, Entry, EntrySummary, PurgedEntry, Request, Response, RootsAnnouncement, WireItem};
 
 /// Purge records per `Ledger` answer (each under ~600 bytes).
@@ -34,6 +36,8 @@ pub trait Store: Sync {
         &self,
         paths: &[String],
     ) -> impl Future<Output = Result<Vec<(String, Vec<Entry>)>, Self::Error>> + Send;
+    /// The entries whose tree keys start with one of `keys` (8 bytes each).
+    fn entries_by_keys(&self, keys: &[[u8; 8]]) -> impl Future<Output = Result<Vec<Entry>, Self::Error>> + Send;
     /// The stored items among `ids` that fit in `budget` bytes, and the ids
     /// left unread.
     fn items_within(
@@ -75,6 +79,8 @@ pub enum Task {
     Apply(Vec<WireItem>),
     /// Entry lists under these paths (a session).
     Entries(Vec<String>),
+    /// Entries under these 8-byte tree key prefixes (a rateless session).
+    KeyedEntries(Vec<[u8; 8]>),
     /// Items to push (a session), within a transfer's budget.
     Items(Vec<String>),
     /// A page of a peer's purge ledger (joining).
@@ -95,6 +101,7 @@ pub enum TaskResult {
     Cdc(CdcOutcome),
     Applied(u64),
     Entries(Vec<(String, Vec<Entry>)>),
+    KeyedEntries(Vec<Entry>),
     Items { items: Vec<WireItem>, unread: Vec<String> },
     Imported(u64),
     Purged(u64),
@@ -127,6 +134,10 @@ pub async fn run_task<S: Store>(store: &S, task: Task) -> TaskResult {
             .entries_under(&paths)
             .await
             .map_or_else(failed, TaskResult::Entries),
+        Task::KeyedEntries(keys) => store
+            .entries_by_keys(&keys)
+            .await
+            .map_or_else(failed, TaskResult::KeyedEntries),
         Task::Items(ids) => match store.items_within(&ids, MAX_TRANSFER_BYTES).await {
             Ok((items, unread)) => TaskResult::Items { items, unread },
             Err(e) => failed(e),
@@ -194,10 +205,38 @@ pub async fn answer<S: Store>(store: &S, req: Request) -> Response {
                 applied: receive_cdc(store, deltas).await?.applied,
             },
             Request::Roots(_) => Response::Root(store.root_announcement()),
+            Request::Sketch { .. } | Request::Symbols { .. } => {
+                match store.with_tree(|t| rateless::symbols_answer(t, &req)) {
+                    Ok(r) => r,
+                    Err(reason) => Response::Refused { reason },
+                }
+            }
+            Request::Resolve { keys, .. } => resolve_answer(&keys, store.entries_by_keys(&keys).await?),
         })
     }
     .await;
     result.unwrap_or_else(|e| Response::Refused { reason: e.to_string() })
+}
+
+/// The answer to a `Resolve`: our entries under the keys asked for, in
+/// their order, within the round budget; keys past it are deferred.
+fn resolve_answer(keys: &[[u8; 8]], entries: Vec<Entry>) -> Response {
+    let mut by_key: std::collections::BTreeMap<[u8; 8], Vec<Entry>> = std::collections::BTreeMap::new();
+    for e in entries {
+        by_key.entry(rateless::key8_of(&e.id)).or_default().push(e);
+    }
+    let (mut out, mut deferred, mut bytes) = (Vec::new(), Vec::new(), 0usize);
+    for k in keys {
+        let Some(list) = by_key.remove(k) else { continue };
+        let size: usize = list.iter().map(|e| e.id.len() + e.origin.len() + 24).sum();
+        if !out.is_empty() && bytes + size > MAX_ROUND_BYTES {
+            deferred.push(*k);
+            continue;
+        }
+        bytes += size;
+        out.extend(list.into_iter().map(EntrySummary::from_entry));
+    }
+    Response::Resolved { entries: out, deferred }
 }
 
 /// Whether we hold this delta's version or a newer one (DESIGN §5.3:

@@ -4,7 +4,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::items::{COLUMNS, META_COLUMNS, item_from_row, meta_from_row, stored_hash};
+use super::items::{CHUNK_ROWS, COLUMNS, META_COLUMNS, item_from_row, meta_from_row, stored_hash};
 use super::{L3Store, int, text};
 use crate::engine::entry::EntryMeta;
 use crate::engine::error::StorageError;
@@ -275,6 +275,34 @@ impl L3Store {
         .bind(limit as i64);
         let rows = self.timed("entries under path", q.fetch_all(&self.pool)).await?;
         rows.iter().map(meta_from_row).collect()
+    }
+
+    /// Entry versions whose tree keys start with one of `keys` (8 bytes
+    /// each): found by the indexed first 4 (`hkey`), then checked whole.
+    pub async fn entries_with_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<EntryMeta>, StorageError> {
+        let wanted: std::collections::HashSet<[u8; 8]> = keys.iter().copied().collect();
+        let hkeys: std::collections::BTreeSet<i64> = keys
+            .iter()
+            .map(|k| u32::from_be_bytes(k[..4].try_into().expect("4 bytes")) as i64)
+            .collect();
+        let hkeys: Vec<i64> = hkeys.into_iter().collect();
+        let mut out = Vec::new();
+        for chunk in hkeys.chunks(CHUNK_ROWS) {
+            let sql = format!(
+                "{META_COLUMNS} FROM sync_items WHERE hkey IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
+            let q = chunk.iter().fold(sqlx::query(AssertSqlSafe(sql)), |q, h| q.bind(*h));
+            let rows = self.timed("entries by tree key", q.fetch_all(&self.pool)).await?;
+            for r in &rows {
+                let meta = meta_from_row(r)?;
+                let key = syncnode_protocol::merkle::key_of(&meta.id);
+                if wanted.contains(&key[..8]) {
+                    out.push(meta);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Live items under `prefix` after `after` (inclusive when `!exclusive`), in id order.

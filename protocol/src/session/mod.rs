@@ -11,9 +11,16 @@
 //! back answers and local data. An isolated difference costs one round per
 //! tree level below the root, then the transfer.
 //!
+//! A session with a peer that speaks wire version 3 starts in the rateless
+//! mode instead (`rateless`): two or three round trips whatever the
+//! difference, and the tree walk only when the difference is too large for
+//! the coded symbols kept.
+//!
 //! A broken session is not resumed from a saved position: a new session starts
 //! from the roots, and whatever the last one already transferred no longer
 //! differs, so it picks up where the trees still disagree.
+
+pub mod rateless;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -88,6 +95,9 @@ pub enum Step {
     NeedLocalEntries(Vec<String>),
     /// Look up these local items (with content); pass them to `on_local_items`.
     NeedLocalItems(Vec<String>),
+    /// Look up the local entries whose tree keys start with these 8 bytes;
+    /// pass them to `on_local_keyed`.
+    NeedLocalKeys(Vec<[u8; 8]>),
     /// The previous step has not been answered yet.
     Waiting,
     Done,
@@ -112,6 +122,10 @@ pub struct Progress {
     /// Ids still to pull and to push.
     pub to_pull: u64,
     pub to_push: u64,
+    /// Coded symbols received (a rateless session).
+    pub symbols: u64,
+    /// The session walked the trees (not rateless, or it fell back).
+    pub walked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +136,8 @@ enum Wait {
     Push,
     LocalEntries,
     LocalItems,
+    Rateless,
+    LocalKeys(Vec<[u8; 8]>),
 }
 
 #[derive(Debug)]
@@ -138,6 +154,8 @@ pub struct Session {
     outbox: VecDeque<WireItem>,
     wait: Wait,
     progress: Progress,
+    /// The rateless mode, while it runs.
+    rateless: Option<Box<rateless::Rateless>>,
 }
 
 /// Sorts `list` by id; of an id listed twice (by a broken or hostile peer)
@@ -309,6 +327,7 @@ pub fn check_request(req: &Request, tree: &MerkleTree) -> Result<(), String> {
         Request::Cdc { deltas } if !deltas.is_empty() && deltas.len() <= crate::replica::cdc::MAX_DELTAS => Ok(()),
         Request::Cdc { .. } => Err(format!("1 to {} deltas per message", crate::replica::cdc::MAX_DELTAS)),
         Request::Roots(_) => Ok(()),
+        Request::Sketch { .. } | Request::Symbols { .. } | Request::Resolve { .. } => rateless::check(req),
         _ => Err(format!("at most {MAX_ITEMS} items per request")),
     }
 }
@@ -326,8 +345,22 @@ impl Session {
             push: VecDeque::new(),
             outbox: VecDeque::new(),
             wait: Wait::None,
-            progress: Progress::default(),
+            progress: Progress {
+                walked: true,
+                ..Progress::default()
+            },
+            rateless: None,
         }
+    }
+
+    /// A session that starts in the rateless mode (the peer speaks wire
+    /// version 3), and walks the trees only if that cannot decode.
+    pub fn rateless(id: u64, depth: u8) -> Self {
+        let mut s = Self::new(id, depth);
+        s.descend.clear();
+        s.progress.walked = false;
+        s.rateless = Some(Box::new(rateless::Rateless::new(id)));
+        s
     }
 
     pub fn id(&self) -> u64 {
@@ -338,7 +371,19 @@ impl Session {
         Progress {
             to_pull: self.pull.len() as u64,
             to_push: self.push.len() as u64,
+            symbols: self.progress.symbols + self.rateless.as_ref().map_or(0, |r| r.received),
             ..self.progress.clone()
+        }
+    }
+
+    /// Ends the rateless mode; `walk`: the trees are walked instead.
+    fn end_rateless(&mut self, walk: bool) {
+        if let Some(r) = self.rateless.take() {
+            self.progress.symbols += r.received;
+        }
+        if walk {
+            self.progress.walked = true;
+            self.descend.push_back(String::new());
         }
     }
 
@@ -347,8 +392,27 @@ impl Session {
         if self.wait != Wait::None {
             return match &self.wait {
                 Wait::LocalEntries => Step::NeedLocalEntries(self.remote.keys().cloned().collect()),
+                Wait::LocalKeys(keys) => Step::NeedLocalKeys(keys.clone()),
                 _ => Step::Waiting,
             };
+        }
+        if let Some(r) = self.rateless.as_mut() {
+            match r.next(local) {
+                rateless::Next::Send(req) => {
+                    self.wait = Wait::Rateless;
+                    return Step::Send(req);
+                }
+                rateless::Next::LocalKeys(keys) => {
+                    self.wait = Wait::LocalKeys(keys.clone());
+                    return Step::NeedLocalKeys(keys);
+                }
+                rateless::Next::Compare(found) => {
+                    self.compare(Vec::new(), found);
+                    self.end_rateless(false);
+                }
+                rateless::Next::Fallback => self.end_rateless(true),
+                rateless::Next::Waiting => return Step::Waiting,
+            }
         }
         if !self.descend.is_empty() || !self.list.is_empty() {
             let n = self.descend.len().min(MAX_PATHS);
@@ -407,6 +471,10 @@ impl Session {
         let wait = std::mem::replace(&mut self.wait, Wait::None);
         match (wait, resp) {
             (_, Response::Refused { reason }) => Err(SessionError::Refused(reason)),
+            (Wait::Rateless, resp) => match self.rateless.as_mut() {
+                Some(r) => r.on_response(resp, local).map(|()| None),
+                None => Err(SessionError::Protocol("a rateless answer after the mode ended".into())),
+            },
             (Wait::Round(descended, listed), Response::Round { nodes, entries }) => {
                 let asked: BTreeSet<&str> = descended.iter().map(String::as_str).collect();
                 for n in &nodes {
@@ -474,38 +542,54 @@ impl Session {
     /// them with the peer's and queues what to pull and to push.
     pub fn on_local_entries(&mut self, local: Vec<(String, Vec<Entry>)>) {
         let mut mine: BTreeMap<String, Vec<Entry>> = local.into_iter().collect();
-        for (path, mut theirs) in std::mem::take(&mut self.remote) {
-            let mut ours = mine.remove(&path).unwrap_or_default();
-            // Both lists by id, then one merge: no map per path, no id copied
-            // but those queued.
-            sort_by_id_keep_last(&mut ours, |e| &e.id);
-            sort_by_id_keep_last(&mut theirs, |e| &e.id);
-            let (mut ours, mut theirs) = (ours.iter().peekable(), theirs.iter().peekable());
-            loop {
-                let (o, t) = (ours.peek(), theirs.peek());
-                let order = match (o, t) {
-                    (None, None) => break,
-                    (Some(_), None) => std::cmp::Ordering::Less,
-                    (None, Some(_)) => std::cmp::Ordering::Greater,
-                    (Some(o), Some(t)) => o.id.cmp(&t.id),
-                };
-                self.progress.entries_compared += 1;
-                match order {
-                    std::cmp::Ordering::Less => self.push.push_back(ours.next().expect("peeked").id.clone()),
-                    std::cmp::Ordering::Greater => self.pull.push_back(theirs.next().expect("peeked").id.clone()),
-                    std::cmp::Ordering::Equal => {
-                        let (o, t) = (ours.next().expect("peeked"), theirs.next().expect("peeked"));
-                        let (mine, peer) = (summary_stamp(o), (t.version, t.origin.as_bytes(), t.hash));
-                        if peer > mine {
-                            self.pull.push_back(t.id.clone());
-                        } else if mine > peer {
-                            self.push.push_back(o.id.clone());
-                        }
+        for (path, theirs) in std::mem::take(&mut self.remote) {
+            let ours = mine.remove(&path).unwrap_or_default();
+            self.compare(ours, theirs);
+        }
+        self.wait = Wait::None;
+    }
+
+    /// Our entries for the keys of the last `NeedLocalKeys` (a rateless
+    /// session): compares them with the peer's it resolved.
+    pub fn on_local_keyed(&mut self, ours: Vec<Entry>) {
+        if let Some(r) = self.rateless.as_mut() {
+            let found = r.take_found();
+            self.compare(ours, found);
+            self.end_rateless(false);
+        }
+        self.wait = Wait::None;
+    }
+
+    /// Compares our entries with the peer's (any order) and queues the ids
+    /// to pull and to push.
+    fn compare(&mut self, mut ours: Vec<Entry>, mut theirs: Vec<EntrySummary>) {
+        // Both lists by id, then one merge: no map, no id copied but those queued.
+        sort_by_id_keep_last(&mut ours, |e| &e.id);
+        sort_by_id_keep_last(&mut theirs, |e| &e.id);
+        let (mut ours, mut theirs) = (ours.iter().peekable(), theirs.iter().peekable());
+        loop {
+            let (o, t) = (ours.peek(), theirs.peek());
+            let order = match (o, t) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(o), Some(t)) => o.id.cmp(&t.id),
+            };
+            self.progress.entries_compared += 1;
+            match order {
+                std::cmp::Ordering::Less => self.push.push_back(ours.next().expect("peeked").id.clone()),
+                std::cmp::Ordering::Greater => self.pull.push_back(theirs.next().expect("peeked").id.clone()),
+                std::cmp::Ordering::Equal => {
+                    let (o, t) = (ours.next().expect("peeked"), theirs.next().expect("peeked"));
+                    let (mine, peer) = (summary_stamp(o), (t.version, t.origin.as_bytes(), t.hash));
+                    if peer > mine {
+                        self.pull.push_back(t.id.clone());
+                    } else if mine > peer {
+                        self.push.push_back(o.id.clone());
                     }
                 }
             }
         }
-        self.wait = Wait::None;
     }
 
     /// Our items for the last `NeedLocalItems`; `next_step` sends them.
@@ -539,6 +623,160 @@ mod tests {
             prop_assert_eq!(a.tree.root_hash(), b.tree.root_hash());
             prop_assert_eq!(a.items, b.items);
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn random_stores_reconcile_to_identical_trees_rateless(shared in 0usize..3000, diffs in proptest::collection::vec((any::<u8>(), any::<usize>()), 0..400)) {
+            let (mut a, mut b) = pair(shared, &diffs);
+            a.reconcile_rateless(&mut b, |_, _| {});
+            prop_assert_eq!(a.tree.root_hash(), b.tree.root_hash());
+            prop_assert_eq!(a.items, b.items);
+        }
+    }
+
+    /// Round trips before the transfer.
+    fn reconciling_round_trips(a: &mut Store, b: &mut Store) -> (u64, Progress) {
+        let mut rounds = 0;
+        let p = a.reconcile_rateless(b, |req, _| {
+            rounds += !matches!(req, Request::Fetch { .. } | Request::Push { .. }) as u64;
+        });
+        (rounds, p)
+    }
+
+    #[test]
+    fn rateless_sessions_take_at_most_three_round_trips_before_the_transfer() {
+        for d in [1usize, 10, 100, 3000] {
+            let diffs: Vec<(u8, usize)> = (0..d).map(|k| ((k % 6) as u8, (k * 7919) % 50_000)).collect();
+            let (mut a, mut b) = pair(50_000, &diffs);
+            let (rounds, p) = reconciling_round_trips(&mut a, &mut b);
+            assert_eq!(a.tree.root_hash(), b.tree.root_hash(), "d={d}");
+            assert!(!p.walked && p.symbols > 0, "d={d}: {p:?}");
+            assert!(rounds <= 3, "d={d}: {rounds} round trips");
+        }
+    }
+
+    #[test]
+    fn a_difference_past_the_symbols_kept_walks_the_trees() {
+        // Depth 2 keeps 256 symbols: 2000 new ids are too many.
+        let (mut a, mut b) = (Store::new(2), Store::new(2));
+        for i in 0..2000 {
+            a.put(crate::memory::sample_item(&format!("a{i}"), 5, "n", false));
+        }
+        b.put(crate::memory::sample_item("b", 5, "n", false));
+        let (_, p) = reconciling_round_trips(&mut a, &mut b);
+        assert!(p.walked, "{p:?}");
+        assert_eq!(a.tree.root_hash(), b.tree.root_hash());
+    }
+
+    #[test]
+    fn a_peer_whose_set_changes_between_answers_is_asked_again_from_the_start() {
+        let diffs: Vec<(u8, usize)> = (0..2000).map(|k| ((k % 6) as u8, k * 13)).collect();
+        let (mut a, mut b) = pair(30_000, &diffs);
+        let t = a.tree.clone();
+        let mut s = Session::rateless(1, 4);
+        let Step::Send(sketch) = s.next_step(&t) else { panic!() };
+        // The peer answers the sketch with too few symbols for the difference.
+        let Response::Symbols { zero, symbols, .. } = b.answer(sketch) else {
+            panic!()
+        };
+        let short = symbols[..64].to_vec();
+        s.on_response(
+            Response::Symbols {
+                from: 0,
+                zero,
+                estimate: 0,
+                symbols: short,
+            },
+            &t,
+        )
+        .unwrap();
+        let Step::Send(Request::Symbols { from, count, .. }) = s.next_step(&t) else {
+            panic!()
+        };
+        assert_eq!(from, 64);
+        // Then it changes: its symbol 0 with it.
+        b.put(crate::memory::sample_item("late", 9, "n", false));
+        let more = b.answer(Request::Symbols {
+            session: 1,
+            from,
+            count,
+        });
+        s.on_response(more, &t).unwrap();
+        let Step::Send(again @ Request::Symbols { from: 0, .. }) = s.next_step(&t) else {
+            panic!("stale symbols are dropped and asked for again from 0")
+        };
+        s.on_response(b.answer(again), &a.tree).unwrap();
+        // And the session still converges from there.
+        let p = a.run_session_from(s, &mut b);
+        assert!(!p.walked);
+        assert_eq!(a.tree.root_hash(), b.tree.root_hash());
+    }
+
+    #[test]
+    fn rateless_answers_that_were_not_asked_for_are_refused() {
+        let (a, b) = pair(1000, &[(0, 1), (1, 2), (4, 3)]);
+        let mut s = Session::rateless(1, 4);
+        let Step::Send(_) = s.next_step(&a.tree) else { panic!() };
+        let wrong = Response::Symbols {
+            from: 5,
+            zero: Default::default(),
+            estimate: 0,
+            symbols: vec![Default::default()],
+        };
+        assert!(matches!(s.on_response(wrong, &a.tree), Err(SessionError::Protocol(_))));
+        // A resolve answer with an entry under a key nobody asked for.
+        let mut s = Session::rateless(1, 4);
+        let mut b = b;
+        loop {
+            match s.next_step(&a.tree) {
+                Step::Send(Request::Resolve { .. }) => break,
+                Step::Send(req) => {
+                    s.on_response(b.answer(req), &a.tree).unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let stray = EntrySummary::of(&crate::memory::sample_item("nobody-asked", 1, "n", false).entry);
+        let resp = Response::Resolved {
+            entries: vec![stray],
+            deferred: vec![],
+        };
+        assert!(matches!(s.on_response(resp, &a.tree), Err(SessionError::Protocol(_))));
+    }
+
+    #[test]
+    fn rateless_requests_past_the_limits_are_refused() {
+        let t = MerkleTree::new(4).unwrap();
+        let counts = vec![[0u8; 2]; rateless::MAX_SKETCH_COUNTS + 1];
+        assert!(check_request(&Request::Sketch { session: 1, counts }, &t).is_err());
+        let count = crate::merkle::MAX_SYMBOLS as u32 + 1;
+        assert!(
+            check_request(
+                &Request::Symbols {
+                    session: 1,
+                    from: 0,
+                    count
+                },
+                &t
+            )
+            .is_err()
+        );
+        let keys = vec![[0u8; 8]; rateless::MAX_RESOLVE + 1];
+        assert!(check_request(&Request::Resolve { session: 1, keys }, &t).is_err());
+        // A node without symbols refuses, and the asker walks the trees.
+        let plain = MerkleTree::without_sketch(4).unwrap();
+        assert!(
+            rateless::symbols_answer(
+                &plain,
+                &Request::Sketch {
+                    session: 1,
+                    counts: vec![]
+                }
+            )
+            .is_err()
+        );
     }
 
     #[test]
