@@ -81,7 +81,7 @@ fn timed_session(
                 rounds += t.elapsed();
             }
             Step::NeedLocalKeys(keys) => {
-                s.on_local_keyed(a.entries_by_keys(&keys));
+                s.on_local_keyed(a.entries_by_keys(&keys).concat());
                 rounds += t.elapsed();
             }
             Step::Send(req) => {

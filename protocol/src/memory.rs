@@ -309,17 +309,19 @@ impl MemoryStore {
             .collect()
     }
 
-    /// The entries whose tree keys start with one of `keys`.
-    pub fn entries_by_keys(&self, keys: &[[u8; 8]]) -> Vec<Entry> {
-        let mut out = Vec::new();
-        for k in keys {
-            let mut low = [0u8; 32];
-            low[..8].copy_from_slice(k);
-            let mut high = [0xffu8; 32];
-            high[..8].copy_from_slice(k);
-            out.extend(self.by_key.range(low..=high).map(|(_, e)| e.clone()));
-        }
-        out
+    /// The entries whose tree keys start with each of `keys`.
+    pub fn entries_by_keys(&self, keys: &[[u8; 8]]) -> Vec<Vec<Entry>> {
+        keys.iter()
+            .map(|k| {
+                let mut low = [0u8; 32];
+                low[..8].copy_from_slice(k);
+                self.by_key
+                    .range(low..)
+                    .take_while(|(key, _)| key[..8] == k[..])
+                    .map(|(_, e)| e.clone())
+                    .collect()
+            })
+            .collect()
     }
 
     /// The responder side (the core's, over this store).
@@ -377,7 +379,7 @@ impl MemoryStore {
                     let local = paths.iter().map(|p| (p.clone(), self.entries_under(p))).collect();
                     s.on_local_entries(local);
                 }
-                Step::NeedLocalKeys(keys) => s.on_local_keyed(self.entries_by_keys(&keys)),
+                Step::NeedLocalKeys(keys) => s.on_local_keyed(self.entries_by_keys(&keys).concat()),
                 Step::Waiting => unreachable!("each step is answered in turn"),
                 Step::Done => return s.progress(),
             }
@@ -432,7 +434,7 @@ impl Store for Mutex<MemoryStore> {
     fn entries_by_keys(
         &self,
         keys: &[[u8; 8]],
-    ) -> impl std::future::Future<Output = Result<Vec<Entry>, String>> + Send {
+    ) -> impl std::future::Future<Output = Result<Vec<Vec<Entry>>, String>> + Send {
         std::future::ready(Ok(self.lock().expect("store lock").entries_by_keys(keys)))
     }
 

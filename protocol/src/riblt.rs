@@ -73,10 +73,14 @@ impl Iterator for Indices {
         self.state = self.state.wrapping_add(1);
         let r = splitmix(self.state);
         // u in (0, 1]: P(no hit in (i, j]) = ((i + 1.5) / (j + 1.5))^2, inverted.
-        let u = ((r >> 11) + 1) as f64 / (1u64 << 53) as f64;
-        let gap = ((current as f64 + 1.5) * (1.0 / u.sqrt() - 1.0)).ceil();
-        // `as` saturates: a huge gap ends the useful part of the sequence.
-        self.next = current.saturating_add((gap as u64).max(1));
+        let u = ((r >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
+        let at = current as f64 + 1.5;
+        let gap = at / u.sqrt() - at;
+        // Rounded up by hand (`ceil` is a library call on baseline x86-64);
+        // `as` saturates, so a huge gap ends the useful part of the sequence.
+        let whole = gap as u64;
+        let gap = whole + ((whole as f64) < gap) as u64;
+        self.next = current.saturating_add(gap.max(1));
         Some(current)
     }
 }

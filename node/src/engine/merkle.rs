@@ -172,8 +172,9 @@ impl SyncEngine {
         Ok(leaves)
     }
 
-    /// Entry versions whose tree keys start with one of `keys` (from L3).
-    pub async fn merkle_entries_by_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<EntryMeta>, StorageError> {
+    /// Entry versions whose tree keys start with each of `keys`, one list
+    /// per key (from L3).
+    pub async fn merkle_entries_by_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<Vec<EntryMeta>>, StorageError> {
         self.core.backends()?.l3.entries_with_keys(keys).await
     }
 

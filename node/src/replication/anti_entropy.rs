@@ -173,7 +173,7 @@ impl SyncEngine {
                     }
                 }
                 Step::NeedLocalEntries(paths) => s.on_local_entries(self.entries_under_paths(&paths).await?),
-                Step::NeedLocalKeys(keys) => s.on_local_keyed(self.entries_by_keys(&keys).await?),
+                Step::NeedLocalKeys(keys) => s.on_local_keyed(self.entries_by_keys(&keys).await?.concat()),
                 Step::Waiting => return Err(SyncError::Transport("session out of order".into())),
                 Step::Done => return Ok(s.progress()),
             }
@@ -210,12 +210,12 @@ impl Store for SyncEngine {
         self.entries_under_paths(paths).await
     }
 
-    async fn entries_by_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<Entry>, StorageError> {
+    async fn entries_by_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<Vec<Entry>>, StorageError> {
         Ok(self
             .merkle_entries_by_keys(keys)
             .await?
             .into_iter()
-            .map(entry_of)
+            .map(|list| list.into_iter().map(entry_of).collect())
             .collect())
     }
 

@@ -36,8 +36,9 @@ pub trait Store: Sync {
         &self,
         paths: &[String],
     ) -> impl Future<Output = Result<Vec<(String, Vec<Entry>)>, Self::Error>> + Send;
-    /// The entries whose tree keys start with one of `keys` (8 bytes each).
-    fn entries_by_keys(&self, keys: &[[u8; 8]]) -> impl Future<Output = Result<Vec<Entry>, Self::Error>> + Send;
+    /// The entries whose tree keys start with each of `keys` (8 bytes
+    /// each): one list per key, in their order.
+    fn entries_by_keys(&self, keys: &[[u8; 8]]) -> impl Future<Output = Result<Vec<Vec<Entry>>, Self::Error>> + Send;
     /// The stored items among `ids` that fit in `budget` bytes, and the ids
     /// left unread.
     fn items_within(
@@ -137,7 +138,7 @@ pub async fn run_task<S: Store>(store: &S, task: Task) -> TaskResult {
         Task::KeyedEntries(keys) => store
             .entries_by_keys(&keys)
             .await
-            .map_or_else(failed, TaskResult::KeyedEntries),
+            .map_or_else(failed, |lists| TaskResult::KeyedEntries(lists.concat())),
         Task::Items(ids) => match store.items_within(&ids, MAX_TRANSFER_BYTES).await {
             Ok((items, unread)) => TaskResult::Items { items, unread },
             Err(e) => failed(e),
@@ -218,16 +219,11 @@ pub async fn answer<S: Store>(store: &S, req: Request) -> Response {
     result.unwrap_or_else(|e| Response::Refused { reason: e.to_string() })
 }
 
-/// The answer to a `Resolve`: our entries under the keys asked for, in
-/// their order, within the round budget; keys past it are deferred.
-fn resolve_answer(keys: &[[u8; 8]], entries: Vec<Entry>) -> Response {
-    let mut by_key: std::collections::BTreeMap<[u8; 8], Vec<Entry>> = std::collections::BTreeMap::new();
-    for e in entries {
-        by_key.entry(rateless::key8_of(&e.id)).or_default().push(e);
-    }
+/// The answer to a `Resolve`: our entries under the keys asked for (one
+/// list per key), within the round budget; keys past it are deferred.
+fn resolve_answer(keys: &[[u8; 8]], lists: Vec<Vec<Entry>>) -> Response {
     let (mut out, mut deferred, mut bytes) = (Vec::new(), Vec::new(), 0usize);
-    for k in keys {
-        let Some(list) = by_key.remove(k) else { continue };
+    for (k, list) in keys.iter().zip(lists) {
         let size: usize = list.iter().map(|e| e.id.len() + e.origin.len() + 24).sum();
         if !out.is_empty() && bytes + size > MAX_ROUND_BYTES {
             deferred.push(*k);

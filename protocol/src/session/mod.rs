@@ -726,7 +726,7 @@ mod tests {
             symbols: vec![Default::default()],
         };
         assert!(matches!(s.on_response(wrong, &a.tree), Err(SessionError::Protocol(_))));
-        // A resolve answer with an entry under a key nobody asked for.
+        // A resolve answer that defers a key nobody asked for.
         let mut s = Session::rateless(1, 4);
         let mut b = b;
         loop {
@@ -738,10 +738,9 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        let stray = EntrySummary::of(&crate::memory::sample_item("nobody-asked", 1, "n", false).entry);
         let resp = Response::Resolved {
-            entries: vec![stray],
-            deferred: vec![],
+            entries: vec![],
+            deferred: vec![[9; 8]],
         };
         assert!(matches!(s.on_response(resp, &a.tree), Err(SessionError::Protocol(_))));
     }

@@ -277,16 +277,17 @@ impl L3Store {
         rows.iter().map(meta_from_row).collect()
     }
 
-    /// Entry versions whose tree keys start with one of `keys` (8 bytes
-    /// each): found by the indexed first 4 (`hkey`), then checked whole.
-    pub async fn entries_with_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<EntryMeta>, StorageError> {
-        let wanted: std::collections::HashSet<[u8; 8]> = keys.iter().copied().collect();
+    /// Entry versions whose tree keys start with each of `keys` (8 bytes
+    /// each), one list per key: found by the indexed first 4 (`hkey`), then
+    /// checked whole.
+    pub async fn entries_with_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<Vec<EntryMeta>>, StorageError> {
+        let slot: std::collections::HashMap<[u8; 8], usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
         let hkeys: std::collections::BTreeSet<i64> = keys
             .iter()
             .map(|k| u32::from_be_bytes(k[..4].try_into().expect("4 bytes")) as i64)
             .collect();
         let hkeys: Vec<i64> = hkeys.into_iter().collect();
-        let mut out = Vec::new();
+        let mut out = vec![Vec::new(); keys.len()];
         for chunk in hkeys.chunks(CHUNK_ROWS) {
             let sql = format!(
                 "{META_COLUMNS} FROM sync_items WHERE hkey IN ({})",
@@ -297,8 +298,9 @@ impl L3Store {
             for r in &rows {
                 let meta = meta_from_row(r)?;
                 let key = syncnode_protocol::merkle::key_of(&meta.id);
-                if wanted.contains(&key[..8]) {
-                    out.push(meta);
+                let key8: [u8; 8] = key[..8].try_into().expect("8 bytes");
+                if let Some(&i) = slot.get(&key8) {
+                    out[i].push(meta);
                 }
             }
         }
