@@ -724,7 +724,10 @@ impl Replica {
             }),
             Ok(()) => {
                 self.answering += 1;
-                if matches!(req, Request::Round { .. }) {
+                if matches!(
+                    req,
+                    Request::Round { .. } | Request::Sketch { .. } | Request::Symbols { .. } | Request::Resolve { .. }
+                ) {
                     self.rounds_served.insert(peer.clone(), now.mono_ms);
                 }
                 self.run(Task::Answer(req), Waiter::Answer { peer, id });

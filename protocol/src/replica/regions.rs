@@ -49,7 +49,12 @@ impl Replica {
     /// differed): a session moves writes both ways, so two at the same time
     /// would carry them over the WAN twice. The higher one starts only at
     /// its periodic round, and only when the lower one has not been running
-    /// a session toward it (no `Round` served to it in two intervals).
+    /// a session toward it (no round served to it in two intervals).
+    ///
+    /// A hub also takes part in one cross-region session at a time, started
+    /// or served: after a region rejoins, what the first session brings in
+    /// no longer differs when the next one runs, so each write crosses into
+    /// a region once, not once per remote region.
     pub(super) fn may_sync_with(&mut self, now: Now, peer: &str, immediate: bool) -> bool {
         let me = self.swim.me();
         // Members SWIM holds alive, or that we are connected to (after a
@@ -83,6 +88,12 @@ impl Replica {
             .get(peer)
             .is_some_and(|at| now.mono_ms.saturating_sub(*at) < 2 * self.cfg.anti_entropy_interval_ms);
         let hub_pair = hubs.get(&me.region) == Some(&me.peer) && their_hub == Some(peer);
+        let across = |p: &str| p != peer && reachable.iter().any(|m| m.peer == p && m.region != me.region);
+        let busy_across = self.sessions.keys().any(|p| across(p))
+            || self
+                .rounds_served
+                .iter()
+                .any(|(p, at)| across(p) && now.mono_ms.saturating_sub(*at) < self.cfg.anti_entropy_interval_ms);
         // Rounds served say the lower hub is at it, not that it succeeds: a
         // higher hub defers to it for `MAX_DEFERRED_ROUNDS` periodic rounds at
         // most, then starts one of its own.
@@ -92,7 +103,7 @@ impl Replica {
             *n > MAX_DEFERRED_ROUNDS
         };
         let first = me.peer.as_str() < peer || (!immediate && (!served_lately || deferred_long));
-        let hub_to_hub = hub_pair && first;
+        let hub_to_hub = hub_pair && first && !busy_across;
         hub_to_hub
             || self
                 .peers
