@@ -79,7 +79,7 @@ impl Iterator for Indices {
         // Rounded up by hand (`ceil` is a library call on baseline x86-64);
         // `as` saturates, so a huge gap ends the useful part of the sequence.
         let whole = gap as u64;
-        let gap = whole + ((whole as f64) < gap) as u64;
+        let gap = whole.saturating_add(((whole as f64) < gap) as u64);
         self.next = current.saturating_add(gap.max(1));
         Some(current)
     }

@@ -12,7 +12,7 @@
 //! can understand; messages new in N+1 go only to peers that speak N+1
 //! (they list `/syncnode/sync/<N+1>`). Versions outside the range a node
 //! speaks are refused by name (this release speaks 1 to 3: version 3 only
-//! adds requests, so a version 1 peer is still served). Version 1: sessions, fetches and pushes over requests,
+//! adds requests and their answers, so a version 1 peer is still served). Version 1: sessions, fetches and pushes over requests,
 //! CDC and roots over gossipsub. Version 2 adds `Request::Cdc` and
 //! `Request::Roots` (CDC along the relay tree, roots in one exchange).
 //! Version 3 adds rateless sessions: `Request::Sketch`, `Request::Symbols`

@@ -728,7 +728,12 @@ impl Sim {
         self.connected.insert((a, b));
         for (x, y) in [(a, b), (b, a)] {
             let peer = self.nodes[y].name.clone();
-            self.feed(x, Input::Connected { peer });
+            self.feed(x, Input::Connected { peer: peer.clone() });
+            // What identify tells a node: every simulated node speaks this release's wire.
+            let now = self.nodes[x].clock.now(self.now_us);
+            if let Some(r) = self.nodes[x].replica.as_mut() {
+                r.peers.set_wire(&peer, syncnode_protocol::wire::WIRE_VERSION, now);
+            }
         }
     }
 

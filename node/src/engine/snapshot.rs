@@ -39,7 +39,7 @@ impl Snapshots {
         filter: &FilterManager,
         force: bool,
     ) -> Result<(), StorageError> {
-        let (generation, tree, l2view, filter) = {
+        let (generation, tree, symbols, l2view, filter) = {
             let t = merkle.read_locked();
             if !force && t.generation == self.generation.load(Ordering::Relaxed) {
                 return Ok(());
@@ -47,11 +47,13 @@ impl Snapshots {
             (
                 t.generation,
                 t.tree.to_snapshot(),
+                t.tree.symbols_snapshot().unwrap_or_default(),
                 t.l2view.to_snapshot(),
                 filter.export()?,
             )
         };
         l3.save_blob("merkle_tree", generation, &tree).await?;
+        l3.save_blob("merkle_symbols", generation, &symbols).await?;
         l3.save_blob("merkle_l2view", generation, &l2view).await?;
         l3.save_blob("existence_filter", generation, &filter).await?;
         self.generation.store(generation, Ordering::Relaxed);
@@ -161,15 +163,18 @@ impl Core {
                 .filter(|(tag, _)| *tag == generation)
                 .map(|(_, bytes)| bytes))
         };
-        // The tree keeps coded symbols (a snapshot from before them is
-        // rebuilt), the Redis view does not.
-        let tree_of = |bytes: Option<Vec<u8>>, symbols: bool| {
+        let tree_of = |bytes: Option<Vec<u8>>| {
             bytes
                 .and_then(|b| MerkleTree::from_snapshot(&b).ok())
-                .filter(|t| t.depth() == depth && t.sketch().is_some() == symbols)
+                .filter(|t| t.depth() == depth)
         };
-        let tree = tree_of(snapshot("merkle_tree").await?, true);
-        let l2view = tree_of(snapshot("merkle_l2view").await?, false);
+        // The tree keeps its coded symbols (stored apart; a snapshot from
+        // before them is rebuilt), the Redis view none.
+        let symbols = snapshot("merkle_symbols").await?;
+        let tree = tree_of(snapshot("merkle_tree").await?)
+            .zip(symbols)
+            .and_then(|(t, s)| t.with_symbols(&s).ok());
+        let l2view = tree_of(snapshot("merkle_l2view").await?);
         let filter = snapshot("existence_filter")
             .await?
             .and_then(|bytes| FilterManager::import(&bytes).ok());

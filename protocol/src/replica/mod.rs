@@ -954,12 +954,14 @@ impl Replica {
         }
     }
 
-    /// Starts the session proper: rateless when the peer speaks wire
-    /// version 3 and we keep coded symbols, unless we hold nothing (then
-    /// the difference is everything, which the tree walk lists whole).
+    /// Starts the session proper: rateless when the peer is known to speak
+    /// wire version 3 and we keep coded symbols, unless we hold nothing
+    /// (then the difference is everything, which the tree walk lists whole).
+    /// A peer whose version is not known yet gets the walk, which every
+    /// version speaks.
     fn begin_running(&mut self, now: Now, peer: &str, store: &impl Store) {
         let (depth, symbols) = store.with_tree(|t| (t.depth(), t.sketch().is_some() && t.count() > 0));
-        let rateless = symbols && self.peers.speaks(peer, 3);
+        let rateless = symbols && self.peers.known_to_speak(peer, 3);
         if let Some(o) = self.sessions.get_mut(peer) {
             let session = match rateless {
                 true => Session::rateless(o.id, depth),
@@ -1160,24 +1162,28 @@ impl Replica {
         if self.next_session_round.is_some_and(|t| t <= mono) {
             let every = self.cfg.anti_entropy_interval_ms;
             self.next_session_round = Some(mono + every + self.rng.random_range(0..=every / 4));
-            let mut due = self.peers.due_for_session(now, every);
-            due.retain(|p| self.may_sync_with(now, p, false));
-            for p in &due {
-                self.deferred_rounds.remove(p);
+            // One at a time: `may_sync_with` sees the sessions started
+            // before it (one cross-region session at a time).
+            let mut started = 0;
+            for p in self.peers.due_for_session(now, every) {
+                if self.may_sync_with(now, &p, false) {
+                    self.deferred_rounds.remove(&p);
+                    self.start_session(now, &p, store);
+                    started += 1;
+                }
             }
             // Forget rounds served long ago (peers come and go).
             let horizon = mono.saturating_sub(10 * every);
             self.rounds_served.retain(|_, at| *at >= horizon);
             let rounds_served = &self.rounds_served;
             self.deferred_rounds.retain(|p, _| rounds_served.contains_key(p));
-            if !self.peers.ledger_learned() && self.sessions.is_empty() && due.is_empty() {
+            if !self.peers.ledger_learned() && self.sessions.is_empty() && started == 0 {
                 // Deltas are ignored until the purge ledger is learned, so
                 // a node that has not learned it syncs with a member now,
                 // even when their roots agree.
-                due.extend(self.peers.connected_members().into_iter().take(1));
-            }
-            for peer in due {
-                self.start_session(now, &peer, store);
+                for peer in self.peers.connected_members().into_iter().take(1) {
+                    self.start_session(now, &peer, store);
+                }
             }
         }
         if self.next_purge <= mono {

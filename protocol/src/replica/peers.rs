@@ -419,6 +419,12 @@ impl PeerTable {
         self.peers.get(peer).and_then(|s| s.wire).is_none_or(|w| w >= version)
     }
 
+    /// Whether `peer` is known to read wire version `version` messages
+    /// (identify said so since it connected).
+    pub fn known_to_speak(&self, peer: &str, version: u8) -> bool {
+        self.peers.get(peer).and_then(|s| s.wire).is_some_and(|w| w >= version)
+    }
+
     /// Records a peer's roots announcement against our own root.
     pub fn on_roots(&mut self, peer: &str, theirs: RootsAnnouncement, mine: &RootsAnnouncement, now: Now) {
         ReplicationStats::add(&self.stats.roots_received, 1);

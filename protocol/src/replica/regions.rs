@@ -51,10 +51,12 @@ impl Replica {
     /// its periodic round, and only when the lower one has not been running
     /// a session toward it (no round served to it in two intervals).
     ///
-    /// A hub also takes part in one cross-region session at a time, started
-    /// or served: after a region rejoins, what the first session brings in
-    /// no longer differs when the next one runs, so each write crosses into
-    /// a region once, not once per remote region.
+    /// A hub starts no cross-region session while it takes part in another
+    /// (one it started, or one it served a round of in the last interval):
+    /// after a region rejoins, what the first session brings in no longer
+    /// differs when the next one runs, so a write crosses into a region
+    /// about once, not once per remote region. Two remote hubs may still
+    /// open sessions toward the same hub at the same time.
     pub(super) fn may_sync_with(&mut self, now: Now, peer: &str, immediate: bool) -> bool {
         let me = self.swim.me();
         // Members SWIM holds alive, or that we are connected to (after a

@@ -132,7 +132,8 @@ pub struct Progress {
 enum Wait {
     None,
     Round(Vec<String>, Vec<String>),
-    Fetch,
+    /// How many ids were asked for.
+    Fetch(usize),
     Push,
     LocalEntries,
     LocalItems,
@@ -435,7 +436,7 @@ impl Session {
         }
         if !self.pull.is_empty() {
             let n = self.pull.len().min(MAX_ITEMS);
-            self.wait = Wait::Fetch;
+            self.wait = Wait::Fetch(n);
             return Step::Send(Request::Fetch {
                 session: self.id,
                 ids: self.pull.drain(..n).collect(),
@@ -470,6 +471,12 @@ impl Session {
         self.progress.round_trips += 1;
         let wait = std::mem::replace(&mut self.wait, Wait::None);
         match (wait, resp) {
+            // A peer that does not answer for its symbols (it keeps none)
+            // still walks the trees with us.
+            (Wait::Rateless, Response::Refused { .. }) if self.rateless.as_ref().is_some_and(|r| r.opening()) => {
+                self.end_rateless(true);
+                Ok(None)
+            }
             (_, Response::Refused { reason }) => Err(SessionError::Refused(reason)),
             (Wait::Rateless, resp) => match self.rateless.as_mut() {
                 Some(r) => r.on_response(resp, local).map(|()| None),
@@ -520,8 +527,12 @@ impl Session {
                 }
                 Ok(None)
             }
-            (Wait::Fetch, Response::Fetch { items, deferred }) => {
-                if items.is_empty() && !deferred.is_empty() {
+            (Wait::Fetch(asked), Response::Fetch { items, mut deferred }) => {
+                // Fewer deferred than asked, each once: the queue shrinks
+                // every round, whatever the peer answers.
+                deferred.sort_unstable();
+                deferred.dedup();
+                if deferred.len() >= asked && asked > 0 {
                     return Err(SessionError::Protocol("the peer deferred every item of a fetch".into()));
                 }
                 self.progress.pulled += items.len() as u64;

@@ -11,7 +11,12 @@
 //!
 //! The tree walk takes over when the difference is more than the kept
 //! symbols can decode (a node joining empty), when the peer's set changes
-//! under every answer, or when it keeps no symbols.
+//! under every answer, or when it keeps no symbols (it refuses the sketch,
+//! or answers with none).
+//!
+//! Counts travel modulo 2^16: a one-sided difference past 32,767 entries
+//! wraps symbol 0's count and spoils the estimate, which costs a round trip
+//! or the walk, never a wrong result (the checksums decide what decodes).
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -70,8 +75,16 @@ pub fn symbols_answer(tree: &MerkleTree, req: &Request) -> Result<Response, Stri
             (0, estimate, if want > symbols.len() { 0 } else { want })
         }
         Request::Symbols { from, count, .. } => {
-            let from = (*from as usize).min(symbols.len());
-            (from, 0, from.saturating_add(*count as usize).min(symbols.len()))
+            // Past our capacity: none (the asker walks the trees), at the
+            // index it asked for.
+            let at = (*from as usize).min(symbols.len());
+            let to = at.saturating_add(*count as usize).min(symbols.len());
+            return Ok(Response::Symbols {
+                from: *from,
+                zero,
+                estimate: 0,
+                symbols: symbols[at..to].to_vec(),
+            });
         }
         _ => return Err("not a symbols request".into()),
     };
@@ -153,6 +166,12 @@ impl Rateless {
             phase: Phase::Open,
             received: 0,
         }
+    }
+
+    /// Still waiting for the first symbols (a refusal now means the peer
+    /// keeps none: walk the trees).
+    pub(super) fn opening(&self) -> bool {
+        matches!(self.phase, Phase::AwaitSymbols { from: 0, .. }) && self.remote.is_empty()
     }
 
     pub(super) fn next(&mut self, local: &MerkleTree) -> Next {
@@ -255,15 +274,19 @@ impl Rateless {
                 self.decode(local);
                 Ok(())
             }
-            (Phase::Resolve { asked, found, .. }, Response::Resolved { entries, deferred }) => {
+            (Phase::Resolve { asked, found, .. }, Response::Resolved { entries, mut deferred }) => {
                 let Some(keys) = asked.take() else {
                     return bad("a resolve answer nobody asked for".into());
                 };
                 // Entries are not checked against the keys (a peer that lies
                 // about its entries can only make us pull or push in vain, as
                 // with the lists of a tree walk); deferred keys are.
+                // Deferred keys were asked for, each once, and fewer than
+                // asked: the keys left shrink every round.
                 let wanted: BTreeSet<[u8; 8]> = keys.iter().copied().collect();
-                if deferred.iter().any(|k| !wanted.contains(k)) || (entries.is_empty() && !deferred.is_empty()) {
+                deferred.sort_unstable();
+                deferred.dedup();
+                if deferred.iter().any(|k| !wanted.contains(k)) || deferred.len() >= keys.len() {
                     return bad("a resolve answer deferred keys not asked for, or every key".into());
                 }
                 found.extend(entries);

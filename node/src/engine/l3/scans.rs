@@ -281,7 +281,10 @@ impl L3Store {
     /// each), one list per key: found by the indexed first 4 (`hkey`), then
     /// checked whole.
     pub async fn entries_with_keys(&self, keys: &[[u8; 8]]) -> Result<Vec<Vec<EntryMeta>>, StorageError> {
-        let slot: std::collections::HashMap<[u8; 8], usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let mut slots: std::collections::HashMap<[u8; 8], Vec<usize>> = std::collections::HashMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            slots.entry(*k).or_default().push(i);
+        }
         let hkeys: std::collections::BTreeSet<i64> = keys
             .iter()
             .map(|k| u32::from_be_bytes(k[..4].try_into().expect("4 bytes")) as i64)
@@ -299,8 +302,8 @@ impl L3Store {
                 let meta = meta_from_row(r)?;
                 let key = syncnode_protocol::merkle::key_of(&meta.id);
                 let key8: [u8; 8] = key[..8].try_into().expect("8 bytes");
-                if let Some(&i) = slot.get(&key8) {
-                    out[i].push(meta);
+                for &i in slots.get(&key8).into_iter().flatten() {
+                    out[i].push(meta.clone());
                 }
             }
         }
