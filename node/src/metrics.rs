@@ -116,7 +116,7 @@ pub async fn render(
             ),
         ]),
     );
-    let counters: [(&str, &str, u64); 28] = [
+    let counters: [(&str, &str, u64); 30] = [
         ("writes_accepted", "Writes accepted", load(&m.writes_accepted)),
         (
             "writes_refused",
@@ -152,6 +152,16 @@ pub async fn render(
             "divergent_paths",
             "Tree nodes compared in sessions",
             load(&stats.divergent_paths),
+        ),
+        (
+            "rateless_sessions",
+            "Anti-entropy sessions that found the difference from coded symbols, without walking the tree",
+            load(&stats.rateless_sessions),
+        ),
+        (
+            "coded_symbols_received",
+            "Coded symbols received in rateless sessions",
+            load(&stats.coded_symbols),
         ),
         ("items_pulled", "Items pulled by sessions", load(&stats.items_pulled)),
         ("items_pushed", "Items pushed by sessions", load(&stats.items_pushed)),

@@ -155,6 +155,17 @@ async fn cluster_converges_heals_partitions_and_survives_garbage() {
     block(&n2, &n3, false).await;
     converge(&nodes, "after the heal").await;
     check_winners(&nodes, &acked).await;
+    // The heal was repaired by rateless sessions (all three speak wire 3).
+    let mut rateless = 0.0;
+    for n in nodes {
+        let text = n.api.get("/metrics").await.unwrap().text();
+        rateless += text
+            .lines()
+            .find_map(|l| l.strip_prefix("syncnode_rateless_sessions_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no syncnode_rateless_sessions_total:\n{text}"));
+    }
+    assert!(rateless >= 1.0, "no session after the heal was rateless");
     for id in &deleted {
         for n in nodes {
             assert_eq!(

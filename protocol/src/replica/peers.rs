@@ -197,6 +197,9 @@ pub struct ReplicationStats {
     pub sessions: AtomicU64,
     pub session_failures: AtomicU64,
     pub divergent_paths: AtomicU64,
+    /// Sessions that found the difference from coded symbols (no tree walk).
+    pub rateless_sessions: AtomicU64,
+    pub coded_symbols: AtomicU64,
     pub items_pulled: AtomicU64,
     pub items_pushed: AtomicU64,
     pub cdc_published: AtomicU64,
@@ -718,6 +721,8 @@ impl PeerTable {
                 ReplicationStats::add(&stats.items_pulled, p.pulled);
                 ReplicationStats::add(&stats.items_pushed, p.pushed);
                 ReplicationStats::add(&stats.divergent_paths, p.nodes_compared);
+                ReplicationStats::add(&stats.rateless_sessions, u64::from(!p.walked));
+                ReplicationStats::add(&stats.coded_symbols, p.symbols);
             }
             Err(_) => ReplicationStats::add(&stats.session_failures, 1),
         }
