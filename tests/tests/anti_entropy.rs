@@ -1,7 +1,8 @@
 //! Two engines reconcile through the protocol's anti-entropy session (the
 //! transport here is a direct call; the libp2p swarm carries the same
 //! requests): missing, newer and deleted items on both sides end identical,
-//! and deleted items stay deleted. On both L3 backends.
+//! and deleted items stay deleted, whether the session walks the trees or
+//! decodes coded symbols. On both L3 backends.
 
 mod common;
 
@@ -51,8 +52,13 @@ async fn diverged_engines_converge_and_deletes_stay_deleted() {
         b.submit(SyncItem::new("conflict", &b"second"[..])).await.unwrap();
         assert_ne!(a.get_merkle_root().await.unwrap(), b.get_merkle_root().await.unwrap());
 
-        let p = a.reconcile_with(2, |req| call(&b, req)).await.unwrap();
+        // The rateless mode: coded symbols, keys resolved through L3's index.
+        let p = a.reconcile_rateless(2, |req| call(&b, req)).await.unwrap();
         assert!(p.pulled > 0 && p.pushed > 0, "{backend:?}: {p:?}");
+        assert!(
+            !p.walked && p.symbols > 0,
+            "{backend:?}: decoded without the tree walk: {p:?}"
+        );
         assert_eq!(
             a.get_merkle_root().await.unwrap(),
             b.get_merkle_root().await.unwrap(),

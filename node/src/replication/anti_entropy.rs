@@ -141,11 +141,39 @@ impl SyncEngine {
         self.reconcile_observed(session, call, |_| {}).await
     }
 
+    /// `reconcile_with` in the rateless mode (the peer must speak wire
+    /// version 3): the tree is walked only when the difference is past the
+    /// coded symbols kept.
+    pub async fn reconcile_rateless<F, Fut, E>(&self, session: u64, call: F) -> Result<Progress, SyncError>
+    where
+        F: FnMut(Request) -> Fut,
+        Fut: Future<Output = Result<Response, E>>,
+        E: std::fmt::Display,
+    {
+        let depth = self.merkle_summary().2;
+        self.run_session(Session::rateless(session, depth), call, |_| {}).await
+    }
+
     /// `reconcile_with`, calling `observe` with the progress after each step
     /// (a bootstrap shows how far it got).
     pub async fn reconcile_observed<F, Fut, E>(
         &self,
         session: u64,
+        call: F,
+        observe: impl FnMut(&Progress),
+    ) -> Result<Progress, SyncError>
+    where
+        F: FnMut(Request) -> Fut,
+        Fut: Future<Output = Result<Response, E>>,
+        E: std::fmt::Display,
+    {
+        let depth = self.merkle_summary().2;
+        self.run_session(Session::new(session, depth), call, observe).await
+    }
+
+    async fn run_session<F, Fut, E>(
+        &self,
+        mut s: Session,
         mut call: F,
         mut observe: impl FnMut(&Progress),
     ) -> Result<Progress, SyncError>
@@ -154,8 +182,6 @@ impl SyncEngine {
         Fut: Future<Output = Result<Response, E>>,
         E: std::fmt::Display,
     {
-        let depth = self.merkle_summary().2;
-        let mut s = Session::new(session, depth);
         loop {
             match self.with_tree(|t| s.next_step(t)) {
                 Step::NeedLocalItems(ids) => {
