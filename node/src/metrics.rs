@@ -160,7 +160,7 @@ pub async fn render(
         ),
         (
             "coded_symbols_received",
-            "Coded symbols received in rateless sessions",
+            "Coded symbols received by anti-entropy sessions",
             load(&stats.coded_symbols),
         ),
         ("items_pulled", "Items pulled by sessions", load(&stats.items_pulled)),

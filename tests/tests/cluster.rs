@@ -94,6 +94,20 @@ async fn block(a: &Proc, b: &Proc, on: bool) {
     a.block(b, on).await.unwrap();
 }
 
+/// `syncnode_rateless_sessions_total`, summed over `nodes`.
+async fn rateless_sessions(nodes: &[&Proc]) -> f64 {
+    let mut sum = 0.0;
+    for n in nodes {
+        let text = n.api.get("/metrics").await.unwrap().text();
+        sum += text
+            .lines()
+            .find_map(|l| l.strip_prefix("syncnode_rateless_sessions_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no syncnode_rateless_sessions_total:\n{text}"));
+    }
+    sum
+}
+
 async fn connected_peers(p: &Proc) -> Vec<String> {
     let v = p.api.ok_json(p.api.get("/v1/peers").await).await.unwrap();
     v.as_array()
@@ -151,21 +165,21 @@ async fn cluster_converges_heals_partitions_and_survives_garbage() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_ne!(root(&n1).await, root(&n3).await, "the partition held");
 
+    let rateless_before = rateless_sessions(&nodes).await;
     block(&n1, &n3, false).await;
     block(&n2, &n3, false).await;
     converge(&nodes, "after the heal").await;
     check_winners(&nodes, &acked).await;
-    // The heal was repaired by rateless sessions (all three speak wire 3).
-    let mut rateless = 0.0;
-    for n in nodes {
-        let text = n.api.get("/metrics").await.unwrap().text();
-        rateless += text
-            .lines()
-            .find_map(|l| l.strip_prefix("syncnode_rateless_sessions_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no syncnode_rateless_sessions_total:\n{text}"));
+    // The heal was repaired by rateless sessions (all three speak wire 3;
+    // the initiator counts its session one answer after the roots agree).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rateless_sessions(&nodes).await <= rateless_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no session of the heal was rateless ({rateless_before} before it)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(rateless >= 1.0, "no session after the heal was rateless");
     for id in &deleted {
         for n in nodes {
             assert_eq!(

@@ -281,8 +281,8 @@ pub struct Replica {
     /// When each peer's last `Round` was admitted here (mono ms): a hub
     /// being synced by its peer hub does not start a session of its own.
     rounds_served: BTreeMap<String, u64>,
-    /// Periodic rounds in a row a hub left a peer hub's session to that hub
-    /// (it was being synced by it); past `MAX_DEFERRED_ROUNDS` it starts its
+    /// Periodic rounds in a row a higher hub left a session to the lower peer
+    /// hub (see `may_sync_with`); past `MAX_DEFERRED_ROUNDS` it starts its
     /// own, so a lower hub whose sessions keep failing cannot stall repair.
     deferred_rounds: BTreeMap<String, u32>,
     /// Received deltas waiting for the CDC task in flight, with their authors.
@@ -1165,7 +1165,10 @@ impl Replica {
             // One at a time: `may_sync_with` sees the sessions started
             // before it (one cross-region session at a time).
             let mut started = 0;
-            for p in self.peers.due_for_session(now, every) {
+            let due = self.peers.due_for_session(now, every);
+            // A peer no longer due starts its count of deferred rounds afresh.
+            self.deferred_rounds.retain(|p, _| due.contains(p));
+            for p in due {
                 if self.may_sync_with(now, &p, false) {
                     self.deferred_rounds.remove(&p);
                     self.start_session(now, &p, store);
@@ -1175,8 +1178,6 @@ impl Replica {
             // Forget rounds served long ago (peers come and go).
             let horizon = mono.saturating_sub(10 * every);
             self.rounds_served.retain(|_, at| *at >= horizon);
-            let rounds_served = &self.rounds_served;
-            self.deferred_rounds.retain(|p, _| rounds_served.contains_key(p));
             if !self.peers.ledger_learned() && self.sessions.is_empty() && started == 0 {
                 // Deltas are ignored until the purge ledger is learned, so
                 // a node that has not learned it syncs with a member now,

@@ -28,6 +28,10 @@ pub struct Now {
 
 /// Requests of one peer answered at once.
 pub const MAX_ANSWERING_PER_PEER: u32 = 8;
+/// How long a peer just connected is not synced with while identify has not
+/// said which wire versions it speaks (a session started before would walk
+/// the trees where it could have been rateless).
+pub const IDENTIFY_GRACE_MS: u64 = 2_000;
 
 /// Per-peer limits and penalties.
 #[derive(Debug, Clone)]
@@ -118,6 +122,8 @@ struct PeerState {
     /// When this peer was last known to hold what we hold (mono ms).
     equal_since: Option<u64>,
     first_seen: u64,
+    /// When the connection last came up or went down (mono ms).
+    link_changed: u64,
     requests: Option<Bucket>,
     gossip: Option<Bucket>,
     penalty: u32,
@@ -302,6 +308,7 @@ impl PeerTable {
         }
         self.with(peer, now, |s| {
             s.connected = on;
+            s.link_changed = now.mono_ms;
             if !on {
                 // It may come back upgraded: identify says again.
                 s.wire = None;
@@ -315,6 +322,12 @@ impl PeerTable {
                 tracing::error!(%peer, forgotten, "member away past ledger_retention is back: nothing is taken from it until it rejoins empty (`syncnode resync --from PEER` on it)");
             }
         });
+    }
+
+    /// How long the connection to `peer` has been up (`None`: it is not).
+    pub fn connected_for(&self, peer: &str, now: Now) -> Option<u64> {
+        let s = self.peers.get(peer).filter(|s| s.connected)?;
+        Some(now.mono_ms.saturating_sub(s.link_changed))
     }
 
     pub fn is_connected(&self, peer: &str) -> bool {
@@ -477,7 +490,8 @@ impl PeerTable {
     }
 
     /// Connected peers whose root differed twice in a row, with no session
-    /// running, not banned and not flagged. After sessions that moved
+    /// running, not banned and not flagged, whose wire version identify has
+    /// told (or `IDENTIFY_GRACE_MS` after connecting without it). After sessions that moved
     /// nothing but recent writes — under a steady write load roots differ
     /// by the CDC in flight — the next waits `interval_ms` × 1, 3, 7, 15
     /// longer; a session that moves an older version, or a new
@@ -492,6 +506,7 @@ impl PeerTable {
                 let wait = interval_ms.saturating_mul((1u64 << backoff) - 1);
                 s.connected
                     && s.differed >= 2
+                    && (s.wire.is_some() || now.mono_ms >= s.link_changed.saturating_add(IDENTIFY_GRACE_MS))
                     && s.session.is_none()
                     && s.banned_until.is_none()
                     && !s.must_resync
@@ -923,8 +938,15 @@ mod tests {
         let mut peers = PeerTable::new(PeerLimits::default(), MembersFile::default(), at(0), 1_000, 1_000);
         peers.connected("p", true, at(0));
         let mine = roots(3, Some([2; 16]));
-        // A fresh connection: one differing root is enough.
+        // A fresh connection: one differing root is enough, once identify
+        // said which wire versions it speaks (or after a grace without).
         peers.on_roots("p", roots(2, Some([1; 16])), &mine, at(1));
+        assert!(peers.due_for_session(at(1), 1_000).is_empty(), "identify first");
+        assert_eq!(
+            peers.due_for_session(at(IDENTIFY_GRACE_MS), 1_000),
+            vec!["p".to_string()]
+        );
+        peers.set_wire("p", 3, at(1));
         assert_eq!(peers.due_for_session(at(1), 1_000), vec!["p".to_string()]);
         assert!(peers.session_started("p", 1, at(2), 5));
         assert!(!peers.session_started("p", 2, at(2), 5), "one session per peer");

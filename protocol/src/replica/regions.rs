@@ -77,14 +77,39 @@ impl Replica {
         if theirs == me.region {
             return true;
         }
-        // Our hub from every member we know is there; theirs only from those
-        // we can reach (a remote hub alive but cut off from us is no hub to us).
+        // Our hub from every member we know is there. Theirs is their first
+        // member by peer id, whatever SWIM holds of it now; while our links
+        // into that region are young (right after a heal they come up one by
+        // one, and SWIM holds the others down a while) we wait for that one,
+        // since a session with another member there would carry the same
+        // writes over the WAN as the hub's own. Later the first member there
+        // we are connected to stands in (a hub alive but cut off from us is
+        // no hub to us).
         let hubs = relay::hubs(me, &reachable);
-        let their_hub = reachable
-            .iter()
-            .filter(|m| m.region == theirs && self.peers.is_connected(&m.peer) && !self.peers.banned(&m.peer))
-            .map(|m| m.peer.as_str())
+        let usable = |p: &str| self.peers.is_connected(p) && !self.peers.banned(p);
+        let first_there = self
+            .swim
+            .members()
+            .into_iter()
+            .filter(|v| v.id.region == theirs)
+            .map(|v| v.id.peer)
             .min();
+        let links_age = reachable
+            .iter()
+            .filter(|m| m.region == theirs)
+            .filter_map(|m| self.peers.connected_for(&m.peer, now))
+            .max()
+            .unwrap_or(0);
+        let their_hub = match first_there.as_deref() {
+            Some(h) if usable(h) => Some(h.to_string()),
+            Some(_) if links_age < 3 * self.cfg.anti_entropy_interval_ms => None,
+            _ => reachable
+                .iter()
+                .filter(|m| m.region == theirs && usable(&m.peer))
+                .map(|m| m.peer.clone())
+                .min(),
+        };
+        let their_hub = their_hub.as_deref();
         let served_lately = self
             .rounds_served
             .get(peer)
@@ -96,15 +121,17 @@ impl Replica {
                 .rounds_served
                 .iter()
                 .any(|(p, at)| across(p) && now.mono_ms.saturating_sub(*at) < self.cfg.anti_entropy_interval_ms);
-        // Rounds served say the lower hub is at it, not that it succeeds: a
-        // higher hub defers to it for `MAX_DEFERRED_ROUNDS` periodic rounds at
-        // most, then starts one of its own.
-        let deferred_long = !immediate && served_lately && {
+        // A higher hub leaves the first periodic round to the lower one (its
+        // session may be on the way: a WAN round trip), then starts its own
+        // when the lower one has served it no round lately. Rounds served
+        // say the lower hub is at it, not that it succeeds: past
+        // `MAX_DEFERRED_ROUNDS` periodic rounds it starts one in any case.
+        let higher_starts = !immediate && {
             let n = self.deferred_rounds.entry(peer.to_string()).or_insert(0);
             *n += u32::from(hub_pair && me.peer.as_str() > peer);
-            *n > MAX_DEFERRED_ROUNDS
+            (*n >= 2 && !served_lately) || *n > MAX_DEFERRED_ROUNDS
         };
-        let first = me.peer.as_str() < peer || (!immediate && (!served_lately || deferred_long));
+        let first = me.peer.as_str() < peer || higher_starts;
         let hub_to_hub = hub_pair && first && !busy_across;
         hub_to_hub
             || self

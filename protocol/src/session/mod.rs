@@ -471,9 +471,11 @@ impl Session {
         self.progress.round_trips += 1;
         let wait = std::mem::replace(&mut self.wait, Wait::None);
         match (wait, resp) {
-            // A peer that does not answer for its symbols (it keeps none)
-            // still walks the trees with us.
-            (Wait::Rateless, Response::Refused { .. }) if self.rateless.as_ref().is_some_and(|r| r.opening()) => {
+            // A peer that keeps no coded symbols still walks the trees with
+            // us; a busy one is asked again later, as in a walk.
+            (Wait::Rateless, Response::Refused { reason })
+                if reason == rateless::NO_SYMBOLS && self.rateless.as_ref().is_some_and(|r| r.opening()) =>
+            {
                 self.end_rateless(true);
                 Ok(None)
             }
@@ -532,7 +534,7 @@ impl Session {
                 // every round, whatever the peer answers.
                 deferred.sort_unstable();
                 deferred.dedup();
-                if deferred.len() >= asked && asked > 0 {
+                if deferred.len() >= asked {
                     return Err(SessionError::Protocol("the peer deferred every item of a fetch".into()));
                 }
                 self.progress.pulled += items.len() as u64;
@@ -777,16 +779,26 @@ mod tests {
         assert!(check_request(&Request::Resolve { session: 1, keys }, &t).is_err());
         // A node without symbols refuses, and the asker walks the trees.
         let plain = MerkleTree::without_sketch(4).unwrap();
-        assert!(
-            rateless::symbols_answer(
-                &plain,
-                &Request::Sketch {
-                    session: 1,
-                    counts: vec![]
-                }
-            )
-            .is_err()
-        );
+        let refusal = rateless::symbols_answer(
+            &plain,
+            &Request::Sketch {
+                session: 1,
+                counts: vec![],
+            },
+        )
+        .unwrap_err();
+        let mut s = Session::rateless(1, 4);
+        let Step::Send(Request::Sketch { .. }) = s.next_step(&t) else {
+            panic!()
+        };
+        assert_eq!(s.on_response(Response::Refused { reason: refusal }, &t), Ok(None));
+        assert!(matches!(s.next_step(&t), Step::Send(Request::Round { .. })));
+        assert!(s.progress().walked);
+        // A busy one fails the session (asked again later), as in a walk.
+        let mut s = Session::rateless(1, 4);
+        s.next_step(&t);
+        let busy = Response::Refused { reason: "busy".into() };
+        assert!(matches!(s.on_response(busy, &t), Err(SessionError::Refused(_))));
     }
 
     #[test]

@@ -40,6 +40,10 @@ const SLACK: usize = 16;
 /// Most symbol answers before the session gives up and walks the trees.
 const SYMBOL_ANSWERS: u32 = 4;
 
+/// The refusal of a node that keeps no coded symbols: the asker walks the
+/// trees instead (any other refusal fails the session, as in a walk).
+pub const NO_SYMBOLS: &str = "this node keeps no coded symbols";
+
 /// Symbols to ask for to decode a difference of about `estimate` entries.
 pub fn symbols_for(estimate: u64) -> usize {
     (estimate as f64 * PER_DIFFERENCE).ceil().min(u32::MAX as f64) as usize + SLACK
@@ -58,7 +62,7 @@ pub fn sketch_counts(tree: &MerkleTree, n: usize) -> Option<Vec<[u8; 2]>> {
 
 /// The responder's answer to a `Sketch` or `Symbols` request.
 pub fn symbols_answer(tree: &MerkleTree, req: &Request) -> Result<Response, String> {
-    let symbols = tree.sketch().ok_or("this node keeps no coded symbols")?.symbols();
+    let symbols = tree.sketch().ok_or(NO_SYMBOLS)?.symbols();
     let zero = symbols.first().copied().unwrap_or_default();
     let (from, estimate, to) = match req {
         Request::Sketch { counts, .. } => {
@@ -168,10 +172,9 @@ impl Rateless {
         }
     }
 
-    /// Still waiting for the first symbols (a refusal now means the peer
-    /// keeps none: walk the trees).
+    /// Still waiting for the answer to the opening `Sketch`.
     pub(super) fn opening(&self) -> bool {
-        matches!(self.phase, Phase::AwaitSymbols { from: 0, .. }) && self.remote.is_empty()
+        matches!(self.phase, Phase::AwaitSymbols { from: 0, .. }) && self.answers == 0
     }
 
     pub(super) fn next(&mut self, local: &MerkleTree) -> Next {
