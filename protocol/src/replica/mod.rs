@@ -724,10 +724,17 @@ impl Replica {
             }),
             Ok(()) => {
                 self.answering += 1;
-                if matches!(
-                    req,
-                    Request::Round { .. } | Request::Sketch { .. } | Request::Symbols { .. } | Request::Resolve { .. }
-                ) {
+                // Every request of a session (session 0: a CDC fetch) says
+                // the peer is running one toward us, its transfer included.
+                let of_session = match &req {
+                    Request::Round { .. }
+                    | Request::Sketch { .. }
+                    | Request::Symbols { .. }
+                    | Request::Resolve { .. } => true,
+                    Request::Fetch { session, .. } | Request::Push { session, .. } => *session != 0,
+                    _ => false,
+                };
+                if of_session {
                     self.rounds_served.insert(peer.clone(), now.mono_ms);
                 }
                 self.run(Task::Answer(req), Waiter::Answer { peer, id });

@@ -48,8 +48,9 @@ impl Replica {
     /// Of two hubs, the lower peer id starts at once (`immediate`: roots just
     /// differed): a session moves writes both ways, so two at the same time
     /// would carry them over the WAN twice. The higher one starts only at
-    /// its periodic round, and only when the lower one has not been running
-    /// a session toward it (no round served to it in two intervals).
+    /// its second periodic round in a row with roots still differing, and
+    /// only when the lower one has not been running a session toward it (no
+    /// session request served to it in two intervals).
     ///
     /// A hub starts no cross-region session while it takes part in another
     /// (one it started, or one it served a round of in the last interval):
@@ -91,7 +92,9 @@ impl Replica {
             .swim
             .members()
             .into_iter()
-            .filter(|v| v.id.region == theirs)
+            .filter(|v| {
+                v.id.region == theirs && !self.peers.must_resync(&v.id.peer) && !self.peers.is_forgotten(&v.id.peer)
+            })
             .map(|v| v.id.peer)
             .min();
         let links_age = reachable

@@ -132,8 +132,8 @@ pub struct Progress {
 enum Wait {
     None,
     Round(Vec<String>, Vec<String>),
-    /// How many ids were asked for.
-    Fetch(usize),
+    /// The ids asked for.
+    Fetch(BTreeSet<String>),
     Push,
     LocalEntries,
     LocalItems,
@@ -436,11 +436,9 @@ impl Session {
         }
         if !self.pull.is_empty() {
             let n = self.pull.len().min(MAX_ITEMS);
-            self.wait = Wait::Fetch(n);
-            return Step::Send(Request::Fetch {
-                session: self.id,
-                ids: self.pull.drain(..n).collect(),
-            });
+            let ids: Vec<String> = self.pull.drain(..n).collect();
+            self.wait = Wait::Fetch(ids.iter().cloned().collect());
+            return Step::Send(Request::Fetch { session: self.id, ids });
         }
         if !self.outbox.is_empty() {
             self.wait = Wait::Push;
@@ -530,11 +528,14 @@ impl Session {
                 Ok(None)
             }
             (Wait::Fetch(asked), Response::Fetch { items, mut deferred }) => {
-                // Fewer deferred than asked, each once: the queue shrinks
-                // every round, whatever the peer answers.
+                // Deferred ids were asked for, each once, and fewer than
+                // asked: the queue shrinks every round, whatever the peer answers.
                 deferred.sort_unstable();
                 deferred.dedup();
-                if deferred.len() >= asked {
+                if deferred.iter().any(|id| !asked.contains(id)) {
+                    return Err(SessionError::Protocol("the peer deferred ids not asked for".into()));
+                }
+                if deferred.len() >= asked.len() {
                     return Err(SessionError::Protocol("the peer deferred every item of a fetch".into()));
                 }
                 self.progress.pulled += items.len() as u64;
