@@ -11,7 +11,7 @@
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-use crate::riblt::{CodedSymbol, SYMBOL_BYTES, Sketch, element_of};
+use crate::riblt::{CodedSymbol, Element, SYMBOL_BYTES, Sketch};
 
 /// Children per node.
 pub const FANOUT: usize = 16;
@@ -154,6 +154,18 @@ impl EntryDigest {
     }
 }
 
+impl EntryDigest {
+    /// The entry as an element of rateless reconciliation (`riblt`): the
+    /// key's first 8 bytes find the object again, the hash's first 8 tell
+    /// its versions apart.
+    pub fn element(&self) -> Element {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.key[..8]);
+        b[8..].copy_from_slice(&self.hash[..8]);
+        Element::from_be_bytes(b)
+    }
+}
+
 /// The hash of the object id, i.e. its position in the tree.
 pub fn key_of(object_id: &str) -> [u8; 32] {
     Sha256::digest(object_id.as_bytes()).into()
@@ -269,7 +281,7 @@ impl MerkleTree {
             self.levels[level as usize][prefix_index(&e.key, level)].add(e);
         }
         if let Some(s) = self.sketch.as_mut() {
-            s.add(element_of(e));
+            s.add(e.element());
         }
         self.depth as usize + 1
     }
@@ -280,7 +292,7 @@ impl MerkleTree {
             self.levels[level as usize][prefix_index(&e.key, level)].sub(e);
         }
         if let Some(s) = self.sketch.as_mut() {
-            s.remove(element_of(e));
+            s.remove(e.element());
         }
         self.depth as usize + 1
     }

@@ -22,16 +22,8 @@
 pub const SYMBOL_BYTES: usize = 26;
 
 /// One element: the first 8 bytes of the tree key, then the first 8 of the
-/// entry hash, as a big-endian number.
+/// entry hash, as a big-endian number (`EntryDigest::element`).
 pub type Element = u128;
-
-/// The element of a stored entry.
-pub fn element_of(d: &crate::merkle::EntryDigest) -> Element {
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&d.key[..8]);
-    b[8..].copy_from_slice(&d.hash[..8]);
-    Element::from_be_bytes(b)
-}
 
 /// The tree key's first 8 bytes, by which an element's entry is found.
 pub fn key8(e: Element) -> [u8; 8] {
