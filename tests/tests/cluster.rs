@@ -303,6 +303,10 @@ async fn cluster_converges_heals_partitions_and_survives_garbage() {
             .unwrap();
         assert_eq!(a.status.as_u16(), want, "{method} {path}: {}", a.text());
         assert!(a.json().unwrap()["error"].is_string(), "{method} {path}: {}", a.text());
+        if want == 413 {
+            // The unread rest of the body: the connection is not reused.
+            assert_eq!(a.headers.get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
+        }
     }
     // Every node still serves and still replicates.
     for n in nodes {
