@@ -339,19 +339,12 @@ pub async fn serve(
 }
 
 /// Caps a request body at the largest accepted item plus room for a JSON
-/// envelope; a longer body is refused with 413 as it is read. A 413 closes
-/// the connection: the rest of the body is left unread, and a client that
-/// sent its next request on the same connection would see it cut off.
+/// envelope; a longer body is refused with 413 as it is read (and the
+/// connection closes: `server` closes any whose body was left unread).
 async fn limit_body(State(api): State<Api>, req: Request, next: Next) -> Response {
     let max = api.engine.max_payload_bytes() + 64 * 1024;
-    let mut resp = next
-        .run(req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, max))))
-        .await;
-    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    resp
+    next.run(req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, max))))
+        .await
 }
 
 /// Methods are a label: any other token is `other`, so a client cannot

@@ -11,6 +11,9 @@
 //! - At most `max_connections` are open; more wait in the listen backlog.
 //! - On shutdown the listener closes, connections finish the request in
 //!   flight (up to `drain_timeout`), then the rest are cut.
+//! - A response sent before its request's body was read to the end (a 413,
+//!   a 401) says `Connection: close`: the unread rest is in the way of the
+//!   next request, and a client that reused the connection saw it cut off.
 
 use axum::Router;
 use axum::body::Body;
@@ -144,7 +147,18 @@ async fn connection(
         });
         let fut = inner.call(req);
         async move {
-            let r = fut.await;
+            let mut r = fut.await;
+            // Answered before its body was read to the end (413, 401, …):
+            // the rest is left unread, so the connection closes, and a
+            // client does not send its next request behind those bytes.
+            if !received.0.done.load(Ordering::Relaxed)
+                && let Ok(resp) = r.as_mut()
+            {
+                resp.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
             drop(received);
             r
         }

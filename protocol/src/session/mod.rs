@@ -548,6 +548,10 @@ impl Session {
                 self.progress.pushed += applied;
                 Ok(None)
             }
+            (Wait::Fetch(asked), r) => Err(SessionError::Protocol(format!(
+                "{r:?} while waiting for a fetch of {} ids",
+                asked.len()
+            ))),
             (w, r) => Err(SessionError::Protocol(format!("{r:?} while waiting for {w:?}"))),
         }
     }
