@@ -252,6 +252,23 @@ async fn cluster_converges_heals_partitions_and_survives_garbage() {
             }
         }
     }
+    // Answered before its body is in: the connection closes (the unread
+    // rest would sit in front of the next request).
+    {
+        use tokio::io::AsyncReadExt;
+        let mut s = tokio::net::TcpStream::connect(&n1.http).await.unwrap();
+        s.write_all(b"PUT /no/such/thing HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 99999999\r\n\r\nabc")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .expect("the server closes the connection after its answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 404"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+    }
     type BadCall<'a> = (hyper::Method, &'a str, Option<(&'a str, &'a [u8])>, u16);
     let bad: Vec<BadCall> = vec![
         (
@@ -303,10 +320,6 @@ async fn cluster_converges_heals_partitions_and_survives_garbage() {
             .unwrap();
         assert_eq!(a.status.as_u16(), want, "{method} {path}: {}", a.text());
         assert!(a.json().unwrap()["error"].is_string(), "{method} {path}: {}", a.text());
-        if want == 413 {
-            // The unread rest of the body: the connection is not reused.
-            assert_eq!(a.headers.get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
-        }
     }
     // Every node still serves and still replicates.
     for n in nodes {
